@@ -1,0 +1,212 @@
+"""Training and evaluation: Adam, early stopping on validation AUC, checkpoints with everything to export."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.base import ModelConfig
+from model.features import FeatureSpace, PreparedData, Samples, last_history
+from model.metrics import all_metrics
+from model.zoo import build_model, count_parameters
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "udg-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 1024
+    lr: float = 1e-3
+    embed_weight_decay: float = 3e-3  # L2 on embedding tables (Adam weight_decay); the rest use weight_decay
+    weight_decay: float = 0.0
+    aux_loss_weight: float = 1.0
+    patience: int = 3
+    seed: int = 0
+    threads: int = 0  # 0: leave torch's default
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_tensors(samples: Samples) -> dict[str, torch.Tensor]:
+    return {
+        "user": torch.as_tensor(samples.user, dtype=torch.long),
+        "profile": torch.as_tensor(samples.profile, dtype=torch.long),
+        "item": torch.as_tensor(samples.item, dtype=torch.long),
+        "history": torch.as_tensor(samples.history, dtype=torch.long),
+        "label": torch.as_tensor(samples.label, dtype=torch.float32),
+    }
+
+
+def batches(tensors: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):
+    n = len(tensors["label"])
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        yield {key: value[index] for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples: Samples, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    out = [torch.sigmoid(model(batch)["logit"]) for batch in batches(to_tensors(samples), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: nn.Module, samples: Samples) -> dict[str, float]:
+    return all_metrics(samples.label, predict(model, samples))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    table_params = {id(t.weight) for t in model.embedding_tables()}
+    tables = [p for p in model.parameters() if id(p) in table_params]
+    rest = [p for p in model.parameters() if id(p) not in table_params]
+    return torch.optim.Adam([
+        {"params": tables, "weight_decay": config.embed_weight_decay},
+        {"params": rest, "weight_decay": config.weight_decay},
+    ], lr=config.lr)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    best_epoch: int
+    valid: dict
+    history: list[dict]
+    seconds_per_epoch: float
+
+
+def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: bool = True) -> FitResult:
+    """Train with early stopping on validation AUC; returns the model restored to its best epoch."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    generator = torch.Generator().manual_seed(config.seed)
+    train = to_tensors(data.splits["train"])
+    optimizer = make_optimizer(model, config)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
+    history, epoch_seconds = [], []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        total, count = 0.0, 0
+        steps = tqdm(batches(train, config.batch_size, generator), desc=f"epoch {epoch}", leave=False,
+                     total=(len(train["label"]) + config.batch_size - 1) // config.batch_size,
+                     disable=not progress)
+        for batch in steps:
+            out = model(batch)
+            loss = loss_fn(out["logit"], batch["label"])
+            if "aux_loss" in out:
+                loss = loss + config.aux_loss_weight * out["aux_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch["label"])
+            count += len(batch["label"])
+        epoch_seconds.append(time.perf_counter() - started)
+        valid = evaluate(model, data.splits["valid"])
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), **{f"valid_{k}": v
+                                                                                 for k, v in valid.items()}})
+        log.debug("epoch %d loss %.4f valid auc %.4f", epoch, total / max(count, 1), valid["auc"])
+        if valid["auc"] > best_auc:
+            best_auc, best_state, best_epoch, stale = valid["auc"], copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_epoch, evaluate(model, data.splits["valid"]), history,
+                     float(np.mean(epoch_seconds)))
+
+
+def user_snapshot(data: PreparedData) -> dict:
+    """Per known user: profile and latest click history (raw ids), what `publish` loads into Redis."""
+    raw, space = data.raw, data.space
+    clicked = raw.labels() > 0.5
+    order = np.argsort(raw.users, kind="stable")
+    users_sorted = raw.users[order]
+    boundaries = np.flatnonzero(users_sorted[1:] != users_sorted[:-1]) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(order)]])
+    histories = {}
+    for lo, hi in zip(starts, ends, strict=True):
+        rows = order[lo:hi]
+        user = str(users_sorted[lo])
+        if user in space.users.index:
+            histories[user] = last_history(raw.items[rows], raw.timestamps[rows], clicked[rows],
+                                           space.max_history).tolist()
+    return {
+        "users": list(histories),
+        "profiles": [raw.profiles.get(u, {}) for u in histories],
+        "histories": list(histories.values()),
+    }
+
+
+def save_checkpoint(path: Path, model: nn.Module, model_config: ModelConfig, train_config: TrainConfig,
+                    space: FeatureSpace, metrics: dict, users: dict | None = None, meta: dict | None = None,
+                    dataset: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model_config.to_json(),
+        "train_config": asdict(train_config),
+        "space": space.to_json(),
+        "state_dict": model.state_dict(),
+        "metrics": metrics,
+        "parameters": count_parameters(model),
+        "users": users,
+        "meta": meta,
+        "dataset": dataset,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model from a checkpoint (tensors and plain containers only: weights_only=True)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} file")
+    config = ModelConfig.from_json(payload["model_config"])
+    space = FeatureSpace.from_json(payload["space"])
+    model = build_model(config, space)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    payload["model_config_obj"] = config
+    payload["space_obj"] = space
+    return model, payload
+
+
+def train_model(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
+                progress: bool = True) -> tuple[nn.Module, dict]:
+    """Seeded build + fit + test evaluation; returns the model and a metrics dict."""
+    seed_everything(train_config.seed)
+    model = build_model(model_config, data.space)
+    result = fit(model, data, train_config, progress=progress)
+    metrics = {
+        "best_epoch": result.best_epoch,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "parameters": count_parameters(model),
+        "valid": result.valid,
+        "test": evaluate(model, data.splits["test"]),
+        "history": result.history,
+    }
+    return model, metrics
