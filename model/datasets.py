@@ -207,12 +207,12 @@ class SyntheticSpec:
     users: int = 2000
     items: int = 500
     categories: int = 12
-    events_per_user: int = 40
+    events_per_user: int = 60
     latent_dim: int = 8
     ages: int = 5
     occupations: int = 8
     personal_weight: float = 1.5  # share of a user's taste not predictable from the profile
-    history_weight: float = 2.0  # strength of the user-dependent reaction to the click history
+    history_weight: float = 3.0  # strength of the user-dependent reaction to the click history
     seed: int = 0
 
 
@@ -244,7 +244,10 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     taste = age_vec[age] + gender_vec[gender] + occupation_vec[occupation]
     taste += spec.personal_weight * rng.normal(size=(n_u, dim))
     taste *= 1.5 / np.sqrt(dim)
-    react = np.where(rng.random(n_u) < 0.5, 1.0, -1.0) * spec.history_weight
+    # Whether a user seeks or avoids the familiar is mostly set by their occupation (a cold-start generator
+    # can learn it from the profile) and otherwise personal.
+    seeks_share = np.where(occupation % 2 == 0, 0.85, 0.15)
+    react = np.where(rng.random(n_u) < seeks_share, 1.0, -1.0) * spec.history_weight
 
     steps = spec.events_per_user
     items = rng.integers(0, n_i, size=(n_u, steps))

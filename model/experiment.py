@@ -1,0 +1,48 @@
+"""Named, reproducible experiment settings: which data, how it is split, which model options.
+
+A checkpoint records its `DataSpec` so `udg evaluate` and `udg meta` rebuild exactly the same splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from model.base import ModelConfig
+from model.datasets import SyntheticSpec, load_dataset
+from model.features import PreparedData, prepare
+
+
+@dataclass
+class DataSpec:
+    name: str = "movielens"  # "movielens" or "synthetic"
+    path: str | None = None  # a GroupLens/RecBole directory; None = the verified cache
+    synthetic: dict = field(default_factory=dict)  # SyntheticSpec fields
+    max_history: int = 50
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    cold_user_frac: float = 0.0
+    split_seed: int = 0
+
+    def load(self) -> PreparedData:
+        raw = load_dataset(self.name, self.path, SyntheticSpec(**self.synthetic))
+        return prepare(raw, self.max_history, self.valid_frac, self.test_frac, self.cold_user_frac,
+                       self.split_seed)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Model presets. "udg" is the configuration the project ships by default; it was chosen on the validation
+# split (see README, "Choosing the UDG configuration").
+PRESETS: dict[str, dict] = {
+    "base": {},
+    "udg-paper": {"udg": True},
+    "udg-official": {"udg": True, "gate_input": "official", "udg_dim": 128, "gate_output_layer": True},
+    "udg": {"udg": True, "gate_detach": True, "gate_scale": 2.0},
+}
+
+
+def model_config(kind: str, preset: str = "base", **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return replace(ModelConfig(kind=kind), **PRESETS[preset], **overrides)

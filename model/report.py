@@ -1,0 +1,160 @@
+"""`udg report`: base vs +UDG vs doubled embedding over several seeds (the paper's Tables 2-3, Figure 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS = ("log_loss", "auc", "rmse", "rig")
+VARIANT_PRESETS = {"base": "base", "udg": "udg", "udg-paper": "udg-paper", "udg-official": "udg-official",
+                   "double": "base"}
+VARIANT_LABELS = {"base": "base", "udg": "+UDG", "udg-paper": "+UDG (paper gates)",
+                  "udg-official": "+UDG (official gates)", "double": "2x embedding"}
+
+
+def variant_config(kind: str, variant: str):
+    from model.experiment import model_config
+
+    config = model_config(kind, VARIANT_PRESETS[variant])
+    return replace(config, embed_dim=config.embed_dim * 2) if variant == "double" else config
+
+
+def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_config) -> list[dict]:
+    import torch  # noqa: F401  (the training stack)
+
+    from model.train import train_model
+
+    rows = []
+    for kind in kinds:
+        for variant in variants:
+            for seed in range(seeds):
+                started = time.perf_counter()
+                _, metrics = train_model(data, variant_config(kind, variant), replace(train_config, seed=seed),
+                                         progress=False)
+                rows.append({"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
+                             "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
+                             "valid": metrics["valid"], "test": metrics["test"]})
+                log.info("%s/%s seed %d: valid auc %.4f test auc %.4f (%.0f s)", kind, variant, seed,
+                         metrics["valid"]["auc"], metrics["test"]["auc"], time.perf_counter() - started)
+    return rows
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (model, variant) with mean ± std and the paired-by-seed AUC gain over the base."""
+    summary = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        base = {r["seed"]: r for r in rows if r["model"] == kind and r["variant"] == "base"}
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["model"] == kind):
+            group = sorted((r for r in rows if r["model"] == kind and r["variant"] == variant),
+                           key=lambda r: r["seed"])
+            line = {"model": kind, "variant": variant, "seeds": len(group),
+                    "parameters": group[0]["parameters"],
+                    "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in group]))}
+            for split in ("valid", "test"):
+                for metric in METRICS:
+                    values = [r[split][metric] for r in group]
+                    line[f"{split}_{metric}"] = (float(np.mean(values)), float(np.std(values, ddof=1))
+                                                 if len(values) > 1 else 0.0)
+                paired = [r[split]["auc"] - base[r["seed"]][split]["auc"] for r in group if r["seed"] in base]
+                line[f"{split}_auc_gain"] = (float(np.mean(paired)), float(np.std(paired, ddof=1))
+                                             if len(paired) > 1 else 0.0) if paired else None
+            summary.append(line)
+    return summary
+
+
+def markdown(summary: list[dict], title: str) -> str:
+    def fmt(pair):
+        return f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+    def gain(pair):
+        return "—" if pair is None else f"{pair[0]:+.4f} ± {pair[1]:.4f}"
+
+    lines = [f"### {title}", "",
+             "| model | variant | params | test log loss | test AUC | test RMSE | test RIG | valid AUC "
+             "| paired Δ test AUC | paired Δ valid AUC | s/epoch |",
+             "|---|---|---:|---|---|---|---|---|---|---|---:|"]
+    for line in summary:
+        lines.append(
+            f"| {line['model']} | {VARIANT_LABELS.get(line['variant'], line['variant'])} | "
+            f"{line['parameters']:,d} | {fmt(line['test_log_loss'])} | {fmt(line['test_auc'])} | "
+            f"{fmt(line['test_rmse'])} | {fmt(line['test_rig'])} | {fmt(line['valid_auc'])} | "
+            f"{gain(line['test_auc_gain']) if line['variant'] != 'base' else '—'} | "
+            f"{gain(line['valid_auc_gain']) if line['variant'] != 'base' else '—'} | "
+            f"{line['seconds_per_epoch']:.1f} |")
+    seeds = summary[0]["seeds"] if summary else 0
+    lines += ["", f"Mean ± sample std over {seeds} seeds; Δ is paired by seed against the same model's base."]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(s["model"] for s in summary))
+    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(kinds), 3.6))
+    for j, variant in enumerate(variants):
+        xs, means, stds = [], [], []
+        for i, kind in enumerate(kinds):
+            for s in summary:
+                if s["model"] == kind and s["variant"] == variant:
+                    xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                    means.append(s["test_auc"][0])
+                    stds.append(s["test_auc"][1])
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=VARIANT_LABELS.get(variant, variant))
+    lows = [s["test_auc"][0] - 2 * s["test_auc"][1] for s in summary]
+    highs = [s["test_auc"][0] + 2 * s["test_auc"][1] for s in summary]
+    ax.set_ylim(min(lows) - 0.005, max(highs) + 0.005)
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_ylabel("test AUC (mean ± std)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    import torch
+
+    from model.commands import data_spec
+    from model.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    spec = data_spec(args)
+    data = spec.load()
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANT_PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANT_PRESETS)}")
+    if "base" not in variants:
+        variants.insert(0, "base")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
+    rows = run_grid(data, kinds, variants, args.seeds, train_config)
+    summary = summarise(rows)
+    title = f"{data.raw.name}: {', '.join(kinds)}"
+    (out / "runs.json").write_text(json.dumps({"data": spec.to_json(), "rows": rows}, indent=1, default=float))
+    table = markdown(summary, title)
+    (out / "report.md").write_text(table + "\n")
+    plot(summary, out / "auc.png", title)
+    print(table)
+    print(f"\nwritten: {out / 'report.md'}, {out / 'auc.png'}, {out / 'runs.json'}")
