@@ -1,0 +1,68 @@
+"""`udg export` (checkpoint -> versioned ONNX artifact) and `udg bench model` (scoring-graph benchmark).
+
+Handlers import torch lazily: this module is imported by every `udg` invocation, including on the serving
+install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from export.onnx_export import export_artifact
+
+    torch.set_num_threads(args.threads)
+    path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"version {manifest['version']}: {path}")
+    for name, info in manifest["files"].items():
+        print(f"  {name:14s} {info['bytes']:>12,d} bytes  sha256 {info['sha256'][:16]}…")
+    print(f"  parity vs PyTorch (max abs diff): scorer {manifest['export_parity']['scorer_max_abs_diff']:.2e}, "
+          f"meta {manifest['export_parity']['meta_max_abs_diff']:.2e}")
+    if args.check:
+        from export.runtime import open_artifact
+
+        artifact = open_artifact(path, providers=["CPUExecutionProvider"], threads=1)
+        print(f"  reopened with export.runtime: checksums and golden outputs ok ({artifact.provider})")
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from loadtest.bench_model import main as bench_main
+
+    argv = [args.checkpoint] if args.checkpoint else []
+    argv += ["--sizes", args.sizes, "--threads", args.threads, "--repeats", str(args.repeats)]
+    if args.quick:
+        argv.append("--quick")
+    if args.json:
+        argv += ["--json", args.json]
+    return bench_main(argv)
+
+
+def register(subparsers) -> None:
+    export = subparsers.add_parser("export", help="checkpoint -> MODEL_REPO/VERSION/ (ONNX graphs + manifest)")
+    export.add_argument("checkpoint")
+    export.add_argument("--version", required=True, help="version directory name, e.g. 2024-06-01a or v3")
+    export.add_argument("--out", required=True, help="model repository directory (MODEL_REPO)")
+    export.add_argument("--force", action="store_true", help="replace an existing version (atomically)")
+    export.add_argument("--threads", type=int, default=2)
+    export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="reopen the written version with export.runtime (default: on)")
+    export.set_defaults(handler=cmd_export)
+
+    bench = subparsers.add_parser("bench", help="micro-benchmarks that print tables")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    model = bench_sub.add_parser("model", help="scoring graph: onnxruntime vs PyTorch eager, latency and GFLOP/s")
+    model.add_argument("checkpoint", nargs="?", default=None,
+                       help="a UDG checkpoint (default: train a tiny synthetic model first)")
+    model.add_argument("--sizes", default="1,100,500,1000,5000")
+    model.add_argument("--threads", default="1,2")
+    model.add_argument("--repeats", type=int, default=200)
+    model.add_argument("--quick", action="store_true", help="fewer repeats, skip the variants")
+    model.add_argument("--json", default=None, help="also write the results here")
+    model.set_defaults(handler=cmd_bench_model)

@@ -1,0 +1,385 @@
+"""Open a versioned ONNX artifact and score with onnxruntime. NO torch here, ever (the service imports this).
+
+API (what `service/` codes against; keep these names):
+
+    from export.runtime import open_artifact, ArtifactError
+
+    art = open_artifact("MODEL_REPO/v3", providers=None, threads=1)
+        # verifies sha256 + size of every file in the manifest (a corrupted or truncated file raises
+        # ArtifactError naming the file), builds the sessions, and checks the golden outputs.
+        # providers=None: TensorRT (if tensorrt=True) > CUDA > CPU, whichever this onnxruntime build and
+        # machine offer; one INFO log line says which is active and why. threads = intra-op threads.
+    art.version, art.manifest, art.path          # str, dict, Path
+    art.user_dim, art.udg_dim, art.max_history   # ints (udg_dim == 0 for models without UDG)
+    art.oov_index, art.pad_index, art.provider   # 1, 0, e.g. "CPUExecutionProvider"
+    idx, unknown = art.encode_items(["12", "999999"])   # int64 [n], bool [n]; unknown ids -> OOV index 1
+    profile_idx = art.encode_profile({"age": "25-34", "gender": "M"})  # int64 [3]; missing/unknown value
+        # -> OOV; an unknown field raises ValueError naming it; a numeric age is bucketed like training.
+    probs = art.score(user_vec, udg_vec, history_idx, candidate_idx)   # float32 [N], ONE onnxruntime call
+        # user_vec [user_dim] or [1, user_dim] f32; udg_vec likewise (None / ignored without UDG);
+        # history_idx int64 [L] or [1, L], PAD (0) filled, most recent first, may be empty (L = 0);
+        # candidate_idx int64 [N]. Out-of-range indices are mapped to OOV before the graph.
+    user_vec, udg_vec = art.cold_start(profile_idx)  # f32 [user_dim], f32 [udg_dim] (None without UDG)
+        # an unseen user's base embedding (OOV id row + profile rows) and UDG embedding (meta generator)
+    users = art.load_users()   # dict of numpy arrays from users.npz (for `udg publish`)
+
+On CUDA, `score` uses IO binding (inputs copied once, output bound on the device), and with
+`cuda_graph=True` a CUDA-graph path: candidates are padded to a bucket size (`CUDA_GRAPH_BUCKETS`) and the
+history to max_history, each bucket captured once in its own graph (run option `gpu_graph_id`), inputs
+updated in place. Requests larger than the largest bucket, or a failed capture, take the plain path.
+
+`Artifact` is thread-safe for `score` / `cold_start` on the plain path (onnxruntime's `run` is); the
+CUDA-graph path serialises calls per bucket with a lock (captured buffers are shared).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "udg-artifact/1"
+MANIFEST_FILE = "manifest.json"
+CUDA_GRAPH_BUCKETS = (16, 64, 256, 1024, 4096)
+_INT_INPUTS = {"history", "candidates", "profile"}
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupt, truncated or fails its golden check; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{file}: missing (not an artifact version directory?)") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{file}: corrupt or truncated manifest ({error})") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{file}: format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    for key in ("version", "files", "graphs", "dims", "vocab", "golden"):
+        if key not in manifest:
+            raise ArtifactError(f"{file}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
+    """Size and sha256 of every file the manifest lists; raises ArtifactError naming the first bad one."""
+    for name, info in manifest["files"].items():
+        if name in skip:
+            continue
+        file = Path(path) / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            what = "truncated" if size < info["bytes"] else "wrong size"
+            raise ArtifactError(f"{file}: {what} ({size} bytes, manifest says {info['bytes']})")
+        if sha256_file(file) != info["sha256"]:
+            raise ArtifactError(f"{file}: sha256 mismatch (corrupted?)")
+
+
+def choose_providers(providers: list | None = None, tensorrt: bool = False,
+                     device_id: int = 0) -> tuple[list, str]:
+    """(providers list for InferenceSession, reason). Explicit `providers` are used as given."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers:
+        return list(providers), "requested explicitly"
+    cuda = {"device_id": device_id}
+    if tensorrt and "TensorrtExecutionProvider" in available:
+        return [("TensorrtExecutionProvider", {"device_id": device_id}), ("CUDAExecutionProvider", cuda),
+                "CPUExecutionProvider"], "TensorRT requested and available"
+    if "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"], "CUDA provider available"
+    return ["CPUExecutionProvider"], f"no CUDA provider in this onnxruntime build (available: {available})"
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+def _session(file: Path, providers: list, threads: int, spin: bool | None, extra_cuda: dict | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if extra_cuda:
+        providers = [(name, {**opts, **extra_cuda}) if name == "CUDAExecutionProvider" else (name, opts)
+                     for name, opts in (p if isinstance(p, tuple) else (p, {}) for p in providers)]
+    try:
+        return ort.InferenceSession(str(file), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ArtifactError(f"{file}: onnxruntime cannot load it ({error})") from None
+
+
+@dataclass
+class _Bucket:
+    size: int
+    graph_id: int
+    inputs: dict = field(default_factory=dict)  # name -> OrtValue on the device
+    output: object = None
+    binding: object = None
+    captured: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Artifact:
+    """One opened, verified model version. Create with `open_artifact`."""
+
+    def __init__(self, path: Path, manifest: dict, scorer, meta, provider: str, device_id: int = 0,
+                 cuda_graph_session=None):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.version: str = manifest["version"]
+        dims = manifest["dims"]
+        self.user_dim: int = int(dims["user_dim"])
+        self.udg_dim: int = int(dims["udg_dim"])
+        self.max_history: int = int(dims["max_history"])
+        vocab = manifest["vocab"]
+        self.pad_index: int = int(vocab["pad_index"])
+        self.oov_index: int = int(vocab["oov_index"])
+        self.n_items: int = int(vocab["items"]["size"])
+        self._items: dict[str, int] = vocab["items"]["index"]
+        self._profile: dict[str, dict[str, int]] = {f: v["index"] for f, v in vocab["profile"].items()}
+        encoding = manifest.get("profile_encoding", {})
+        self.profile_fields: list[str] = list(encoding.get("fields", self._profile))
+        self._age_buckets = encoding.get("age_buckets")
+        self._scorer, self._meta = scorer, meta
+        self.provider = provider
+        self.on_gpu = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device_id = device_id
+        self._scorer_inputs = [spec["name"] for spec in manifest["graphs"]["scorer"]["inputs"]]
+        self._meta_outputs = [spec["name"] for spec in manifest["graphs"]["meta"]["outputs"]]
+        self._cuda_graph = cuda_graph_session
+        self._buckets: dict[int, _Bucket] = {}
+
+    # --- encoding ---------------------------------------------------------------------------------------
+    def encode_items(self, raw_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item ids -> (int64 indices, unknown mask); unknown ids map to the OOV index."""
+        get, oov = self._items.get, self.oov_index
+        index = np.fromiter((get(str(t), oov) for t in raw_ids), dtype=np.int64, count=len(raw_ids))
+        return index, index == oov
+
+    def encode_profile(self, profile: dict | None) -> np.ndarray:
+        """{field: value} -> int64 [len(fields)]; missing or unknown values -> OOV, unknown fields -> ValueError."""
+        profile = profile or {}
+        for key in profile:
+            if key not in self._profile:
+                raise ValueError(f"unknown profile field {key!r}; expected some of {self.profile_fields}")
+        out = np.full(len(self.profile_fields), self.oov_index, dtype=np.int64)
+        for i, name in enumerate(self.profile_fields):
+            value = profile.get(name)
+            if value is None:
+                continue
+            token = str(value)
+            index = self._profile[name].get(token)
+            if index is None and name == "age" and self._age_buckets:
+                index = self._profile[name].get(self._bucket_age(token) or "")
+            out[i] = self.oov_index if index is None else index
+        return out
+
+    def _bucket_age(self, token: str) -> str | None:
+        try:
+            age = float(token)
+        except ValueError:
+            return None
+        for upper, label in self._age_buckets:
+            if upper is None or age < upper:
+                return label
+        return None
+
+    # --- scoring ----------------------------------------------------------------------------------------
+    def _safe_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = (ids < 0) | (ids >= self.n_items)
+        return np.where(bad, self.oov_index, ids) if bad.any() else ids
+
+    def feeds(self, user_vec, udg_vec, history_idx, candidate_idx) -> dict[str, np.ndarray]:
+        """The scorer graph's input dict, validated and shaped (history padded to >= 1, cut to max_history)."""
+        user = np.ascontiguousarray(np.asarray(user_vec, dtype=np.float32).reshape(1, -1))
+        if user.shape[1] != self.user_dim:
+            raise ValueError(f"user_vec has {user.shape[1]} values, the model expects {self.user_dim}")
+        history = np.asarray(history_idx, dtype=np.int64).reshape(1, -1)[:, :self.max_history]
+        if history.shape[1] == 0:
+            history = np.zeros((1, 1), dtype=np.int64)
+        feeds = {"user_vec": user, "history": np.ascontiguousarray(self._safe_ids(history)),
+                 "candidates": np.ascontiguousarray(self._safe_ids(np.asarray(candidate_idx).reshape(-1)))}
+        if self.udg_dim:
+            if udg_vec is None:
+                raise ValueError("this model uses UDG: udg_vec is required")
+            udg = np.ascontiguousarray(np.asarray(udg_vec, dtype=np.float32).reshape(1, -1))
+            if udg.shape[1] != self.udg_dim:
+                raise ValueError(f"udg_vec has {udg.shape[1]} values, the model expects {self.udg_dim}")
+            feeds["udg_vec"] = udg
+        return feeds
+
+    def score(self, user_vec, udg_vec, history_idx, candidate_idx) -> np.ndarray:
+        """Click probabilities float32 [N] for one user and N candidates, in one onnxruntime call."""
+        feeds = self.feeds(user_vec, udg_vec, history_idx, candidate_idx)
+        n = feeds["candidates"].shape[0]
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        if self._cuda_graph is not None and n <= CUDA_GRAPH_BUCKETS[-1]:
+            try:
+                return self._score_cuda_graph(feeds, n)
+            except Exception as error:  # capture unsupported: plain path from now on
+                log.warning("CUDA-graph scoring failed (%s); using the plain CUDA path", error)
+                self._cuda_graph = None
+        if self.on_gpu:
+            return self._score_io_binding(feeds)
+        return self._scorer.run(None, feeds)[0]
+
+    def _score_io_binding(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        binding = self._scorer.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("probabilities", "cuda", self.device_id)
+        self._scorer.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _bucket(self, n: int) -> _Bucket:
+        import onnxruntime as ort
+
+        size = next(b for b in CUDA_GRAPH_BUCKETS if b >= n)
+        bucket = self._buckets.get(size)
+        if bucket is None:
+            bucket = _Bucket(size=size, graph_id=len(self._buckets) + 1)
+            shapes = {"user_vec": ((1, self.user_dim), np.float32), "udg_vec": ((1, self.udg_dim), np.float32),
+                      "history": ((1, self.max_history), np.int64), "candidates": ((size,), np.int64)}
+            binding = self._cuda_graph.io_binding()
+            for name in self._scorer_inputs:
+                shape, dtype = shapes[name]
+                value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), "cuda", self.device_id)
+                bucket.inputs[name] = value
+                binding.bind_ortvalue_input(name, value)
+            bucket.output = ort.OrtValue.ortvalue_from_shape_and_type((size,), np.float32, "cuda", self.device_id)
+            binding.bind_ortvalue_output("probabilities", bucket.output)
+            bucket.binding = binding
+            self._buckets[size] = bucket
+        return bucket
+
+    def _score_cuda_graph(self, feeds: dict[str, np.ndarray], n: int) -> np.ndarray:
+        import onnxruntime as ort
+
+        bucket = self._bucket(n)
+        candidates = np.zeros(bucket.size, dtype=np.int64)  # padding candidates score PAD; dropped below
+        candidates[:n] = feeds["candidates"]
+        history = np.zeros((1, self.max_history), dtype=np.int64)
+        history[:, :feeds["history"].shape[1]] = feeds["history"]
+        padded = {**feeds, "candidates": candidates, "history": history}
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(bucket.graph_id))
+        with bucket.lock:
+            for name, value in bucket.inputs.items():
+                value.update_inplace(padded[name])
+            self._cuda_graph.run_with_iobinding(bucket.binding, options)  # first run per id captures
+            bucket.captured = True
+            return bucket.output.numpy()[:n].copy()
+
+    # --- cold start -------------------------------------------------------------------------------------
+    def cold_start(self, profile_idx) -> tuple[np.ndarray, np.ndarray | None]:
+        """Profile indices [3] (or [B, 3]) -> (user_vec, udg_vec) for a user unseen in training."""
+        profile = np.asarray(profile_idx, dtype=np.int64)
+        single = profile.ndim == 1
+        profile = np.ascontiguousarray(profile.reshape(-1, len(self.profile_fields)))
+        profile = np.where((profile < 0), self.oov_index, profile)
+        outputs = dict(zip(self._meta_outputs, self._meta.run(None, {"profile": profile}), strict=True))
+        user_vec, udg_vec = outputs["user_vec"], outputs.get("udg_vec")
+        if single:
+            return user_vec[0], None if udg_vec is None else udg_vec[0]
+        return user_vec, udg_vec
+
+    # --- other ------------------------------------------------------------------------------------------
+    def load_users(self) -> dict[str, np.ndarray]:
+        """users.npz as a dict of arrays (raw ids, vectors, histories, profiles); see export/onnx_export.py."""
+        with np.load(self.path / "users.npz", allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+    def check_golden(self) -> float:
+        """Run the manifest's golden inputs; raises ArtifactError above its tolerance. Returns the max diff."""
+        golden = self.manifest["golden"]
+        atol = float(golden.get("atol", 1e-4))
+        worst = 0.0
+        for case in golden["scorer"]:
+            i = case["inputs"]
+            got = self.score(i["user_vec"], i.get("udg_vec"), i["history"], i["candidates"])
+            worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, self.path / "scorer.onnx"))
+        for case in golden["meta"]:
+            feeds = {"profile": np.asarray(case["inputs"]["profile"], dtype=np.int64)}
+            outs = self._meta.run(list(case["outputs"]), feeds)
+            for name, got in zip(case["outputs"], outs, strict=True):
+                worst = max(worst, _check(got, case["outputs"][name], atol, self.path / "meta.onnx"))
+        return worst
+
+    def warmup(self, sizes=(1, 16, 100, 1000)) -> None:
+        """A few calls of each size (and, with CUDA graphs, one capture per bucket), off the request path."""
+        user = np.zeros(self.user_dim, np.float32)
+        udg = np.zeros(self.udg_dim, np.float32) if self.udg_dim else None
+        history = np.full(min(self.max_history, 8), 2, np.int64)
+        for n in sizes:
+            for _ in range(2):
+                self.score(user, udg, history, np.full(n, 2, np.int64))
+
+
+def _check(got, expected, atol: float, file: Path) -> float:
+    expected = np.asarray(expected, dtype=np.float32)
+    got = np.asarray(got, dtype=np.float32)
+    if got.shape != expected.shape:
+        raise ArtifactError(f"{file}: golden output shape {got.shape}, expected {expected.shape}")
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    if not diff <= atol:
+        raise ArtifactError(f"{file}: golden outputs differ by {diff:.3g} (> {atol})")
+    return diff
+
+
+def open_artifact(path, providers: list | None = None, threads: int = 1, *, verify: bool = True,
+                  tensorrt: bool = False, cuda_graph: bool = False, device_id: int = 0,
+                  spin: bool | None = None, verify_users: bool = True) -> Artifact:
+    """Verify and open MODEL_REPO/<version>; see the module docstring."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest, skip=() if verify_users else ("users.npz",))
+    chosen, reason = choose_providers(providers, tensorrt, device_id)
+    scorer = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin)
+    meta = _session(path / manifest["graphs"]["meta"]["file"], chosen, threads, spin)
+    active = scorer.get_providers()[0]
+    wanted = _provider_name(chosen[0])
+    if active != wanted:
+        reason = f"{wanted} was requested ({reason}) but failed to initialise; fell back"
+    graph_session = None
+    if cuda_graph and active == "CUDAExecutionProvider":
+        try:
+            graph_session = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin,
+                                     extra_cuda={"enable_cuda_graph": "1"})
+        except ArtifactError as error:
+            log.warning("CUDA graphs unavailable for %s: %s", path, error)
+    log.info("artifact %s: onnxruntime %s, %d intra-op thread(s) (%s)%s", manifest["version"], active, threads,
+             reason, ", CUDA graphs on" if graph_session is not None else "")
+    artifact = Artifact(path, manifest, scorer, meta, active, device_id, graph_session)
+    if verify:
+        artifact.check_golden()
+    return artifact
