@@ -19,7 +19,8 @@ class Vocab:
     """Raw string id -> dense index; 0 is padding and 1 collects every unseen id."""
 
     def __init__(self, tokens):
-        self.tokens = ["<pad>", "<oov>", *sorted(set(tokens))]
+        # str(): numpy string scalars would not survive torch.load(weights_only=True) of a checkpoint
+        self.tokens = ["<pad>", "<oov>", *sorted({str(t) for t in tokens})]
         self.index = {token: i for i, token in enumerate(self.tokens)}
 
     def __len__(self) -> int:
