@@ -1,0 +1,1 @@
+"""HTTP routes: one router per concern (score, events, health/metrics)."""

@@ -1,0 +1,57 @@
+"""Shared dependencies of the routes: the service container and a size-limited body reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import orjson
+from fastapi import Depends, Request
+from starlette.responses import Response
+
+from service.errors import BodyTooLarge, InvalidField
+from service.feature_store import FeatureStore
+from service.registry import ModelRegistry
+from service.scoring import Scorer
+from service.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: FeatureStore
+    registry: ModelRegistry
+    scorer: Scorer
+    background: list = field(default_factory=list)
+
+
+async def get_services(request: Request) -> Services:  # async: FastAPI runs sync dependencies in a thread
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 beyond `limit` bytes (declared length checked before reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidField("Content-Length is not a number", field="Content-Length") from None
+        if size > limit:
+            raise BodyTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes", field="body")
+        return await request.body()
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_ok(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")

@@ -1,0 +1,71 @@
+"""POST /v1/events and /v1/events/batch: clicks into the user's history, seen by the very next score.
+
+A click is answered 200 only once Redis has stored it; if it could not be stored the answer is 503 (retry
+it: events carrying `ts` are deduplicated by (item_id, ts), so a retry never counts twice). `clicked: false`
+events are accepted and not stored (the behavior feature is made of clicks only). An unknown user gets a
+state: their history key (and profile, if the event carries one); their embeddings are made on their first
+score request. Within a batch each user's clicks are ordered by `ts` (events without `ts` after, in arrival
+order) before being appended, most recent first.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from service import metrics
+from service.api.deps import ServicesDep, json_ok, read_body
+from service.api.schemas import Event, EventBatch
+from service.errors import InvalidField
+from service.feature_store import Click
+
+router = APIRouter()
+
+
+async def store_events(services: ServicesDep, events: list[Event]) -> dict:
+    per_user: dict[str, tuple[list[tuple[int, Click]], dict | None]] = {}
+    ignored = 0
+    for position, event in enumerate(events):
+        clicks, profile = per_user.get(event.user_id, ([], None))
+        if event.clicked:
+            clicks.append((position, Click(event.item_id, event.ts)))
+        else:
+            ignored += 1
+        per_user[event.user_id] = (clicks, event.profile or profile)
+    batches = {}
+    for user_id, (clicks, profile) in per_user.items():
+        if not clicks and not profile:
+            continue
+        clicks.sort(key=lambda pc: (pc[1].ts is None, pc[1].ts or 0, pc[0]))
+        batches[user_id] = ([c for _, c in clicks], profile)
+    flags = await services.store.append_clicks(batches) if batches else {}
+    appended = sum(sum(f) for f in flags.values())
+    duplicates = sum(len(f) - sum(f) for f in flags.values())
+    metrics.EVENTS.labels("appended").inc(appended)
+    metrics.EVENTS.labels("duplicate").inc(duplicates)
+    metrics.EVENTS.labels("not_clicked").inc(ignored)
+    return {"accepted": len(events), "appended": appended, "duplicates": duplicates, "not_clicked": ignored}
+
+
+@router.post("/v1/events", summary="Record one event", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": Event.model_json_schema()}}}})
+async def event(request: Request, services: ServicesDep):
+    started = time.perf_counter()
+    payload = Event.model_validate_json(await read_body(request, services.settings.max_body_bytes))
+    result = await store_events(services, [payload])
+    metrics.REQUEST_SECONDS.labels("/v1/events", "").observe(time.perf_counter() - started)
+    return json_ok(result)
+
+
+@router.post("/v1/events/batch", summary="Record a batch of events", openapi_extra={"requestBody": {
+    "required": True, "content": {"application/json": {"schema": EventBatch.model_json_schema()}}}})
+async def event_batch(request: Request, services: ServicesDep):
+    started = time.perf_counter()
+    payload = EventBatch.model_validate_json(await read_body(request, services.settings.max_body_bytes))
+    limit = services.settings.max_events_per_batch
+    if len(payload.events) > limit:
+        raise InvalidField(f"events: {len(payload.events)} events, at most {limit} per batch", field="events")
+    result = await store_events(services, payload.events)
+    metrics.REQUEST_SECONDS.labels("/v1/events/batch", "").observe(time.perf_counter() - started)
+    return json_ok(result)

@@ -1,0 +1,39 @@
+"""GET /healthz (process alive), /readyz (a version active and Redis reachable), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from service import metrics
+from service.api.deps import ServicesDep, json_ok
+from service.feature_store import FeatureStoreUnavailable
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz():
+    return json_ok({"status": "alive"})
+
+
+@router.get("/readyz", summary="Readiness: a model version is active and Redis answers")
+async def readyz(services: ServicesDep):
+    active = services.registry.active
+    body = {"model_version": active.version if active else None, "redis": "ok", "reasons": []}
+    if active is None:
+        body["reasons"].append(f"no model version active: {services.registry.last_error}")
+    try:
+        await services.store.ping()
+    except FeatureStoreUnavailable as error:
+        body["redis"] = "unavailable"
+        body["reasons"].append(str(error))
+    ready = not body["reasons"]
+    body["status"] = "ready" if ready else "not_ready"
+    return json_ok(body, 200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def prometheus_metrics():
+    data, content_type = metrics.render()
+    return Response(data, media_type=content_type)

@@ -1,0 +1,41 @@
+"""POST /v1/score: {user_id, candidates, profile?, top_k?} -> scores in request order + ranking."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from service import metrics
+from service.api.deps import ServicesDep, json_ok, read_body
+from service.api.schemas import ScoreRequest
+from service.errors import ServiceUnavailable
+from service.scoring import StageTimer, check_candidates
+
+router = APIRouter()
+ROUTE = "/v1/score"
+_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": ScoreRequest.model_json_schema()}}}}
+
+
+@router.post(ROUTE, openapi_extra=_OPENAPI, summary="Score candidates for one user")
+async def score(request: Request, services: ServicesDep):
+    """Response: `model_version`, `cold_start`, `scores` (click probabilities, one per candidate, request
+    order), `ranking` (the top_k candidate ids by score; all of them without top_k) and `unknown_candidates`
+    (ids the model never saw, scored through the OOV row). Errors: see service/errors.py."""
+    started = time.perf_counter()
+    timer = StageTimer(started)
+    body = await read_body(request, services.settings.max_body_bytes)
+    payload = ScoreRequest.model_validate_json(body)
+    check_candidates(payload.candidates, services.settings.max_candidates)
+    timer.mark("parse")
+    with services.registry.lease(payload.user_id) as model:
+        if model is None:
+            raise ServiceUnavailable(f"no model version is active ({services.registry.last_error})",
+                                     kind="model_unavailable")
+        result = await services.scorer.score(model, payload, timer)
+        response = json_ok(result)
+        timer.mark("respond")
+        timer.flush()
+        metrics.REQUEST_SECONDS.labels(ROUTE, model.version).observe(time.perf_counter() - started)
+    return response

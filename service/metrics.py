@@ -1,0 +1,53 @@
+"""Prometheus metrics. Names start with `udg_`; latency is in seconds with sub-millisecond buckets.
+
+Per-stage timers (`udg_stage_seconds{stage=…}`) split a score request into: `parse` (body read + validation),
+`redis` (the MGET), `cold_start` (meta generator), `encode` (raw ids -> indices), `model` (the onnxruntime
+call), `respond` (ranking + JSON). Their sum against `udg_request_seconds` shows the framework's share.
+
+With several uvicorn workers, `udg serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start, and
+`/metrics` aggregates every worker's values (prometheus_client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SIZE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
+
+REQUEST_SECONDS = Histogram("udg_request_seconds", "End-to-end handler latency", ["route", "model_version"],
+                            buckets=LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram("udg_stage_seconds", "Latency of one stage of a score request", ["stage"],
+                          buckets=LATENCY_BUCKETS)
+REDIS_SECONDS = Histogram("udg_redis_seconds", "Latency of one Redis call", ["op"], buckets=LATENCY_BUCKETS)
+CANDIDATES = Counter("udg_candidates_scored", "Candidates scored", ["model_version"])
+CANDIDATES_PER_REQUEST = Histogram("udg_candidates_per_request", "Candidates per score request",
+                                   buckets=SIZE_BUCKETS)
+UNKNOWN_CANDIDATES = Counter("udg_unknown_candidates", "Candidates scored through the OOV row", ["model_version"])
+COLD_STARTS = Counter("udg_cold_starts", "Users without state for the serving version",
+                      ["model_version", "profile_source"])
+EVENTS = Counter("udg_events", "Click events by outcome", ["outcome"])
+ERRORS = Counter("udg_errors", "Error responses by kind", ["kind"])
+WRITE_BACK_FAILURES = Counter("udg_write_back_failures", "Cold-start states that could not be written back")
+MODEL_LOADED = Gauge("udg_model_loaded", "1 for the version serving requests", ["model_version"],
+                     multiprocess_mode="liveall")
+
+
+def observe_redis(op: str, seconds: float) -> None:
+    REDIS_SECONDS.labels(op).observe(seconds)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or all workers' in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,171 @@
+"""The score request, stage by stage: one Redis round trip, cold start if needed, one onnxruntime call.
+
+Decisions recorded here:
+- **Duplicated candidates** are a client bug (the ranking could not say which copy it ranks): 422 naming the
+  second occurrence (`candidates.<j>`) and the first. Checking costs one set() of the ids.
+- **Unknown item ids** (candidates the serving version never saw in training) are scored through the OOV
+  row, like unseen items in training, and listed in `unknown_candidates` of the response.
+- **Unseen users** (no embeddings under the serving version): the base user embedding is the artifact's
+  unseen-user vector (OOV user-id row + profile rows) and the UDG embedding comes from the meta generator,
+  both from `meta.onnx`, for the profile in the request, else the profile stored in Redis, else — no profile
+  at all — the all-OOV profile (every field "unknown": the generator's bias plus its OOV rows, i.e. an
+  average new user). The user's history (version independent) is used if they already have one.
+  A generated state is written back to Redis (`SET NX`, never replacing a published one) in a background
+  task after the response is on its way; a fallback state without any profile is not written back, so a
+  later request that brings a profile gets a proper embedding. Meta outputs are cached per distinct
+  profile, so a cold start usually costs no extra onnxruntime call.
+- `cold_start` in the response is true when the user's embeddings came from the meta generator (in this
+  request or an earlier, written-back one) rather than from training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from service import metrics
+from service.api.schemas import ScoreRequest
+from service.errors import InvalidField
+from service.feature_store import FeatureStore, FeatureStoreUnavailable, split_history, unpack_embeddings
+from service.registry import ServingModel
+
+log = logging.getLogger(__name__)
+STAGES = ("parse", "redis", "cold_start", "encode", "model", "respond")
+
+
+class StageTimer:
+    """Accumulates per-stage seconds of one request; flushed into udg_stage_seconds at the end."""
+
+    __slots__ = ("last", "spent")
+
+    def __init__(self, started: float):
+        self.last = started
+        self.spent: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] = self.spent.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def flush(self) -> None:
+        children = _stage_children()
+        for stage, seconds in self.spent.items():
+            children[stage].observe(seconds)
+
+
+_CHILDREN: dict = {}
+
+
+def _stage_children() -> dict:
+    if not _CHILDREN:
+        _CHILDREN.update({stage: metrics.STAGE_SECONDS.labels(stage) for stage in STAGES})
+    return _CHILDREN
+
+
+def check_candidates(candidates: list[str], limit: int) -> None:
+    if len(candidates) > limit:
+        raise InvalidField(f"candidates: {len(candidates)} candidates, at most {limit} per request",
+                           field="candidates")
+    if len(set(candidates)) != len(candidates):
+        first: dict[str, int] = {}
+        for j, item in enumerate(candidates):
+            if item in first:
+                raise InvalidField(f"candidates.{j}: duplicate of candidates.{first[item]} ({item!r}); each "
+                                   "candidate must appear once", field=f"candidates.{j}")
+            first[item] = j
+
+
+def check_profile(model: ServingModel, profile: dict[str, str] | None) -> None:
+    if profile:
+        fields = model.artifact.profile_fields
+        for key in profile:
+            if key not in fields:
+                raise InvalidField(f"profile.{key}: unknown profile field; expected some of {fields}",
+                                   field=f"profile.{key}")
+
+
+class Scorer:
+    def __init__(self, store: FeatureStore, write_back: bool = True):
+        self.store = store
+        self.write_back = write_back
+        self._tasks: set[asyncio.Task] = set()
+
+    async def score(self, model: ServingModel, request: ScoreRequest, timer: StageTimer) -> dict:
+        artifact = model.artifact
+        check_profile(model, request.profile)
+        state = await self.store.fetch(model.version, request.user_id)
+        timer.mark("redis")
+
+        unpacked = unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
+        if unpacked is None:
+            user_vec, udg_vec = self._cold_start(model, request, state.profile)
+            cold = True
+            timer.mark("cold_start")
+        else:
+            user_vec, udg_vec, cold = unpacked
+
+        history, _ = artifact.encode_items(split_history(state.history, model.max_history))
+        candidates = request.candidates
+        candidate_idx, unknown = artifact.encode_items(candidates)
+        timer.mark("encode")
+
+        probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx)
+        timer.mark("model")
+
+        n = len(candidates)
+        top_k = min(request.top_k or n, n)
+        if top_k < n:
+            part = np.argpartition(-probabilities, top_k - 1)[:top_k]
+            order = part[np.argsort(-probabilities[part], kind="stable")]
+        else:
+            order = np.argsort(-probabilities, kind="stable")
+        unknown_ids = [candidates[i] for i in np.flatnonzero(unknown)] if unknown.any() else []
+        metrics.CANDIDATES.labels(model.version).inc(n)
+        metrics.CANDIDATES_PER_REQUEST.observe(n)
+        if unknown_ids:
+            metrics.UNKNOWN_CANDIDATES.labels(model.version).inc(len(unknown_ids))
+        return {
+            "model_version": model.version,
+            "cold_start": bool(cold),
+            "scores": probabilities,
+            "ranking": [candidates[i] for i in order.tolist()],
+            "unknown_candidates": unknown_ids,
+        }
+
+    def _cold_start(self, model: ServingModel, request: ScoreRequest, stored_profile: bytes | None):
+        from service.feature_store import unpack_profile
+
+        if request.profile is not None:
+            profile, source = request.profile, "request"
+        else:
+            stored = unpack_profile(stored_profile)
+            fields = model.artifact.profile_fields
+            profile = {k: v for k, v in stored.items() if k in fields} if stored else None
+            source = "stored" if profile else "none"
+        profile_idx = model.artifact.encode_profile(profile)
+        user_vec, udg_vec, packed = model.cold_state(profile_idx)
+        metrics.COLD_STARTS.labels(model.version, source).inc()
+        if self.write_back and source != "none":
+            self._spawn(self._write_back(model.version, request.user_id, packed,
+                                         profile if source == "request" else None))
+        return user_vec, udg_vec
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_back(self, version: str, user_id: str, packed: bytes, profile: dict | None) -> None:
+        try:
+            await self.store.store_generated(version, user_id, packed, profile)
+        except FeatureStoreUnavailable as error:
+            metrics.WRITE_BACK_FAILURES.inc()
+            log.warning("cold-start write-back for user %r failed (it will be regenerated): %s", user_id, error)
+
+    async def drain(self) -> None:
+        """Wait for pending write-backs (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

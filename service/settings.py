@@ -1,0 +1,92 @@
+"""All service settings in one pydantic-settings class, read from the environment (and an optional `.env`).
+
+Names: `REDIS_URL` as is (the conventional name; `UDG_REDIS_URL` also works), everything else `UDG_<FIELD>`,
+e.g. `UDG_MODEL_REPO`, `UDG_MODEL_VERSION`, `UDG_MAX_CANDIDATES`, `UDG_ORT_THREADS`, `UDG_ADMIN_TOKEN`.
+
+`REDIS_URL` takes every form redis-py understands: `redis://[:password@]host:port/db`,
+`redis://user:password@host:port/db` (ACL users), `rediss://…` (TLS; `UDG_REDIS_CA_CERTS` names a CA bundle
+when the server's certificate is not signed by a system CA), `unix:///path/redis.sock`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UDG_", env_file=".env", extra="ignore",
+                                      protected_namespaces=())
+
+    # --- feature store ---------------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UDG_REDIS_URL"))
+    redis_ca_certs: str | None = None  # CA bundle for rediss:// with a private CA
+    redis_timeout_s: float = Field(0.25, gt=0, le=30)  # per Redis call (connect, read, write); then 503
+    redis_pool_size: int = Field(64, ge=1, le=10_000)
+    key_prefix: str = Field("udg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    history_cap: int = Field(200, ge=1, le=10_000)  # clicks kept per user (>= every version's max_history)
+
+    # --- models --------------------------------------------------------------------------------------
+    model_repo: Path = Path("runs/model_repo")
+    model_version: str | None = None  # None: the newest version directory in model_repo
+    ort_threads: int = Field(1, ge=1, le=256)  # onnxruntime intra-op threads; workers * threads <= cores
+    ort_providers: str = "CPUExecutionProvider"  # comma-separated onnxruntime providers, in preference order
+    require_publish_marker: bool = True  # refuse to activate a version whose per-user state is not complete
+    activation_retry_s: float = Field(1.0, gt=0)  # retry period while no version could be activated
+
+    # --- API -----------------------------------------------------------------------------------------
+    max_candidates: int = Field(2000, ge=1, le=100_000)
+    max_events_per_batch: int = Field(1000, ge=1, le=100_000)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    admin_token: SecretStr | None = None  # guards admin routes (the admin API lands with hot swap)
+
+    # --- server --------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: str = "info"
+    access_log: bool = False  # uvicorn's access log costs ~50 us per request
+
+    @field_validator("model_version")
+    @classmethod
+    def _version_name(cls, value: str | None) -> str | None:
+        if value is not None and not VERSION_PATTERN.match(value):
+            raise ValueError("a version is 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return value
+
+    @property
+    def providers(self) -> list[str]:
+        return [p.strip() for p in self.ort_providers.split(",") if p.strip()]
+
+    def redis_url_for_logs(self) -> str:
+        """REDIS_URL with any password replaced by ***."""
+        return mask_url(self.redis_url)
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
