@@ -23,7 +23,8 @@ class LocalActivationUnit(nn.Module):
         super().__init__()
         self.item_dim = item_dim
         self.first = nn.Linear(4 * item_dim, hidden)
-        self.activation = nn.PReLU(hidden)
+        # PReLU on the last dim (nn.PReLU's channels are dim 1): relu(x) - slope * relu(-x)
+        self.negative_slope = nn.Parameter(torch.full((hidden,), 0.25))
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, clicked: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,8 @@ class LocalActivationUnit(nn.Module):
         clicked_part = clicked @ (w_h + w_d).t()  # [B, L, H]
         candidate_part = (candidate @ (w_c - w_d).t() + self.first.bias).unsqueeze(1)  # [N, 1, H]
         product_part = (clicked * candidate.unsqueeze(1)) @ w_p.t()  # [N, L, H]
-        hidden = self.activation(clicked_part + candidate_part + product_part)
+        pre = clicked_part + candidate_part + product_part
+        hidden = torch.relu(pre) - self.negative_slope * torch.relu(-pre)
         return self.out(hidden).squeeze(-1)
 
 

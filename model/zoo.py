@@ -13,6 +13,10 @@ from model.udg import UDG
 # kind -> "module:Class"; imported on demand so one broken model never blocks the others.
 BASE_MODELS = {
     "pnn": "model.pnn:PNN",
+    "deepfm": "model.deepfm:DeepFM",
+    "wide_deep": "model.wide_deep:WideDeep",
+    "din": "model.din:DIN",
+    "dien": "model.dien:DIEN",
 }
 
 

@@ -1,0 +1,133 @@
+"""DIEN: a GRU extracts interest states from the click history; an attention-gated GRU (AUGRU) evolves them
+towards the candidate.
+
+Both recurrences are explicit loops over a history padded (or cut) to `space.max_history` steps, with the
+masked update h = m * h_new + (1 - m) * h. The step count is therefore a constant of the model: the
+exported graph unrolls it and accepts any history length, with no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.base import BaseCTR, ModelConfig
+from model.features import PAD, FeatureSpace
+from model.layers import broadcast_cat
+
+# Added to the attention logits of padding steps; softmax then gives them weight 0.
+MASKED_LOGIT = -1e9
+
+
+class GRUGates(nn.Module):
+    """Parameters of a GRU cell (update gate u, reset gate r, candidate n); convention h' = (1-u)*h + u*n.
+
+    The input projection is separate so it can run once over a whole sequence (and, for the AUGRU, once per
+    user rather than once per candidate).
+    """
+
+    def __init__(self, input_dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.input_proj = nn.Linear(input_dim, 3 * hidden)
+        self.hidden_proj = nn.Linear(hidden, 3 * hidden)
+
+    def step(self, projected_input: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from an input already passed through `input_proj` -> (update gate u, candidate n)."""
+        x_u, x_r, x_n = projected_input.split(self.hidden, dim=-1)
+        h_u, h_r, h_n = self.hidden_proj(h).split(self.hidden, dim=-1)
+        update = torch.sigmoid(x_u + h_u)
+        reset = torch.sigmoid(x_r + h_r)
+        candidate = torch.tanh(x_n + reset * h_n)
+        return update, candidate
+
+
+class DIEN(BaseCTR):
+    """Interest extractor GRU + auxiliary loss, AUGRU interest evolution, then the MLP (Eq. 2-3).
+
+    - Extractor: GRU over the clicked items' fields (id + genre) in chronological order -> states s_t.
+    - Auxiliary loss: s_t must tell the next clicked item from a negative sampled from the batch's
+      candidate items (a popularity-like distribution), via a small MLP on [s_t, item].
+    - Evolution: a_t = softmax_t(s_t · W c) over the non-padding steps; AUGRU update u'_t = a_t * u_t.
+    - f_mid = the last AUGRU state; MLP input = [f_mid, candidate fields, user fields, mean behavior].
+    config.extra: "gru_hidden" (default 2 * embed_dim), "aux_hidden" (default 64).
+    """
+
+    def __init__(self, config: ModelConfig, space: FeatureSpace):
+        super().__init__(config, space)
+        item_dim = 2 * config.embed_dim
+        hidden = int(config.extra.get("gru_hidden", item_dim))
+        aux_hidden = int(config.extra.get("aux_hidden", 64))
+        self.steps = int(space.max_history)
+        self.extractor = GRUGates(item_dim, hidden)
+        self.evolution = GRUGates(hidden, hidden)
+        self.attention = nn.Linear(hidden, item_dim, bias=False)  # bilinear s_t · W c
+        self.aux_net = nn.Sequential(nn.Linear(hidden + item_dim, aux_hidden), nn.ReLU(),
+                                     nn.Linear(aux_hidden, 1))
+        self._extracted: tuple[torch.Tensor, ...] | None = None
+        self.build_mlp(hidden + item_dim + self.user_dim + item_dim)
+
+    def chronological(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Most-recent-first history [B, L] -> oldest-first [B, steps] (padding first) and its float mask."""
+        fixed = F.pad(history, (0, self.steps), value=PAD)[:, :self.steps]
+        ordered = torch.flip(fixed, dims=[1])
+        return ordered, (ordered != PAD).to(torch.float32)
+
+    def extract(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Interest states [B, steps, H], the chronological items [B, steps] and mask [B, steps]."""
+        ordered, mask = self.chronological(history)
+        projected = self.extractor.input_proj(self.item_fields(ordered).flatten(-2))  # [B, steps, 3H]
+        h = torch.zeros_like(projected[:, 0, :self.extractor.hidden])
+        states = []
+        for t in range(self.steps):
+            update, candidate = self.extractor.step(projected[:, t], h)
+            m = mask[:, t:t + 1]
+            h = m * ((1 - update) * h + update * candidate) + (1 - m) * h
+            states.append(h)
+        return torch.stack(states, dim=1), ordered, mask
+
+    def evolve(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """AUGRU over the interest states, attention w.r.t. each candidate -> final state [N, H]."""
+        logits = (self.attention(states) * candidate.unsqueeze(1)).sum(-1)  # [N, steps]
+        attention = torch.softmax(logits + (1 - mask) * MASKED_LOGIT, dim=-1)
+        projected = self.evolution.input_proj(states)  # [B, steps, 3H], once per user
+        h = torch.zeros_like(attention[:, :1]).expand(-1, self.evolution.hidden)
+        for t in range(self.steps):
+            update, new = self.evolution.step(projected[:, t], h)
+            update = attention[:, t:t + 1] * update
+            m = mask[:, t:t + 1]
+            h = m * ((1 - update) * h + update * new) + (1 - m) * h
+        return h
+
+    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        states, ordered, mask = self.extract(history)
+        if self.training:
+            # ctr_forward asks for the auxiliary loss right after scoring the same batch: reuse the states.
+            self._extracted = (history, states, ordered, mask)
+        candidate = self.item_fields(items).flatten(-2)
+        evolved = self.evolve(states, mask, candidate)
+        return broadcast_cat([evolved, candidate, user_vec, self.behavior(history)])
+
+    def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Mean over consecutive click pairs of BCE(s_t -> next click, 1) + BCE(s_t -> sampled item, 0)."""
+        cached, self._extracted = self._extracted, None
+        if cached is not None and cached[0] is history:
+            _, states, ordered, mask = cached
+        else:
+            states, ordered, mask = self.extract(history)
+        states = states[:, :-1]
+        positive = ordered[:, 1:]
+        pair_mask = mask[:, :-1] * mask[:, 1:]
+        negative = items[torch.randint(len(items), positive.shape, device=items.device)]
+        pair_mask_negative = pair_mask * (negative != positive).to(pair_mask.dtype)
+        loss_positive = F.binary_cross_entropy_with_logits(
+            self.aux_logit(states, positive), torch.ones_like(pair_mask), reduction="none")
+        loss_negative = F.binary_cross_entropy_with_logits(
+            self.aux_logit(states, negative), torch.zeros_like(pair_mask), reduction="none")
+        total = (loss_positive * pair_mask).sum() + (loss_negative * pair_mask_negative).sum()
+        return total / pair_mask.sum().clamp(min=1.0)
+
+    def aux_logit(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        item = self.item_fields(items).flatten(-2)
+        return self.aux_net(torch.cat([states, item], dim=-1)).squeeze(-1)
