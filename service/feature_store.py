@@ -261,12 +261,27 @@ class FeatureStore:
             keys, args = call_args(users[0], *batches[users[0]])
             flags = await self._run("append", self._append(keys=keys, args=args))
             return {users[0]: [int(f) for f in flags]}
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id in users:
-            keys, args = call_args(user_id, *batches[user_id])
-            self._append(keys=keys, args=args, client=pipe)
-        results = await self._run("append", pipe.execute())
+        calls = [call_args(user_id, *batches[user_id]) for user_id in users]
+        results = await self._run("append", self._append_pipelined(calls))
         return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
+
+    async def _append_pipelined(self, calls: list) -> list:
+        """EVALSHA per user in one pipeline; on NOSCRIPT (new or restarted Redis: nothing ran) load and rerun."""
+        from redis.exceptions import NoScriptError
+
+        for attempt in (0, 1):
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self.redis.script_load(APPEND_CLICKS)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
 
     async def marker(self, version: str) -> dict | None:
         raw = await self._run("marker", self.redis.get(self.keys.marker(version)))

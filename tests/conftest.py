@@ -1,0 +1,125 @@
+"""Shared fixtures: a real redis-server on a free port per session (flushed between tests), a tiny trained
+and exported UDG model in a session-scoped model repository, and a service app wired to both."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
+VERSION = "v1"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from service.local_redis import RedisServer, free_port
+
+    binary = REDIS_BINARY if Path(REDIS_BINARY).exists() else None
+    if binary is None:
+        from service.local_redis import redis_server_binary
+
+        binary = redis_server_binary()
+    server = RedisServer(binary, free_port()).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A sync client on a flushed database; restarts the server first if a test left it stopped."""
+    from service.publish import sync_redis
+
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()
+    client = sync_redis(redis_server.url, timeout_s=5)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory) -> Path:
+    """Train a tiny PNN+UDG (+ meta generator) on synthetic data, save the checkpoint, export it as v1."""
+    torch = pytest.importorskip("torch")
+    from export.onnx_export import export_artifact
+    from model.datasets import SyntheticSpec, make_synthetic
+    from model.experiment import model_config
+    from model.features import prepare
+    from model.meta import MetaConfig, train_meta
+    from model.train import TrainConfig, save_checkpoint, train_model, user_snapshot
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("service_model")
+    data = prepare(make_synthetic(SyntheticSpec(users=200, items=60, events_per_user=12)), max_history=8,
+                   cold_user_frac=0.1)
+    config = model_config("pnn", "udg", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16)
+    train_config = TrainConfig(epochs=1)
+    model, metrics = train_model(data, config, train_config, progress=False)
+    generator, info = train_meta(model, data, MetaConfig(steps=20), progress=False)
+    checkpoint = save_checkpoint(root / "checkpoint.pt", model, config, train_config, data.space, metrics,
+                                 users=user_snapshot(data), meta={"state_dict": generator.state_dict(), **info})
+    export_artifact(checkpoint, VERSION, root / "repo")
+    return root / "repo"
+
+
+@pytest.fixture(scope="session")
+def artifact(model_repo):
+    from export.runtime import open_artifact
+
+    return open_artifact(model_repo / VERSION, providers=["CPUExecutionProvider"], threads=1)
+
+
+@pytest.fixture(scope="session")
+def users(artifact):
+    return artifact.load_users()
+
+
+@pytest.fixture
+def published(redis_client, model_repo):
+    from service.publish import publish
+
+    return publish(model_repo / VERSION, redis_client, progress=False)
+
+
+def make_settings(redis_url: str, model_repo: Path, **overrides):
+    from service.settings import Settings
+
+    values = dict(redis_url=redis_url, model_repo=model_repo, model_version=VERSION, redis_timeout_s=0.3,
+                  activation_retry_s=0.05, ort_threads=1, max_candidates=50)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def make_client(redis_server, model_repo):
+    """Factory: a TestClient (lifespan run) on a fresh app; waits until a version is active unless told not."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    clients = []
+
+    def factory(wait_ready: bool = True, **overrides):
+        client = TestClient(create_app(make_settings(redis_server.url, model_repo, **overrides)),
+                            raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        if wait_ready:
+            deadline = time.monotonic() + 30
+            while client.app.state.services.registry.active is None:
+                assert time.monotonic() < deadline, client.app.state.services.registry.last_error
+                time.sleep(0.02)
+        return client
+
+    yield factory
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client, published):
+    return make_client()
