@@ -22,7 +22,7 @@ serve-install:
 	$(VENV)-serve/bin/pip install -q -e ".[serve]"
 
 run: install
-	$(BIN)/udg train --udg --cold-users 0.1 --out runs/quickstart/checkpoint.pt
+	$(BIN)/udg quickstart
 
 test: install
 	$(BIN)/pytest -q
