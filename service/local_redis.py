@@ -26,10 +26,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
     import redis
 
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s).ping())
+        return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
+    finally:
+        client.close()
 
 
 def redis_server_binary() -> str:
@@ -50,17 +53,21 @@ class RedisServer:
     binary: str
     port: int
     extra: tuple[str, ...] = ()
+    password: str | None = None
     process: subprocess.Popen | None = None
     workdir: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="udg-redis-")
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                    "no", "--dir", self.workdir, *self.extra]
+        if self.password:
+            command += ["--requirepass", self.password]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while not redis_answers(self.url, 0.2):

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
                                       protected_namespaces=())
 
     # --- feature store ---------------------------------------------------------------------------------
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UDG_REDIS_URL"))
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UDG_REDIS_URL"),
+                           repr=False)  # may hold a password: kept out of repr; log redis_url_for_logs()
     redis_ca_certs: str | None = None  # CA bundle for rediss:// with a private CA
     redis_timeout_s: float = Field(0.25, gt=0, le=30)  # per Redis call (connect, read, write); then 503
     redis_pool_size: int = Field(64, ge=1, le=10_000)

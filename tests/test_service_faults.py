@@ -1,0 +1,104 @@
+"""Redis faults: down or slow -> 503 within the timeout, the process stays up and recovers by itself; a click
+that could not be stored is 503, never 2xx."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from service.feature_store import Keys
+
+TIMEOUT_S = 0.3
+
+
+def known_user(users) -> str:
+    return str(users["user_ids"][0])
+
+
+def test_redis_killed_gives_503_and_restart_recovers(client, redis_server, users, redis_client):
+    body = {"user_id": known_user(users), "candidates": ["i1", "i2", "i3"]}
+    assert client.post("/v1/score", json=body).status_code == 200
+    redis_server.stop()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            reply = client.post("/v1/score", json=body)
+            elapsed = time.monotonic() - started
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"] == "redis_unavailable" and reply.headers["Retry-After"]
+            assert elapsed < TIMEOUT_S + 0.5
+        event = client.post("/v1/events", json={"user_id": "u", "item_id": "i1", "clicked": True, "ts": 5})
+        assert event.status_code == 503
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    finally:
+        redis_server.start()
+    # same process, same app: the pool reconnects on the next call (the data is gone: a fresh server)
+    reply = client.post("/v1/score", json=body)
+    assert reply.status_code == 200 and reply.json()["cold_start"] is True
+    assert client.get("/readyz").status_code == 200
+    event = client.post("/v1/events", json={"user_id": "u", "item_id": "i1", "clicked": True, "ts": 5})
+    assert event.status_code == 200 and event.json()["appended"] == 1  # NOSCRIPT after restart handled
+
+
+def test_redis_slow_gives_503_within_timeout_then_recovers(client, redis_server, users, redis_client):
+    body = {"user_id": known_user(users), "candidates": ["i1", "i2"]}
+    assert client.post("/v1/score", json=body).status_code == 200
+    os.kill(redis_server.process.pid, signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        reply = client.post("/v1/score", json=body)
+        elapsed = time.monotonic() - started
+        assert reply.status_code == 503 and reply.json()["error"] == "redis_unavailable"
+        assert TIMEOUT_S * 0.8 < elapsed < TIMEOUT_S + 0.7, elapsed
+        started = time.monotonic()
+        event = client.post("/v1/events/batch", json={"events": [
+            {"user_id": "a", "item_id": "i1", "clicked": True, "ts": 1},
+            {"user_id": "b", "item_id": "i2", "clicked": True, "ts": 1}]})
+        assert event.status_code == 503 and time.monotonic() - started < TIMEOUT_S + 0.7
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    reply = client.post("/v1/score", json=body)
+    assert reply.status_code == 200 and reply.json()["cold_start"] is False
+
+
+def test_write_back_failure_does_not_fail_the_response(make_client, published, redis_server, redis_client):
+    client = make_client()
+    from service import metrics
+
+    before = metrics.WRITE_BACK_FAILURES._value.get()
+    services = client.app.state.services
+
+    async def failing(*args, **kwargs):
+        from service.feature_store import FeatureStoreUnavailable
+
+        raise FeatureStoreUnavailable("simulated")
+
+    services.store.store_generated = failing
+    reply = client.post("/v1/score", json={"user_id": "new", "candidates": ["i1"], "profile": {"gender": "F"}})
+    assert reply.status_code == 200 and reply.json()["cold_start"] is True
+    deadline = time.monotonic() + 2
+    while metrics.WRITE_BACK_FAILURES._value.get() == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not redis_client.exists(Keys().embeddings("v1", "new"))
+
+
+def test_service_starts_before_redis_and_becomes_ready(make_client, redis_server, model_repo):
+    from service.publish import publish, sync_redis
+
+    redis_server.stop()
+    try:
+        client = make_client(wait_ready=False)
+        time.sleep(0.3)
+        assert client.get("/readyz").status_code == 503
+        assert client.post("/v1/score", json={"user_id": "x", "candidates": ["i1"]}).status_code == 503
+    finally:
+        redis_server.start()
+    publish(model_repo / "v1", sync_redis(redis_server.url), progress=False)
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.post("/v1/score", json={"user_id": "x", "candidates": ["i1"]}).status_code == 200
