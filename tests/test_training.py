@@ -24,7 +24,8 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    return train_model(data, model_config("pnn", "udg-paper"), TrainConfig(epochs=6, patience=2, lr=3e-3), progress=False)
+    config = TrainConfig(epochs=6, patience=2, lr=3e-3)
+    return train_model(data, model_config("pnn", "udg-paper"), config, progress=False)
 
 
 def test_metrics_against_hand_computed_values():
