@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from operator import itemgetter
 
 import numpy as np
 
@@ -96,7 +97,17 @@ class Scorer:
     async def score(self, model: ServingModel, request: ScoreRequest, timer: StageTimer) -> dict:
         artifact = model.artifact
         check_profile(model, request.profile)
-        state = await self.store.fetch(model.version, request.user_id)
+        # Send the MGET, then encode the candidates while Redis answers (the round trip overlaps CPU work).
+        fetch = asyncio.get_running_loop().create_task(self.store.fetch(model.version, request.user_id))
+        await asyncio.sleep(0)  # lets the task write the command before the CPU-bound encoding below
+        candidates = request.candidates
+        try:
+            candidate_idx, unknown = artifact.encode_items(candidates)
+        except BaseException:
+            fetch.cancel()
+            raise
+        timer.mark("encode")
+        state = await fetch
         timer.mark("redis")
 
         unpacked = unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
@@ -108,8 +119,6 @@ class Scorer:
             user_vec, udg_vec, cold = unpacked
 
         history, _ = artifact.encode_items(split_history(state.history, model.max_history))
-        candidates = request.candidates
-        candidate_idx, unknown = artifact.encode_items(candidates)
         timer.mark("encode")
 
         probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx)
@@ -122,6 +131,8 @@ class Scorer:
             order = part[np.argsort(-probabilities[part], kind="stable")]
         else:
             order = np.argsort(-probabilities, kind="stable")
+        ranked = order.tolist()
+        ranking = list(itemgetter(*ranked)(candidates)) if len(ranked) > 1 else [candidates[i] for i in ranked]
         unknown_ids = [candidates[i] for i in np.flatnonzero(unknown)] if unknown.any() else []
         metrics.CANDIDATES.labels(model.version).inc(n)
         metrics.CANDIDATES_PER_REQUEST.observe(n)
@@ -131,7 +142,7 @@ class Scorer:
             "model_version": model.version,
             "cold_start": bool(cold),
             "scores": probabilities,
-            "ranking": [candidates[i] for i in order.tolist()],
+            "ranking": ranking,
             "unknown_candidates": unknown_ids,
         }
 

@@ -1,0 +1,325 @@
+"""Latency benchmark: the in-process onnxruntime call vs the service end to end over HTTP on 127.0.0.1.
+
+    python -m loadtest.bench_service [--model-repo runs/quickstart/model_repo] [--version V]
+                                      [--sizes 100,500] [--concurrency 1,8] [--requests 2000]
+
+One run prints, for each N (candidates): the in-process `Artifact.score` latency (same onnxruntime threads as
+the service), the service's latency at each concurrency (median, p90, p99, req/s), and the difference and
+ratio of the medians; then where a request's time goes (per-stage timers scraped from /metrics) and, as a
+floor, a bare FastAPI endpoint on the same uvicorn settings that only parses the same body.
+
+It starts a private redis-server on a free port, publishes the version into it, and runs `udg serve` as a
+child process (uvicorn, httptools, uvloop, access log off). The HTTP client is a minimal keep-alive client
+on raw sockets (one connection per concurrent client, TCP_NODELAY), so that client overhead stays small —
+but on a 2-core machine client and server still share the CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
+
+
+# --- a minimal HTTP/1.1 keep-alive client ----------------------------------------------------------------
+class RawClient:
+    def __init__(self, host: str, port: int):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = host
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return self.send(head + body)
+
+    def send(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buffer += chunk
+        head, _, body = buffer.partition(b"\r\n\r\n")
+        length = int(_LENGTH.search(head).group(1))
+        while len(body) < length:
+            body += self.sock.recv(1 << 16)
+        return int(head[9:12]), body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raw_request(host: str, path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def run_load(host: str, port: int, request: bytes, concurrency: int, total: int, warmup: int) -> dict:
+    """`total` requests over `concurrency` keep-alive connections; per-request latency in seconds."""
+    per_client = max(1, total // concurrency)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = []
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker(slot: int) -> None:
+        client = RawClient(host, port)
+        try:
+            for _ in range(warmup):
+                client.send(request)
+            barrier.wait()
+            out = latencies[slot]
+            for _ in range(per_client):
+                started = time.perf_counter()
+                status, _ = client.send(request)
+                out.append(time.perf_counter() - started)
+                if status != 200:
+                    errors.append(status)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    values = np.array([v for chunk in latencies for v in chunk])
+    if errors:
+        raise RuntimeError(f"{len(errors)} non-200 answers, e.g. {errors[:3]}")
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)),
+            "p99": float(np.percentile(values, 99)), "rps": len(values) / wall, "n": len(values)}
+
+
+# --- processes ------------------------------------------------------------------------------------------
+def wait_ready(host: str, port: int, path: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if http_get(host, port, path)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{path} not ready within {timeout_s} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+try:  # module level: FastAPI resolves the string annotations of bare_app's routes here
+    from fastapi import Request
+except ImportError:  # the benchmark still imports without the web stack (it then fails when serving)
+    Request = None
+
+
+def bare_app():
+    """The floor: FastAPI parsing the same body (pydantic, one pass) and answering a small JSON."""
+    import orjson
+    from fastapi import FastAPI
+    from starlette.responses import Response
+
+    from service.api.schemas import ScoreRequest
+
+    app = FastAPI()
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        payload = ScoreRequest.model_validate_json(await request.body())
+        return Response(orjson.dumps({"n": len(payload.candidates)}), media_type="application/json")
+
+    @app.get("/readyz")
+    async def ready():
+        return Response(b"{}", media_type="application/json")
+
+    return app
+
+
+def stage_means(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """{stage: (sum seconds, count)} from udg_stage_seconds and udg_request_seconds for /v1/score."""
+    out: dict[str, list[float]] = {}
+    for line in metrics_text.splitlines():
+        match = re.match(r'udg_stage_seconds_(sum|count)\{stage="(\w+)"\} (\S+)', line)
+        if match:
+            kind, stage, value = match.groups()
+        else:
+            match = re.match(r'udg_request_seconds_(sum|count)\{(.*)\} (\S+)', line)
+            if not match or '"/v1/score"' not in match.group(2):
+                continue
+            kind, stage, value = match.group(1), "handler_total", match.group(3)
+        entry = out.setdefault(stage, [0.0, 0.0])
+        entry[0 if kind == "sum" else 1] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def ensure_model(repo: Path, version: str | None) -> Path:
+    from service.registry import list_versions
+
+    versions = list_versions(repo)
+    if version:
+        return repo / version
+    if versions:
+        return repo / versions[-1]
+    print(f"no model in {repo}; training a synthetic PNN+UDG (default architecture, 1 epoch) first…", flush=True)
+    subprocess.run([sys.executable, "-m", "udg_cli", "train", "--udg", "--data", "synthetic", "--synthetic-users",
+                    "2000", "--epochs", "1", "--meta-steps", "50", "--quiet", "--out",
+                    str(repo.parent / "bench_checkpoint.pt")], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "udg_cli", "export", str(repo.parent / "bench_checkpoint.pt"),
+                    "--version", "bench", "--out", str(repo)], check=True, cwd=ROOT)
+    return repo / "bench"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repo", default="runs/quickstart/model_repo")
+    parser.add_argument("--version", default=None)
+    parser.add_argument("--sizes", default="100,500")
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--requests", type=int, default=2000, help="timed requests per (N, concurrency)")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (service and in-process)")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-endpoint floor")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    from export.runtime import open_artifact
+    from service.local_redis import RedisServer, free_port, redis_server_binary
+    from service.publish import publish, sync_redis
+
+    version_dir = ensure_model(Path(args.model_repo), args.version)
+    artifact = open_artifact(version_dir, providers=["CPUExecutionProvider"], threads=args.threads)
+    users = artifact.load_users()
+    row = int(np.argmax(users["history_len"]))
+    user_id = str(users["user_ids"][row])
+    items = list(artifact.manifest["vocab"]["items"]["index"])
+    host = "127.0.0.1"
+    redis = RedisServer(redis_server_binary(), free_port()).start()
+    results: dict = {"version": artifact.version, "workers": args.workers, "threads": args.threads,
+                     "cpus": os.cpu_count(), "sizes": {}}
+    server = bare = None
+    try:
+        publish(version_dir, sync_redis(redis.url), progress=False)
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": redis.url, "UDG_MODEL_REPO": str(version_dir.parent),
+               "UDG_MODEL_VERSION": version_dir.name, "UDG_PORT": str(port), "UDG_WORKERS": str(args.workers),
+               "UDG_ORT_THREADS": str(args.threads), "UDG_LOG_LEVEL": "warning"}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT)
+        wait_ready(host, port, "/readyz", server)
+        bare_port = None
+        if not args.no_bare:
+            bare_port = free_port()
+            bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "loadtest.bench_service:bare_app",
+                                     "--port", str(bare_port), "--workers", str(args.workers), "--loop", "uvloop",
+                                     "--http", "httptools", "--no-access-log", "--log-level", "warning"], cwd=ROOT)
+            wait_ready(host, bare_port, "/readyz", bare)
+
+        history = users["history_idx"][row][: users["history_len"][row]]
+        for n in sizes:
+            candidates = items[:n] + [f"bench-unknown-{i}" for i in range(max(0, n - len(items)))]
+            cand_idx, _ = artifact.encode_items(candidates)
+            user_vec, udg_vec = users["user_vec"][row], users["udg_vec"][row]
+            for _ in range(args.warmup):
+                artifact.score(user_vec, udg_vec, history, cand_idx)
+            timings = []
+            for _ in range(args.requests):
+                started = time.perf_counter()
+                artifact.score(user_vec, udg_vec, history, cand_idx)
+                timings.append(time.perf_counter() - started)
+            inproc = {"median": statistics.median(timings), "p99": float(np.percentile(timings, 99))}
+            body = json.dumps({"user_id": user_id, "candidates": candidates}).encode()
+            request = raw_request(host, "/v1/score", body)
+            entry = {"in_process": inproc, "body_bytes": len(body), "service": {}}
+            for c in levels:
+                before = stage_means(http_get(host, port, "/metrics")[1].decode()) if c == 1 else None
+                entry["service"][c] = run_load(host, port, request, c, args.requests, args.warmup)
+                if before is not None:
+                    after = stage_means(http_get(host, port, "/metrics")[1].decode())
+                    entry["stages_c1"] = {k: (after[k][0] - before.get(k, (0, 0))[0]) /
+                                          max(after[k][1] - before.get(k, (0, 0))[1], 1) for k in after}
+            if bare_port:
+                entry["bare_c1"] = run_load(host, bare_port, raw_request(host, "/v1/score", body), 1,
+                                            args.requests, args.warmup)
+            results["sizes"][n] = entry
+    finally:
+        for process in (server, bare):
+            if process is not None:
+                stop(process)
+        redis.cleanup()
+
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_report(results: dict) -> None:
+    ms = 1e3
+    print(f"\nmodel {results['version']}; service: {results['workers']} uvicorn worker(s) x "
+          f"{results['threads']} onnxruntime thread(s); in-process: {results['threads']} thread(s); "
+          f"{results['cpus']} CPUs (client on the same machine)\n")
+    print(f"{'N':>5} {'conc':>4} | {'in-proc med':>11} | {'service med':>11} {'p90':>7} {'p99':>7} {'req/s':>7} | "
+          f"{'diff ms':>7} {'ratio':>6}")
+    print("-" * 86)
+    for n, entry in results["sizes"].items():
+        inproc = entry["in_process"]["median"]
+        for c, svc in entry["service"].items():
+            print(f"{n:>5} {c:>4} | {inproc * ms:>11.3f} | {svc['median'] * ms:>11.3f} {svc['p90'] * ms:>7.3f} "
+                  f"{svc['p99'] * ms:>7.3f} {svc['rps']:>7.0f} | {(svc['median'] - inproc) * ms:>7.3f} "
+                  f"{svc['median'] / inproc:>6.2f}")
+    print("\nwhere a request's time goes at concurrency 1 (mean ms per request, server-side timers):")
+    for n, entry in results["sizes"].items():
+        stages = entry.get("stages_c1", {})
+        parts = "  ".join(f"{k}={v * ms:.3f}" for k, v in stages.items() if k != "handler_total")
+        total = stages.get("handler_total", 0.0)
+        svc = entry["service"].get(1) or next(iter(entry["service"].values()))
+        line = f"  N={n}: {parts}  | handler total={total * ms:.3f}"
+        line += f"; outside the handler (HTTP, uvicorn, FastAPI, client, loopback) ≈ {(svc['median'] - total) * ms:.3f}"
+        print(line)
+        if "bare_c1" in entry:
+            print(f"         bare FastAPI endpoint parsing the same {entry['body_bytes']:,d}-byte body: median "
+                  f"{entry['bare_c1']['median'] * ms:.3f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
