@@ -35,10 +35,9 @@ class GRUGates(nn.Module):
 
     def step(self, projected_input: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step from an input already passed through `input_proj` -> (update gate u, candidate n)."""
-        x_u, x_r, x_n = projected_input.split(self.hidden, dim=-1)
-        h_u, h_r, h_n = self.hidden_proj(h).split(self.hidden, dim=-1)
-        update = torch.sigmoid(x_u + h_u)
-        reset = torch.sigmoid(x_r + h_r)
+        gates_x, x_n = projected_input.split([2 * self.hidden, self.hidden], dim=-1)
+        gates_h, h_n = self.hidden_proj(h).split([2 * self.hidden, self.hidden], dim=-1)
+        update, reset = torch.sigmoid(gates_x + gates_h).split(self.hidden, dim=-1)
         candidate = torch.tanh(x_n + reset * h_n)
         return update, candidate
 
@@ -80,10 +79,11 @@ class DIEN(BaseCTR):
         projected = self.extractor.input_proj(self.item_fields(ordered).flatten(-2))  # [B, steps, 3H]
         h = torch.zeros_like(projected[:, 0, :self.extractor.hidden])
         states = []
-        for t in range(self.steps):
-            update, candidate = self.extractor.step(projected[:, t], h)
-            m = mask[:, t:t + 1]
-            h = m * ((1 - update) * h + update * candidate) + (1 - m) * h
+        # unbind, not projected[:, t]: indexing one step would back-propagate a full-size zero tensor per step.
+        for step_input, m in zip(projected.unbind(1), mask.unsqueeze(-1).unbind(1), strict=True):
+            update, candidate = self.extractor.step(step_input, h)
+            # h = m * h_new + (1 - m) * h with h_new = (1 - u) * h + u * n, folded into one update.
+            h = h + (m * update) * (candidate - h)
             states.append(h)
         return torch.stack(states, dim=1), ordered, mask
 
@@ -93,11 +93,11 @@ class DIEN(BaseCTR):
         attention = torch.softmax(logits + (1 - mask) * MASKED_LOGIT, dim=-1)
         projected = self.evolution.input_proj(states)  # [B, steps, 3H], once per user
         h = torch.zeros_like(attention[:, :1]).expand(-1, self.evolution.hidden)
-        for t in range(self.steps):
-            update, new = self.evolution.step(projected[:, t], h)
-            update = attention[:, t:t + 1] * update
-            m = mask[:, t:t + 1]
-            h = m * ((1 - update) * h + update * new) + (1 - m) * h
+        # AUGRU: the update gate scaled by the attention, u' = a_t * u; padding steps (m = 0) keep h.
+        step_weights = (attention * mask).unsqueeze(-1).unbind(1)  # [N, 1] each
+        for step_input, weight in zip(projected.unbind(1), step_weights, strict=True):
+            update, new = self.evolution.step(step_input, h)
+            h = h + (weight * update) * (new - h)
         return h
 
     def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
