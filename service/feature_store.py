@@ -189,16 +189,20 @@ class Click:
 
 
 def create_redis(url: str, timeout_s: float, pool_size: int, ca_certs: str | None = None):
-    """An asyncio Redis client: hiredis parser (if installed), bounded pool, per-call timeout, no retries.
+    """An asyncio Redis client: hiredis parser (if installed), bounded pool, per-call timeout.
 
-    No retries on purpose: a failed call is answered 503 within `timeout_s` and the caller retries; hidden
-    client retries would multiply the time to that answer. The pool reconnects by itself on the next call.
+    Retries: one immediate retry on a connection error only (a pooled connection that the server or a proxy
+    closed while idle must not turn into a 503), none on a timeout — a slow Redis is answered 503 within
+    `timeout_s` and the caller retries; hidden retries would multiply the time to that answer. The pool
+    reconnects by itself on the next call once Redis is back.
     """
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
-    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry,
                   health_check_interval=0, max_connections=pool_size, timeout=timeout_s)
     if ca_certs and url.startswith("rediss://"):
         kwargs["ssl_ca_certs"] = ca_certs

@@ -102,3 +102,10 @@ def test_service_starts_before_redis_and_becomes_ready(make_client, redis_server
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.post("/v1/score", json={"user_id": "x", "candidates": ["i1"]}).status_code == 200
+
+
+def test_connections_closed_by_the_server_while_idle_do_not_cause_503(client, redis_client, users):
+    body = {"user_id": known_user(users), "candidates": ["i1", "i2"]}
+    assert client.post("/v1/score", json=body).status_code == 200
+    redis_client.client_kill_filter(_type="normal", skipme=True)  # drop the service's pooled connections
+    assert client.post("/v1/score", json=body).status_code == 200
