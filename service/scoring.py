@@ -30,7 +30,13 @@ import numpy as np
 from service import metrics
 from service.api.schemas import ScoreRequest
 from service.errors import InvalidField
-from service.feature_store import FeatureStore, FeatureStoreUnavailable, split_history, unpack_embeddings
+from service.feature_store import (
+    FeatureStore,
+    FeatureStoreUnavailable,
+    split_history,
+    unpack_embeddings,
+    unpack_profile,
+)
 from service.registry import ServingModel
 
 log = logging.getLogger(__name__)
@@ -147,8 +153,6 @@ class Scorer:
         }
 
     def _cold_start(self, model: ServingModel, request: ScoreRequest, stored_profile: bytes | None):
-        from service.feature_store import unpack_profile
-
         if request.profile is not None:
             profile, source = request.profile, "request"
         else:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     history_cap: int = Field(200, ge=1, le=10_000)  # clicks kept per user (>= every version's max_history)
 
     # --- models --------------------------------------------------------------------------------------
-    model_repo: Path = Path("runs/model_repo")
+    model_repo: Path = Path("runs/quickstart/model_repo")  # where `udg quickstart` exports
     model_version: str | None = None  # None: the newest version directory in model_repo
     ort_threads: int = Field(1, ge=1, le=256)  # onnxruntime intra-op threads; workers * threads <= cores
     ort_providers: str = "CPUExecutionProvider"  # comma-separated onnxruntime providers, in preference order

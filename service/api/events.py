@@ -15,7 +15,7 @@ import time
 from fastapi import APIRouter, Request
 
 from service import metrics
-from service.api.deps import ServicesDep, json_ok, read_body
+from service.api.deps import Services, ServicesDep, json_ok, read_body
 from service.api.schemas import Event, EventBatch
 from service.errors import InvalidField
 from service.feature_store import Click
@@ -23,7 +23,7 @@ from service.feature_store import Click
 router = APIRouter()
 
 
-async def store_events(services: ServicesDep, events: list[Event]) -> dict:
+async def store_events(services: Services, events: list[Event]) -> dict:
     per_user: dict[str, tuple[list[tuple[int, Click]], dict | None]] = {}
     ignored = 0
     for position, event in enumerate(events):
