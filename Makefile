@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= train,serve,loadtest,dev
 
-.PHONY: install serve-install run test lint clean-venv
+.PHONY: install serve-install run test lint clean-venv loadtest bench-compare
 
 $(BIN)/udg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ run: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Headless load test of a locally started stack (private Redis, small synthetic model, 2 workers); report in
+# results/loadtest/. LOADTEST_ARGS passes more flags, e.g. LOADTEST_ARGS="--run-time 120 --users 32".
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/udg loadtest $(LOADTEST_ARGS)
+
+# Service vs in-process floor/ceiling vs a naive FastAPI+PyTorch baseline at N=500: one table (a few minutes).
+bench-compare: install
+	$(BIN)/udg bench compare --json results/bench_compare.json
 
 lint: install
 	$(BIN)/ruff check .
