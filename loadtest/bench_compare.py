@@ -1,0 +1,377 @@
+"""Side-by-side benchmark at N candidates (default 500), every number measured in one run on this machine:
+
+    udg bench compare [--model-repo REPO --version V --checkpoint CKPT] [--workers 1,2] [--concurrency 1,16]
+    python -m loadtest.bench_compare ...
+
+  (a)  floor:   the in-process onnxruntime call (`Artifact.score`, the service's thread setting), back to back;
+  (a') ceiling: W processes each running that call back to back — the model-only throughput of W workers;
+  (b)  service: `udg serve` with W uvicorn workers, end to end over HTTP on 127.0.0.1 (Redis MGET, cold-start
+                check, id encoding, onnxruntime, JSON response with scores and ranking);
+  (c)  naive:   loadtest/naive_app.py — FastAPI + PyTorch eager per request, one Redis GET per feature (JSON),
+                default thread settings — with W uvicorn workers;
+for W in --workers and concurrency C in --concurrency, and the ratios b/a (latency) and c/b (latency,
+throughput). The load generator is a small asyncio HTTP/1.1 keep-alive client (one connection per concurrent
+client, precomputed request bytes, bounded by --duration and --max-requests) running on the same CPUs.
+
+Without --model-repo, the shipped architecture (PNN+UDG preset) is trained for one epoch on synthetic data into
+--workdir (once; reused later). Redis is a private redis-server on a free 127.0.0.1 port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NAIVE_KEY = "naive:{user_id}:{feature}"  # loadtest/naive_app.py reads these: one JSON string per user and feature
+TARGETS = {"service_vs_naive_rps": 2.0, "service_vs_ceiling_rps": 0.75, "service_p99_vs_floor_p99": 3.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repo", default=None, help="model repository (default: train into --workdir)")
+    parser.add_argument("--version", default="bench", help="version in --model-repo (default bench)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="that version's PyTorch checkpoint, for the naive baseline (needed with --model-repo)")
+    parser.add_argument("--workdir", default="runs/bench_compare")
+    parser.add_argument("--candidates", type=int, default=500, help="N, candidates per request (default 500)")
+    parser.add_argument("--workers", default="1,2", help="uvicorn worker counts (default 1,2)")
+    parser.add_argument("--concurrency", default="1,16", help="concurrent clients (default 1,16)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell (default 8)")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each cell")
+    parser.add_argument("--max-requests", type=int, default=50_000, help="cap per cell")
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per worker (service default 1)")
+    parser.add_argument("--bodies", type=int, default=64, help="distinct (user, candidate list) requests cycled")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--ceiling-worker", default=None, help=argparse.SUPPRESS)
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+def make_inputs(artifact, n: int, count: int, seed: int = 0) -> list[dict]:
+    """`count` requests: a published user with a history and `n` distinct catalogue items each."""
+    import numpy as np
+
+    users = artifact.load_users()
+    items = [t for t in artifact.manifest["vocab"]["items"]["index"] if not t.startswith("<")]
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(users["history_len"] > 0)
+    rows = rows if len(rows) else np.arange(len(users["user_ids"]))
+    rows = rng.choice(rows, size=min(count, len(rows)), replace=False)
+    out = []
+    for row in rows.tolist():
+        chosen = rng.choice(len(items), size=min(n, len(items)), replace=False).tolist()
+        candidates = [items[i] for i in chosen] + [f"bench-extra-{j}" for j in range(max(0, n - len(items)))]
+        out.append({"user_id": str(users["user_ids"][row]), "candidates": candidates, "row": row,
+                    "user_vec": users["user_vec"][row], "udg_vec": users["udg_vec"][row],
+                    "history": artifact.encode_items([str(i) for i in
+                                                      users["history"][row][: users["history_len"][row]]])[0],
+                    "candidate_idx": artifact.encode_items(candidates)[0]})
+    return out
+
+
+def time_model(artifact, inputs: list[dict], duration: float, warmup: float) -> dict:
+    """Back-to-back `Artifact.score` calls cycling over `inputs`: count, seconds, per-call latencies."""
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < warmup:
+        x = inputs[i % len(inputs)]
+        artifact.score(x["user_vec"], x["udg_vec"], x["history"], x["candidate_idx"])
+        i += 1
+    latencies = []
+    begin = time.perf_counter()
+    while True:
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        artifact.score(x["user_vec"], x["udg_vec"], x["history"], x["candidate_idx"])
+        t1 = time.perf_counter()
+        latencies.append(t1 - t0)
+        i += 1
+        if t1 - begin >= duration:
+            break
+    return {"calls": len(latencies), "seconds": time.perf_counter() - begin, "latencies": latencies}
+
+
+def ceiling_worker(args: argparse.Namespace) -> int:
+    """Child of the ceiling measurement: load, say "ready", wait for "go", run, print JSON."""
+    from export.runtime import open_artifact
+
+    artifact = open_artifact(Path(args.ceiling_worker), providers=["CPUExecutionProvider"], threads=args.ort_threads)
+    inputs = make_inputs(artifact, args.candidates, args.bodies)
+    for x in inputs[:4]:
+        artifact.score(x["user_vec"], x["udg_vec"], x["history"], x["candidate_idx"])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    result = time_model(artifact, inputs, args.duration, args.warmup)
+    print(json.dumps({"calls": result["calls"], "seconds": result["seconds"]}), flush=True)
+    return 0
+
+
+def measure_ceiling(version_dir: Path, workers: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-m", "loadtest.bench_compare", "--ceiling-worker", str(version_dir),
+               "--ort-threads", str(args.ort_threads), "--candidates", str(args.candidates), "--bodies",
+               str(args.bodies), "--duration", str(args.duration), "--warmup", str(args.warmup)]
+    from loadtest.stack import ROOT
+
+    children = [subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(workers)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("a ceiling worker failed to start")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = [json.loads(child.stdout.readline()) for child in children]
+    finally:
+        for child in children:
+            child.wait(60)
+    # Each worker ran for its own ~duration; their throughputs add up.
+    return {"rps": sum(r["calls"] / r["seconds"] for r in results), "per_worker": results}
+
+
+# --- the HTTP load generator ------------------------------------------------------------------------------
+def raw_post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _load(port: int, requests: list[bytes], concurrency: int, duration: float, warmup: float,
+                max_requests: int) -> dict:
+    import socket
+
+    loop_start = time.perf_counter()
+    measure_from = loop_start + warmup
+    stop_at = measure_from + duration
+    latencies: list[float] = []
+    errors: list[str] = []
+    last_done = [measure_from]
+
+    async def client(slot: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        i = slot
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at or len(latencies) >= max_requests:
+                    return
+                writer.write(requests[i % len(requests)])
+                i += 1
+                head = await reader.readuntil(b"\r\n\r\n")
+                lower = head.lower()
+                at = lower.find(b"content-length:")
+                if at < 0:
+                    raise RuntimeError("response without Content-Length")
+                length = int(lower[at + 15: lower.find(b"\r\n", at)])
+                body = await reader.readexactly(length)
+                t1 = time.perf_counter()
+                if t0 >= measure_from:
+                    latencies.append(t1 - t0)
+                    last_done[0] = max(last_done[0], t1)
+                    status = int(head[9:12])
+                    if status != 200:
+                        errors.append(f"HTTP {status}: {body[:120]!r}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client(slot) for slot in range(concurrency)))
+    return {"latencies": latencies, "seconds": max(last_done[0] - measure_from, 1e-9), "errors": errors}
+
+
+def run_load(port: int, requests: list[bytes], concurrency: int, duration: float, warmup: float,
+             max_requests: int) -> dict:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        runner = asyncio.run
+    return runner(_load(port, requests, concurrency, duration, warmup, max_requests))
+
+
+def summarise(latencies: list[float], seconds: float, errors: list[str] | None = None) -> dict:
+    import numpy as np
+
+    values = np.asarray(latencies)
+    return {"n": len(values), "rps": len(values) / seconds, "p50_ms": float(np.percentile(values, 50)) * 1e3,
+            "p99_ms": float(np.percentile(values, 99)) * 1e3, "errors": len(errors or []),
+            "error_examples": (errors or [])[:3]}
+
+
+# --- servers ------------------------------------------------------------------------------------------------
+def start_naive(checkpoint: Path, redis_url: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, int]:
+    from loadtest.stack import ROOT, stop, wait_ready
+    from service.local_redis import free_port
+
+    port = free_port()
+    env = {**os.environ, "NAIVE_CHECKPOINT": str(Path(checkpoint).resolve()), "REDIS_URL": redis_url}
+    # uvicorn's defaults (auto loop and HTTP parser, i.e. uvloop + httptools here) except the access log, which
+    # is off as in the service, so that the comparison is not about logging.
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "loadtest.naive_app:app", "--host", "127.0.0.1",
+                                    "--port", str(port), "--workers", str(workers), "--no-access-log",
+                                    "--log-level", "warning"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process, timeout_s=300)
+    except BaseException:
+        stop(process)
+        raise
+    return process, port
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    if args.ceiling_worker:
+        return ceiling_worker(args)
+    from export.runtime import open_artifact
+    from loadtest import stack
+
+    workers_list = [int(x) for x in args.workers.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.model_repo:
+        version_dir = stack.ensure_model(Path(args.model_repo), args.version, workdir)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else None
+        if checkpoint is None and not args.skip_naive:
+            print("--checkpoint is needed with --model-repo for the naive baseline (or --skip-naive)", file=sys.stderr)
+            return 2
+    else:
+        with open(workdir / "setup.log", "ab") as setup_log:
+            version_dir = stack.ensure_model(None, args.version, workdir, small=False, log_file=setup_log)
+        checkpoint = workdir / "checkpoint.pt"
+
+    load = {"before": os.getloadavg()}
+    artifact = open_artifact(version_dir, providers=["CPUExecutionProvider"], threads=args.ort_threads)
+    inputs = make_inputs(artifact, args.candidates, args.bodies)
+    requests = [raw_post("/v1/score", json.dumps({"user_id": x["user_id"], "candidates": x["candidates"]}).encode())
+                for x in inputs]
+    results: dict = {"candidates": args.candidates, "version": str(version_dir), "cpus": os.cpu_count(),
+                     "ort_threads": args.ort_threads, "duration_s": args.duration, "cells": {}, "ceiling": {}}
+    print(f"(a) floor: in-process Artifact.score, {args.ort_threads} thread(s), N={args.candidates}", flush=True)
+    floor = time_model(artifact, inputs, args.duration, args.warmup)
+    results["floor"] = summarise(floor["latencies"], floor["seconds"])
+    del artifact
+
+    redis = stack.start_redis()
+    try:
+        stack.publish_version(version_dir, redis.url)
+        if not args.skip_naive:
+            from service.publish import sync_redis
+
+            client = sync_redis(redis.url)
+            write_naive_features(client, _users_for(version_dir, inputs))
+            client.close()
+        for workers in workers_list:
+            print(f"(a') ceiling: {workers} process(es) running the model back to back", flush=True)
+            results["ceiling"][workers] = measure_ceiling(version_dir, workers, args)
+            systems = [("service", None)] + ([] if args.skip_naive else [("naive", None)])
+            for system, _ in systems:
+                if system == "service":
+                    process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
+                                                        workdir / "service.log")
+                    port = int(base.rsplit(":", 1)[1])
+                else:
+                    process, port = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
+                try:
+                    for c in levels:
+                        print(f"({'b' if system == 'service' else 'c'}) {system}: {workers} worker(s), "
+                              f"concurrency {c}", flush=True)
+                        out = run_load(port, requests, c, args.duration, args.warmup, args.max_requests)
+                        results["cells"].setdefault(f"{workers}/{c}", {})[system] = summarise(
+                            out["latencies"], out["seconds"], out["errors"])
+                finally:
+                    stack.stop(process)
+    finally:
+        redis.cleanup()
+    load["after"] = os.getloadavg()
+    results["load"] = load
+    print()
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    failures = sum(cell[s]["errors"] for cell in results["cells"].values() for s in cell)
+    return 1 if failures else 0
+
+
+def write_naive_features(client, users: dict) -> None:
+    """users.npz rows -> the naive baseline's store: one JSON string per user and feature."""
+    pipe = client.pipeline(transaction=False)
+    for row in range(len(users["user_ids"])):
+        uid, length = str(users["user_ids"][row]), int(users["history_len"][row])
+        history = [str(i) for i in users["history"][row][:length].tolist()]
+        for feature, value in (("user_vec", users["user_vec"][row].tolist()),
+                               ("udg_vec", users["udg_vec"][row].tolist()), ("history", history)):
+            pipe.set(NAIVE_KEY.format(user_id=uid, feature=feature), json.dumps(value))
+    pipe.execute()
+
+
+def _users_for(version_dir: Path, inputs: list[dict]) -> dict:
+    """The users.npz rows of the benchmark's users (the naive store holds only those)."""
+    import numpy as np
+
+    with np.load(Path(version_dir) / "users.npz", allow_pickle=False) as npz:
+        rows = np.asarray([x["row"] for x in inputs])
+        return {k: npz[k][rows] for k in ("user_ids", "user_vec", "udg_vec", "history", "history_len")}
+
+
+def format_table(results: dict) -> str:
+    floor = results["floor"]
+    lines = [f"N = {results['candidates']} candidates; {results['cpus']} CPUs shared by client, servers and Redis; "
+             f"onnxruntime {results['ort_threads']} thread(s) per worker; {results['duration_s']:.0f} s per cell; "
+             f"1-min load average {results['load']['before'][0]:.2f} before, {results['load']['after'][0]:.2f} after.",
+             f"(a) in-process onnxruntime floor: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms, "
+             f"{floor['rps']:,.0f} calls/s (one process, back to back).", "",
+             "| workers | conc | (a') ceiling req/s | (b) service p50 / p99 ms | (b) req/s | (c) naive p50 / p99 ms "
+             "| (c) req/s | b/a p50 | b/a p99 | c/b p50 | b÷c req/s | b÷a' req/s | errors b / c |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, cell in results["cells"].items():
+        workers, c = (int(v) for v in key.split("/"))
+        ceiling = results["ceiling"][workers]["rps"]
+        b, n = cell["service"], cell.get("naive")
+        naive_cells = (f"{n['p50_ms']:.2f} / {n['p99_ms']:.2f}", f"{n['rps']:,.0f}",
+                       f"{n['p50_ms'] / b['p50_ms']:.2f}", f"{b['rps'] / n['rps']:.2f}") if n else ("—",) * 4
+        lines.append(f"| {workers} | {c} | {ceiling:,.0f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {b['rps']:,.0f} | "
+                     f"{naive_cells[0]} | {naive_cells[1]} | {b['p50_ms'] / floor['p50_ms']:.2f} | "
+                     f"{b['p99_ms'] / floor['p99_ms']:.2f} | {naive_cells[2]} | {naive_cells[3]} | "
+                     f"{b['rps'] / ceiling:.2f} | {b['errors']} / {n['errors'] if n else '—'} |")
+    lines += ["", "Targets (2 workers):"]
+    workers = 2 if 2 in results["ceiling"] else max(results["ceiling"])
+    busiest = max((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
+    calmest = min((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
+    if busiest is not None:
+        cell = results["cells"][f"{workers}/{busiest}"]
+        b = cell["service"]
+        checks = []
+        if "naive" in cell:
+            checks.append((f"service req/s >= {TARGETS['service_vs_naive_rps']:g}x naive (conc {busiest})",
+                           b["rps"] / cell["naive"]["rps"], TARGETS["service_vs_naive_rps"], True))
+        checks.append((f"service req/s >= {TARGETS['service_vs_ceiling_rps']:.0%} of the model-only ceiling "
+                       f"(conc {busiest})", b["rps"] / results["ceiling"][workers]["rps"],
+                       TARGETS["service_vs_ceiling_rps"], True))
+        b1 = results["cells"][f"{workers}/{calmest}"]["service"]
+        checks.append((f"service p99 <= {TARGETS['service_p99_vs_floor_p99']:g}x the floor's p99 (conc {calmest})",
+                       b1["p99_ms"] / floor["p99_ms"], TARGETS["service_p99_vs_floor_p99"], False))
+        errors = sum(cell[s]["errors"] for cell in results["cells"].values() for s in cell)
+        for text, value, target, higher in checks:
+            ok = value >= target if higher else value <= target
+            lines.append(f"- {text}: {value:.2f} — {'met' if ok else 'MISSED'}")
+        lines.append(f"- failures: {errors} — {'met' if errors == 0 else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
