@@ -1,0 +1,111 @@
+"""`udg loadtest` end to end (private redis-server, `udg serve`, locust headless, report) against the tiny
+session model, plus the report builder on hand-written locust CSVs and the command's guards.
+
+The end-to-end run takes ~15-30 s on the 2-core project machine (most of it interpreter and locust start-up);
+it is marked `slow` but runs in `make test`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("locust_stats.csv", "locust_stats_history.csv", "report.html", "latency_throughput.png", "summary.md")
+
+
+def udg(*argv: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "udg_cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**_env_without_redis()})
+
+
+def _env_without_redis() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UDG_REDIS_URL")}
+
+
+@pytest.mark.slow
+def test_headless_run_writes_the_report(model_repo, tmp_path):
+    # Not importorskip("locust"): importing locust monkey-patches the standard library with gevent (and hangs
+    # here); it only ever runs in the child.
+    for package in ("locust", "matplotlib"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (the loadtest extra)")
+    out = tmp_path / "loadtest"
+    started = time.monotonic()
+    result = udg("loadtest", "--model-repo", str(model_repo), "--version", "v1", "--run-time", "4", "--users", "2",
+                 "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "**0 failures**" in summary
+    assert "/v1/score known" in summary and "| **all** |" in summary
+    total = [line for line in summary.splitlines() if line.startswith("| **all** |")][0]
+    assert int(total.split("|")[2].replace(",", "")) > 0  # requests were made
+    assert time.monotonic() - started < 90
+
+
+@pytest.mark.slow
+def test_swap_without_admin_api_says_not_available(model_repo, tmp_path):
+    result = udg("loadtest", "--model-repo", str(model_repo), "--version", "v1", "--run-time", "2", "--users", "1",
+                 "--workers", "1", "--out", str(tmp_path / "swap"), "--swap", "v1@1")
+    if result.returncode == 0 or "not available" not in result.stderr:  # the versions issue's admin API exists
+        assert "swap to v1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+        return
+    assert result.returncode == 2
+    assert not (tmp_path / "swap" / "locust_stats.csv").exists()  # refused before any load was sent
+
+
+def test_only_loopback_targets(capsys):
+    from udg_cli import main
+
+    assert main(["loadtest", "--host", "http://192.0.2.10:8000", "--run-time", "1"]) == 2
+    assert "127.0.0.1" in capsys.readouterr().err
+    assert main(["loadtest", "--users", "100000"]) == 2
+    assert main(["loadtest", "--run-time", "0"]) == 2
+
+
+HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+          "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+          "99.99%,100%")
+HISTORY = ("Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,"
+           "100%,Total Request Count,Total Failure Count,Total Median Response Time,Total Average Response Time,"
+           "Total Min Response Time,Total Max Response Time,Total Average Content Size")
+
+
+def test_report_from_locust_csvs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loadtest import report
+
+    (tmp_path / report.STATS_FILE).write_text("\n".join([
+        HEADER,
+        "POST,/v1/score known,900,3,12,14,2,80,5000,90.0,0.3,12,13,14,15,20,30,40,50,70,80,80",
+        "POST,/v1/events,300,0,2,2,1,9,80,30.0,0,2,2,2,2,3,4,5,6,9,9,9",
+        ",Aggregated,1200,3,10,11,1,80,3800,120.0,0.3,10,12,13,14,18,28,38,48,70,80,80"]) + "\n")
+    rows = [HISTORY]
+    for second in range(5):
+        stamp = 1_700_000_000 + second
+        rows.append(f"{stamp},4,POST,/v1/score known,{80 + second},0,12,13,14,15,20,30,40,50,70,80,80,"
+                    f"{100 * second},0,12,14,2,80,5000")
+        rows.append(f"{stamp},4,,Aggregated,{110 + second},0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,"
+                    f"{130 * second},0,10,11,1,80,3800" if second == 0 else
+                    f"{stamp},4,,Aggregated,{110 + second},0.0,10,12,13,14,18,28,38,48,70,80,80,"
+                    f"{130 * second},0,10,11,1,80,3800")
+    (tmp_path / report.HISTORY_FILE).write_text("\n".join(rows) + "\n")
+    (tmp_path / report.SWAPS_FILE).write_text(json.dumps([{"at": 1_700_000_002.5, "version": "v2", "ok": True,
+                                                           "result": "HTTP 200"}]))
+    parsed, plot_file, summary_file = report.build(tmp_path, {"target": "http://127.0.0.1:1"})
+    assert [r.name for r in parsed][-1] == "Aggregated"
+    assert plot_file.read_bytes()[:4] == b"\x89PNG"
+    summary = summary_file.read_text()
+    assert "**120.0 requests/s** over 1,200 requests; **3 failures** (0.25%)" in summary
+    assert "| `POST /v1/score known` | 900 | 3 | 90.0 | 12.0 | 30.0 | 50.0 | 80.0 |" in summary
+    assert "| 2.5 | v2 | HTTP 200 |" in summary
