@@ -78,14 +78,22 @@ def read_history(path: Path) -> tuple[float | None, dict[str, dict[str, list[flo
             start = stamp if start is None else start
             name = row.get("Name", "")
             label = name if name == "Aggregated" else f"{row.get('Type', '')} {name}"
-            entry = series.setdefault(label, {"t": [], "rps": [], "users": [], "failures/s": [],
-                                              **{p: [] for p in PERCENTILES}})
+            entry = series.setdefault(label, {"t": [], "rps": [], "users": [], "failures/s": [], "total": [],
+                                              "failed": [], **{p: [] for p in PERCENTILES}})
             entry["t"].append(stamp - start)
-            entry["rps"].append(_number(row.get("Requests/s")))
-            entry["failures/s"].append(_number(row.get("Failures/s")))
+            entry["total"].append(_number(row.get("Total Request Count")))
+            entry["failed"].append(_number(row.get("Total Failure Count")))
             entry["users"].append(_number(row.get("User Count")))
-            for p in PERCENTILES:
-                entry[p].append(_number(row.get(p)))
+            for p in PERCENTILES:  # 0 / N/A before the first answer: no point rather than a drop to 0
+                value = _number(row.get(p))
+                entry[p].append(value if value > 0 else math.nan)
+    for entry in series.values():
+        # Throughput per sampling interval, from the cumulative counts (locust's own Requests/s column is a
+        # moving average that lags a change by several seconds).
+        for rate, count in (("rps", "total"), ("failures/s", "failed")):
+            values, times = entry[count], entry["t"]
+            entry[rate] = [math.nan] + [(values[i] - values[i - 1]) / (times[i] - times[i - 1])
+                                        if times[i] > times[i - 1] else math.nan for i in range(1, len(values))]
     return start, series
 
 
@@ -128,7 +136,7 @@ def plot(history: dict[str, dict[str, list[float]]], swaps: list[dict], path: Pa
     top.set_yscale("log")
     top.grid(True, which="both", alpha=0.3)
     top.legend(fontsize=7, ncol=2, loc="upper left")
-    bottom.set_ylabel("requests/s")
+    bottom.set_ylabel("requests/s (per interval)")
     bottom.set_xlabel("seconds since the first sample")
     bottom.grid(True, alpha=0.3)
     bottom.legend(fontsize=7, loc="upper left")
