@@ -10,8 +10,11 @@
   (c)  naive:   loadtest/naive_app.py — FastAPI + PyTorch eager per request, one Redis GET per feature (JSON),
                 default thread settings — with W uvicorn workers;
 for W in --workers and concurrency C in --concurrency, and the ratios b/a (latency) and c/b (latency,
-throughput). The load generator is a small asyncio HTTP/1.1 keep-alive client (one connection per concurrent
-client, precomputed request bytes, bounded by --duration and --max-requests) running on the same CPUs.
+throughput). Each cell is measured in --rounds short blocks, round-robin with the other cells of the same W
+(floor, ceiling, service and naive at each C), so that a change in the machine's background load hits all of
+them alike; the servers and the ceiling processes of one W stay up, idle, while the others are measured.
+The load generator is a small asyncio HTTP/1.1 keep-alive client (one connection per concurrent client,
+precomputed request bytes, bounded by --duration and --max-requests) running on the same CPUs.
 
 Without --model-repo, the shipped architecture (PNN+UDG preset) is trained for one epoch on synthetic data into
 --workdir (once; reused later). Redis is a private redis-server on a free 127.0.0.1 port.
@@ -42,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="1,2", help="uvicorn worker counts (default 1,2)")
     parser.add_argument("--concurrency", default="1,16", help="concurrent clients (default 1,16)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell (default 8)")
-    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each cell")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="each cell is measured in this many blocks, round-robin with the others (default 4)")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before a cell's first block")
     parser.add_argument("--max-requests", type=int, default=50_000, help="cap per cell")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per worker (service default 1)")
     parser.add_argument("--bodies", type=int, default=64, help="distinct (user, candidate list) requests cycled")
@@ -97,7 +102,8 @@ def time_model(artifact, inputs: list[dict], duration: float, warmup: float) -> 
 
 
 def ceiling_worker(args: argparse.Namespace) -> int:
-    """Child of the ceiling measurement: load, say "ready", wait for "go", run, print JSON."""
+    """Child of the ceiling measurement: load, say "ready", then per "go SECONDS WARMUP" line run the model back
+    to back and print {"calls", "seconds"} as JSON; "exit" ends it."""
     from export.runtime import open_artifact
 
     artifact = open_artifact(Path(args.ceiling_worker), providers=["CPUExecutionProvider"], threads=args.ort_threads)
@@ -105,33 +111,51 @@ def ceiling_worker(args: argparse.Namespace) -> int:
     for x in inputs[:4]:
         artifact.score(x["user_vec"], x["udg_vec"], x["history"], x["candidate_idx"])
     print("ready", flush=True)
-    sys.stdin.readline()
-    result = time_model(artifact, inputs, args.duration, args.warmup)
-    print(json.dumps({"calls": result["calls"], "seconds": result["seconds"]}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] != "go":
+            break
+        result = time_model(artifact, inputs, float(words[1]), float(words[2]))
+        print(json.dumps({"calls": result["calls"], "seconds": result["seconds"]}), flush=True)
     return 0
 
 
-def measure_ceiling(version_dir: Path, workers: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "loadtest.bench_compare", "--ceiling-worker", str(version_dir),
-               "--ort-threads", str(args.ort_threads), "--candidates", str(args.candidates), "--bodies",
-               str(args.bodies), "--duration", str(args.duration), "--warmup", str(args.warmup)]
-    from loadtest.stack import ROOT
+class Ceiling:
+    """W persistent child processes, each running the in-process model back to back when told to (no HTTP)."""
 
-    children = [subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                for _ in range(workers)]
-    try:
-        for child in children:
+    def __init__(self, version_dir: Path, workers: int, args: argparse.Namespace):
+        from loadtest.stack import ROOT
+
+        command = [sys.executable, "-m", "loadtest.bench_compare", "--ceiling-worker", str(version_dir),
+                   "--ort-threads", str(args.ort_threads), "--candidates", str(args.candidates), "--bodies",
+                   str(args.bodies)]
+        self.children = [subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True) for _ in range(workers)]
+        for child in self.children:
             if child.stdout.readline().strip() != "ready":
+                self.close()
                 raise RuntimeError("a ceiling worker failed to start")
-        for child in children:
-            child.stdin.write("go\n")
+
+    def block(self, seconds: float, warmup: float) -> tuple[int, float]:
+        """Run all workers at once for `seconds`: (calls summed over workers, mean seconds per worker)."""
+        for child in self.children:
+            child.stdin.write(f"go {seconds} {warmup}\n")
             child.stdin.flush()
-        results = [json.loads(child.stdout.readline()) for child in children]
-    finally:
-        for child in children:
-            child.wait(60)
-    # Each worker ran for its own ~duration; their throughputs add up.
-    return {"rps": sum(r["calls"] / r["seconds"] for r in results), "per_worker": results}
+        results = [json.loads(child.stdout.readline()) for child in self.children]
+        return sum(r["calls"] for r in results), sum(r["seconds"] for r in results) / len(results)
+
+    def close(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                try:
+                    child.stdin.write("exit\n")
+                    child.stdin.close()
+                except OSError:
+                    pass
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
 
 
 # --- the HTTP load generator ------------------------------------------------------------------------------
@@ -253,12 +277,11 @@ def run(args: argparse.Namespace) -> int:
     requests = [raw_post("/v1/score", json.dumps({"user_id": x["user_id"], "candidates": x["candidates"]}).encode())
                 for x in inputs]
     results: dict = {"candidates": args.candidates, "version": str(version_dir), "cpus": os.cpu_count(),
-                     "ort_threads": args.ort_threads, "duration_s": args.duration, "cells": {}, "ceiling": {}}
-    print(f"(a) floor: in-process Artifact.score, {args.ort_threads} thread(s), N={args.candidates}", flush=True)
-    floor = time_model(artifact, inputs, args.duration, args.warmup)
-    results["floor"] = summarise(floor["latencies"], floor["seconds"])
-    del artifact
-
+                     "ort_threads": args.ort_threads, "duration_s": args.duration, "rounds": args.rounds,
+                     "cells": {}, "ceiling": {}}
+    block = args.duration / args.rounds
+    floor: dict = {"latencies": [], "seconds": 0.0}
+    systems = ["service"] + ([] if args.skip_naive else ["naive"])
     redis = stack.start_redis()
     try:
         stack.publish_version(version_dir, redis.url)
@@ -269,27 +292,49 @@ def run(args: argparse.Namespace) -> int:
             write_naive_features(client, _users_for(version_dir, inputs))
             client.close()
         for workers in workers_list:
-            print(f"(a') ceiling: {workers} process(es) running the model back to back", flush=True)
-            results["ceiling"][workers] = measure_ceiling(version_dir, workers, args)
-            systems = [("service", None)] + ([] if args.skip_naive else [("naive", None)])
-            for system, _ in systems:
-                if system == "service":
-                    process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
-                                                        workdir / "service.log")
-                    port = int(base.rsplit(":", 1)[1])
-                else:
-                    process, port = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
-                try:
+            print(f"{workers} worker(s): starting the model-only ceiling processes, the service and the naive app",
+                  flush=True)
+            ceiling = Ceiling(version_dir, workers, args)
+            servers: dict = {}
+            try:
+                process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
+                                                    workdir / "service.log")
+                servers["service"] = (process, int(base.rsplit(":", 1)[1]))
+                if not args.skip_naive:
+                    servers["naive"] = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
+                calls = seconds = 0.0
+                samples = {(system, c): {"latencies": [], "seconds": 0.0, "errors": []}
+                           for system in systems for c in levels}
+                # Every measurement in short blocks, round-robin, so that each sees the same background load.
+                for round_ in range(args.rounds):
+                    warm = args.warmup if round_ == 0 else min(args.warmup, 0.3)
+                    print(f"  round {round_ + 1}/{args.rounds}: floor, ceiling, "
+                          + ", ".join(f"{s} at {c}" for c in levels for s in systems), flush=True)
+                    if workers == workers_list[0]:
+                        out = time_model(artifact, inputs, block, warm)
+                        floor["latencies"] += out["latencies"]
+                        floor["seconds"] += out["seconds"]
+                    n, secs = ceiling.block(block, warm)
+                    calls, seconds = calls + n, seconds + secs
                     for c in levels:
-                        print(f"({'b' if system == 'service' else 'c'}) {system}: {workers} worker(s), "
-                              f"concurrency {c}", flush=True)
-                        out = run_load(port, requests, c, args.duration, args.warmup, args.max_requests)
-                        results["cells"].setdefault(f"{workers}/{c}", {})[system] = summarise(
-                            out["latencies"], out["seconds"], out["errors"])
-                finally:
+                        for system in systems:
+                            time.sleep(0.3)  # let idle PyTorch/OpenMP threads stop spinning
+                            out = run_load(servers[system][1], requests, c, block, warm, args.max_requests)
+                            cell = samples[(system, c)]
+                            cell["latencies"] += out["latencies"]
+                            cell["seconds"] += out["seconds"]
+                            cell["errors"] += out["errors"]
+                results["ceiling"][workers] = {"rps": calls / seconds}
+                for (system, c), cell in samples.items():
+                    results["cells"].setdefault(f"{workers}/{c}", {})[system] = summarise(
+                        cell["latencies"], cell["seconds"], cell["errors"])
+            finally:
+                ceiling.close()
+                for process, _ in servers.values():
                     stack.stop(process)
     finally:
         redis.cleanup()
+    results["floor"] = summarise(floor["latencies"], floor["seconds"])
     load["after"] = os.getloadavg()
     results["load"] = load
     print()
@@ -342,8 +387,8 @@ def format_table(results: dict) -> str:
                      f"{naive_cells[0]} | {naive_cells[1]} | {b['p50_ms'] / floor['p50_ms']:.2f} | "
                      f"{b['p99_ms'] / floor['p99_ms']:.2f} | {naive_cells[2]} | {naive_cells[3]} | "
                      f"{b['rps'] / ceiling:.2f} | {b['errors']} / {n['errors'] if n else '—'} |")
-    lines += ["", "Targets (2 workers):"]
     workers = 2 if 2 in results["ceiling"] else max(results["ceiling"])
+    lines += ["", f"Targets ({workers} worker{'s' if workers > 1 else ''}):"]
     busiest = max((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
     calmest = min((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
     if busiest is not None:
