@@ -60,7 +60,7 @@ def admin_swap_route(base: str) -> str | None:
 def swap_version(base: str, route: str, version: str) -> tuple[bool, str]:
     from loadtest.stack import http
 
-    token = os.environ.get("UDG_ADMIN_TOKEN", "")
+    token = os.environ.get("UDG_ADMIN_TOKEN", "")  # cmd_loadtest sets one for a service it starts
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if "{" in route:  # e.g. /v1/admin/versions/{version}/activate
         path, body = route.split("{", 1)[0] + version + route.split("}", 1)[1], b"{}"
@@ -132,8 +132,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                 stack.publish_version(version_dir.parent / version, redis_url)
             print(f"service: udg serve, {args.workers} worker(s) x {args.ort_threads} onnxruntime thread(s)",
                   flush=True)
+            extra_env = {}
+            if args.swap:  # the admin API is disabled without a token: give the service we start a random one
+                import secrets
+
+                os.environ.setdefault("UDG_ADMIN_TOKEN", secrets.token_urlsafe(24))
+                extra_env["UDG_ADMIN_TOKEN"] = os.environ["UDG_ADMIN_TOKEN"]
             server, base = stack.start_service(version_dir, redis_url, args.workers, args.ort_threads,
-                                               out_dir / "service.log")
+                                               out_dir / "service.log", extra_env)
         route = None
         if args.swap:
             route = admin_swap_route(base)
@@ -253,8 +259,10 @@ def register(subparsers) -> None:
     load.add_argument("--workers", type=int, default=2, help="uvicorn workers (default 2)")
     load.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per worker (default 1)")
     load.add_argument("--swap", type=_parse_swap, action="append", default=[], metavar="VERSION@SECONDS",
-                      help="activate VERSION (published from --model-repo) SECONDS into the run through the admin "
-                           "API, marked on the plot; repeatable (needs the versions issue's /v1/admin API)")
+                      help="activate VERSION (from the same model repository; published before the run) SECONDS "
+                           "into the run through the admin API (POST /v1/admin/versions/VERSION/activate, bearer "
+                           "UDG_ADMIN_TOKEN; a service started here gets a random token), marked on the plot; "
+                           "repeatable")
     load.set_defaults(handler=cmd_loadtest)
 
     from loadtest.bench_compare import add_arguments
