@@ -144,6 +144,9 @@ class Ceiling:
         results = [json.loads(child.stdout.readline()) for child in self.children]
         return sum(r["calls"] for r in results), sum(r["seconds"] for r in results) / len(results)
 
+    def cpu(self) -> float:
+        return cpu_seconds([child.pid for child in self.children])
+
     def close(self) -> None:
         for child in self.children:
             if child.poll() is None:
@@ -174,6 +177,7 @@ async def _load(port: int, requests: list[bytes], concurrency: int, duration: fl
     latencies: list[float] = []
     errors: list[str] = []
     last_done = [measure_from]
+    completed = [0]
 
     async def client(slot: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -194,6 +198,7 @@ async def _load(port: int, requests: list[bytes], concurrency: int, duration: fl
                 length = int(lower[at + 15: lower.find(b"\r\n", at)])
                 body = await reader.readexactly(length)
                 t1 = time.perf_counter()
+                completed[0] += 1
                 if t0 >= measure_from:
                     latencies.append(t1 - t0)
                     last_done[0] = max(last_done[0], t1)
@@ -204,7 +209,8 @@ async def _load(port: int, requests: list[bytes], concurrency: int, duration: fl
             writer.close()
 
     await asyncio.gather(*(client(slot) for slot in range(concurrency)))
-    return {"latencies": latencies, "seconds": max(last_done[0] - measure_from, 1e-9), "errors": errors}
+    return {"latencies": latencies, "seconds": max(last_done[0] - measure_from, 1e-9), "errors": errors,
+            "completed": completed[0]}
 
 
 def run_load(port: int, requests: list[bytes], concurrency: int, duration: float, warmup: float,
@@ -225,6 +231,22 @@ def summarise(latencies: list[float], seconds: float, errors: list[str] | None =
     return {"n": len(values), "rps": len(values) / seconds, "p50_ms": float(np.percentile(values, 50)) * 1e3,
             "p99_ms": float(np.percentile(values, 99)) * 1e3, "errors": len(errors or []),
             "error_examples": (errors or [])[:3]}
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds of these processes and all their descendants (psutil comes with locust)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 # --- servers ------------------------------------------------------------------------------------------------
@@ -302,9 +324,10 @@ def run(args: argparse.Namespace) -> int:
                 servers["service"] = (process, int(base.rsplit(":", 1)[1]))
                 if not args.skip_naive:
                     servers["naive"] = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
-                calls = seconds = 0.0
-                samples = {(system, c): {"latencies": [], "seconds": 0.0, "errors": []}
-                           for system in systems for c in levels}
+                calls = seconds = ceiling_cpu = 0.0
+                ceiling_calls = 0
+                samples = {(system, c): {"latencies": [], "seconds": 0.0, "errors": [], "cpu": 0.0,
+                                         "client_cpu": 0.0, "completed": 0} for system in systems for c in levels}
                 # Every measurement in short blocks, round-robin, so that each sees the same background load.
                 for round_ in range(args.rounds):
                     warm = args.warmup if round_ == 0 else min(args.warmup, 0.3)
@@ -314,20 +337,31 @@ def run(args: argparse.Namespace) -> int:
                         out = time_model(artifact, inputs, block, warm)
                         floor["latencies"] += out["latencies"]
                         floor["seconds"] += out["seconds"]
+                    cpu_before = ceiling.cpu()
                     n, secs = ceiling.block(block, warm)
                     calls, seconds = calls + n, seconds + secs
+                    ceiling_cpu += ceiling.cpu() - cpu_before  # warm-up calls included on both sides:
+                    ceiling_calls += n + _warm_calls(n, secs, warm)  # estimated from the measured rate
                     for c in levels:
                         for system in systems:
                             time.sleep(0.3)  # let idle PyTorch/OpenMP threads stop spinning
+                            pids = [servers[system][0].pid, redis.process.pid]
+                            server_before, client_before = cpu_seconds(pids), time.process_time()
                             out = run_load(servers[system][1], requests, c, block, warm, args.max_requests)
                             cell = samples[(system, c)]
+                            cell["cpu"] += cpu_seconds(pids) - server_before
+                            cell["client_cpu"] += time.process_time() - client_before
+                            cell["completed"] += out["completed"]
                             cell["latencies"] += out["latencies"]
                             cell["seconds"] += out["seconds"]
                             cell["errors"] += out["errors"]
-                results["ceiling"][workers] = {"rps": calls / seconds}
+                results["ceiling"][workers] = {"rps": calls / seconds,
+                                               "cpu_ms_per_call": 1e3 * ceiling_cpu / max(ceiling_calls, 1)}
                 for (system, c), cell in samples.items():
-                    results["cells"].setdefault(f"{workers}/{c}", {})[system] = summarise(
-                        cell["latencies"], cell["seconds"], cell["errors"])
+                    entry = summarise(cell["latencies"], cell["seconds"], cell["errors"])
+                    entry["cpu_ms_per_request"] = 1e3 * cell["cpu"] / max(cell["completed"], 1)
+                    entry["client_cpu_ms_per_request"] = 1e3 * cell["client_cpu"] / max(cell["completed"], 1)
+                    results["cells"].setdefault(f"{workers}/{c}", {})[system] = entry
             finally:
                 ceiling.close()
                 for process, _ in servers.values():
@@ -344,6 +378,10 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     failures = sum(cell[s]["errors"] for cell in results["cells"].values() for s in cell)
     return 1 if failures else 0
+
+
+def _warm_calls(measured: int, seconds: float, warmup: float) -> int:
+    return int(round(measured / max(seconds, 1e-9) * warmup))
 
 
 def write_naive_features(client, users: dict) -> None:
@@ -387,6 +425,20 @@ def format_table(results: dict) -> str:
                      f"{naive_cells[0]} | {naive_cells[1]} | {b['p50_ms'] / floor['p50_ms']:.2f} | "
                      f"{b['p99_ms'] / floor['p99_ms']:.2f} | {naive_cells[2]} | {naive_cells[3]} | "
                      f"{b['rps'] / ceiling:.2f} | {b['errors']} / {n['errors'] if n else '—'} |")
+    lines += ["", "CPU per request (ms; user + system, from /proc; independent of how the kernel shared the CPUs):", "",
+              "| workers | conc | (a') model per call | (b) service + Redis | client | (c) naive + Redis | client | "
+              "b ÷ a' CPU | projected b÷a' req/s on idle CPUs |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, cell in results["cells"].items():
+        workers, c = (int(v) for v in key.split("/"))
+        model = results["ceiling"][workers].get("cpu_ms_per_call")
+        b, n = cell["service"], cell.get("naive")
+        if model is None or "cpu_ms_per_request" not in b:
+            continue
+        naive = (f"{n['cpu_ms_per_request']:.2f}", f"{n['client_cpu_ms_per_request']:.2f}") if n else ("—", "—")
+        lines.append(f"| {workers} | {c} | {model:.2f} | {b['cpu_ms_per_request']:.2f} | "
+                     f"{b['client_cpu_ms_per_request']:.2f} | {naive[0]} | {naive[1]} | "
+                     f"{b['cpu_ms_per_request'] / model:.2f} | "
+                     f"{model / (b['cpu_ms_per_request'] + b['client_cpu_ms_per_request']):.2f} |")
     workers = 2 if 2 in results["ceiling"] else max(results["ceiling"])
     lines += ["", f"Targets ({workers} worker{'s' if workers > 1 else ''}):"]
     busiest = max((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
@@ -404,6 +456,17 @@ def format_table(results: dict) -> str:
         b1 = results["cells"][f"{workers}/{calmest}"]["service"]
         checks.append((f"service p99 <= {TARGETS['service_p99_vs_floor_p99']:g}x the floor's p99 (conc {calmest})",
                        b1["p99_ms"] / floor["p99_ms"], TARGETS["service_p99_vs_floor_p99"], False))
+        model_cpu = results["ceiling"][workers].get("cpu_ms_per_call")
+        if model_cpu and "cpu_ms_per_request" in b:
+            # The same targets from CPU per request, which background load does not skew: what the ratios
+            # would be with the CPUs to ourselves (client included, as in the measured run).
+            service_cpu = b["cpu_ms_per_request"] + b["client_cpu_ms_per_request"]
+            if "naive" in cell:
+                naive_cpu = cell["naive"]["cpu_ms_per_request"] + cell["naive"]["client_cpu_ms_per_request"]
+                checks.append((f"CPU-based: service req/s per CPU >= {TARGETS['service_vs_naive_rps']:g}x naive's "
+                               f"(conc {busiest})", naive_cpu / service_cpu, TARGETS["service_vs_naive_rps"], True))
+            checks.append((f"CPU-based: service >= {TARGETS['service_vs_ceiling_rps']:.0%} of the ceiling on idle CPUs "
+                           f"(conc {busiest})", model_cpu / service_cpu, TARGETS["service_vs_ceiling_rps"], True))
         errors = sum(cell[s]["errors"] for cell in results["cells"].values() for s in cell)
         for text, value, target, higher in checks:
             ok = value >= target if higher else value <= target
