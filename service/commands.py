@@ -1,4 +1,4 @@
-"""`udg serve | publish | quickstart` — the serving side of the command line.
+"""`udg serve | publish | quickstart | models | gc` — the serving side of the command line.
 
 Handlers import their dependencies lazily: this module is imported by every `udg` invocation. `serve` and
 `publish` need only the serving install (no torch); `quickstart` trains, so it needs the full install.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 log = logging.getLogger("udg")
 
@@ -81,6 +82,94 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args)
 
 
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> int:
+    """One admin API call with httpx; prints the JSON answer. Exit 0 on 2xx, 1 otherwise."""
+    import json
+
+    import httpx
+
+    token = args.token or os.environ.get("UDG_ADMIN_TOKEN", "")
+    if not token:
+        print("no admin token: pass --token or set UDG_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        reply = httpx.request(method, args.url.rstrip("/") + "/v1/admin" + path, json=body,
+                              headers={"Authorization": f"Bearer {token}"}, timeout=args.timeout)
+    except httpx.HTTPError as error:
+        print(f"{args.url}: {error}", file=sys.stderr)
+        return 1
+    try:
+        answer = reply.json()
+    except ValueError:
+        answer = {"status": reply.status_code, "text": reply.text}
+    if args.command_models == "list" and reply.is_success and not args.json:
+        _print_versions(answer)
+    else:
+        print(json.dumps(answer, indent=1))
+    if not reply.is_success:
+        print(f"HTTP {reply.status_code}: {answer.get('message', '') if isinstance(answer, dict) else ''}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_versions(answer: dict) -> None:
+    routing = answer.get("routing") or {}
+    print(f"routing generation {routing.get('generation')}: active {routing.get('active')}, "
+          f"split {routing.get('split')}, loaded {routing.get('loaded')}")
+    print(f"{'VERSION':<16} {'STATE':<10} {'KIND':<10} {'EXPORTED':<26} REASON")
+    for row in answer.get("versions", []):
+        manifest = row.get("manifest") or {}
+        state = row["state"] + (f" {row['split_weight']:g}%" if row.get("split_weight") else "")
+        print(f"{row['version']:<16} {state:<10} {str(manifest.get('kind')):<10} "
+              f"{str(manifest.get('exported_at')):<26} {row.get('reason') or ''}")
+    for worker in answer.get("workers", []):
+        flag = "in sync" if worker.get("in_sync") else "OUT OF SYNC: " + "; ".join(worker.get("problems", []))
+        print(f"worker {worker['worker']}: generation {worker['generation']}, serves {worker.get('active')}"
+              f"{' split ' + str(worker['split']) if worker.get('split') else ''}, ready {worker['ready']}, {flag}")
+
+
+def _parse_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        version, sep, weight = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: expected VERSION=PERCENT, e.g. v1=90 v2=10")
+        weights[version] = float(weight)
+    return weights
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    action = args.command_models
+    if action == "list":
+        return _admin_call(args, "GET", "/versions")
+    if action == "split":
+        return _admin_call(args, "POST", "/split", {"weights": _parse_weights(args.weights)})
+    if action == "rollback":
+        return _admin_call(args, "POST", "/rollback")
+    return _admin_call(args, "POST", f"/versions/{args.version}/{action}")
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    import json
+
+    from service.control import Conflict, garbage_collect
+    from service.publish import sync_redis
+    from service.settings import Settings
+
+    _apply_overrides(args)
+    settings = Settings()
+    client = sync_redis(settings.redis_url, ca_certs=settings.redis_ca_certs)
+    try:
+        result = garbage_collect(client, settings.key_prefix, dry_run=args.dry_run, min_age_s=args.min_age_s,
+                                 force=args.force)
+    except Conflict as error:
+        print(f"udg gc: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the scoring service (FastAPI on uvicorn; settings from env)")
     serve.add_argument("--model-repo", default=None, help="model repository (env UDG_MODEL_REPO)")
@@ -115,3 +204,29 @@ def register(subparsers) -> None:
     quick.add_argument("--exit-after-demo", action="store_true",
                        help="stop the service (and a private Redis) after printing the example")
     quick.set_defaults(handler=cmd_quickstart)
+
+    models = subparsers.add_parser("models", help="model versions of a running service (admin API)")
+    models.add_argument("--url", default=os.environ.get("UDG_URL", "http://127.0.0.1:8000"),
+                        help="service base URL (env UDG_URL)")
+    models.add_argument("--token", default=None, help="admin bearer token (default: env UDG_ADMIN_TOKEN)")
+    models.add_argument("--timeout", type=float, default=120.0, help="seconds (loading a large version takes time)")
+    actions = models.add_subparsers(dest="command_models", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="versions, states, routing and workers")
+    listing.add_argument("--json", action="store_true", help="the raw JSON answer")
+    for name, text in (("load", "load, verify and warm up VERSION in every worker"),
+                       ("activate", "serve VERSION to every user (loads it first if needed)"),
+                       ("unload", "release VERSION in every worker (refused while it serves)")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("version")
+    split = actions.add_parser("split", help="A/B split by user-id hash: udg models split v1=90 v2=10")
+    split.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
+    actions.add_parser("rollback", help="back to the routing before the last activate/split/rollback")
+    models.set_defaults(handler=cmd_models)
+
+    gc = subparsers.add_parser("gc", help="delete Redis namespaces of versions no worker holds (never the active)")
+    gc.add_argument("--redis-url", default=None, help="env REDIS_URL")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.add_argument("--min-age-s", type=float, default=300.0,
+                    help="keep versions published less than this long ago (not loaded yet)")
+    gc.add_argument("--force", action="store_true", help="run even without a routing document in Redis")
+    gc.set_defaults(handler=cmd_gc)

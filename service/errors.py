@@ -55,6 +55,26 @@ class Unauthorized(ApiError):
     status, kind = 401, "unauthorized"
 
 
+class AdminDisabled(ApiError):
+    status, kind = 403, "admin_disabled"
+
+
+class NotFound(ApiError):
+    status, kind = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, kind = 409, "conflict"
+
+
+class VersionNotLoadedError(ApiError):
+    status, kind = 409, "version_not_loaded"
+
+
+class VersionRefusedError(ApiError):
+    status, kind = 422, "version_refused"
+
+
 def json_response(status: int, body: dict, headers: dict | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 

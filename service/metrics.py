@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002,
                    0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -34,6 +42,35 @@ ERRORS = Counter("udg_errors", "Error responses by kind", ["kind"])
 WRITE_BACK_FAILURES = Counter("udg_write_back_failures", "Cold-start states that could not be written back")
 MODEL_LOADED = Gauge("udg_model_loaded", "1 for the version serving requests", ["model_version"],
                      multiprocess_mode="liveall")
+
+# --- per model version and A/B arm (arm: active | split | pinned) ------------------------------------------
+VERSION_REQUESTS = Counter("udg_version_requests", "Score requests by serving version and arm",
+                           ["model_version", "arm"])
+VERSION_SECONDS = Histogram("udg_version_request_seconds", "Score handler latency by serving version and arm",
+                            ["model_version", "arm"], buckets=LATENCY_BUCKETS)
+VERSION_SCORE = Summary("udg_version_mean_score", "Mean click probability of a request's candidates",
+                        ["model_version", "arm"])
+VERSION_STATE = Gauge("udg_version_state", "1 for the state each version is in, per worker",
+                      ["model_version", "state"], multiprocess_mode="liveall")
+WORKER_IN_SYNC = Gauge("udg_worker_in_sync", "1 when this worker serves the routing stored in Redis",
+                       multiprocess_mode="liveall")
+ROUTING_GENERATION = Gauge("udg_routing_generation", "Generation of the routing document this worker applied",
+                           multiprocess_mode="liveall")
+ROUTING_CHANGES = Counter("udg_routing_changes", "Routing swaps applied (active version or split changed)")
+LOAD_SECONDS = Histogram("udg_version_load_seconds", "Load + verify + warm-up time of a version",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+_VERSION_CHILDREN: dict = {}
+
+
+def observe_version(version: str, arm: str, seconds: float, mean_score: float) -> None:
+    children = _VERSION_CHILDREN.get((version, arm))
+    if children is None:
+        children = (VERSION_REQUESTS.labels(version, arm), VERSION_SECONDS.labels(version, arm),
+                    VERSION_SCORE.labels(version, arm))
+        _VERSION_CHILDREN[(version, arm)] = children
+    children[0].inc()
+    children[1].observe(seconds)
+    children[2].observe(mean_score)
 
 
 def observe_redis(op: str, seconds: float) -> None:

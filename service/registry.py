@@ -1,34 +1,66 @@
-"""Model registry: which loaded version serves a request.
+"""Model registry: the versions this worker holds, and which one serves a request.
 
-The seam for hot swap and A/B splits: `select(user_id)` is the one place that decides the version (today:
-the active one), and `lease(user_id)` holds a reference to that `ServingModel` for the whole request, so a
-swap (`activate`) never changes the model under a request that already started; an in-flight counter per
-version tells when an old version may be released.
+States of a version in this worker: `available` (a directory of the model repository, not loaded), `loading`,
+`ready` (loaded, verified, warmed up), `active` (serving: the active version or an arm of the split),
+`failed` (with the reason; the previous routing keeps serving).
 
-Loading a version (checksums, golden outputs, warm-up) runs in a worker thread, never on the request path.
-Activation refuses a version whose `udg publish` completion marker is missing from Redis, or whose marker
-was written for a different artifact (the sha256 of manifest.json must match).
+Swap semantics (after TF Serving's availability-preserving policy):
+- **Load off the request path.** A version is loaded, verified (sha256 of every file, golden outputs, the
+  `udg publish` marker in Redis matching this manifest) and warmed up on ONE dedicated loader thread, at
+  lowered OS priority; the event loop only awaits it. A failure marks the version `failed` with the reason
+  and changes nothing else.
+- **One atomic reference swap.** What serves is one immutable `Routing` object (active version + split arms);
+  a change builds a new one and assigns `self.routing` once. `lease()` reads it once per request, so a
+  request holds the version it started with until it ends, whatever happens meanwhile.
+- **Release after the last in-flight request.** Every lease counts in `ServingModel.inflight`; a version
+  that is unloaded leaves the routing first, then its sessions are dropped once that count is 0.
+
+A/B split: `bucket(user_id)` is a stable hash (blake2b, not Python's per-process `hash`) into 10,000
+buckets; arms take consecutive bucket ranges in the order given, so every worker sends a user to the same
+arm, and growing the last arm's share (10% -> 20%) moves users only into it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.feature_store import TAG_META, FeatureStore, file_sha256, pack_embeddings
+from service import metrics
+from service.feature_store import TAG_META, FeatureStore, FeatureStoreUnavailable, file_sha256, pack_embeddings
+from service.settings import VERSION_PATTERN
 
 log = logging.getLogger(__name__)
+SPLIT_BUCKETS = 10_000
+STATES = ("available", "loading", "ready", "active", "failed")
+FAILED_RETRY_S = 30.0  # a version that failed here is retried by the follower at most this often
 
 
 class ActivationError(RuntimeError):
     pass
+
+
+class VersionRefused(ActivationError):
+    """A version could not be loaded or verified; `reason` says why. The current routing keeps serving."""
+
+    def __init__(self, version: str, reason: str):
+        super().__init__(f"version {version} refused: {reason}")
+        self.version, self.reason = version, reason
+
+
+class VersionNotLoaded(LookupError):
+    """A request pinned a version this worker does not hold."""
 
 
 class ServingModel:
@@ -36,14 +68,18 @@ class ServingModel:
 
     COLD_CACHE_SIZE = 4096  # profiles are few (ages x genders x occupations): one meta run per distinct profile
 
-    def __init__(self, artifact, manifest_sha256: str):
+    def __init__(self, artifact, manifest_sha256: str, load_seconds: float = 0.0):
         self.artifact = artifact
         self.version: str = artifact.version
         self.user_dim: int = artifact.user_dim
         self.udg_dim: int = artifact.udg_dim
         self.max_history: int = artifact.max_history
         self.manifest_sha256 = manifest_sha256
+        self.load_seconds = load_seconds
+        self.loaded_at = time.time()
         self.inflight = 0
+        self.served = 0
+        self.released = False
         self._cold: OrderedDict[bytes, tuple[np.ndarray, np.ndarray, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -64,88 +100,344 @@ class ServingModel:
                 self._cold.popitem(last=False)
         return value
 
+    def release(self) -> None:
+        """Drop the onnxruntime sessions (only once nothing holds a lease on this version)."""
+        self.released = True
+        self.artifact = None
+        self._cold.clear()
+
+
+def bucket(user_id: str) -> int:
+    """Stable split bucket of a user id in [0, SPLIT_BUCKETS): the same in every process and every run."""
+    digest = hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SPLIT_BUCKETS
+
+
+def split_bounds(weights: dict[str, float]) -> list[tuple[int, str]]:
+    """{version: percent} (in the given order) -> [(exclusive upper bucket, version)], the last one closing."""
+    total = sum(weights.values())
+    bounds, acc = [], 0.0
+    for version, weight in weights.items():
+        acc += weight
+        bounds.append((round(acc / total * SPLIT_BUCKETS), version))
+    if bounds:
+        bounds[-1] = (SPLIT_BUCKETS, bounds[-1][1])
+    return bounds
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What serves, as one immutable object swapped atomically. `generation` is the Redis routing document's."""
+
+    generation: int = 0
+    active: ServingModel | None = None
+    arms: tuple[tuple[int, ServingModel], ...] = ()
+    split: dict | None = None
+
+    def select(self, user_id: str) -> tuple[ServingModel | None, str]:
+        if self.arms:
+            b = bucket(user_id)
+            for upper, model in self.arms:
+                if b < upper:
+                    return model, "split"
+        return self.active, "active"
+
+    def versions(self) -> set[str]:
+        found = {model.version for _, model in self.arms}
+        if self.active is not None:
+            found.add(self.active.version)
+        return found
+
+
+@dataclass
+class Failure:
+    reason: str
+    at: float
+    generation: int
+
 
 def list_versions(repo: Path) -> list[str]:
     """Version directories of a model repository, oldest first (by the manifest's export time, then name)."""
     found = []
     for child in Path(repo).iterdir() if Path(repo).is_dir() else []:
         manifest = child / "manifest.json"
-        if manifest.is_file():
+        if manifest.is_file() and VERSION_PATTERN.match(child.name):
             try:
                 exported = json.loads(manifest.read_text()).get("exported_at", "")
             except ValueError:
-                continue
+                exported = ""
             found.append((exported, child.name))
     return [name for _, name in sorted(found)]
 
 
+def manifest_summary(path: Path) -> dict | None:
+    """The metadata a listing shows (no vocabularies, no golden data)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model = manifest.get("model", {})
+    return {"version": manifest.get("version"), "exported_at": manifest.get("exported_at"),
+            "kind": model.get("kind"), "udg": model.get("udg"), "dims": manifest.get("dims"),
+            "metrics": {k: v for k, v in (manifest.get("metrics") or {}).items() if k in ("valid", "test")},
+            "dataset": (manifest.get("dataset") or {}).get("name"),
+            "files": {name: info.get("bytes") for name, info in (manifest.get("files") or {}).items()}}
+
+
+def _lower_priority() -> None:
+    """Loader thread: lower OS priority, so that loading yields the cores to request handling."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+@dataclass
 class ModelRegistry:
-    def __init__(self, repo: Path, store: FeatureStore, providers: list[str] | None = None, threads: int = 1,
-                 require_marker: bool = True):
-        self.repo = Path(repo)
-        self.store = store
-        self.providers = providers
-        self.threads = threads
-        self.require_marker = require_marker
-        self.loaded: dict[str, ServingModel] = {}
-        self.active: ServingModel | None = None
-        self.last_error: str | None = "no version activated yet"
+    repo: Path
+    store: FeatureStore
+    providers: list[str] | None = None
+    threads: int = 1
+    require_marker: bool = True
+    models: dict[str, ServingModel] = field(default_factory=dict)  # ready in this worker
+    failed: dict[str, Failure] = field(default_factory=dict)
+    routing: Routing = field(default_factory=Routing)
+    wanted: dict | None = None  # the last routing document applied (from Redis)
+    in_sync: bool = True
+    sync_problems: list[str] = field(default_factory=list)
+    last_error: str | None = "no version activated yet"
+
+    def __post_init__(self):
+        self.repo = Path(self.repo)
+        self._loading: dict[str, asyncio.Future] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="udg-loader", initializer=_lower_priority)
+        self._apply_lock: asyncio.Lock | None = None
+        self._releases: set[asyncio.Task] = set()
+
+    @property
+    def active(self) -> ServingModel | None:
+        return self.routing.active
 
     # --- loading (off the request path) -----------------------------------------------------------------
     def load_blocking(self, version: str) -> ServingModel:
-        from export.runtime import open_artifact
+        """Open (sha256 of every file + golden outputs) and warm up; runs on the loader thread."""
+        from export.runtime import ArtifactError, open_artifact
 
         path = self.repo / version
-        artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False)
-        artifact.warmup()
-        return ServingModel(artifact, file_sha256(path / "manifest.json"))
+        if not (path / "manifest.json").is_file():
+            raise VersionRefused(version, f"no version directory {path} (with a manifest.json)")
+        started = time.perf_counter()
+        try:
+            artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False)
+            if artifact.version != version:
+                raise VersionRefused(version, f"its manifest names version {artifact.version!r}")
+            artifact.warmup()
+        except ArtifactError as error:
+            raise VersionRefused(version, str(error)) from None
+        except VersionRefused:
+            raise
+        except Exception as error:  # onnxruntime errors at run time (a graph that loads but cannot run)
+            raise VersionRefused(version, f"{type(error).__name__}: {error}") from None
+        return ServingModel(artifact, file_sha256(path / "manifest.json"), time.perf_counter() - started)
 
-    async def load(self, version: str) -> ServingModel:
-        model = self.loaded.get(version)
-        if model is None:
-            model = await asyncio.to_thread(self.load_blocking, version)
-            self.loaded[version] = model
-        return model
-
-    async def check_marker(self, model: ServingModel) -> None:
+    async def check_marker(self, version: str, manifest_sha256: str | None = None) -> None:
         if not self.require_marker:
             return
-        marker = await self.store.marker(model.version)
+        marker = await self.store.marker(version)
         if marker is None:
-            raise ActivationError(f"version {model.version}: no publish marker in Redis; run "
-                                  f"`udg publish {self.repo / model.version}` first")
-        if marker.get("manifest_sha256") != model.manifest_sha256:
-            raise ActivationError(f"version {model.version}: the state in Redis was published from a different "
-                                  "artifact (manifest sha256 differs); publish this one again")
+            raise VersionRefused(version, f"no publish marker in Redis; run `udg publish {self.repo / version}` "
+                                          "first")
+        if manifest_sha256 is not None and marker.get("manifest_sha256") != manifest_sha256:
+            raise VersionRefused(version, "the state in Redis was published from a different artifact "
+                                          "(manifest sha256 differs); publish this one again")
 
-    async def activate(self, version: str | None = None) -> ServingModel:
-        """Load (if needed), verify the publish marker, then switch with one reference assignment."""
-        if version is None:
-            versions = list_versions(self.repo)
-            if not versions:
-                raise ActivationError(f"no model versions in {self.repo}")
-            version = versions[-1]
-        model = await self.load(version)
-        await self.check_marker(model)
-        self.active = model
-        self.last_error = None
-        log.info("serving model version %s", version)
+    async def ensure_loaded(self, version: str, generation: int = 0) -> ServingModel:
+        """The loaded version, loading it (once, however many callers wait) if needed. Raises VersionRefused."""
+        if not VERSION_PATTERN.match(version):
+            raise VersionRefused(version, "not a valid version name")
+        model = self.models.get(version)
+        if model is not None:
+            return model
+        future = self._loading.get(version)
+        if future is None:
+            future = asyncio.ensure_future(self._load(version, generation))
+            self._loading[version] = future
+            future.add_done_callback(lambda _: self._loading.pop(version, None))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+        return await asyncio.shield(future)
+
+    async def _load(self, version: str, generation: int) -> ServingModel:
+        self._set_state_metric(version, "loading")
+        try:
+            await self.check_marker(version)  # cheap: refuse an unpublished version before the heavy work
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(self._executor, self.load_blocking, version)
+            await self.check_marker(version, model.manifest_sha256)
+        except VersionRefused as error:
+            self.failed[version] = Failure(error.reason, time.monotonic(), generation)
+            self._set_state_metric(version, "failed")
+            log.warning("%s", error)
+            raise
+        except FeatureStoreUnavailable as error:
+            self.failed[version] = Failure(str(error), time.monotonic(), generation)
+            self._set_state_metric(version, "failed")
+            raise VersionRefused(version, str(error)) from None
+        self.failed.pop(version, None)
+        self.models[version] = model
+        metrics.LOAD_SECONDS.observe(model.load_seconds)
+        self._set_state_metric(version, "ready")
+        log.info("version %s loaded, verified and warmed up in %.2f s", version, model.load_seconds)
         return model
+
+    # --- following the routing document -----------------------------------------------------------------
+    def _retry_due(self, version: str, generation: int) -> bool:
+        failure = self.failed.get(version)
+        return failure is None or failure.generation != generation or \
+            time.monotonic() - failure.at > FAILED_RETRY_S
+
+    async def apply(self, doc: dict) -> None:
+        """Make this worker serve the routing document: load what it needs (routing versions first), swap
+        the routing in one assignment, then load the other wanted versions and release the unwanted ones.
+        A version that cannot be loaded here leaves the current routing in place (reported, retried)."""
+        if self._apply_lock is None:
+            self._apply_lock = asyncio.Lock()
+        async with self._apply_lock:
+            generation = int(doc.get("generation", 0))
+            active_v, split = doc.get("active"), doc.get("split") or None
+            routing_versions = ([active_v] if active_v else []) + [v for v in (split or {}) if v != active_v]
+            problems = []
+            for version in routing_versions:
+                if version not in self.models and self._retry_due(version, generation):
+                    with contextlib.suppress(VersionRefused):
+                        await self.ensure_loaded(version, generation)
+            current = self.routing
+            active = self.models.get(active_v) if active_v else None
+            if active is None:
+                active = current.active
+                if active_v:
+                    problems.append(f"cannot serve active version {active_v}: {self._why(active_v)}; "
+                                    f"still serving {active.version if active else 'nothing'}")
+            arms, split_applied = current.arms, current.split
+            if split:
+                missing = [v for v in split if v not in self.models]
+                if missing:
+                    problems.append(f"cannot apply split {split}: " + "; ".join(
+                        f"{v}: {self._why(v)}" for v in missing))
+                else:
+                    arms = tuple((upper, self.models[v]) for upper, v in split_bounds(split))
+                    split_applied = dict(split)
+            else:
+                arms, split_applied = (), None
+            new = Routing(generation, active, arms, split_applied)
+            if (new.active, new.arms) != (current.active, current.arms):
+                metrics.ROUTING_CHANGES.inc()
+                log.info("routing generation %d: active %s, split %s", generation,
+                         active.version if active else None, split_applied)
+            self.routing = new  # the one atomic swap
+            if active is not None:
+                self.last_error = None
+            self.wanted = doc
+            for version in doc.get("loaded") or []:
+                if version not in self.models and self._retry_due(version, generation):
+                    try:
+                        await self.ensure_loaded(version, generation)
+                    except VersionRefused as error:
+                        problems.append(f"cannot load {version}: {error.reason}")
+                elif version in self.failed and version not in self.models:
+                    problems.append(f"cannot load {version}: {self.failed[version].reason}")
+            keep = set(doc.get("loaded") or []) | set(routing_versions) | self.routing.versions()
+            for version in [v for v in self.models if v not in keep]:
+                self._release(self.models.pop(version))
+            self.in_sync, self.sync_problems = not problems, problems
+            self._publish_state_metrics(generation)
+
+    def _why(self, version: str) -> str:
+        failure = self.failed.get(version)
+        if failure is not None:
+            return failure.reason
+        return "loading" if version in self._loading else "not loaded"
+
+    def _release(self, model: ServingModel) -> None:
+        async def release():
+            while model.inflight:
+                await asyncio.sleep(0.005)
+            model.release()
+            self._set_state_metric(model.version, "available")
+            log.info("version %s released (its last in-flight request ended)", model.version)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def drain(self) -> None:
+        while self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- the request path -------------------------------------------------------------------------------
     def select(self, user_id: str) -> ServingModel | None:
-        """Which version serves this user. Today: the active one (an A/B split by user-id hash goes here)."""
-        return self.active
+        """Which version serves this user: a split arm (by user-id hash) or the active one."""
+        return self.routing.select(user_id)[0]
 
     @contextlib.contextmanager
-    def lease(self, user_id: str):
-        """Hold the selected version for the duration of a request (None when nothing is active)."""
-        model = self.select(user_id)
+    def lease(self, user_id: str, pinned: str | None = None):
+        """Hold the version serving this request until it ends: yields (model or None, arm), where arm is
+        'active', 'split' or 'pinned'. A pinned version not held by this worker raises VersionNotLoaded."""
+        if pinned is not None:
+            model, arm = self.models.get(pinned), "pinned"
+            if model is None:
+                raise VersionNotLoaded(f"model_version: version {pinned!r} is not loaded in this worker "
+                                       f"({self._why(pinned)}); load it with POST /v1/admin/versions/{pinned}/load")
+        else:
+            model, arm = self.routing.select(user_id)
         if model is None:
-            yield None
+            yield None, arm
             return
         model.inflight += 1
         try:
-            yield model
+            yield model, arm
         finally:
             model.inflight -= 1
+            model.served += 1
+
+    # --- reporting --------------------------------------------------------------------------------------
+    def state_of(self, version: str) -> tuple[str, str | None]:
+        if version in self.routing.versions():
+            return "active", None
+        if version in self.models:
+            return "ready", None
+        if version in self._loading:
+            return "loading", None
+        if version in self.failed:
+            return "failed", self.failed[version].reason
+        return "available", None
+
+    def describe(self) -> list[dict]:
+        names = list_versions(self.repo)
+        names += [v for v in [*self.models, *self.failed, *self._loading] if v not in names]
+        weights = self.routing.split or {}
+        rows = []
+        for version in names:
+            state, reason = self.state_of(version)
+            model = self.models.get(version)
+            row = {"version": version, "state": state, "reason": reason,
+                   "active": self.active is not None and self.active.version == version,
+                   "split_weight": weights.get(version), "inflight": model.inflight if model else 0,
+                   "served": model.served if model else 0,
+                   "load_seconds": round(model.load_seconds, 3) if model else None,
+                   "manifest": manifest_summary(self.repo / version)}
+            rows.append(row)
+        return rows
+
+    def _set_state_metric(self, version: str, state: str) -> None:
+        for name in STATES:
+            metrics.VERSION_STATE.labels(version, name).set(1 if name == state else 0)
+
+    def _publish_state_metrics(self, generation: int) -> None:
+        for version in {*self.models, *self.failed}:
+            self._set_state_metric(version, self.state_of(version)[0])
+        active = self.active.version if self.active else None
+        for version in {*self.models, *([active] if active else [])}:
+            metrics.MODEL_LOADED.labels(version).set(1 if version == active else 0)
+        metrics.ROUTING_GENERATION.set(generation)
+        metrics.WORKER_IN_SYNC.set(1 if self.in_sync else 0)

@@ -42,11 +42,18 @@ class Settings(BaseSettings):
     require_publish_marker: bool = True  # refuse to activate a version whose per-user state is not complete
     activation_retry_s: float = Field(1.0, gt=0)  # retry period while no version could be activated
 
+    # --- model versions: workers follow the routing document in Redis (service/control.py) --------------
+    control_pubsub: bool = True  # react to change notifications at once (else polling only)
+    control_poll_s: float = Field(1.0, gt=0, le=60)  # re-read the routing document at least this often
+    heartbeat_s: float = Field(5.0, gt=0)  # worker heartbeat period (versions held, generation applied)
+    heartbeat_ttl_s: float = Field(15.0, gt=0)  # a worker silent this long counts as gone (udg gc, admin waits)
+    admin_wait_s: float = Field(10.0, ge=0, le=300)  # admin changes wait this long for every worker to apply
+
     # --- API -----------------------------------------------------------------------------------------
     max_candidates: int = Field(2000, ge=1, le=100_000)
     max_events_per_batch: int = Field(1000, ge=1, le=100_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    admin_token: SecretStr | None = None  # guards admin routes (the admin API lands with hot swap)
+    admin_token: SecretStr | None = None  # bearer token of /v1/admin/*; unset: the admin API is disabled
 
     # --- server --------------------------------------------------------------------------------------
     host: str = "127.0.0.1"

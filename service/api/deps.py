@@ -22,6 +22,7 @@ class Services:
     store: FeatureStore
     registry: ModelRegistry
     scorer: Scorer
+    control: object = None  # service.control.Control (follows the routing document in Redis)
     background: list = field(default_factory=list)
 
 

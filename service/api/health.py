@@ -20,9 +20,18 @@ async def healthz():
 @router.get("/readyz", summary="Readiness: a model version is active and Redis answers")
 async def readyz(services: ServicesDep):
     active = services.registry.active
+    registry = services.registry
     body = {"model_version": active.version if active else None, "redis": "ok", "reasons": []}
     if active is None:
         body["reasons"].append(f"no model version active: {services.registry.last_error}")
+    # A worker that could not follow the routing in Redis keeps serving what it had: still ready (it answers
+    # correctly for its routing), but says so here and in udg_worker_in_sync.
+    wanted = registry.wanted or {}
+    body["routing"] = {"generation": registry.routing.generation, "split": registry.routing.split,
+                       "wanted_active": wanted.get("active"), "wanted_split": wanted.get("split"),
+                       "in_sync": registry.in_sync, "problems": registry.sync_problems,
+                       "failed": {v: f.reason for v, f in registry.failed.items()},
+                       "worker": getattr(services.control, "worker_id", None)}
     try:
         await services.store.ping()
     except FeatureStoreUnavailable as error:

@@ -15,6 +15,7 @@ UserId = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 # Stored item ids (events) may not contain control characters: \x1f separates the stored history.
 StoredItemId = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 CandidateId = Annotated[StrictStr, Field(max_length=256)]
+VersionName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 def _number_token(value: Any, what: str) -> int | float:
@@ -57,6 +58,7 @@ class ScoreRequest(Strict):
     candidates: Annotated[list[CandidateId], Field(min_length=1)]
     profile: Profile | None = None
     top_k: Annotated[StrictInt, Field(ge=1)] | None = None
+    model_version: VersionName | None = None  # pin a loaded version (debugging, offline comparison)
 
 
 class Event(Strict):
@@ -69,3 +71,9 @@ class Event(Strict):
 
 class EventBatch(Strict):
     events: Annotated[list[Event], Field(min_length=1)]
+
+
+class SplitRequest(Strict):
+    """{version: percent}, in arm order (users hash into consecutive ranges in this order); sums to 100."""
+
+    weights: Annotated[dict[VersionName, Annotated[float, Field(gt=0, le=100)]], Field(min_length=1, max_length=16)]

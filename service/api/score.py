@@ -1,4 +1,8 @@
-"""POST /v1/score: {user_id, candidates, profile?, top_k?} -> scores in request order + ranking."""
+"""POST /v1/score: {user_id, candidates, profile?, top_k?, model_version?} -> scores in request order + ranking.
+
+The registry picks the version (split arm by user-id hash, or the active one) unless the request pins one
+(`model_version` in the body, or the `X-Model-Version` header); the request holds that version to the end.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from fastapi import APIRouter, Request
 from service import metrics
 from service.api.deps import ServicesDep, json_ok, read_body
 from service.api.schemas import ScoreRequest
-from service.errors import ServiceUnavailable
+from service.errors import ServiceUnavailable, VersionNotLoadedError
+from service.registry import VersionNotLoaded
 from service.scoring import StageTimer, check_candidates
 
 router = APIRouter()
@@ -29,13 +34,20 @@ async def score(request: Request, services: ServicesDep):
     payload = ScoreRequest.model_validate_json(body)
     check_candidates(payload.candidates, services.settings.max_candidates)
     timer.mark("parse")
-    with services.registry.lease(payload.user_id) as model:
-        if model is None:
-            raise ServiceUnavailable(f"no model version is active ({services.registry.last_error})",
-                                     kind="model_unavailable")
-        result = await services.scorer.score(model, payload, timer)
-        response = json_ok(result)
-        timer.mark("respond")
-        timer.flush()
-        metrics.REQUEST_SECONDS.labels(ROUTE, model.version).observe(time.perf_counter() - started)
+    pinned = payload.model_version or request.headers.get("x-model-version")
+    try:
+        with services.registry.lease(payload.user_id, pinned) as (model, arm):
+            if model is None:
+                raise ServiceUnavailable(f"no model version is active ({services.registry.last_error})",
+                                         kind="model_unavailable")
+            result = await services.scorer.score(model, payload, timer)
+            response = json_ok(result)
+            timer.mark("respond")
+            timer.flush()
+            elapsed = time.perf_counter() - started
+            metrics.REQUEST_SECONDS.labels(ROUTE, model.version).observe(elapsed)
+            scores = result["scores"]
+            metrics.observe_version(model.version, arm, elapsed, float(scores.mean()) if len(scores) else 0.0)
+    except VersionNotLoaded as error:  # raised by lease() only, before anything ran
+        raise VersionNotLoadedError(str(error), field="model_version") from None
     return response

@@ -1,0 +1,302 @@
+"""Workers agree through Redis: the routing document, change notifications, worker heartbeats, and `udg gc`.
+
+Keys (prefix `udg` by default):
+
+    udg:ctl:routing          STRING  the routing document (JSON), the one source of truth of every worker:
+                                     {generation, active, split: {version: percent} | null, loaded: [...],
+                                      history: [{active, split}, ...] (for rollback), updated_at, action}
+    udg:ctl:changed          CHANNEL  a message (the new generation) after every change
+    udg:ctl:worker:<id>      STRING  heartbeat of one worker (JSON: applied generation and when, versions ready
+                                     and failed, what it serves), with a TTL: `udg gc` keeps what any live
+                                     worker holds; admin calls wait on these to report propagation
+
+A change is a compare-and-set (Lua: the document is replaced only if unchanged since it was read; retried
+otherwise) that also publishes on the channel. Every worker subscribes and re-reads the document on each
+message, and polls it every `UDG_CONTROL_POLL_S` (1 s) as the safety net for a lost message or a dropped
+subscription; then it applies the document (`ModelRegistry.apply`) and writes its heartbeat.
+
+The first worker to start with no document in Redis creates it (SET NX) from `UDG_MODEL_VERSION` (default:
+the newest version of the repository); from then on the document wins over the environment, so a restarted
+worker serves what the others serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+import orjson
+
+from service.feature_store import FeatureStoreUnavailable
+from service.registry import ModelRegistry, VersionRefused, list_versions
+
+log = logging.getLogger(__name__)
+HISTORY_KEEP = 20
+
+# KEYS[1] the document. ARGV: expected current value ("" = absent), new value, channel, message.
+CAS = """
+local current = redis.call('GET', KEYS[1])
+if (current or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+
+class ControlKeys:
+    def __init__(self, prefix: str = "udg"):
+        self.prefix = prefix
+        self.routing = f"{prefix}:ctl:routing"
+        self.channel = f"{prefix}:ctl:changed"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:ctl:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:ctl:worker:*"
+
+
+class Conflict(RuntimeError):
+    """An admin request that contradicts the routing (e.g. unloading the active version): 409."""
+
+
+def new_document(active: str) -> dict:
+    return {"generation": 1, "active": active, "split": None, "loaded": [active], "history": [],
+            "updated_at": time.time(), "action": f"bootstrap {active}"}
+
+
+class Control:
+    """One per worker: follows the routing document, writes the heartbeat, performs admin changes."""
+
+    def __init__(self, settings, registry: ModelRegistry, redis):
+        self.settings = settings
+        self.registry = registry
+        self.redis = redis  # the service's asyncio client (short timeouts)
+        self.keys = ControlKeys(settings.key_prefix)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._cas = redis.register_script(CAS)
+        self._last_heartbeat = 0.0
+        self.applied_at = 0.0
+        self.listening = False
+        self.follow_error: str | None = None
+
+    # --- the document -----------------------------------------------------------------------------------
+    async def read_raw(self) -> bytes | None:
+        try:
+            return await self.redis.get(self.keys.routing)
+        except (OSError, TimeoutError) as error:
+            raise FeatureStoreUnavailable(f"Redis GET routing failed: {error}") from error
+        except Exception as error:
+            if type(error).__module__.startswith("redis"):
+                raise FeatureStoreUnavailable(f"Redis GET routing failed: {error}") from error
+            raise
+
+    async def read(self) -> dict | None:
+        raw = await self.read_raw()
+        return orjson.loads(raw) if raw else None
+
+    async def update(self, mutate, action: str) -> dict:
+        """Compare-and-set the document: `mutate(doc)` edits a copy (raising Conflict to refuse)."""
+        for _ in range(50):
+            raw = await self.read_raw()
+            doc = orjson.loads(raw) if raw else None
+            if doc is None:
+                raise Conflict("no routing document in Redis yet (no worker has activated a version)")
+            mutate(doc)
+            doc["generation"] = int(doc["generation"]) + 1
+            doc["updated_at"] = time.time()
+            doc["action"] = action
+            doc["by"] = self.worker_id
+            new = orjson.dumps(doc)
+            if await self._cas(keys=[self.keys.routing], args=[raw or b"", new, self.keys.channel,
+                                                                 str(doc["generation"])]):
+                log.info("routing generation %d: %s", doc["generation"], action)
+                return doc
+            await asyncio.sleep(0.005)
+        raise Conflict("the routing document kept changing; try again")
+
+    # --- following ----------------------------------------------------------------------------------------
+    async def bootstrap(self) -> None:
+        """No document yet: activate the configured (or newest) version here, then create the document."""
+        version = self.settings.model_version
+        if version is None:
+            versions = list_versions(self.registry.repo)
+            if not versions:
+                self.registry.last_error = f"no model versions in {self.registry.repo}"
+                return
+            version = versions[-1]
+        try:
+            await self.registry.ensure_loaded(version)
+        except VersionRefused as error:
+            self.registry.last_error = str(error)
+            return
+        await self.redis.set(self.keys.routing, orjson.dumps(new_document(version)), nx=True)
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Read the document; apply it if it changed (or a failed version is due for a retry); heartbeat."""
+        doc = await self.read()
+        if doc is None:
+            await self.bootstrap()
+            return
+        registry = self.registry
+        wanted = registry.wanted
+        if wanted is None or wanted.get("generation") != doc.get("generation") or not registry.in_sync:
+            await registry.apply(doc)
+            self.applied_at = time.time()
+            await self.heartbeat()
+        elif time.monotonic() - self._last_heartbeat > self.settings.heartbeat_s:
+            await self.heartbeat()
+
+    async def follow(self) -> None:
+        """The follower task: subscribe, sync on every message and every poll period, reconnect on errors."""
+        import redis.asyncio as aredis
+
+        settings = self.settings
+        while True:
+            listener = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+                                             socket_timeout=None, health_check_interval=0,
+                                             **({"ssl_ca_certs": settings.redis_ca_certs}
+                                                if settings.redis_ca_certs and
+                                                settings.redis_url.startswith("rediss://") else {}))
+            pubsub = listener.pubsub(ignore_subscribe_messages=True)
+            try:
+                if settings.control_pubsub:
+                    await pubsub.subscribe(self.keys.channel)
+                    self.listening = True
+                while True:
+                    await self.sync()
+                    self.follow_error = None
+                    wait = settings.control_poll_s if self.registry.active else settings.activation_retry_s
+                    if settings.control_pubsub:
+                        await pubsub.get_message(timeout=wait)
+                    else:
+                        await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Redis down or flaky: keep serving what we have, retry
+                self.follow_error = f"{type(error).__name__}: {error}"
+                if self.registry.active is None:
+                    self.registry.last_error = self.follow_error
+                log.debug("routing follower: %s", self.follow_error)
+                await asyncio.sleep(settings.activation_retry_s)
+            finally:
+                self.listening = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                with contextlib.suppress(Exception):
+                    await listener.aclose()
+
+    # --- heartbeats ---------------------------------------------------------------------------------------
+    def heartbeat_body(self) -> dict:
+        registry = self.registry
+        routing = registry.routing
+        return {"worker": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "generation": routing.generation, "applied_at": self.applied_at,
+                "active": routing.active.version if routing.active else None, "split": routing.split,
+                "ready": sorted(registry.models), "failed": {v: f.reason for v, f in registry.failed.items()},
+                "in_sync": registry.in_sync, "problems": registry.sync_problems, "at": time.time()}
+
+    async def heartbeat(self) -> None:
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self.redis.set(self.keys.worker(self.worker_id), orjson.dumps(self.heartbeat_body()), px=ttl_ms)
+        self._last_heartbeat = time.monotonic()
+
+    async def forget(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.keys.worker(self.worker_id))
+
+    async def workers(self) -> list[dict]:
+        keys = [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)]
+        values = await self.redis.mget(keys) if keys else []
+        return sorted((orjson.loads(v) for v in values if v), key=lambda w: w["worker"])
+
+    async def wait_applied(self, doc: dict, timeout_s: float, check=None) -> dict:
+        """Wait until every live worker's heartbeat reports `doc`'s generation (and `check(worker)` holds);
+        -> {workers, applied, complete, propagation_s (last worker's apply time - the change's time)}."""
+        generation = doc["generation"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = await self.workers()
+            done = [w for w in workers if w["generation"] >= generation and (check is None or check(w))]
+            if len(done) == len(workers) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        applied = [w["applied_at"] for w in done if w["generation"] == generation]
+        problems = {w["worker"]: w["problems"] for w in workers if w.get("problems")}
+        return {"workers": len(workers), "applied": len(done), "complete": len(done) == len(workers),
+                "propagation_s": round(max(applied) - doc["updated_at"], 4) if applied else None,
+                "problems": problems}
+
+
+# --- udg gc (sync client) ----------------------------------------------------------------------------------
+def _published_age_s(marker: dict) -> float | None:
+    try:
+        return time.time() - calendar.timegm(time.strptime(marker["published_at"], "%Y-%m-%dT%H:%M:%SZ"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_s: float = 300.0,
+                    force: bool = False, batch: int = 1000) -> dict:
+    """Delete the Redis namespaces (`e:<version>:*` and the publish marker) of versions that no live worker
+    holds and the routing document does not name (active, split arms, wanted loaded). Versions published less
+    than `min_age_s` ago are kept (a publish that has not been loaded yet). -> {kept, removed, keys}."""
+    keys = ControlKeys(prefix)
+    raw = client.get(keys.routing)
+    if raw is None and not force:
+        raise Conflict("no routing document in Redis: the active version is unknown, nothing removed "
+                       "(start the service first, or pass --force)")
+    doc = orjson.loads(raw) if raw else {}
+    protected: dict[str, str] = {}
+    if doc.get("active"):
+        protected[doc["active"]] = "active"
+    for version in doc.get("split") or {}:
+        protected.setdefault(version, "split arm")
+    for version in doc.get("loaded") or []:
+        protected.setdefault(version, "loaded (routing document)")
+    for key in client.scan_iter(match=keys.worker_pattern, count=1000):
+        value = client.get(key)
+        if value:
+            worker = orjson.loads(value)
+            for version in [*worker.get("ready", []), *([worker["active"]] if worker.get("active") else [])]:
+                protected.setdefault(version, f"loaded by worker {worker['worker']}")
+    versions: dict[str, dict | None] = {}
+    marker_prefix = f"{prefix}:published:"
+    for key in client.scan_iter(match=marker_prefix + "*", count=1000):
+        name = key.decode()[len(marker_prefix):]
+        value = client.get(key)
+        versions[name] = orjson.loads(value) if value else None
+    embed_prefix = f"{prefix}:e:"
+    for key in client.scan_iter(match=embed_prefix + "*", count=10_000):  # namespaces without a marker too
+        name = key.decode()[len(embed_prefix):].split(":{", 1)[0]
+        versions.setdefault(name, None)
+    kept, removed, deleted = {}, [], 0
+    for version, marker in sorted(versions.items()):
+        if version in protected:
+            kept[version] = protected[version]
+            continue
+        age = _published_age_s(marker) if marker else None
+        if age is not None and age < min_age_s:
+            kept[version] = f"published {age:.0f} s ago (< {min_age_s:.0f} s)"
+            continue
+        removed.append(version)
+        if dry_run:
+            continue
+        client.delete(f"{marker_prefix}{version}")  # first: the version can no longer be activated
+        pending = []
+        for key in client.scan_iter(match=f"{embed_prefix}{version}:*", count=10_000):
+            pending.append(key)
+            if len(pending) >= batch:
+                deleted += client.unlink(*pending)
+                pending = []
+        if pending:
+            deleted += client.unlink(*pending)
+    return {"kept": kept, "removed": removed, "keys_deleted": deleted, "dry_run": dry_run}
