@@ -88,15 +88,17 @@ class Control:
         self.follow_error: str | None = None
 
     # --- the document -----------------------------------------------------------------------------------
-    async def read_raw(self) -> bytes | None:
+    async def _call(self, what: str, awaitable):
+        """A Redis call; failures surface as FeatureStoreUnavailable (503 on the admin API)."""
+        from redis.exceptions import RedisError
+
         try:
-            return await self.redis.get(self.keys.routing)
-        except (OSError, TimeoutError) as error:
-            raise FeatureStoreUnavailable(f"Redis GET routing failed: {error}") from error
-        except Exception as error:
-            if type(error).__module__.startswith("redis"):
-                raise FeatureStoreUnavailable(f"Redis GET routing failed: {error}") from error
-            raise
+            return await awaitable
+        except (RedisError, OSError, TimeoutError) as error:
+            raise FeatureStoreUnavailable(f"Redis {what} failed: {type(error).__name__}: {error}") from error
+
+    async def read_raw(self) -> bytes | None:
+        return await self._call("GET routing", self.redis.get(self.keys.routing))
 
     async def read(self) -> dict | None:
         raw = await self.read_raw()
@@ -115,8 +117,8 @@ class Control:
             doc["action"] = action
             doc["by"] = self.worker_id
             new = orjson.dumps(doc)
-            if await self._cas(keys=[self.keys.routing], args=[raw or b"", new, self.keys.channel,
-                                                                 str(doc["generation"])]):
+            if await self._call("routing CAS", self._cas(keys=[self.keys.routing], args=[
+                    raw or b"", new, self.keys.channel, str(doc["generation"])])):
                 log.info("routing generation %d: %s", doc["generation"], action)
                 return doc
             await asyncio.sleep(0.005)
@@ -214,8 +216,11 @@ class Control:
             await self.redis.delete(self.keys.worker(self.worker_id))
 
     async def workers(self) -> list[dict]:
-        keys = [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)]
-        values = await self.redis.mget(keys) if keys else []
+        async def scan():
+            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)]
+
+        keys = await self._call("SCAN workers", scan())
+        values = await self._call("MGET workers", self.redis.mget(keys)) if keys else []
         return sorted((orjson.loads(v) for v in values if v), key=lambda w: w["worker"])
 
     async def wait_applied(self, doc: dict, timeout_s: float, check=None) -> dict:

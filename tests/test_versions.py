@@ -247,8 +247,10 @@ def test_workers_follow_redis_and_a_worker_that_cannot_load_keeps_serving(make_w
     wait_for(lambda: registries["c"].in_sync)
 
 
-def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, published_all, redis_client):
+def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, published_all, redis_client,
+                                                                 redis_server, capsys, monkeypatch):
     from service.control import Conflict, garbage_collect
+    from udg_cli import main as udg
 
     keys = Keys()
     with pytest.raises(Conflict):
@@ -258,6 +260,9 @@ def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, pub
     count = {v: len(list(redis_client.scan_iter(match=keys.version_pattern(v)))) for v in ("v1", "v2", "v3")}
     assert min(count.values()) > 0
 
+    monkeypatch.setenv("REDIS_URL", redis_server.url)  # restored afterwards (the CLI writes it)
+    assert udg(["gc", "--redis-url", redis_server.url, "--dry-run", "--min-age-s", "0"]) == 0
+    assert '"v3"' in capsys.readouterr().out
     dry = garbage_collect(redis_client, min_age_s=0, dry_run=True)
     assert "v3" in dry["removed"] and redis_client.exists(keys.marker("v3"))
     assert garbage_collect(redis_client)["removed"] == []  # just published: kept by the age guard
