@@ -128,7 +128,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                 redis_url = redis.url
                 print(f"redis: private redis-server on 127.0.0.1:{redis.port}", flush=True)
             stack.publish_version(version_dir, redis_url)
-            for version, _ in args.swap:
+            for version in dict.fromkeys(v for v, _ in args.swap if v != version_dir.name):
                 stack.publish_version(version_dir.parent / version, redis_url)
             print(f"service: udg serve, {args.workers} worker(s) x {args.ort_threads} onnxruntime thread(s)",
                   flush=True)

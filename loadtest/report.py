@@ -130,7 +130,7 @@ def plot(history: dict[str, dict[str, list[float]]], swaps: list[dict], path: Pa
         for axis in (top, bottom):
             axis.axvline(swap["t"], color="tab:red", linestyle="-.", linewidth=1)
         top.annotate(f"swap → {swap['version']}" + ("" if swap.get("ok", True) else " (failed)"),
-                     (swap["t"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
+                     (swap["t"], 0.02), xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right",
                      fontsize=8, color="tab:red")
     top.set_ylabel("latency, ms (sliding window)")
     top.set_yscale("log")
@@ -184,7 +184,8 @@ def summary_markdown(rows: list[StatsRow], swaps: list[dict], context: dict | No
     if swaps:
         lines += ["", "## Model-version swaps", "", "| t (s) | version | result |", "|---:|---|---|"]
         for s in swaps:
-            lines.append(f"| {s['t']:.1f} | {s['version']} | {s.get('result', 'ok')} |")
+            result = str(s.get("result", "ok")).replace("|", "\\|")
+            lines.append(f"| {s['t']:.1f} | {s['version']} | {result[:160]} |")
     lines += ["", f"Files: `{STATS_FILE}` (whole run), `{HISTORY_FILE}` (per second), `{FAILURES_FILE}`, "
               f"`report.html` (locust's report), `{PLOT_FILE}`.", ""]
     return "\n".join(lines)

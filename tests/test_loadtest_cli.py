@@ -1,7 +1,7 @@
 """`udg loadtest` end to end (private redis-server, `udg serve`, locust headless, report) against the tiny
 session model, plus the report builder on hand-written locust CSVs and the command's guards.
 
-The end-to-end run takes ~15-30 s on the 2-core project machine (most of it interpreter and locust start-up);
+The end-to-end runs take ~7-10 s each on the 2-core project machine (plus ~30 s for the shared tiny-model fixture);
 it is marked `slow` but runs in `make test`."""
 
 from __future__ import annotations
@@ -54,14 +54,49 @@ def test_headless_run_writes_the_report(model_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_swap_without_admin_api_says_not_available(model_repo, tmp_path):
-    result = udg("loadtest", "--model-repo", str(model_repo), "--version", "v1", "--run-time", "2", "--users", "1",
-                 "--workers", "1", "--out", str(tmp_path / "swap"), "--swap", "v1@1")
-    if result.returncode == 0 or "not available" not in result.stderr:  # the versions issue's admin API exists
-        assert "swap to v1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-        return
-    assert result.returncode == 2
-    assert not (tmp_path / "swap" / "locust_stats.csv").exists()  # refused before any load was sent
+def test_swap_through_the_admin_api(model_repo, tmp_path):
+    """--swap calls POST /v1/admin/versions/V/activate (token made up for the service started here), records the
+    swap and marks it; with one version in the repository it re-activates the serving one."""
+    out = tmp_path / "swap"
+    result = udg("loadtest", "--model-repo", str(model_repo), "--version", "v1", "--run-time", "3", "--users", "1",
+                 "--workers", "1", "--out", str(out), "--swap", "v1@1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    swaps = json.loads((out / "swaps.json").read_text())
+    assert [(s["version"], s["ok"]) for s in swaps] == [("v1", True)], swaps
+    assert "## Model-version swaps" in (out / "summary.md").read_text()
+
+
+def test_swap_route_discovery():
+    """The admin route is found in the service's OpenAPI schema; a service without one gets None ("not available")."""
+    import http.server
+    import threading
+
+    from loadtest.commands import admin_swap_route
+
+    schemas = {"with": {"paths": {"/v1/score": {"post": {}}, "/v1/admin/versions": {"get": {}},
+                                  "/v1/admin/versions/{version}/load": {"post": {}},
+                                  "/v1/admin/versions/{version}/activate": {"post": {}}}},
+               "without": {"paths": {"/v1/score": {"post": {}}}}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            body = json.dumps(schemas[self.path.split("/")[1]]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert admin_swap_route(base + "/with") == "/v1/admin/versions/{version}/activate"
+        assert admin_swap_route(base + "/without") is None
+    finally:
+        server.shutdown()
 
 
 def test_only_loopback_targets(capsys):
