@@ -144,3 +144,51 @@ def test_report_from_locust_csvs(tmp_path):
     assert "**120.0 requests/s** over 1,200 requests; **3 failures** (0.25%)" in summary
     assert "| `POST /v1/score known` | 900 | 3 | 90.0 | 12.0 | 30.0 | 50.0 | 80.0 |" in summary
     assert "| 2.5 | v2 | HTTP 200 |" in summary
+
+
+def test_bench_compare_load_generator_and_table():
+    """The benchmark's HTTP client against a keep-alive HTTP/1.1 server, and the table with its target lines."""
+    import http.server
+    import threading
+
+    from loadtest.bench_compare import format_table, raw_post, run_load, summarise
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"scores": [0.5]}'
+            self.send_response(200 if "fail" not in self.path else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ok = run_load(server.server_port, [raw_post("/v1/score", b'{"user_id": "u"}')], 2, 0.5, 0.1, 50)
+        bad = run_load(server.server_port, [raw_post("/fail", b"{}")], 1, 0.3, 0.0, 5)
+    finally:
+        server.shutdown()
+    assert 0 < len(ok["latencies"]) <= 52 and not ok["errors"] and ok["completed"] >= len(ok["latencies"])
+    assert bad["errors"] and bad["errors"][0].startswith("HTTP 503")
+
+    def cell(p50, p99, rps, cpu):
+        return {**summarise([p50 / 1e3] * 98 + [p99 / 1e3] * 2, 100 / rps), "cpu_ms_per_request": cpu,
+                "client_cpu_ms_per_request": 0.1}
+
+    results = {"candidates": 500, "cpus": 2, "ort_threads": 1, "duration_s": 8, "load": {"before": [1.0],
+               "after": [1.5]}, "floor": summarise([0.0013] * 98 + [0.002] * 2, 0.13),
+               "ceiling": {2: {"rps": 1000.0, "cpu_ms_per_call": 1.3}},
+               "cells": {"2/1": {"service": cell(2.0, 3.0, 400, 2.0), "naive": cell(6.0, 20.0, 100, 7.0)},
+                         "2/16": {"service": cell(20.0, 40.0, 800, 1.6), "naive": cell(90.0, 200.0, 300, 6.5)}}}
+    table = format_table(results)
+    assert "| 2 | 16 | 1,000 | 20.00 / 40.00 | 800 | 90.00 / 200.00 | 300 |" in table
+    assert "- service req/s >= 2x naive (conc 16): 2.67 — met" in table
+    assert "- service req/s >= 75% of the model-only ceiling (conc 16): 0.80 — met" in table
+    assert "- service p99 <= 3x the floor's p99 (conc 1): 1.50 — met" in table
+    assert "CPU-based: service >= 75% of the ceiling on idle CPUs (conc 16): 0.76 — met" in table
