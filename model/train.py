@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 1e-3
     embed_weight_decay: float = 3e-3  # L2 on embedding tables (Adam weight_decay); the rest use weight_decay
+    udg_weight_decay: float | None = None  # L2 on the UDG user table; None: embed_weight_decay
     weight_decay: float = 0.0
     aux_loss_weight: float = 1.0
     patience: int = 3
@@ -72,13 +73,18 @@ def evaluate(model: nn.Module, samples: Samples) -> dict[str, float]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    table_params = {id(t.weight) for t in model.embedding_tables()}
-    tables = [p for p in model.parameters() if id(p) in table_params]
-    rest = [p for p in model.parameters() if id(p) not in table_params]
-    return torch.optim.Adam([
-        {"params": tables, "weight_decay": config.embed_weight_decay},
-        {"params": rest, "weight_decay": config.weight_decay},
-    ], lr=config.lr)
+    udg_table = getattr(model, "udg_emb", None)
+    udg_params = {id(udg_table.weight)} if udg_table is not None else set()
+    table_params = {id(t.weight) for t in model.embedding_tables()} - udg_params
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in table_params], "weight_decay": config.embed_weight_decay},
+        {"params": [p for p in model.parameters() if id(p) not in table_params | udg_params],
+         "weight_decay": config.weight_decay},
+    ]
+    if udg_params:
+        decay = config.embed_weight_decay if config.udg_weight_decay is None else config.udg_weight_decay
+        groups.append({"params": [udg_table.weight], "weight_decay": decay})
+    return torch.optim.Adam(groups, lr=config.lr)
 
 
 @dataclass
