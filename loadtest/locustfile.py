@@ -279,8 +279,9 @@ class Workload:
 
     def candidates(self) -> list[str]:
         items = self.population.items
-        n = self.sizes(self.rng)
-        chosen = self.rng.sample(items, n) if n <= len(items) else [self.rng.choice(items) for _ in range(n)]
+        # The service rejects repeated candidates, so a list never exceeds the catalogue.
+        n = min(self.sizes(self.rng), len(items))
+        chosen = self.rng.sample(items, n)
         if self.config.unknown_item_rate > 0:
             for i in range(n):
                 if self.rng.random() < self.config.unknown_item_rate:
