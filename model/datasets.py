@@ -213,6 +213,9 @@ class SyntheticSpec:
     occupations: int = 8
     personal_weight: float = 1.5  # share of a user's taste not predictable from the profile
     history_weight: float = 3.0  # strength of the user-dependent reaction to the click history
+    history_profile_link: float = 0.7  # 0: seeking/avoiding is purely personal; 1: set by the occupation
+    gated_weight: float = 2.0  # strength of the per-user weighted click function (see make_synthetic)
+    gate_profile_link: float = 0.5  # correlation of a user's weight with their occupation
     seed: int = 0
 
 
@@ -220,10 +223,14 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     """Users with planted, user-dependent preferences.
 
     click logit = taste_u . z_item + quality_item + react_u * sim(z_item, mean z of the user's past clicks)
+                  + scale_u * f(item, past clicks)
 
     `taste_u` mixes a profile-group component (what a cold-start generator can learn) with a personal one;
-    `react_u` (+1 or -1, hidden) makes a user either seek or avoid items like their past clicks, so the
-    right way to use the same behavior feature differs per user — the situation UDG's gates address.
+    `react_u` (+1 or -1, hidden) makes a user either seek or avoid items like their past clicks; `f` is a
+    fixed random one-hidden-layer network over item and behavior features whose output every user weighs
+    with their own hidden `scale_u` (log-normal, partly set by the occupation): the same features matter
+    more or less per user, a multiplicative user-dependence that UDG's gates express directly and an MLP
+    over concatenated features only approximates.
     Generation is vectorised over users, one time step at a time, so millions of users are feasible.
     """
     spec = spec or SyntheticSpec()
@@ -244,10 +251,20 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     taste = age_vec[age] + gender_vec[gender] + occupation_vec[occupation]
     taste += spec.personal_weight * rng.normal(size=(n_u, dim))
     taste *= 1.5 / np.sqrt(dim)
-    # Whether a user seeks or avoids the familiar is mostly set by their occupation (a cold-start generator
-    # can learn it from the profile) and otherwise personal.
-    seeks_share = np.where(occupation % 2 == 0, 0.85, 0.15)
+    # Whether a user seeks or avoids the familiar is partly set by their occupation (a cold-start generator
+    # can learn that part from the profile) and otherwise personal.
+    seeks_share = 0.5 + np.where(occupation % 2 == 0, 0.5, -0.5) * spec.history_profile_link
     react = np.where(rng.random(n_u) < seeks_share, 1.0, -1.0) * spec.history_weight
+
+    # How strongly each user responds to a shared nonlinear function of (item, behavior): a per-user scale
+    # of the function's output, partly set by the profile.
+    features = 3 * dim
+    teacher_in = rng.normal(size=(32, features)) / np.sqrt(features)
+    teacher_out = rng.normal(size=32)
+    occupation_scale = rng.normal(size=spec.occupations)
+    scale_logit = spec.gate_profile_link * occupation_scale[occupation]
+    scale_logit += np.sqrt(1 - spec.gate_profile_link ** 2) * rng.normal(size=n_u)
+    user_scale = np.exp(0.8 * scale_logit)
 
     steps = spec.events_per_user
     items = rng.integers(0, n_i, size=(n_u, steps))
@@ -258,7 +275,10 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
         z_t = z[items[:, t]]
         mean_hist = clicked_sum / np.maximum(clicked_count, 1)[:, None]
         similarity = np.einsum("ud,ud->u", z_t, mean_hist) * (clicked_count > 0)
-        logit = np.einsum("ud,ud->u", taste, z_t) + quality[items[:, t]] + react * similarity - 0.2
+        x = np.concatenate([z_t, mean_hist, z_t * mean_hist * np.sqrt(dim)], axis=1)
+        response = np.maximum(x @ teacher_in.T, 0.0) @ teacher_out
+        gated = spec.gated_weight * user_scale * (response - response.mean()) / (response.std() + 1e-9)
+        logit = np.einsum("ud,ud->u", taste, z_t) + quality[items[:, t]] + react * similarity + gated - 0.2
         clicked = rng.random(n_u) < 1.0 / (1.0 + np.exp(-logit))
         clicks[:, t] = clicked
         clicked_sum[clicked] += z_t[clicked]
