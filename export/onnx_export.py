@@ -23,7 +23,6 @@ Layout of a version directory (read without torch by `export.runtime`):
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.runtime import sha256_file
 from model.datasets import PROFILE_FIELDS
 from model.features import OOV, PAD, FeatureSpace
 from model.meta import MetaGenerator
@@ -178,14 +178,6 @@ def export_meta(graph: MetaGraph, model: nn.Module) -> bytes:
 
 
 # --- the artifact -------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fixed_str(rows: list[list[str]], width: int) -> np.ndarray:
     padded = [list(r[:width]) + [""] * (width - len(r[:width])) for r in rows]
     return np.array(padded, dtype=str).reshape(len(rows), width)

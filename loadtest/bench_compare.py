@@ -162,6 +162,9 @@ class Ceiling:
 
 
 # --- the HTTP load generator ------------------------------------------------------------------------------
+READ_TIMEOUT_S = 30.0
+
+
 def raw_post(path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -190,7 +193,8 @@ async def _load(port: int, requests: list[bytes], concurrency: int, duration: fl
                     return
                 writer.write(requests[i % len(requests)])
                 i += 1
-                head = await reader.readuntil(b"\r\n\r\n")
+                # bounded: a server that stops answering ends the run instead of hanging it
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
                 lower = head.lower()
                 at = lower.find(b"content-length:")
                 if at < 0:

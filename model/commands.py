@@ -41,7 +41,7 @@ def data_spec(args: argparse.Namespace):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="pnn", help="pnn, deepfm, wide_deep, din, dien")
-    group.add_argument("--preset", default=None, help="base, udg, udg-paper, udg-official (see model/experiment.py)")
+    group.add_argument("--preset", default=None, help="base, udg, udg-detach, udg-official (see model/experiment.py)")
     group.add_argument("--udg", action="store_true", help="wrap the base model with UDG (preset 'udg')")
     group.add_argument("--embed-dim", type=int, default=None)
     group.add_argument("--udg-dim", type=int, default=None)
@@ -251,7 +251,7 @@ def register(subparsers) -> None:
     add_data_arguments(report)
     report.add_argument("--models", default="pnn", help="comma-separated model kinds")
     report.add_argument("--variants", default="base,udg,double",
-                        help="base, udg (shipped preset), udg-paper, udg-official, double (2x embedding)")
+                        help="base, udg (shipped preset), udg-detach, udg-official, double (2x embedding)")
     report.add_argument("--seeds", type=int, default=5)
     report.add_argument("--epochs", type=int, default=30)
     report.add_argument("--embed-wd", type=float, default=3e-3)

@@ -14,9 +14,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRICS = ("log_loss", "auc", "rmse", "rig")
-VARIANT_PRESETS = {"base": "base", "udg": "udg", "udg-paper": "udg-paper", "udg-official": "udg-official",
+VARIANT_PRESETS = {"base": "base", "udg": "udg", "udg-detach": "udg-detach", "udg-official": "udg-official",
                    "double": "base"}
-VARIANT_LABELS = {"base": "base", "udg": "+UDG", "udg-paper": "+UDG (paper gates)",
+VARIANT_LABELS = {"base": "base", "udg": "+UDG", "udg-detach": "+UDG (detached 2·sigmoid gates)",
                   "udg-official": "+UDG (official gates)", "double": "2x embedding"}
 
 

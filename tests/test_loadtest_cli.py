@@ -146,34 +146,48 @@ def test_report_from_locust_csvs(tmp_path):
     assert "| 2.5 | v2 | HTTP 200 |" in summary
 
 
+FAKE_SERVER = """
+import http.server
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b'{"scores": [0.5]}'
+        self.send_response(200 if "fail" not in self.path else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
 def test_bench_compare_load_generator_and_table():
     """The benchmark's HTTP client against a keep-alive HTTP/1.1 server, and the table with its target lines."""
-    import http.server
-    import threading
+    import subprocess
+    import sys
 
     from loadtest.bench_compare import format_table, raw_post, run_load, summarise
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):  # noqa: N802 - the http.server API
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"scores": [0.5]}'
-            self.send_response(200 if "fail" not in self.path else 503)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # The fake server runs in its own process: late in a long pytest session a server thread in this process
+    # was seen starved while the load generator's event loop held the main thread.
+    server = subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdout=subprocess.PIPE, text=True)
     try:
-        ok = run_load(server.server_port, [raw_post("/v1/score", b'{"user_id": "u"}')], 2, 0.5, 0.1, 50)
-        bad = run_load(server.server_port, [raw_post("/fail", b"{}")], 1, 0.3, 0.0, 5)
+        port = int(server.stdout.readline())
+        ok = run_load(port, [raw_post("/v1/score", b'{"user_id": "u"}')], 2, 0.5, 0.1, 50)
+        bad = run_load(port, [raw_post("/fail", b"{}")], 1, 0.3, 0.0, 5)
     finally:
-        server.shutdown()
+        server.kill()
+        server.wait()
     assert 0 < len(ok["latencies"]) <= 52 and not ok["errors"] and ok["completed"] >= len(ok["latencies"])
     assert bad["errors"] and bad["errors"][0].startswith("HTTP 503")
 

@@ -25,7 +25,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data):
     config = TrainConfig(epochs=6, patience=2, lr=3e-3)
-    return train_model(data, model_config("pnn", "udg-paper"), config, progress=False)
+    return train_model(data, model_config("pnn", "udg"), config, progress=False)
 
 
 def test_metrics_against_hand_computed_values():

@@ -27,7 +27,7 @@ def batch(data):
 
 def test_gates_fixed_at_one_equal_the_base_model(data, batch):
     seed_everything(0)
-    udg = build_model(model_config("pnn", "udg-paper"), data.space).eval()
+    udg = build_model(model_config("pnn", "udg"), data.space).eval()
     user_vec, udg_vec = udg.user_state(batch["user"], batch["profile"])
     udg.gate_values = lambda *args: [torch.ones(1, d) for d in udg.base.mlp.layer_input_dims[:len(udg.gates)]]
     gated = udg.score(user_vec, udg_vec, batch["history"], batch["item"])
@@ -38,7 +38,7 @@ def test_gates_fixed_at_one_equal_the_base_model(data, batch):
 def test_equation_7_equals_dynamic_weights_of_equations_8_and_9(data, batch):
     """ReLU(W (g ⊙ h) + b) == ReLU(W_uit h + b) with W_uit = W ⊙ [g]_(×d_l)^T, per sample."""
     seed_everything(1)
-    udg = build_model(model_config("pnn", "udg-paper"), data.space).eval()
+    udg = build_model(model_config("pnn", "udg"), data.space).eval()
     user_vec, udg_vec = udg.user_state(batch["user"], batch["profile"])
     h = udg.base.mlp_input(user_vec, batch["history"], batch["item"])
     gates = udg.gate_values(user_vec, udg_vec, batch["history"], batch["item"])
@@ -51,7 +51,7 @@ def test_equation_7_equals_dynamic_weights_of_equations_8_and_9(data, batch):
     assert len(gates) == len(udg.base.mlp.hidden)
 
 
-@pytest.mark.parametrize("preset", ["base", "udg-paper", "udg", "udg-official"])
+@pytest.mark.parametrize("preset", ["base", "udg", "udg-detach", "udg-official"])
 def test_one_user_broadcast_equals_repeated_user(data, batch, preset):
     seed_everything(2)
     model = build_model(model_config("pnn", preset), data.space).eval()
@@ -79,13 +79,13 @@ def test_gate_options_shape_the_network(data):
     assert isinstance(official, UDG)
     assert len(official.gates) == len(official.config.hidden) + 1  # the last hidden output is gated too
     assert official.gates[0].first.candidate is None  # official gates see no item features
-    scaled = build_model(model_config("pnn", "udg"), data.space)
+    scaled = build_model(model_config("pnn", "udg-detach"), data.space)
     assert scaled.config.gate_scale == 2.0 and scaled.config.gate_detach
 
 
 def test_gate_detach_stops_gradients_into_main_tables(data, batch):
     seed_everything(3)
-    model = build_model(model_config("pnn", "udg"), data.space)
+    model = build_model(model_config("pnn", "udg-detach"), data.space)
     model.train()
     user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
     gates = model.gate_values(user_vec, udg_vec, batch["history"], batch["item"])
