@@ -50,7 +50,7 @@ def model_repo(tmp_path_factory) -> Path:
     from model.meta import MetaConfig, train_meta
     from model.train import TrainConfig, save_checkpoint, train_model, user_snapshot
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models; robust when the other core is busy
     root = tmp_path_factory.mktemp("service_model")
     data = prepare(make_synthetic(SyntheticSpec(users=200, items=60, events_per_user=12)), max_history=8,
                    cold_user_frac=0.1)

@@ -50,7 +50,7 @@ class Zoo:
     def get(self, kind: str, udg: bool, meta: bool = True):
         key = (kind, udg, meta)
         if key not in self.cache:
-            torch.set_num_threads(2)
+            torch.set_num_threads(1)  # tiny models; robust when the other core is busy
             config = tiny_config(kind, udg)
             model, metrics = train_model(self.data, config, TrainConfig(epochs=1), progress=False)
             meta_payload = None
