@@ -8,6 +8,7 @@ the service's own request schemas.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("locust")
+# find_spec, not importorskip: importing locust here would monkey-patch this process with gevent.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed (the loadtest extra)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
