@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from loadtest.stack import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 _LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
@@ -132,16 +133,6 @@ def wait_ready(host: str, port: int, path: str, process: subprocess.Popen, timeo
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{path} not ready within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 try:  # module level: FastAPI resolves the string annotations of bare_app's routes here
@@ -325,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in (server, bare):
             if process is not None:
-                stop(process)
+                stop(process, grace_s=20)
         redis.cleanup()
 
     print_report(results)

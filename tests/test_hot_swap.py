@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtest.stack import stop as stop_process
 from service.local_redis import free_port
 from tests import versions_repo
 
@@ -56,15 +56,6 @@ def start_server(repo: Path, redis_url: str) -> tuple[subprocess.Popen, str]:
             assert time.monotonic() < deadline, "not ready within 60 s"
             time.sleep(0.1)
     return server, base
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.send_signal(signal.SIGINT)
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def p99(values) -> float:
@@ -158,7 +149,7 @@ def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, 
             metrics_text = admin.get("/metrics").text
     finally:
         stop.set()
-        stop_server(server)
+        stop_process(server, grace_s=20)
 
     # --- zero non-2xx; every version legitimately serving (or pinned) while the request was in flight ---
     assert len(records) >= 2000, len(records)

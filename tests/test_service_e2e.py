@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loadtest.stack import stop
 from service.local_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +65,4 @@ def test_udg_serve_over_http(published, redis_server, model_repo, artifact, user
                         if line.startswith("udg_request_seconds_count") and "/v1/score" in line)
             assert count >= 5
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, grace_s=20)
