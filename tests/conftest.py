@@ -94,7 +94,8 @@ def make_settings(redis_url: str, model_repo: Path, **overrides):
 
 @pytest.fixture
 def make_client(redis_server, model_repo):
-    """Factory: a TestClient (lifespan run) on a fresh app; waits until a version is active unless told not."""
+    """Factory: a TestClient (lifespan run) on a fresh app over `repo` (default: the tiny model's repository);
+    waits until a version is active unless told not."""
     import time
 
     from fastapi.testclient import TestClient
@@ -103,8 +104,8 @@ def make_client(redis_server, model_repo):
 
     clients = []
 
-    def factory(wait_ready: bool = True, **overrides):
-        client = TestClient(create_app(make_settings(redis_server.url, model_repo, **overrides)),
+    def factory(wait_ready: bool = True, repo=None, **overrides):
+        client = TestClient(create_app(make_settings(redis_server.url, repo or model_repo, **overrides)),
                             raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)

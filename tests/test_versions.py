@@ -13,7 +13,6 @@ import pytest
 
 from service.feature_store import Keys
 from tests import versions_repo
-from tests.conftest import make_settings
 
 TOKEN = "s3cret-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,30 +30,15 @@ def published_all(redis_client, repo):
 
 
 @pytest.fixture
-def make_worker(redis_server):
+def make_worker(make_client):
     """Factory: one in-process 'worker' (a TestClient with its lifespan) on a repository; waits until ready."""
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
-
-    clients = []
 
     def factory(repo, **overrides):
         values = dict(admin_token=TOKEN, control_poll_s=0.5, heartbeat_s=0.5, admin_wait_s=5)
         values.update(overrides)
-        client = TestClient(create_app(make_settings(redis_server.url, repo, **values)),
-                            raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        deadline = time.monotonic() + 30
-        while client.app.state.services.registry.active is None:
-            assert time.monotonic() < deadline, client.app.state.services.registry.last_error
-            time.sleep(0.02)
-        return client
+        return make_client(repo=repo, **values)
 
-    yield factory
-    for client in clients:
-        client.__exit__(None, None, None)
+    return factory
 
 
 def score(client, user="u1", **extra):
