@@ -257,4 +257,6 @@ def register(subparsers) -> None:
     report.add_argument("--embed-wd", type=float, default=3e-3)
     report.add_argument("--threads", type=int, default=2)
     report.add_argument("--out", default="results/report")
+    report.add_argument("--fresh", action="store_true",
+                        help="discard the runs journal of --out instead of reusing its finished runs")
     report.set_defaults(handler=cmd_report)

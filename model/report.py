@@ -27,7 +27,9 @@ def variant_config(kind: str, variant: str):
     return replace(config, embed_dim=config.embed_dim * 2) if variant == "double" else config
 
 
-def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_config) -> list[dict]:
+def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_config,
+             journal: RunJournal | None = None) -> list[dict]:
+    """Train every (model, variant, seed); runs already in the journal are reused, new ones appended to it."""
     import torch  # noqa: F401  (the training stack)
 
     from model.train import train_model
@@ -36,15 +38,52 @@ def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_conf
     for kind in kinds:
         for variant in variants:
             for seed in range(seeds):
+                done = journal.get(kind, variant, seed) if journal else None
+                if done is not None:
+                    rows.append(done)
+                    continue
                 started = time.perf_counter()
                 _, metrics = train_model(data, variant_config(kind, variant), replace(train_config, seed=seed),
                                          progress=False)
-                rows.append({"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
-                             "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
-                             "valid": metrics["valid"], "test": metrics["test"]})
+                row = {"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
+                       "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
+                       "valid": metrics["valid"], "test": metrics["test"]}
+                if journal:
+                    journal.add(row)
+                rows.append(row)
                 log.info("%s/%s seed %d: valid auc %.4f test auc %.4f (%.0f s)", kind, variant, seed,
                          metrics["valid"]["auc"], metrics["test"]["auc"], time.perf_counter() - started)
     return rows
+
+
+class RunJournal:
+    """Finished runs, one JSON line each, so a long grid resumes after an interruption and several processes
+    (say one per model) can share an output folder. A line counts only under the same setup (data, split,
+    training options): change any of them and the runs are redone.
+    """
+
+    def __init__(self, path: Path, setup: dict):
+        self.path = path
+        self.setup = json.loads(json.dumps(setup, default=float))
+        self.rows: dict[tuple, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
+                if entry.get("setup") == self.setup:
+                    row = entry["row"]
+                    self.rows[(row["model"], row["variant"], row["seed"])] = row
+
+    def get(self, kind: str, variant: str, seed: int) -> dict | None:
+        return self.rows.get((kind, variant, seed))
+
+    def add(self, row: dict) -> None:
+        self.rows[(row["model"], row["variant"], row["seed"])] = row
+        # One short append per run: lines from concurrent processes do not interleave.
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"setup": self.setup, "row": row}, default=float) + "\n")
 
 
 def _mean_std(values) -> str:
@@ -149,7 +188,12 @@ def run_report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
-    rows = run_grid(data, kinds, variants, args.seeds, train_config)
+    journal_path = out / "runs.jsonl"
+    if args.fresh and journal_path.exists():
+        journal_path.unlink()
+    setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
+    journal = RunJournal(journal_path, setup)
+    rows = run_grid(data, kinds, variants, args.seeds, train_config, journal)
     summary = summarise(rows)
     title = f"{data.raw.name}: {', '.join(kinds)}"
     (out / "runs.json").write_text(json.dumps({"data": spec.to_json(), "rows": rows}, indent=1, default=float))

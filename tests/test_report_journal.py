@@ -1,0 +1,36 @@
+"""`udg report`'s run journal: finished runs are reused under the same setup, redone under another."""
+
+from model.report import RunJournal, summarise
+
+
+def _row(model: str, variant: str, seed: int, auc: float) -> dict:
+    metrics = {"log_loss": 0.5, "auc": auc, "rmse": 0.4, "rig": 0.1}
+    return {"model": model, "variant": variant, "seed": seed, "parameters": 10, "seconds_per_epoch": 1.0,
+            "best_epoch": 1, "valid": metrics, "test": metrics}
+
+
+def test_journal_reuses_runs_of_the_same_setup_only(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    setup = {"data": {"name": "synthetic"}, "epochs": 3, "embed_wd": 0.003}
+    first = RunJournal(path, setup)
+    first.add(_row("pnn", "base", 0, 0.80))
+    first.add(_row("pnn", "udg", 0, 0.81))
+    # A second process appends to the same file; a killed run leaves a cut line behind.
+    RunJournal(path, setup).add(_row("din", "base", 0, 0.79))
+    with path.open("a") as handle:
+        handle.write('{"setup": {"data"')
+
+    reopened = RunJournal(path, setup)
+    assert reopened.get("pnn", "udg", 0)["test"]["auc"] == 0.81
+    assert reopened.get("din", "base", 0)["test"]["auc"] == 0.79
+    assert reopened.get("pnn", "udg", 1) is None
+    assert RunJournal(path, {**setup, "epochs": 4}).get("pnn", "base", 0) is None
+
+
+def test_summary_pairs_gains_by_seed():
+    rows = [_row("pnn", "base", 0, 0.80), _row("pnn", "base", 1, 0.70),
+            _row("pnn", "udg", 0, 0.81), _row("pnn", "udg", 1, 0.73)]
+    by_variant = {line["variant"]: line for line in summarise(rows)}
+    mean, std = by_variant["udg"]["test_auc_gain"]
+    assert abs(mean - 0.02) < 1e-9 and abs(std - 0.014142135) < 1e-6
+    assert by_variant["udg"]["test_auc"][0] == 0.77
