@@ -204,33 +204,32 @@ def load_movielens(path: str | Path | None = None) -> RawDataset:
 class SyntheticSpec:
     """Sizes and strength of the planted structure of a synthetic data set."""
 
-    users: int = 2000
+    users: int = 1000
     items: int = 500
     categories: int = 12
-    events_per_user: int = 60
+    events_per_user: int = 100  # 1,000 x 100: as many events as MovieLens-100K
     latent_dim: int = 8
     ages: int = 5
     occupations: int = 8
     personal_weight: float = 1.5  # share of a user's taste not predictable from the profile
-    history_weight: float = 3.0  # strength of the user-dependent reaction to the click history
-    history_profile_link: float = 0.7  # 0: seeking/avoiding is purely personal; 1: set by the occupation
-    gated_weight: float = 2.0  # strength of the per-user weighted click function (see make_synthetic)
-    gate_profile_link: float = 0.5  # correlation of a user's weight with their occupation
+    history_weight: float = 2.5  # pull towards items like the user's past clicks
+    decisiveness_spread: float = 1.2  # std of log decisiveness across users (0: everyone alike)
+    decisiveness_profile_link: float = 0.3  # correlation of log decisiveness with the occupation
     seed: int = 0
 
 
 def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     """Users with planted, user-dependent preferences.
 
-    click logit = taste_u . z_item + quality_item + react_u * sim(z_item, mean z of the user's past clicks)
-                  + scale_u * f(item, past clicks)
+    click logit = decisiveness_u * (taste_u . z_item + quality_item + w * sim(z_item, mean z of past clicks)
+                                    - 0.2)
 
-    `taste_u` mixes a profile-group component (what a cold-start generator can learn) with a personal one;
-    `react_u` (+1 or -1, hidden) makes a user either seek or avoid items like their past clicks; `f` is a
-    fixed random one-hidden-layer network over item and behavior features whose output every user weighs
-    with their own hidden `scale_u` (log-normal, partly set by the occupation): the same features matter
-    more or less per user, a multiplicative user-dependence that UDG's gates express directly and an MLP
-    over concatenated features only approximates.
+    `taste_u` mixes a profile-group component (what a cold-start generator can learn) with a personal one.
+    `decisiveness_u` (log-normal, partly set by the occupation) is how strictly a user follows the shared
+    preference function: some click almost at random, others almost deterministically. It scales every
+    feature's effect, including the nonlinear history term, per user: a multiplicative user-dependence that
+    UDG's gates express directly (they scale the MLP's inputs per user) and that an MLP fed the user embedding
+    as one more input has to approximate (README, "Results", synthetic).
     Generation is vectorised over users, one time step at a time, so millions of users are feasible.
     """
     spec = spec or SyntheticSpec()
@@ -251,20 +250,10 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     taste = age_vec[age] + gender_vec[gender] + occupation_vec[occupation]
     taste += spec.personal_weight * rng.normal(size=(n_u, dim))
     taste *= 1.5 / np.sqrt(dim)
-    # Whether a user seeks or avoids the familiar is partly set by their occupation (a cold-start generator
-    # can learn that part from the profile) and otherwise personal.
-    seeks_share = 0.5 + np.where(occupation % 2 == 0, 0.5, -0.5) * spec.history_profile_link
-    react = np.where(rng.random(n_u) < seeks_share, 1.0, -1.0) * spec.history_weight
-
-    # How strongly each user responds to a shared nonlinear function of (item, behavior): a per-user scale
-    # of the function's output, partly set by the profile.
-    features = 3 * dim
-    teacher_in = rng.normal(size=(32, features)) / np.sqrt(features)
-    teacher_out = rng.normal(size=32)
-    occupation_scale = rng.normal(size=spec.occupations)
-    scale_logit = spec.gate_profile_link * occupation_scale[occupation]
-    scale_logit += np.sqrt(1 - spec.gate_profile_link ** 2) * rng.normal(size=n_u)
-    user_scale = np.exp(0.8 * scale_logit)
+    link = spec.decisiveness_profile_link
+    occupation_decisiveness = rng.normal(size=spec.occupations)
+    log_decisiveness = link * occupation_decisiveness[occupation] + np.sqrt(1 - link ** 2) * rng.normal(size=n_u)
+    decisiveness = np.exp(spec.decisiveness_spread * log_decisiveness)
 
     steps = spec.events_per_user
     items = rng.integers(0, n_i, size=(n_u, steps))
@@ -275,10 +264,8 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
         z_t = z[items[:, t]]
         mean_hist = clicked_sum / np.maximum(clicked_count, 1)[:, None]
         similarity = np.einsum("ud,ud->u", z_t, mean_hist) * (clicked_count > 0)
-        x = np.concatenate([z_t, mean_hist, z_t * mean_hist * np.sqrt(dim)], axis=1)
-        response = np.maximum(x @ teacher_in.T, 0.0) @ teacher_out
-        gated = spec.gated_weight * user_scale * (response - response.mean()) / (response.std() + 1e-9)
-        logit = np.einsum("ud,ud->u", taste, z_t) + quality[items[:, t]] + react * similarity + gated - 0.2
+        preference = np.einsum("ud,ud->u", taste, z_t) + quality[items[:, t]] + spec.history_weight * similarity
+        logit = decisiveness * (preference - 0.2)
         clicked = rng.random(n_u) < 1.0 / (1.0 + np.exp(-logit))
         clicks[:, t] = clicked
         clicked_sum[clicked] += z_t[clicked]

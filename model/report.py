@@ -35,9 +35,10 @@ def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_conf
     from model.train import train_model
 
     rows = []
-    for kind in kinds:
-        for variant in variants:
-            for seed in range(seeds):
+    # Seed-major: a grid stopped part-way leaves complete, paired seeds for every (model, variant).
+    for seed in range(seeds):
+        for kind in kinds:
+            for variant in variants:
                 done = journal.get(kind, variant, seed) if journal else None
                 if done is not None:
                     rows.append(done)

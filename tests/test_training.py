@@ -18,7 +18,8 @@ from model.train import TrainConfig, load_checkpoint, predict, save_checkpoint, 
 @pytest.fixture(scope="module")
 def data():
     torch.set_num_threads(1)  # robust when the other core is busy (CI neighbours)
-    spec = SyntheticSpec(users=800, items=120, events_per_user=30, seed=1)
+    # Decisiveness mostly set by the occupation: the part of the UDG embedding a profile can predict.
+    spec = SyntheticSpec(users=1500, items=120, events_per_user=40, decisiveness_profile_link=0.9, seed=1)
     return prepare(make_synthetic(spec), max_history=20, cold_user_frac=0.25)
 
 
