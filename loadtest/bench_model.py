@@ -1,6 +1,7 @@
 """Scoring-graph micro-benchmark: onnxruntime vs PyTorch eager, one user and N candidates per call.
 
     .venv/bin/python -m loadtest.bench_model [CHECKPOINT] [--sizes 1,100,500,1000,5000] [--threads 1,2]
+    .venv/bin/python -m loadtest.bench_model --kinds all [--sizes 100,1000] [--threads 1,2]
     udg bench model [CHECKPOINT]
 
 Prints, in one run (so the numbers are comparable):
@@ -12,7 +13,13 @@ Prints, in one run (so the numbers are comparable):
      (every user-side layer, incl. the user halves of the split first gate/MLP layers, run per candidate);
   4. quantised variants (onnxruntime dynamic int8; fp16 where the converter is installed): speed-up and
      validation AUC next to the fp32 graph's.
-Without CHECKPOINT a tiny UDG-PNN is trained on synthetic data first. Not a test: it only prints tables.
+Without CHECKPOINT a tiny UDG-PNN is trained on synthetic data first.
+
+With --kinds (a comma list of model kinds, or "all"), a per-kind table: for each kind a tiny +UDG model
+(model_config(kind, "udg"), trained as the default tiny model is; DIEN for one epoch only) is exported to
+ONNX and timed, ORT vs PyTorch eager, at each N of --sizes (default there 100,1000) and each thread count.
+--kinds without CHECKPOINT prints only that table; with one, sections 1-4 for the checkpoint come first.
+Not a test: it only prints tables.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("bench_model")
+
+DEFAULT_SIZES = "1,100,500,1000,5000"
+KIND_SIZES = "100,1000"  # the per-kind section's default --sizes
+ALL_KINDS = ("pnn", "deepfm", "wide_deep", "din", "dien")
+TINY_SYNTHETIC = {"users": 1000, "items": 300, "events_per_user": 30}
+TINY_EPOCHS = {"dien": 1}  # default 3; DIEN's GRU + AUGRU over the history dominate CPU training time
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -115,6 +128,25 @@ def quantized_variants(blob: bytes, workdir: Path) -> dict[str, bytes]:
     return out
 
 
+def tiny_data_spec(**overrides):
+    """The synthetic data the tiny benchmark models are trained on (DataSpec; overrides for its fields)."""
+    from model.experiment import DataSpec
+
+    return DataSpec(**{"name": "synthetic", "synthetic": dict(TINY_SYNTHETIC), **overrides})
+
+
+def train_tiny(kind: str, data, epochs: int | None = None):
+    """(model in eval mode, payload): a +UDG model of `kind` (model_config(kind, "udg")) fitted on `data`."""
+    from model.experiment import model_config
+    from model.train import TrainConfig, train_model
+
+    config = model_config(kind, "udg")
+    epochs = epochs if epochs is not None else TINY_EPOCHS.get(kind, 3)
+    model, metrics = train_model(data, config, TrainConfig(epochs=epochs), progress=False)
+    payload = {"model_config_obj": config, "space_obj": data.space, "metrics": metrics}
+    return model.eval(), payload
+
+
 def load_or_train(checkpoint: str | None):
     """(model, payload, validation Samples or None)."""
     import torch
@@ -133,16 +165,63 @@ def load_or_train(checkpoint: str | None):
             except Exception as error:  # data not cached here: skip the AUC columns
                 log.warning("validation data unavailable (%s): AUC columns skipped", error)
         return model, payload, valid
-    from model.experiment import model_config
-    from model.train import TrainConfig, train_model
-
     torch.set_num_threads(2)
-    spec = DataSpec(name="synthetic", synthetic={"users": 1000, "items": 300, "events_per_user": 30})
-    data = spec.load()
-    config = model_config("pnn", "udg")
-    model, metrics = train_model(data, config, TrainConfig(epochs=3), progress=False)
-    payload = {"model_config_obj": config, "space_obj": data.space, "metrics": metrics}
-    return model.eval(), payload, data.splits["valid"]
+    data = tiny_data_spec().load()
+    model, payload = train_tiny("pnn", data)
+    return model, payload, data.splits["valid"]
+
+
+class Requests:
+    """One user (id 2, profile [2, 2, 2]), one random full-length history and N random candidates per call:
+    the scoring graph's torch arguments, its onnxruntime feeds, and the PyTorch eager call."""
+
+    def __init__(self, model, space, seed: int = 0):
+        import torch
+
+        from export.onnx_export import scorer_io
+        from model.udg import UDG
+
+        self.model = model
+        self.udg = isinstance(model, UDG)
+        self.names, _ = scorer_io(model)
+        self.rng = np.random.default_rng(seed)
+        self.n_items = len(space.items)
+        with torch.inference_mode():
+            self.user_vec, self.udg_vec = model.user_state(torch.tensor([2]), torch.tensor([[2, 2, 2]]))
+        self.history = torch.as_tensor(self.rng.integers(2, self.n_items, size=(1, space.max_history)),
+                                       dtype=torch.long)
+
+    def torch_args(self, n: int) -> tuple:
+        import torch
+
+        candidates = torch.as_tensor(self.rng.integers(2, self.n_items, size=n), dtype=torch.long)
+        if self.udg:
+            return self.user_vec, self.udg_vec, self.history, candidates
+        return self.user_vec, self.history, candidates
+
+    def feeds(self, targs: tuple) -> dict:
+        return {name: t.numpy() for name, t in zip(self.names, targs, strict=True)}
+
+    def eager(self, targs: tuple):
+        import torch
+
+        return torch.sigmoid(self.model.score(targs[0], targs[1] if self.udg else None, targs[-2], targs[-1]))
+
+
+def calls_for(n: int, repeats: int) -> int:
+    return max(20, repeats if n <= 1000 else repeats // 4)
+
+
+def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int) -> dict[str, list[float]]:
+    """{"torch": per-call seconds of PyTorch eager, name: ... of each onnxruntime session} on one request."""
+    import torch
+
+    with torch.inference_mode():
+        out = {"torch": time_calls(lambda: requests.eager(targs), calls)}
+    feeds = requests.feeds(targs)
+    for name, session in sessions.items():
+        out[name] = time_calls(lambda session=session: session.run(None, feeds), calls)
+    return out
 
 
 def validation_auc(run_row, model, valid, udg: bool) -> float:
@@ -165,28 +244,61 @@ def validation_auc(run_row, model, valid, udg: bool) -> float:
     return auc(valid.label, scores)
 
 
+def parse_kinds(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(ALL_KINDS)
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"--kinds: unknown {unknown or text!r}; choose from {', '.join(ALL_KINDS)} or 'all'")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default=None)
-    parser.add_argument("--sizes", default="1,100,500,1000,5000")
+    parser.add_argument("--sizes", default=None,
+                        help=f"candidates per call (default {DEFAULT_SIZES}; with --kinds {KIND_SIZES})")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip variants and AUC")
+    parser.add_argument("--kinds", default=None,
+                        help=f"per-kind table for tiny +UDG models of these kinds ({','.join(ALL_KINDS)} or all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    try:
+        kinds = parse_kinds(args.kinds) if args.kinds else []
+    except ValueError as error:
+        parser.error(str(error))
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    repeats = 30 if args.quick else args.repeats
+    summary: dict = {}
+    if args.checkpoint or not kinds:
+        sizes = [int(s) for s in (args.sizes or DEFAULT_SIZES).split(",")]
+        summary = bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick)
+    if kinds:
+        sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
+        rows = bench_kinds(kinds, sizes, thread_counts, repeats)
+        print_kind_table(rows)
+        summary["kinds"] = [{k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
+                            for row in rows]
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[int], repeats: int,
+                 quick: bool) -> dict:
+    """Sections 1-4 for one model (CHECKPOINT or the default tiny UDG-PNN); returns the JSON summary."""
     import onnxruntime as ort
     import torch
 
     from export.onnx_export import export_scorer, scorer_graph
     from model.udg import UDG
-    from model.zoo import base_of
 
-    sizes = [int(s) for s in args.sizes.split(",")]
-    thread_counts = [int(t) for t in args.threads.split(",")]
-    repeats = 30 if args.quick else args.repeats
-    model, payload, valid = load_or_train(args.checkpoint)
+    model, payload, valid = load_or_train(checkpoint)
     model.eval()
     space = payload["space_obj"]
     udg = isinstance(model, UDG)
@@ -195,68 +307,73 @@ def main(argv: list[str] | None = None) -> int:
           f"udg_dim={config.udg_dim if udg else 0} gate_hidden={config.gate_hidden if udg else 0}  "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}")
 
-    rng = np.random.default_rng(0)
-    n_items = len(space.items)
-    base = base_of(model)
-    with torch.inference_mode():
-        user_vec, udg_vec = model.user_state(torch.tensor([2]), torch.tensor([[2, 2, 2]]))
-    history = torch.as_tensor(rng.integers(2, n_items, size=(1, space.max_history)), dtype=torch.long)
-
-    def torch_args(n: int):
-        candidates = torch.as_tensor(rng.integers(2, n_items, size=n), dtype=torch.long)
-        return (user_vec, udg_vec, history, candidates) if udg else (user_vec, history, candidates)
-
-    def feeds_of(targs) -> dict:
-        names = ["user_vec", "udg_vec", "history", "candidates"] if udg else ["user_vec", "history", "candidates"]
-        return {name: t.numpy() for name, t in zip(names, targs, strict=True)}
-
+    requests = Requests(model, space)
     graph = scorer_graph(model)
     per_candidate_graph = scorer_graph(model, per_candidate=True)
-    flops, per_request = flops_per_candidate(graph, torch_args)
-    flops_naive, _ = flops_per_candidate(per_candidate_graph, torch_args)
+    flops, per_request = flops_per_candidate(graph, requests.torch_args)
+    flops_naive, _ = flops_per_candidate(per_candidate_graph, requests.torch_args)
     print(f"FLOPs per candidate (matmul-like ops): {flops / 1e3:.1f} k broadcast graph, {flops_naive / 1e3:.1f} k "
           f"with the user side per candidate; per request once: {per_request / 1e3:.1f} k")
 
     blob = export_scorer(model, space)
     naive_blob = export_scorer(model, space, per_candidate=True)
     variants: dict[str, bytes] = {}
-    if not args.quick:
+    if not quick:
         with tempfile.TemporaryDirectory() as tmp:
             variants = quantized_variants(blob, Path(tmp))
 
     results: dict = {"flops_per_candidate": flops, "flops_per_candidate_per_candidate_graph": flops_naive,
                      "sgemm_gflops": {}, "rows": [], "variants": []}
-    inputs = {n: torch_args(n) for n in sizes}
+    inputs = {n: requests.torch_args(n) for n in sizes}
     for threads in thread_counts:
         results["sgemm_gflops"][threads] = sgemm_gflops(threads)
         torch.set_num_threads(threads)
         sessions = {"ort": ort_session(blob, threads)}
-        if not args.quick:
+        if not quick:
             sessions["ort-per-cand"] = ort_session(naive_blob, threads)
             for name, variant in variants.items():
                 sessions[f"ort-{name}"] = ort_session(variant, threads)
         for n in sizes:
-            targs = inputs[n]
-            feeds = feeds_of(targs)
-            calls = max(20, repeats if n <= 1000 else repeats // 4)
-            with torch.inference_mode():
-                eager = time_calls(lambda targs=targs: torch.sigmoid(graph.model.score(
-                    targs[0], targs[1] if udg else None, targs[-2], targs[-1])), calls)
-            row = {"threads": threads, "n": n, "torch": eager}
-            for name, session in sessions.items():
-                row[name] = time_calls(lambda session=session, feeds=feeds: session.run(None, feeds), calls)
+            row = {"threads": threads, "n": n, **time_engines(requests, sessions, inputs[n], calls_for(n, repeats))}
             results["rows"].append(row)
     torch.set_num_threads(max(thread_counts))
 
     print_tables(results, sizes, thread_counts, flops)
-    if valid is not None and not args.quick and len(valid):
+    if valid is not None and not quick and len(valid):
         print_variant_auc(results, blob, variants, model, valid, udg, torch)
-    if args.json:
-        summary = {**results, "rows": [{k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
-                                       for row in results["rows"]]}
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    del base
-    return 0
+    return {**results, "rows": [{k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
+                                for row in results["rows"]]}
+
+
+def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], repeats: int,
+                data_spec=None) -> list[dict]:
+    """Per kind: train a tiny +UDG model (`train_tiny`, with max(thread_counts) torch threads), export its
+    scorer graph, then time ORT and PyTorch eager on the same requests at each N and thread count.
+    Rows: {"kind", "n", "threads", "torch": [s], "ort": [s]}."""
+    import torch
+
+    from export.onnx_export import export_scorer
+
+    torch.set_num_threads(max(thread_counts))
+    data = (data_spec or tiny_data_spec()).load()
+    rows = []
+    for kind in kinds:
+        torch.set_num_threads(max(thread_counts))
+        start = time.perf_counter()
+        model, payload = train_tiny(kind, data)
+        log.info("%s+UDG: %d parameters, valid AUC %.4f, trained in %.0f s", kind, payload["metrics"]["parameters"],
+                 payload["metrics"]["valid"]["auc"], time.perf_counter() - start)
+        blob = export_scorer(model, data.space)
+        requests = Requests(model, data.space)
+        sessions = {threads: ort_session(blob, threads) for threads in thread_counts}
+        for n in sizes:
+            targs = requests.torch_args(n)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                timed = time_engines(requests, {"ort": sessions[threads]}, targs, calls_for(n, repeats))
+                rows.append({"kind": kind, "n": n, "threads": threads, **timed})
+    torch.set_num_threads(max(thread_counts))
+    return rows
 
 
 def summarise(times: list[float]) -> dict:
@@ -301,6 +418,17 @@ def print_tables(results: dict, sizes, thread_counts, flops: float) -> None:
                 share = gflops / sgemm[threads]
                 print(f"  {threads} thr N={row['n']}: {gflops:.1f} GFLOP/s = {100 * share:.0f}% of sgemm "
                       f"(target >= 50%) {'OK' if share >= 0.5 else 'MISSED'}")
+
+
+def print_kind_table(rows: list[dict]) -> None:
+    print("\nPer model kind (tiny +UDG, one user and N candidates per call; ORT fp32 graph vs PyTorch eager):")
+    print("| kind | N | threads | ort median ms | ort p99 | torch median ms | torch p99 | ort/torch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        o, t = row["ort"], row["torch"]
+        om, tm = statistics.median(o), statistics.median(t)
+        print(f"| {row['kind']} | {row['n']} | {row['threads']} | {om * 1e3:.3f} | {percentile(o, 99) * 1e3:.3f} | "
+              f"{tm * 1e3:.3f} | {percentile(t, 99) * 1e3:.3f} | {om / tm:.2f} |")
 
 
 def print_variant_auc(results, blob, variants, model, valid, udg, torch) -> None:

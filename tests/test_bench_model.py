@@ -1,0 +1,50 @@
+"""loadtest/bench_model.py: the per-model-kind section on a tiny synthetic set, one torch thread."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from loadtest import bench_model  # noqa: E402
+
+KINDS = ["pnn", "dien"]
+SIZES = [5, 20]
+
+
+def test_parse_kinds():
+    assert bench_model.parse_kinds("all") == list(bench_model.ALL_KINDS)
+    assert bench_model.parse_kinds("din, pnn") == ["din", "pnn"]
+    with pytest.raises(ValueError):
+        bench_model.parse_kinds("pnn,gbdt")
+
+
+def test_kinds_table(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from model.experiment import DataSpec
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench_model, "tiny_data_spec", lambda: DataSpec(
+        name="synthetic", synthetic={"users": 200, "items": 60, "events_per_user": 12}, max_history=8))
+    out = tmp_path / "bench.json"
+    assert bench_model.main(["--kinds", ",".join(KINDS), "--sizes", ",".join(map(str, SIZES)), "--threads", "1",
+                             "--repeats", "20", "--json", str(out)]) == 0
+    assert torch.get_num_threads() == 1
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| kind | N | threads | ort median ms")
+    rows = [line.strip("| ").split(" | ") for line in lines[1:]]
+    assert [(r[0], int(r[1]), int(r[2])) for r in rows] == [(k, n, 1) for k in KINDS for n in SIZES]
+    for row in rows:
+        values = [float(v) for v in row[3:]]
+        assert all(math.isfinite(v) and v > 0 for v in values), row
+
+    summary = json.loads(out.read_text())
+    assert "rows" not in summary  # no CHECKPOINT: only the per-kind section ran
+    assert [(r["kind"], r["n"]) for r in summary["kinds"]] == [(k, n) for k in KINDS for n in SIZES]
+    assert all(r[engine]["calls"] >= 20 for r in summary["kinds"] for engine in ("ort", "torch"))
