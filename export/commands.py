@@ -36,7 +36,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     from loadtest.bench_model import main as bench_main
 
     argv = [args.checkpoint] if args.checkpoint else []
-    argv += ["--sizes", args.sizes, "--threads", args.threads, "--repeats", str(args.repeats)]
+    argv += ["--threads", args.threads, "--repeats", str(args.repeats)]
+    if args.sizes:
+        argv += ["--sizes", args.sizes]
+    if args.kinds:
+        argv += ["--kinds", args.kinds]
     if args.quick:
         argv.append("--quick")
     if args.json:
@@ -60,7 +64,10 @@ def register(subparsers) -> None:
     model = bench_sub.add_parser("model", help="scoring graph: onnxruntime vs PyTorch eager, latency and GFLOP/s")
     model.add_argument("checkpoint", nargs="?", default=None,
                        help="a UDG checkpoint (default: train a tiny synthetic model first)")
-    model.add_argument("--sizes", default="1,100,500,1000,5000")
+    model.add_argument("--sizes", default=None,
+                       help="candidate counts (default 1,100,500,1000,5000; 100,1000 for --kinds)")
+    model.add_argument("--kinds", default=None,
+                       help="also a latency table per model kind: comma list or 'all' (trains tiny models)")
     model.add_argument("--threads", default="1,2")
     model.add_argument("--repeats", type=int, default=200)
     model.add_argument("--quick", action="store_true", help="fewer repeats, skip the variants")
