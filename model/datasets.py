@@ -214,7 +214,7 @@ class SyntheticSpec:
     personal_weight: float = 1.5  # share of a user's taste not predictable from the profile
     history_weight: float = 2.5  # pull towards items like the user's past clicks
     decisiveness_spread: float = 1.2  # std of log decisiveness across users (0: everyone alike)
-    decisiveness_profile_link: float = 0.3  # correlation of log decisiveness with the occupation
+    decisiveness_profile_link: float = 0.0  # correlation of log decisiveness with the occupation (0: personal)
     seed: int = 0
 
 
@@ -225,8 +225,9 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
                                     - 0.2)
 
     `taste_u` mixes a profile-group component (what a cold-start generator can learn) with a personal one.
-    `decisiveness_u` (log-normal, partly set by the occupation) is how strictly a user follows the shared
-    preference function: some click almost at random, others almost deterministically. It scales every
+    `decisiveness_u` (log-normal; personal unless `decisiveness_profile_link` ties it to the occupation) is
+    how strictly a user follows the shared preference function: some click almost at random, others almost
+    deterministically. It scales every
     feature's effect, including the nonlinear history term, per user: a multiplicative user-dependence that
     UDG's gates express directly (they scale the MLP's inputs per user) and that an MLP fed the user embedding
     as one more input has to approximate (README, "Results", synthetic).
