@@ -259,4 +259,6 @@ def register(subparsers) -> None:
     report.add_argument("--out", default="results/report")
     report.add_argument("--fresh", action="store_true",
                         help="discard the runs journal of --out instead of reusing its finished runs")
+    report.add_argument("--summary-only", action="store_true",
+                        help="train nothing: tables and plot from the journal's finished runs (a grid in progress)")
     report.set_defaults(handler=cmd_report)

@@ -28,8 +28,9 @@ def variant_config(kind: str, variant: str):
 
 
 def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_config,
-             journal: RunJournal | None = None) -> list[dict]:
-    """Train every (model, variant, seed); runs already in the journal are reused, new ones appended to it."""
+             journal: RunJournal | None = None, train_missing: bool = True) -> list[dict]:
+    """Train every (model, variant, seed); runs already in the journal are reused, new ones appended to it.
+    With train_missing=False only the journal's runs are returned (a summary of a grid still running)."""
     import torch  # noqa: F401  (the training stack)
 
     from model.train import train_model
@@ -42,6 +43,8 @@ def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_conf
                 done = journal.get(kind, variant, seed) if journal else None
                 if done is not None:
                     rows.append(done)
+                    continue
+                if not train_missing:
                     continue
                 started = time.perf_counter()
                 _, metrics = train_model(data, variant_config(kind, variant), replace(train_config, seed=seed),
@@ -123,19 +126,18 @@ def markdown(summary: list[dict], title: str) -> str:
         return "—" if pair is None else f"{pair[0]:+.4f} ± {pair[1]:.4f}"
 
     lines = [f"### {title}", "",
-             "| model | variant | params | test log loss | test AUC | test RMSE | test RIG | valid AUC "
+             "| model | variant | seeds | params | test log loss | test AUC | test RMSE | test RIG | valid AUC "
              "| paired Δ test AUC | paired Δ valid AUC | s/epoch |",
-             "|---|---|---:|---|---|---|---|---|---|---|---:|"]
+             "|---|---|---:|---:|---|---|---|---|---|---|---|---:|"]
     for line in summary:
         lines.append(
-            f"| {line['model']} | {VARIANT_LABELS.get(line['variant'], line['variant'])} | "
+            f"| {line['model']} | {VARIANT_LABELS.get(line['variant'], line['variant'])} | {line['seeds']} | "
             f"{line['parameters']:,d} | {fmt(line['test_log_loss'])} | {fmt(line['test_auc'])} | "
             f"{fmt(line['test_rmse'])} | {fmt(line['test_rig'])} | {fmt(line['valid_auc'])} | "
             f"{gain(line['test_auc_gain']) if line['variant'] != 'base' else '—'} | "
             f"{gain(line['valid_auc_gain']) if line['variant'] != 'base' else '—'} | "
             f"{line['seconds_per_epoch']:.1f} |")
-    seeds = summary[0]["seeds"] if summary else 0
-    lines += ["", f"Mean ± sample std over {seeds} seeds; Δ is paired by seed against the same model's base."]
+    lines += ["", "Mean ± sample std over the seeds given; Δ is paired by seed against the same model's base."]
     return "\n".join(lines)
 
 
@@ -194,7 +196,9 @@ def run_report(args: argparse.Namespace) -> None:
         journal_path.unlink()
     setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
     journal = RunJournal(journal_path, setup)
-    rows = run_grid(data, kinds, variants, args.seeds, train_config, journal)
+    rows = run_grid(data, kinds, variants, args.seeds, train_config, journal, train_missing=not args.summary_only)
+    if not rows:
+        raise SystemExit(f"no finished runs for these models and variants in {journal_path}")
     summary = summarise(rows)
     title = f"{data.raw.name}: {', '.join(kinds)}"
     (out / "runs.json").write_text(json.dumps({"data": spec.to_json(), "rows": rows}, indent=1, default=float))
