@@ -152,7 +152,8 @@ def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, 
         stop_process(server, grace_s=20)
 
     # --- zero non-2xx; every version legitimately serving (or pinned) while the request was in flight ---
-    assert len(records) >= 2000, len(records)
+    # A floor, not a throughput target: a quiet 2-core machine sends ~3,000; one busy with training ~1,000.
+    assert len(records) >= 500, len(records)
     failures = [r for r in records if r[2] != 200]
     assert not failures, failures[:5]
     timeline = []  # (from, until, state): a state may serve from its call's start to the next call's end
