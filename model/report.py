@@ -111,9 +111,10 @@ def summarise(rows: list[dict]) -> list[dict]:
                     values = [r[split][metric] for r in group]
                     line[f"{split}_{metric}"] = (float(np.mean(values)), float(np.std(values, ddof=1))
                                                  if len(values) > 1 else 0.0)
-                paired = [r[split]["auc"] - base[r["seed"]][split]["auc"] for r in group if r["seed"] in base]
-                line[f"{split}_auc_gain"] = (float(np.mean(paired)), float(np.std(paired, ddof=1))
-                                             if len(paired) > 1 else 0.0) if paired else None
+                for metric in ("auc", "log_loss"):
+                    paired = [r[split][metric] - base[r["seed"]][split][metric] for r in group if r["seed"] in base]
+                    line[f"{split}_{metric}_gain"] = (float(np.mean(paired)), float(np.std(paired, ddof=1))
+                                                      if len(paired) > 1 else 0.0) if paired else None
             summary.append(line)
     return summary
 
@@ -127,8 +128,8 @@ def markdown(summary: list[dict], title: str) -> str:
 
     lines = [f"### {title}", "",
              "| model | variant | seeds | params | test log loss | test AUC | test RMSE | test RIG | valid AUC "
-             "| paired Δ test AUC | paired Δ valid AUC | s/epoch |",
-             "|---|---|---:|---:|---|---|---|---|---|---|---|---:|"]
+             "| paired Δ test AUC | paired Δ valid AUC | paired Δ test log loss | s/epoch |",
+             "|---|---|---:|---:|---|---|---|---|---|---|---|---|---:|"]
     for line in summary:
         lines.append(
             f"| {line['model']} | {VARIANT_LABELS.get(line['variant'], line['variant'])} | {line['seeds']} | "
@@ -136,6 +137,7 @@ def markdown(summary: list[dict], title: str) -> str:
             f"{fmt(line['test_rmse'])} | {fmt(line['test_rig'])} | {fmt(line['valid_auc'])} | "
             f"{gain(line['test_auc_gain']) if line['variant'] != 'base' else '—'} | "
             f"{gain(line['valid_auc_gain']) if line['variant'] != 'base' else '—'} | "
+            f"{gain(line['test_log_loss_gain']) if line['variant'] != 'base' else '—'} | "
             f"{line['seconds_per_epoch']:.1f} |")
     lines += ["", "Mean ± sample std over the seeds given; Δ is paired by seed against the same model's base."]
     return "\n".join(lines)
