@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +178,7 @@ def run_report(args: argparse.Namespace) -> None:
     import torch
 
     from model.commands import data_spec
+    from model.datasets import SyntheticSpec
     from model.train import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -196,7 +197,10 @@ def run_report(args: argparse.Namespace) -> None:
     journal_path = out / "runs.jsonl"
     if args.fresh and journal_path.exists():
         journal_path.unlink()
-    setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
+    data_setup = spec.to_json()
+    if spec.name == "synthetic":  # the generator's defaults too: a changed default world must not reuse runs
+        data_setup["synthetic"] = {**asdict(SyntheticSpec()), **spec.synthetic}
+    setup = {"data": data_setup, "epochs": args.epochs, "embed_wd": args.embed_wd}
     journal = RunJournal(journal_path, setup)
     rows = run_grid(data, kinds, variants, args.seeds, train_config, journal, train_missing=not args.summary_only)
     if not rows:
