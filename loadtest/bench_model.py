@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
         rows = bench_kinds(kinds, sizes, thread_counts, repeats)
         print_kind_table(rows)
-        summary["kinds"] = [{k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
-                            for row in rows]
+        summary["kinds"] = [summarise_row(row) for row in rows]
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0
@@ -341,8 +340,7 @@ def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[i
     print_tables(results, sizes, thread_counts, flops)
     if valid is not None and not quick and len(valid):
         print_variant_auc(results, blob, variants, model, valid, udg, torch)
-    return {**results, "rows": [{k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
-                                for row in results["rows"]]}
+    return {**results, "rows": [summarise_row(row) for row in results["rows"]]}
 
 
 def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], repeats: int,
@@ -354,7 +352,6 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
 
     from export.onnx_export import export_scorer
 
-    torch.set_num_threads(max(thread_counts))
     data = (data_spec or tiny_data_spec()).load()
     rows = []
     for kind in kinds:
@@ -374,6 +371,11 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
                 rows.append({"kind": kind, "n": n, "threads": threads, **timed})
     torch.set_num_threads(max(thread_counts))
     return rows
+
+
+def summarise_row(row: dict) -> dict:
+    """A timing row for JSON: each list of per-call seconds replaced by its summary."""
+    return {k: (summarise(v) if isinstance(v, list) else v) for k, v in row.items()}
 
 
 def summarise(times: list[float]) -> dict:

@@ -227,10 +227,9 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
     `taste_u` mixes a profile-group component (what a cold-start generator can learn) with a personal one.
     `decisiveness_u` (log-normal; personal unless `decisiveness_profile_link` ties it to the occupation) is
     how strictly a user follows the shared preference function: some click almost at random, others almost
-    deterministically. It scales every
-    feature's effect, including the nonlinear history term, per user: a multiplicative user-dependence that
-    UDG's gates express directly (they scale the MLP's inputs per user) and that an MLP fed the user embedding
-    as one more input has to approximate (README, "Results", synthetic).
+    deterministically. It scales every feature's effect, including the nonlinear history term, per user: a
+    multiplicative user-dependence that UDG's gates express directly (they scale the MLP's inputs per user)
+    and that an MLP fed the user embedding as one more input has to approximate (README, "Results").
     Generation is vectorised over users, one time step at a time, so millions of users are feasible.
     """
     spec = spec or SyntheticSpec()

@@ -29,7 +29,10 @@ class DataSpec:
                        self.split_seed)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.name == "synthetic":  # the generator's defaults too: a record must survive a new default world
+            data["synthetic"] = {**asdict(SyntheticSpec()), **self.synthetic}
+        return data
 
 
 # Model presets. "udg" is the configuration the project ships by default, chosen on the validation split

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +88,6 @@ class RunJournal:
         # One short append per run: lines from concurrent processes do not interleave.
         with self.path.open("a") as handle:
             handle.write(json.dumps({"setup": self.setup, "row": row}, default=float) + "\n")
-
-
-def _mean_std(values) -> str:
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -178,7 +173,6 @@ def run_report(args: argparse.Namespace) -> None:
     import torch
 
     from model.commands import data_spec
-    from model.datasets import SyntheticSpec
     from model.train import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -197,10 +191,7 @@ def run_report(args: argparse.Namespace) -> None:
     journal_path = out / "runs.jsonl"
     if args.fresh and journal_path.exists():
         journal_path.unlink()
-    data_setup = spec.to_json()
-    if spec.name == "synthetic":  # the generator's defaults too: a changed default world must not reuse runs
-        data_setup["synthetic"] = {**asdict(SyntheticSpec()), **spec.synthetic}
-    setup = {"data": data_setup, "epochs": args.epochs, "embed_wd": args.embed_wd}
+    setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
     journal = RunJournal(journal_path, setup)
     rows = run_grid(data, kinds, variants, args.seeds, train_config, journal, train_missing=not args.summary_only)
     if not rows:
