@@ -7,7 +7,7 @@
 # docker-compose.yml wires them together; tests/test_containers.py validates this file (hadolint + structure).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------------
 # python-base: the slim interpreter, a non-root user and the environment every CPU stage shares.
@@ -59,7 +59,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
 CMD ["udg", "serve"]
 
 # ---------------------------------------------------------------------------------------------------------
-# serve-gpu: the same service on a CUDA runtime (cuDNN 9, as onnxruntime-gpu's CUDA 12 wheels require).
+# serve-gpu: the same service on a CUDA runtime. onnxruntime-gpu's PyPI wheels link CUDA 13 (1.31.1:
+# libcublas.so.13, libcudart.so.13) and load cuDNN 9: the image must match, or the CUDA provider fails to
+# load and the service falls back to CPU (it logs so).
 # Run with `--gpus all` (compose: `deploy.resources.reservations.devices`). Ubuntu 24.04's python is 3.12.
 FROM ${CUDA_IMAGE} AS serve-gpu
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -335,7 +335,10 @@ class Artifact:
         return worst
 
     def warmup(self, sizes=(1, 16, 100, 1000)) -> None:
-        """A few calls of each size (and, with CUDA graphs, one capture per bucket), off the request path."""
+        """A few calls of each size, off the request path; with CUDA graphs, every bucket is captured here
+        too, so that no request pays for a capture."""
+        if self._cuda_graph is not None:
+            sizes = tuple(sorted(set(sizes) | set(CUDA_GRAPH_BUCKETS)))
         user = np.zeros(self.user_dim, np.float32)
         udg = np.zeros(self.udg_dim, np.float32) if self.udg_dim else None
         history = np.full(min(self.max_history, 8), 2, np.int64)

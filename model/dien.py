@@ -69,7 +69,10 @@ class DIEN(BaseCTR):
 
     def chronological(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Most-recent-first history [B, L] -> oldest-first [B, steps] (padding first) and its float mask."""
-        fixed = F.pad(history, (0, self.steps), value=PAD)[:, :self.steps]
+        # cat, not F.pad: onnxruntime's CUDA Pad has no int64 kernel, and one CPU node (with its copies)
+        # in the graph rules out CUDA graphs for the whole scorer.
+        padding = torch.full((history.shape[0], self.steps), PAD, dtype=history.dtype, device=history.device)
+        fixed = torch.cat([history, padding], dim=1)[:, :self.steps]
         ordered = torch.flip(fixed, dims=[1])
         return ordered, (ordered != PAD).to(torch.float32)
 

@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              settings.redis_ca_certs)
         store = FeatureStore(redis, Keys(settings.key_prefix), settings.history_cap, observe=metrics.observe_redis)
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
-                                 settings.require_publish_marker)
+                                 settings.require_publish_marker, cuda_graph=settings.cuda_graph)
         control = Control(settings, registry, redis)
         services = Services(settings, store, registry, Scorer(store), control)
         app.state.services = services

@@ -197,6 +197,7 @@ class ModelRegistry:
     providers: list[str] | None = None
     threads: int = 1
     require_marker: bool = True
+    cuda_graph: bool = True  # only where the CUDA provider is active
     models: dict[str, ServingModel] = field(default_factory=dict)  # ready in this worker
     failed: dict[str, Failure] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
@@ -226,7 +227,8 @@ class ModelRegistry:
             raise VersionRefused(version, f"no version directory {path} (with a manifest.json)")
         started = time.perf_counter()
         try:
-            artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False)
+            artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False,
+                                     cuda_graph=self.cuda_graph)
             if artifact.version != version:
                 raise VersionRefused(version, f"its manifest names version {artifact.version!r}")
             artifact.warmup()

@@ -109,6 +109,21 @@ def test_scorer_parity(zoo, kind, udg):
             assert diff <= ATOL, f"{kind} udg={udg} N={n} history={label}: max abs diff {diff:.3g}"
 
 
+@pytest.mark.parametrize("kind", list(BASE_MODELS))
+def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
+    """onnxruntime's CUDA provider has no int64 Pad: such a node runs on the CPU with copies around it, and
+    one CPU compute node rules out CUDA graphs for the whole scorer (seen on an H100 before DIEN padded its
+    history with a Concat)."""
+    import onnx
+
+    _, _, path, _ = zoo.get(kind, True)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path / "scorer.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    bad = [n.name for n in graph.node if n.op_type == "Pad" and types.get(n.input[0]) in integer]
+    assert not bad, f"{kind}: Pad on integer tensors: {bad}"
+
+
 @pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
 def test_meta_parity(zoo, kind, udg):
     model, payload, _, artifact = zoo.get(kind, udg)

@@ -138,7 +138,9 @@ def test_settings_from_environment(monkeypatch):
     assert settings.redis_url_for_logs() == "rediss://user:***@cache.example:6380/2"
     assert str(settings.model_repo) == "/models" and settings.model_version == "2024-06-01a"
     assert settings.admin_token.get_secret_value() == "adm1n-s3cret" and "s3cret" not in repr(settings)
-    assert settings.ort_threads == 2
+    assert settings.ort_threads == 2 and settings.cuda_graph
+    monkeypatch.setenv("UDG_CUDA_GRAPH", "0")
+    assert Settings().cuda_graph is False
     monkeypatch.setenv("UDG_MODEL_VERSION", "../etc")
     with pytest.raises(ValueError):
         Settings()
