@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,9 +48,17 @@ def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_conf
                     continue
                 if not train_missing:
                     continue
+                if journal and not journal.claim(kind, variant, seed):
+                    log.info("%s/%s seed %d: finished or being trained by another process", kind, variant, seed)
+                    continue
                 started = time.perf_counter()
-                _, metrics = train_model(data, variant_config(kind, variant), replace(train_config, seed=seed),
-                                         progress=False)
+                try:
+                    _, metrics = train_model(data, variant_config(kind, variant),
+                                             replace(train_config, seed=seed), progress=False)
+                except BaseException:
+                    if journal:
+                        journal.release(kind, variant, seed)
+                    raise
                 row = {"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
                        "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
                        "valid": metrics["valid"], "test": metrics["test"]}
@@ -57,28 +67,45 @@ def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_conf
                 rows.append(row)
                 log.info("%s/%s seed %d: valid auc %.4f test auc %.4f (%.0f s)", kind, variant, seed,
                          metrics["valid"]["auc"], metrics["test"]["auc"], time.perf_counter() - started)
+    if journal and train_missing:
+        # Runs other processes finished meanwhile belong in this summary too.
+        journal.refresh()
+        mine = {(r["model"], r["variant"], r["seed"]) for r in rows}
+        rows += [journal.get(k, v, s) for s in range(seeds) for k in kinds for v in variants
+                 if (k, v, s) not in mine and journal.get(k, v, s) is not None]
     return rows
 
 
 class RunJournal:
     """Finished runs, one JSON line each, so a long grid resumes after an interruption and several processes
-    (say one per model) can share an output folder. A line counts only under the same setup (data, split,
-    training options): change any of them and the runs are redone.
+    can share an output folder. A line counts only under the same setup (data, split, training options):
+    change any of them and the runs are redone.
+
+    Processes split a grid between them through claims: before training a run, a process re-reads the
+    journal and creates `<journal>.claims/<model>-<variant>-<seed>` exclusively; another process skips a
+    run that is finished or claimed. A claim whose process has died (same host, pid gone) is taken over, so
+    a killed grid needs no cleaning up.
     """
 
     def __init__(self, path: Path, setup: dict):
         self.path = path
         self.setup = json.loads(json.dumps(setup, default=float))
+        self.claims = path.with_name(path.name + ".claims")
         self.rows: dict[tuple, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a killed run
-                    continue
-                if entry.get("setup") == self.setup:
-                    row = entry["row"]
-                    self.rows[(row["model"], row["variant"], row["seed"])] = row
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the file: rows other processes finished since are picked up."""
+        if not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            if entry.get("setup") == self.setup:
+                row = entry["row"]
+                self.rows[(row["model"], row["variant"], row["seed"])] = row
 
     def get(self, kind: str, variant: str, seed: int) -> dict | None:
         return self.rows.get((kind, variant, seed))
@@ -88,6 +115,49 @@ class RunJournal:
         # One short append per run: lines from concurrent processes do not interleave.
         with self.path.open("a") as handle:
             handle.write(json.dumps({"setup": self.setup, "row": row}, default=float) + "\n")
+        self._claim_file(row["model"], row["variant"], row["seed"]).unlink(missing_ok=True)
+
+    def _claim_file(self, kind: str, variant: str, seed: int) -> Path:
+        return self.claims / f"{kind}-{variant}-{seed}"
+
+    def claim(self, kind: str, variant: str, seed: int) -> bool:
+        """True if this process should train the run: not finished, and now claimed by this process."""
+        self.refresh()
+        if self.get(kind, variant, seed) is not None:
+            return False
+        self.claims.mkdir(parents=True, exist_ok=True)
+        file = self._claim_file(kind, variant, seed)
+        owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        for _ in range(2):
+            try:
+                with open(file, "x") as handle:
+                    handle.write(owner)
+                return True
+            except FileExistsError:
+                if not self._stale(file):
+                    return False
+                file.unlink(missing_ok=True)  # its process died: take the run over
+        return False
+
+    def release(self, kind: str, variant: str, seed: int) -> None:
+        """Give up a claim without a result (the run failed or was interrupted)."""
+        self._claim_file(kind, variant, seed).unlink(missing_ok=True)
+
+    @staticmethod
+    def _stale(file: Path) -> bool:
+        try:
+            owner = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):  # being written right now, or gone
+            return False
+        if owner.get("host") != socket.gethostname():
+            return False  # cannot tell whether a process on another host is alive
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -34,3 +34,36 @@ def test_summary_pairs_gains_by_seed():
     mean, std = by_variant["udg"]["test_auc_gain"]
     assert abs(mean - 0.02) < 1e-9 and abs(std - 0.014142135) < 1e-6
     assert by_variant["udg"]["test_auc"][0] == 0.77
+
+
+def test_processes_split_a_grid_through_claims(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    setup = {"data": {"name": "synthetic"}, "epochs": 3, "embed_wd": 0.003}
+    first, second = RunJournal(path, setup), RunJournal(path, setup)
+    assert first.claim("pnn", "base", 0)
+    assert not second.claim("pnn", "base", 0)  # being trained by the first
+    assert second.claim("pnn", "base", 1)
+    first.add(_row("pnn", "base", 0, 0.80))  # finishing releases the claim
+    assert not (first.claims / "pnn-base-0").exists()
+    assert not second.claim("pnn", "base", 0)  # finished: re-read from the file, not trained again
+    assert second.get("pnn", "base", 0)["test"]["auc"] == 0.80
+    second.release("pnn", "base", 1)  # a failed run gives its claim back
+    assert first.claim("pnn", "base", 1)
+
+
+def test_a_dead_process_claim_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "runs.jsonl"
+    journal = RunJournal(path, {"epochs": 3})
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    journal.claims.mkdir()
+    (journal.claims / "din-udg-2").write_text(json.dumps({"host": socket.gethostname(),
+                                                          "pid": int(finished.stdout), "since": 0}))
+    assert journal.claim("din", "udg", 2)
+    (journal.claims / "din-udg-3").write_text(json.dumps({"host": "another-host", "pid": 1, "since": 0}))
+    assert not journal.claim("din", "udg", 3)  # another host's claim cannot be judged: left alone
