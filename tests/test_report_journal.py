@@ -67,3 +67,15 @@ def test_a_dead_process_claim_is_taken_over(tmp_path):
     assert journal.claim("din", "udg", 2)
     (journal.claims / "din-udg-3").write_text(json.dumps({"host": "another-host", "pid": 1, "since": 0}))
     assert not journal.claim("din", "udg", 3)  # another host's claim cannot be judged: left alone
+
+
+def test_comparison_table_has_a_line_per_model_with_paired_gains():
+    from model.report import PAPER_MOVIELENS_AUC, comparison
+
+    rows = [_row("pnn", "base", 0, 0.80), _row("pnn", "base", 1, 0.70), _row("pnn", "udg", 0, 0.81),
+            _row("pnn", "udg", 1, 0.73), _row("din", "base", 0, 0.75)]
+    lines = comparison(summarise(rows), PAPER_MOVIELENS_AUC).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| model | seeds (base/+UDG)")
+    pnn, din = lines[2].split(" | "), lines[3].split(" | ")
+    assert pnn[1] == "2/2" and pnn[4] == "+0.0200 ± 0.0141" and "0.8264 → 0.8294 (+0.0030), 0.8259" in lines[2]
+    assert din[1] == "1/0" and din[3] == "—"  # no +UDG run yet: shown as missing, not as zero
