@@ -75,13 +75,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patience", type=int, default=3)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--threads", type=int, default=2)
+    group.add_argument("--device", default="cpu", help='torch device to train on, e.g. "cuda"')
 
 
 def train_config_from(args: argparse.Namespace):
     from model.train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, embed_weight_decay=args.embed_wd,
-                       patience=args.patience, seed=args.seed, threads=args.threads)
+                       patience=args.patience, seed=args.seed, threads=args.threads, device=args.device)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -256,6 +257,9 @@ def register(subparsers) -> None:
     report.add_argument("--epochs", type=int, default=30)
     report.add_argument("--embed-wd", type=float, default=3e-3)
     report.add_argument("--threads", type=int, default=2)
+    report.add_argument("--device", default="cpu",
+                        help='torch device to train on, e.g. "cuda" (a separate setup in the journal: runs on '
+                             'another device are not paired with CPU runs)')
     report.add_argument("--out", default="results/report")
     report.add_argument("--fresh", action="store_true",
                         help="discard the runs journal of --out instead of reusing its finished runs")

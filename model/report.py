@@ -302,11 +302,14 @@ def run_report(args: argparse.Namespace) -> None:
         variants.insert(0, "base")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
+    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads,
+                               device=args.device)
     journal_path = out / "runs.jsonl"
     if args.fresh and journal_path.exists():
         journal_path.unlink()
     setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
+    if args.device != "cpu":  # other numerics (and kernels): pair runs within one device only
+        setup["device"] = args.device
     journal = RunJournal(journal_path, setup)
     rows = run_grid(data, kinds, variants, args.seeds, train_config, journal, train_missing=not args.summary_only)
     if not rows:

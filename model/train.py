@@ -35,6 +35,7 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"  # "cuda" trains on the GPU; the returned model is always back on the CPU
 
 
 def seed_everything(seed: int) -> None:
@@ -43,19 +44,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_tensors(samples: Samples) -> dict[str, torch.Tensor]:
+def to_tensors(samples: Samples, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return {
-        "user": torch.as_tensor(samples.user, dtype=torch.long),
-        "profile": torch.as_tensor(samples.profile, dtype=torch.long),
-        "item": torch.as_tensor(samples.item, dtype=torch.long),
-        "history": torch.as_tensor(samples.history, dtype=torch.long),
-        "label": torch.as_tensor(samples.label, dtype=torch.float32),
+        "user": torch.as_tensor(samples.user, dtype=torch.long, device=device),
+        "profile": torch.as_tensor(samples.profile, dtype=torch.long, device=device),
+        "item": torch.as_tensor(samples.item, dtype=torch.long, device=device),
+        "history": torch.as_tensor(samples.history, dtype=torch.long, device=device),
+        "label": torch.as_tensor(samples.label, dtype=torch.float32, device=device),
     }
 
 
 def batches(tensors: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):
     n = len(tensors["label"])
+    # The order is drawn on the CPU (the seeded generator lives there), so a seed shuffles alike on any device.
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(tensors["label"].device)
     for start in range(0, n, batch_size):
         index = order[start:start + batch_size]
         yield {key: value[index] for key, value in tensors.items()}
@@ -64,8 +67,9 @@ def batches(tensors: dict[str, torch.Tensor], batch_size: int, generator: torch.
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 8192) -> np.ndarray:
     model.eval()
-    out = [torch.sigmoid(model(batch)["logit"]) for batch in batches(to_tensors(samples), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    device = next(model.parameters()).device
+    out = [torch.sigmoid(model(batch)["logit"]) for batch in batches(to_tensors(samples, device), batch_size)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 def evaluate(model: nn.Module, samples: Samples) -> dict[str, float]:
@@ -101,7 +105,8 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
     if config.threads:
         torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(config.seed)
-    train = to_tensors(data.splits["train"])
+    model.to(config.device)
+    train = to_tensors(data.splits["train"], config.device)
     optimizer = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
     best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
@@ -121,10 +126,11 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(batch["label"])
+            total += loss.detach() * len(batch["label"])  # a tensor: no device sync per step
             count += len(batch["label"])
         epoch_seconds.append(time.perf_counter() - started)
         valid = evaluate(model, data.splits["valid"])
+        total = float(total)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), **{f"valid_{k}": v
                                                                                  for k, v in valid.items()}})
         log.debug("epoch %d loss %.4f valid auc %.4f", epoch, total / max(count, 1), valid["auc"])
@@ -136,8 +142,8 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
                 break
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, best_epoch, evaluate(model, data.splits["valid"]), history,
-                     float(np.mean(epoch_seconds)))
+    valid = evaluate(model, data.splits["valid"])
+    return FitResult(model, best_epoch, valid, history, float(np.mean(epoch_seconds)))
 
 
 def user_snapshot(data: PreparedData) -> dict:
@@ -215,4 +221,4 @@ def train_model(data: PreparedData, model_config: ModelConfig, train_config: Tra
         "test": evaluate(model, data.splits["test"]),
         "history": result.history,
     }
-    return model, metrics
+    return model.cpu(), metrics
