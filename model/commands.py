@@ -209,6 +209,12 @@ def cmd_meta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gates(args: argparse.Namespace) -> int:
+    from model.gate_stats import cmd_gates as run
+
+    return run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from model.report import run_report
 
@@ -247,6 +253,13 @@ def register(subparsers) -> None:
     meta.add_argument("--seed", type=int, default=0)
     meta.add_argument("--threads", type=int, default=2)
     meta.set_defaults(handler=cmd_meta)
+
+    gates = subparsers.add_parser("gates", help="what a +UDG checkpoint's gates learned: per-layer spread, "
+                                                "between-user share, AUC without personalised gates")
+    gates.add_argument("checkpoint")
+    gates.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    gates.add_argument("--threads", type=int, default=2)
+    gates.set_defaults(handler=cmd_gates)
 
     report = subparsers.add_parser("report", help="multi-seed comparison tables and plot (paper Tables 2-3)")
     add_data_arguments(report)

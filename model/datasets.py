@@ -290,7 +290,8 @@ def make_synthetic(spec: SyntheticSpec | None = None) -> RawDataset:
         profiles=profiles,
         item_genres=item_genres,
         label_threshold=0.5,
-        extra={"spec": spec.__dict__},
+        # The planted per-user scale, by user number (user id "u<i>"), for `udg gates` to compare against.
+        extra={"spec": spec.__dict__, "log_decisiveness": spec.decisiveness_spread * log_decisiveness},
     )
 
 

@@ -1,0 +1,52 @@
+"""`udg gates`: gate statistics of a +UDG model are consistent with the model's own predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from model.datasets import SyntheticSpec, make_synthetic
+    from model.experiment import model_config
+    from model.features import prepare
+    from model.train import TrainConfig, train_model
+
+    torch.set_num_threads(1)
+    data = prepare(make_synthetic(SyntheticSpec(users=120, items=40, events_per_user=15)), max_history=6)
+    config = model_config("pnn", "udg", embed_dim=8, hidden=(16, 8), udg_dim=8, gate_hidden=8)
+    model, _ = train_model(data, config, TrainConfig(epochs=2), progress=False)
+    return model, data
+
+
+def test_gate_report_matches_the_model_and_reads_the_planted_truth(trained):
+    from model.gate_stats import format_report, gate_report
+    from model.train import evaluate
+
+    model, data = trained
+    samples = data.splits["test"]
+    report = gate_report(model, samples, data.raw, data.space)
+    assert [layer["width"] for layer in report["layers"]] == [g.third.out_features for g in model.gates]
+    for layer in report["layers"]:
+        assert 0.0 < layer["mean"] < 1.0 and 0.0 <= layer["between_user_share"] <= 1.0 + 1e-9
+    # Scoring through the extracted gates is the model itself.
+    assert abs(report["auc"]["trained gates"] - evaluate(model, samples)["auc"]) < 1e-6
+    assert set(report["auc"]) == {"trained gates", "each user's mean gate", "mean gate over all events"}
+    planted = report["planted"]
+    assert planted["users"] == len(np.unique(samples.user)) and "UDG embedding" in planted
+    text = format_report(report)
+    assert "between-user share" in text and "Planted log decisiveness" in text
+
+
+def test_base_model_has_no_gates(trained):
+    from model.experiment import model_config
+    from model.gate_stats import gate_report
+    from model.zoo import build_model
+
+    _, data = trained
+    base = build_model(model_config("pnn", "base", embed_dim=8, hidden=(16, 8)), data.space)
+    with pytest.raises(ValueError, match="no UDG gates"):
+        gate_report(base, data.splits["test"])
