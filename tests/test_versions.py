@@ -192,8 +192,10 @@ def test_inflight_request_keeps_its_version_then_it_is_released(redis_server, pu
 
 def test_workers_follow_redis_and_a_worker_that_cannot_load_keeps_serving(make_worker, published_all,
                                                                            tmp_path):
-    a = make_worker(published_all)
-    b = make_worker(published_all)
+    # a and b poll only every 30 s: a switch within seconds can only come from the pub/sub notification
+    # (a wall-clock bound that holds on a loaded machine, unlike "faster than a 1 s poll").
+    a = make_worker(published_all, control_poll_s=30)
+    b = make_worker(published_all, control_poll_s=30)
     polling = make_worker(published_all, control_pubsub=False, control_poll_s=0.2)
     broken_repo = tmp_path / "repo"
     shutil.copytree(published_all, broken_repo)
@@ -209,7 +211,7 @@ def test_workers_follow_redis_and_a_worker_that_cannot_load_keeps_serving(make_w
     pubsub_s = time.monotonic() - started
     wait_for(lambda: registries["polling"].active.version == "v2", timeout_s=3)
     assert reply["propagation"]["workers"] == 4 and reply["propagation"]["complete"]
-    assert pubsub_s < 1.0
+    assert pubsub_s < 10.0
     print(f"\npropagation: admin call reports {reply['propagation']['propagation_s'] * 1000:.1f} ms to the last "
           f"worker; a pub/sub follower answered v2 after {pubsub_s * 1000:.1f} ms of the call")
 
