@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.bench_model import ALL_KINDS
+
 log = logging.getLogger("gpu_check")
 
-ALL_KINDS = ("pnn", "deepfm", "wide_deep", "din", "dien")
 PARITY_SIZES = (1, 7, 1000)
 CONCURRENT_THREADS = (1, 4)
 
@@ -59,21 +60,20 @@ def gpu_status() -> tuple[bool, str]:
     return True, f"GPU: {gpu}; onnxruntime {ort.__version__} providers {available}"
 
 
-def tiny_model(kind: str = "pnn"):
-    """(model, export payload): a +UDG model of `kind` fitted for one epoch on small synthetic data."""
-    import torch
+def tiny_data():
+    """The small synthetic data every kind's tiny model is trained on (loaded once per check)."""
+    from loadtest.bench_model import tiny_data_spec
 
-    from model.experiment import DataSpec, model_config
-    from model.train import TrainConfig, train_model, user_snapshot
+    return tiny_data_spec(synthetic={"users": 500, "items": 200, "events_per_user": 20}, max_history=20).load()
 
-    torch.set_num_threads(2)
-    data = DataSpec(name="synthetic", synthetic={"users": 500, "items": 200, "events_per_user": 20},
-                    max_history=20).load()
-    config = model_config(kind, "udg")
-    model, metrics = train_model(data, config, TrainConfig(epochs=1), progress=False)
-    payload = {"model_config_obj": config, "space_obj": data.space, "metrics": metrics,
-               "users": user_snapshot(data), "meta": None, "parameters": None}
-    return model.eval(), payload
+
+def tiny_model(kind: str, data):
+    """(model, export payload): a +UDG model of `kind` fitted for one epoch on `data`."""
+    from loadtest.bench_model import train_tiny
+    from model.train import user_snapshot
+
+    model, payload = train_tiny(kind, data, epochs=1)
+    return model, {**payload, "users": user_snapshot(data), "meta": None, "parameters": None}
 
 
 def time_calls(fn, seconds: float, max_calls: int = 2000) -> list[float]:
@@ -209,7 +209,7 @@ def check_parity(model, paths: dict, user_vec, udg_vec, history, rng) -> dict[st
     return worst_by_path
 
 
-def check_kind(kind: str, checkpoint: str | None, on_gpu: bool, sizes: list[int], seconds: float) -> dict:
+def check_kind(kind: str, checkpoint: str | None, data, on_gpu: bool, sizes: list[int], seconds: float) -> dict:
     """Train (or load), export, then parity and latency for one model kind; prints its tables."""
     from export.onnx_export import export_model
 
@@ -219,7 +219,7 @@ def check_kind(kind: str, checkpoint: str | None, on_gpu: bool, sizes: list[int]
         model, payload = load_checkpoint(Path(checkpoint))
         kind = payload["model_config_obj"].kind
     else:
-        model, payload = tiny_model(kind)
+        model, payload = tiny_model(kind, data)
     model.eval()
     result = {"kind": kind, "parity": {}, "latency": [], "concurrent": [], "notes": [], "failures": []}
     print(f"\n## {kind}")
@@ -291,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         kinds = kinds[:1]
     sizes = [int(s) for s in args.sizes.split(",")]
+    torch.set_num_threads(2)
+    data = None if args.checkpoint else tiny_data()
     results = []
     for kind in kinds:
         try:
-            results.append(check_kind(kind, args.checkpoint, on_gpu, sizes, args.seconds))
+            results.append(check_kind(kind, args.checkpoint, data, on_gpu, sizes, args.seconds))
         except Exception as error:  # one kind's breakage must not hide the others' figures
             log.exception("%s failed", kind)
             results.append({"kind": kind, "failures": [f"{kind}: {type(error).__name__}: {error}"]})

@@ -40,12 +40,11 @@ def ridge_r2(features: np.ndarray, target: np.ndarray, alpha_per_row: float = 0.
     return float(1.0 - np.mean((predicted - target) ** 2) / np.var(target))
 
 
-def per_user_mean(values: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct users, [n_users, width] mean of `values` over each user's events)."""
-    distinct, inverse = np.unique(users, return_inverse=True)
-    sums = np.zeros((len(distinct), values.shape[1]))
+def per_user_mean(values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """[n_users, width] mean of `values` over each user's events; `inverse` maps events to user rows."""
+    sums = np.zeros((inverse.max() + 1, values.shape[1]))
     np.add.at(sums, inverse, values)
-    return distinct, sums / np.bincount(inverse)[:, None]
+    return sums / np.bincount(inverse)[:, None]
 
 
 def gate_report(model, samples, raw=None, space=None) -> dict:
@@ -59,7 +58,8 @@ def gate_report(model, samples, raw=None, space=None) -> dict:
         raise ValueError("this model has no UDG gates (train it with --udg)")
     model.eval()
     batch = to_tensors(samples)
-    users = samples.user
+    # Sorted distinct users, each one's first event, and every event's user row: computed once, used by all.
+    distinct, first, inverse = np.unique(samples.user, return_index=True, return_inverse=True)
     with torch.no_grad():
         user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
         gates = model.gate_values(user_vec, udg_vec, batch["history"], batch["item"])
@@ -71,32 +71,28 @@ def gate_report(model, samples, raw=None, space=None) -> dict:
             logit = logit if side is None else logit + side
             return all_metrics(samples.label, torch.sigmoid(logit).numpy())["auc"]
 
-        values = [g.expand(len(users), -1).numpy() for g in gates]
+        values = [g.expand(len(samples), -1).numpy() for g in gates]
         user_means, layers = [], []
         for index, g in enumerate(values):
-            distinct, means = per_user_mean(g, users)
-            inverse = np.searchsorted(distinct, users)
+            means = per_user_mean(g, inverse)
             total = float(g.var(0).sum())
             between = float(((means[inverse] - g.mean(0)) ** 2).mean(0).sum())
             layers.append({"layer": index, "width": g.shape[1], "mean": float(g.mean()), "std": float(g.std()),
                            "saturated_high": float((g > SATURATED).mean()),
                            "saturated_low": float((g < 1 - SATURATED).mean()),
                            "between_user_share": between / total if total > 0 else 0.0})
-            user_means.append((distinct, means, inverse))
+            user_means.append(means)
         auc = {"trained gates": auc_with(values),
-               "each user's mean gate": auc_with([m[i] for _, m, i in user_means]),
+               "each user's mean gate": auc_with([means[inverse] for means in user_means]),
                "mean gate over all events": auc_with([np.repeat(g.mean(0, keepdims=True), len(g), 0) for g in values])}
     report = {"layers": layers, "auc": auc, "planted": None}
     planted = (raw.extra or {}).get("log_decisiveness") if raw is not None else None
     if planted is not None and space is not None:
-        distinct = user_means[0][0]
         truth = np.array([planted[int(space.users.tokens[u][1:])] for u in distinct])
         with torch.no_grad():
-            ids = torch.as_tensor(distinct)
-            first = np.unique(users, return_index=True)[1]  # aligned with `distinct` (both sorted)
-            base_vec, udg = model.user_state(ids, batch["profile"][first])
+            base_vec, udg = model.user_state(torch.as_tensor(distinct), batch["profile"][first])
         report["planted"] = {"users": len(distinct),
-                             **{f"layer {i} mean gate": ridge_r2(m, truth) for i, (_, m, _) in enumerate(user_means)},
+                             **{f"layer {i} mean gate": ridge_r2(m, truth) for i, m in enumerate(user_means)},
                              "base user vector": ridge_r2(base_vec.numpy(), truth),
                              "UDG embedding": ridge_r2(udg.numpy(), truth)}
     return report
