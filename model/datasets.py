@@ -82,11 +82,8 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def age_bucket(age: int) -> str:
@@ -158,13 +155,16 @@ def _events_from_rows(rows: list[list[str]], path: Path) -> tuple[np.ndarray, ..
     return users, items, ratings, timestamps
 
 
+def _profiles(rows) -> dict[str, dict[str, str]]:
+    """User rows (id, age, gender, occupation, ...) of either layout -> profile per user id."""
+    return {row[0]: {"age": age_bucket(int(row[1])), "gender": row[2], "occupation": row[3]} for row in rows}
+
+
 def load_recbole_ml100k(directory: Path) -> RawDataset:
     """Read RecBole's atomic files (tab-separated, typed header line)."""
     inter = directory / "ml-100k.inter"
     users, items, ratings, timestamps = _events_from_rows(_read_tsv(inter, "\t", header=True), inter)
-    profiles = {}
-    for row in _read_tsv(directory / "ml-100k.user", "\t", header=True):
-        profiles[row[0]] = {"age": age_bucket(int(row[1])), "gender": row[2], "occupation": row[3]}
+    profiles = _profiles(_read_tsv(directory / "ml-100k.user", "\t", header=True))
     item_genres = {}
     for row in _read_tsv(directory / "ml-100k.item", "\t", header=True):
         genres = row[3].split() if len(row) > 3 else []
@@ -177,9 +177,7 @@ def load_grouplens_ml100k(directory: Path) -> RawDataset:
     directory = Path(directory)
     data = directory / "u.data"
     users, items, ratings, timestamps = _events_from_rows(_read_tsv(data, "\t", header=False), data)
-    profiles = {}
-    for row in _read_tsv(directory / "u.user", "|", header=False):
-        profiles[row[0]] = {"age": age_bucket(int(row[1])), "gender": row[2], "occupation": row[3]}
+    profiles = _profiles(_read_tsv(directory / "u.user", "|", header=False))
     item_genres = {}
     for row in _read_tsv(directory / "u.item", "|", header=False, encoding="latin-1"):
         flags = row[5:5 + len(GROUPLENS_GENRES)]
