@@ -42,7 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="pnn", help="pnn, deepfm, wide_deep, din, dien")
     group.add_argument("--preset", default=None, help="base, udg, udg-detach, udg-official (see model/experiment.py)")
-    group.add_argument("--udg", action="store_true", help="wrap the base model with UDG (preset 'udg')")
+    group.add_argument("--udg", action="store_true",
+                       help="wrap the base model with UDG, in the gate preset shipped for --model (see README)")
     group.add_argument("--embed-dim", type=int, default=None)
     group.add_argument("--udg-dim", type=int, default=None)
     group.add_argument("--hidden", default=None, help="comma-separated MLP sizes, e.g. 200,80")
@@ -54,9 +55,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config_from(args: argparse.Namespace):
-    from model.experiment import model_config
+    from model.experiment import model_config, udg_preset
 
-    preset = args.preset or ("udg" if args.udg else "base")
+    preset = args.preset or (udg_preset(args.model) if args.udg else "base")
     overrides = {
         "embed_dim": args.embed_dim, "udg_dim": args.udg_dim, "gate_input": args.gate_input,
         "gate_scale": args.gate_scale, "gate_detach": args.gate_detach,
@@ -265,7 +266,7 @@ def register(subparsers) -> None:
     add_data_arguments(report)
     report.add_argument("--models", default="pnn", help="comma-separated model kinds")
     report.add_argument("--variants", default="base,udg,double",
-                        help="base, udg (shipped preset), udg-detach, udg-official, double (2x embedding)")
+                        help="base, udg (the paper's gates), udg-detach, udg-official, double (2x embedding)")
     report.add_argument("--seeds", type=int, default=5)
     report.add_argument("--epochs", type=int, default=30)
     report.add_argument("--embed-wd", type=float, default=3e-3)

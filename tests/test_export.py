@@ -34,10 +34,11 @@ def data():
 
 
 def tiny_config(kind: str, udg: bool):
-    from model.experiment import model_config
+    from model.experiment import model_config, udg_preset
 
-    return model_config(kind, "udg" if udg else "base", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16,
-                        extra={"wide_hash_buckets": 1024})
+    # The preset `udg train --udg` ships for the kind, so the parity tests cover what is served.
+    return model_config(kind, udg_preset(kind) if udg else "base", embed_dim=8, hidden=(32, 16), udg_dim=8,
+                        gate_hidden=16, extra={"wide_hash_buckets": 1024})
 
 
 class Zoo:

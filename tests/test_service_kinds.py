@@ -27,12 +27,13 @@ def tiny_data():
 
 def export_tiny(kind: str, udg: bool, data, repo):
     from export.onnx_export import export_model
-    from model.experiment import model_config
+    from model.experiment import model_config, udg_preset
     from model.meta import MetaConfig, train_meta
     from model.train import TrainConfig, train_model, user_snapshot
 
     torch.set_num_threads(1)
-    config = model_config(kind, "udg" if udg else "base", embed_dim=8, hidden=(16, 8), udg_dim=8, gate_hidden=8)
+    config = model_config(kind, udg_preset(kind) if udg else "base", embed_dim=8, hidden=(16, 8), udg_dim=8,
+                          gate_hidden=8)
     model, metrics = train_model(data, config, TrainConfig(epochs=1), progress=False)
     meta = None
     if udg:

@@ -84,3 +84,23 @@ def test_cli_trains_evaluates_and_retrains_meta(tmp_path, capsys):
     assert "test: auc=" in capsys.readouterr().out
     assert main(["meta", str(out), "--steps", "5"]) == 0
     assert "meta generator" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["pnn", "deepfm", "wide_deep", "din", "dien"])
+def test_udg_flag_takes_the_preset_shipped_for_the_kind(kind):
+    import argparse
+
+    from model.commands import add_model_arguments, model_config_from
+    from model.experiment import PRESETS, UDG_PRESET_BY_KIND
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    config = model_config_from(parser.parse_args(["--model", kind, "--udg"]))
+    shipped = PRESETS[UDG_PRESET_BY_KIND[kind]]
+    assert config.udg and config.kind == kind
+    assert (config.gate_detach, config.gate_scale) == (shipped.get("gate_detach", False),
+                                                       shipped.get("gate_scale", 1.0))
+    # --preset and the single gate options still override the shipped choice
+    explicit = model_config_from(parser.parse_args(["--model", kind, "--udg", "--preset", "udg-official"]))
+    assert explicit.gate_input == "official"
+    assert model_config_from(parser.parse_args(["--model", kind, "--udg", "--gate-scale", "1"])).gate_scale == 1.0
