@@ -253,6 +253,46 @@ def comparison(summary: list[dict], paper: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+GATED_VARIANTS = ("udg", "udg-detach", "udg-official")
+
+
+def gate_choice(summary: list[dict]) -> str:
+    """One line per model with two or more gated variants: each one's paired Δ test AUC (Δ valid AUC), the
+    variant with the best Δ valid AUC and its Δ test AUC, the 2x embedding's Δ test AUC, and the preset that
+    `udg train --udg` ships for the kind. Empty when no model has a choice to make."""
+    from model.experiment import udg_preset
+
+    def gain(pair):
+        return "—" if pair is None else f"{pair[0]:+.4f} ± {pair[1]:.4f}".replace("-", "−")
+
+    by = {(line["model"], line["variant"]): line for line in summary}
+    kinds = [k for k in dict.fromkeys(line["model"] for line in summary)
+             if sum((k, v) in by and by[(k, v)]["valid_auc_gain"] is not None for v in GATED_VARIANTS) >= 2]
+    if not kinds:
+        return ""
+    gated = [v for v in GATED_VARIANTS if any((k, v) in by for k in kinds)]
+    head = (["model", "seeds (base)"] + [f"{VARIANT_LABELS[v]}: Δ test AUC (Δ valid)" for v in gated]
+            + ["chosen on validation → Δ test AUC", "2x embedding: Δ test AUC", "`--udg` ships"])
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---|" * (len(head) - 2)]
+    for kind in kinds:
+        row = [MODEL_LABELS.get(kind, kind), str(by[(kind, "base")]["seeds"]) if (kind, "base") in by else "0"]
+        choices = {}
+        for v in gated:
+            line = by.get((kind, v))
+            if line is None or line["valid_auc_gain"] is None:
+                row.append("—")
+                continue
+            choices[v] = line
+            row.append(f"{gain(line['test_auc_gain'])} ({line['valid_auc_gain'][0]:+.4f})".replace("(-", "(−"))
+        best = max(choices, key=lambda v: choices[v]["valid_auc_gain"][0])
+        row.append(f"{VARIANT_LABELS[best]} → {gain(choices[best]['test_auc_gain'])}")
+        double = by.get((kind, "double"))
+        row.append(gain(double["test_auc_gain"]) if double else "—")
+        row.append(f"`{udg_preset(kind)}`")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -319,6 +359,9 @@ def run_report(args: argparse.Namespace) -> None:
     (out / "runs.json").write_text(json.dumps({"data": spec.to_json(), "rows": rows}, indent=1, default=float))
     paper = PAPER_MOVIELENS_AUC if spec.name == "movielens" else None
     table = markdown(summary, title) + "\n\n" + comparison(summary, paper)
+    choice = gate_choice(summary)
+    if choice:
+        table += "\n\nGate variant chosen on validation (paired Δ against the base, mean ± std):\n\n" + choice
     (out / "report.md").write_text(table + "\n")
     plot(summary, out / "auc.png", title)
     print(table)

@@ -79,3 +79,24 @@ def test_comparison_table_has_a_line_per_model_with_paired_gains():
     pnn, din = lines[2].split(" | "), lines[3].split(" | ")
     assert pnn[1] == "2/2" and pnn[4] == "+0.0200 ± 0.0141" and "0.8264 → 0.8294 (+0.0030), 0.8259" in lines[2]
     assert din[1] == "1/0" and din[3] == "—"  # no +UDG run yet: shown as missing, not as zero
+
+
+def test_gate_choice_picks_the_best_validation_gain_not_the_best_test_gain():
+    from model.report import gate_choice
+
+    def run(model, variant, seed, valid, test):
+        row = _row(model, variant, seed, test)
+        row["valid"] = {**row["valid"], "auc": valid}
+        return row
+
+    rows = [run("din", "base", 0, 0.70, 0.70), run("din", "base", 1, 0.72, 0.72),
+            run("din", "udg", 0, 0.71, 0.75), run("din", "udg", 1, 0.73, 0.77),  # best on test, not valid
+            run("din", "udg-detach", 0, 0.73, 0.71), run("din", "udg-detach", 1, 0.75, 0.73),
+            run("pnn", "base", 0, 0.70, 0.70), run("pnn", "udg", 0, 0.71, 0.71)]  # one gated variant: no choice
+    lines = gate_choice(summarise(rows)).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| DIN | 2 |")
+    cells = lines[2].split(" | ")
+    assert cells[2] == "+0.0500 ± 0.0000 (+0.0100)" and cells[3] == "+0.0100 ± 0.0000 (+0.0300)"
+    assert cells[4] == "+UDG (detached 2·sigmoid gates) → +0.0100 ± 0.0000"
+    assert cells[-1] == "`udg-detach` |"
+    assert gate_choice(summarise(rows[-2:])) == ""
