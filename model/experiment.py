@@ -45,7 +45,8 @@ PRESETS: dict[str, dict] = {
 }
 
 # What `udg train --udg` ships for each base model, chosen on the validation splits (README, "Results"): the
-# paper's gates won PNN's on MovieLens; the detached gates won every other model's, on both data sets.
+# paper's gates won PNN's on MovieLens; the detached gates won every other model's on both data sets (DIEN's
+# MovieLens comparison has 2 seeds only).
 UDG_PRESET_BY_KIND = {"pnn": "udg", "deepfm": "udg-detach", "wide_deep": "udg-detach", "din": "udg-detach",
                       "dien": "udg-detach"}
 
