@@ -216,15 +216,23 @@ PAPER_MOVIELENS_AUC = {"pnn": (0.8264, 0.8294, 0.8259), "deepfm": (0.8190, 0.823
 MODEL_LABELS = {"pnn": "PNN", "deepfm": "DeepFM", "wide_deep": "Wide&Deep", "din": "DIN", "dien": "DIEN"}
 
 
+def signed(value: float) -> str:
+    """+0.0012 / −0.0012, with a typographic minus (the README's tables use it)."""
+    return f"{value:+.4f}".replace("-", "−")
+
+
+def signed_gain(pair: tuple[float, float] | None) -> str:
+    """A paired gain as "+mean ± std", or "—" when there is none."""
+    return "—" if pair is None else f"{signed(pair[0])} ± {pair[1]:.4f}"
+
+
 def comparison(summary: list[dict], paper: dict | None = None) -> str:
     """One line per model: test AUC of every variant, and each variant's paired gains over the base (test
     AUC, valid AUC, test log loss), parameters and seconds per epoch; the paper's figures when given."""
     def pm(pair):
         return "—" if pair is None else f"{pair[0]:.4f} ± {pair[1]:.4f}"
 
-    def gain(pair):
-        return "—" if pair is None else f"{pair[0]:+.4f} ± {pair[1]:.4f}".replace("-", "−")
-
+    gain = signed_gain
     by = {(line["model"], line["variant"]): line for line in summary}
     variants = list(dict.fromkeys(line["variant"] for line in summary))
     others = [v for v in variants if v != "base"]
@@ -262,9 +270,7 @@ def gate_choice(summary: list[dict]) -> str:
     `udg train --udg` ships for the kind. Empty when no model has a choice to make."""
     from model.experiment import udg_preset
 
-    def gain(pair):
-        return "—" if pair is None else f"{pair[0]:+.4f} ± {pair[1]:.4f}".replace("-", "−")
-
+    gain = signed_gain
     by = {(line["model"], line["variant"]): line for line in summary}
     kinds = [k for k in dict.fromkeys(line["model"] for line in summary)
              if sum((k, v) in by and by[(k, v)]["valid_auc_gain"] is not None for v in GATED_VARIANTS) >= 2]
@@ -283,7 +289,7 @@ def gate_choice(summary: list[dict]) -> str:
                 row.append("—")
                 continue
             choices[v] = line
-            row.append(f"{gain(line['test_auc_gain'])} ({line['valid_auc_gain'][0]:+.4f})".replace("(-", "(−"))
+            row.append(f"{gain(line['test_auc_gain'])} ({signed(line['valid_auc_gain'][0])})")
         best = max(choices, key=lambda v: choices[v]["valid_auc_gain"][0])
         row.append(f"{VARIANT_LABELS[best]} → {gain(choices[best]['test_auc_gain'])}")
         double = by.get((kind, "double"))
