@@ -1,0 +1,1 @@
+"""Datasets: the declared spec, columnar ingestion, the feature schema, built-in sources."""
