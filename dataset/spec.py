@@ -207,12 +207,34 @@ class Split(Strict):
         return self
 
 
+# Generators whose parameters have defaults: a spec records them all, so that a result keeps describing
+# its world even after a default changes.
+GENERATOR_DEFAULTS = {"synthetic": "dataset.synthetic", "shop": "dataset.shop"}
+
+
 class Generator(Strict):
     """A built-in source the files come from: `movielens-100k` (fetched and verified) or a synthetic world
     (`synthetic`, `shop`) generated with `params`, both into the cache; `{source}` in paths is its folder."""
 
     kind: Literal["movielens-100k", "synthetic", "shop"]
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Generator:
+        module_name = GENERATOR_DEFAULTS.get(self.kind)
+        if module_name is None:
+            return self
+        import importlib
+
+        try:
+            defaults = importlib.import_module(module_name).defaults()
+        except ModuleNotFoundError:  # pragma: no cover - a generator missing from this install
+            return self
+        unknown = sorted(set(self.params) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown {self.kind} generator parameter(s) {unknown}; known: {sorted(defaults)}")
+        self.params = {**defaults, **self.params}
+        return self
 
 
 class DatasetSpec(Strict):

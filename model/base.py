@@ -9,6 +9,10 @@ The contract shared by training, export and serving is split at the user boundar
 
 A base model provides the embedding layer and `mlp_input` (its middle/product layer, Eq. 2-3); its final
 MLP is `self.mlp`. UDG (model.udg) wraps any base model without knowing which one it is.
+
+Every size comes from the feature schema (`dataset.schema.FeatureSchema`): a user is the id plus one field per
+profile field; an item is the id plus one pooled field per item field (a multi-valued field is the mean of
+its values' rows), whatever the data set declares.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from model.datasets import PROFILE_FIELDS
-from model.features import OOV, PAD, FeatureSpace
+from dataset.schema import OOV, PAD, FeatureSchema
 from model.layers import MLP, masked_mean
 
 
@@ -54,34 +57,62 @@ class ModelConfig:
         return cls(**data)
 
 
+@dataclass
+class Items:
+    """Candidate items: ids [N] and, per item field, their token indices [N, width].
+
+    Training looks the fields up in the model's item table by id; serving passes them in, so that an item
+    that arrived after training is scored with its known features (its id row is the OOV row)."""
+
+    ids: torch.Tensor
+    fields: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
 class BaseCTR(nn.Module):
     """Embedding layer shared by all base models; subclasses define `mlp_input` and build `self.mlp`."""
 
-    #: how many user fields the user vector holds (user id + profile)
-    user_fields = 1 + len(PROFILE_FIELDS)
-
-    def __init__(self, config: ModelConfig, space: FeatureSpace):
+    def __init__(self, config: ModelConfig, schema: FeatureSchema):
         super().__init__()
         d = config.embed_dim
         self.config = config
-        self.user_emb = nn.Embedding(len(space.users), d)
-        self.profile_embs = nn.ModuleList(nn.Embedding(len(space.profile[f]), d) for f in PROFILE_FIELDS)
-        self.item_emb = nn.Embedding(len(space.items), d, padding_idx=PAD)
-        self.genre_emb = nn.Embedding(len(space.genres), d, padding_idx=PAD)
-        self.register_buffer("item_genres", torch.as_tensor(space.item_genres, dtype=torch.long), persistent=True)
-        for table in (self.user_emb, self.item_emb, self.genre_emb, *self.profile_embs):
+        #: how many user fields the user vector holds (user id + profile)
+        self.user_fields = 1 + len(schema.user_fields)
+        #: how many fields an item contributes (item id + item fields)
+        self.item_field_count = 1 + len(schema.item_fields)
+        self.user_emb = nn.Embedding(len(schema.users), d)
+        self.profile_embs = nn.ModuleList(nn.Embedding(len(f.vocab), d) for f in schema.user_fields)
+        self.item_emb = nn.Embedding(len(schema.items), d, padding_idx=PAD)
+        self.item_field_embs = nn.ModuleList(nn.Embedding(len(f.vocab), d, padding_idx=PAD)
+                                             for f in schema.item_fields)
+        # Each item field's token indices per item row: the model looks an item's fields up by its id.
+        for index, spec in enumerate(schema.item_fields):
+            self.register_buffer(f"item_field_table_{index}",
+                                 torch.as_tensor(schema.item_table[spec.name], dtype=torch.long), persistent=True)
+        for table in (self.user_emb, self.item_emb, *self.item_field_embs, *self.profile_embs):
             nn.init.normal_(table.weight, std=0.05)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
-            self.genre_emb.weight[PAD].zero_()
+            for table in self.item_field_embs:
+                table.weight[PAD].zero_()
 
     # --- the embedding layer (Eq. 1) ---------------------------------------------------------------------
     @property
     def user_dim(self) -> int:
         return self.user_fields * self.config.embed_dim
 
+    @property
+    def item_dim(self) -> int:
+        """Width of one item's flattened fields (candidate or clicked item)."""
+        return self.item_field_count * self.config.embed_dim
+
+    def item_field_tables(self) -> list[torch.Tensor]:
+        return [getattr(self, f"item_field_table_{i}") for i in range(len(self.item_field_embs))]
+
     def embedding_tables(self) -> list[nn.Embedding]:
-        return [self.user_emb, self.item_emb, self.genre_emb, *self.profile_embs]
+        return [self.user_emb, self.item_emb, *self.item_field_embs, *self.profile_embs]
 
     def user_vector(self, user: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         """Base user embedding: user id row and profile rows, concatenated -> [B, user_fields * d]."""
@@ -101,33 +132,49 @@ class BaseCTR(nn.Module):
         """[B, user_fields * d] -> [B, user_fields, d]."""
         return user_vec.reshape(user_vec.shape[0], self.user_fields, self.config.embed_dim)
 
-    def item_fields(self, items: torch.Tensor) -> torch.Tensor:
-        """Item feature: id row and mean genre row -> [..., 2, d] for items of any shape."""
-        genres = self.item_genres[items]  # [..., G]
-        genre = masked_mean(self.genre_emb(genres).reshape(-1, genres.shape[-1], self.config.embed_dim),
-                            (genres != PAD).reshape(-1, genres.shape[-1]))
-        genre = genre.reshape(*items.shape, self.config.embed_dim)
-        return torch.stack([self.item_emb(items), genre], dim=-2)
+    def pooled_field(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Item field `index` of items whose token indices are `tokens` [..., width] -> mean row [..., d]."""
+        d = self.config.embed_dim
+        width = tokens.shape[-1]
+        pooled = masked_mean(self.item_field_embs[index](tokens).reshape(-1, width, d),
+                             (tokens != PAD).reshape(-1, width))
+        return pooled.reshape(*tokens.shape[:-1], d)
+
+    def lookup_items(self, ids: torch.Tensor) -> Items:
+        """Items by id, their fields from the model's item table."""
+        return Items(ids, [table[ids] for table in self.item_field_tables()])
+
+    def as_items(self, items: torch.Tensor | Items) -> Items:
+        return items if isinstance(items, Items) else self.lookup_items(items)
+
+    def item_fields(self, items: torch.Tensor | Items) -> torch.Tensor:
+        """Item feature: id row and one pooled row per item field -> [..., 1 + fields, d] for items of any shape
+        (ids of any shape are looked up in the item table; `Items` bring their own fields)."""
+        items = self.as_items(items)
+        parts = [self.item_emb(items.ids)]
+        for index, tokens in enumerate(items.fields):
+            parts.append(self.pooled_field(index, tokens))
+        return torch.stack(parts, dim=-2)
 
     def history_fields(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """History items as item fields [B, L, 2, d] and the padding mask [B, L]."""
+        """History items as item fields [B, L, 1 + fields, d] and the padding mask [B, L]."""
         return self.item_fields(history), history != PAD
 
     def behavior(self, history: torch.Tensor) -> torch.Tensor:
-        """Behavior feature: masked mean of the clicked items' id and genre rows -> [B, 2 * d]."""
+        """Behavior feature: masked mean of the clicked items' fields -> [B, item_dim]."""
         fields, mask = self.history_fields(history)
         return masked_mean(fields.flatten(-2), mask)
 
     # --- what subclasses provide ------------------------------------------------------------------------
-    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """h^(0) of Eq. 3 for every candidate -> [N, mlp input dim]."""
         raise NotImplementedError
 
-    def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor | None:
+    def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """A logit added to the MLP's (FM or wide part); None for models without one."""
         return None
 
-    def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor | None:
+    def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """Extra training loss (DIEN's interest-extractor loss); None for most models."""
         return None
 
@@ -136,7 +183,8 @@ class BaseCTR(nn.Module):
         return self.user_vector(user, profile), None
 
     def score(self, user_vec: torch.Tensor, udg_vec: torch.Tensor | None, history: torch.Tensor,
-              items: torch.Tensor) -> torch.Tensor:
+              items: torch.Tensor | Items) -> torch.Tensor:
+        items = self.as_items(items)
         logit = self.mlp(self.mlp_input(user_vec, history, items))
         side = self.side_logit(user_vec, history, items)
         return logit if side is None else logit + side
@@ -151,8 +199,9 @@ class BaseCTR(nn.Module):
 def ctr_forward(model: nn.Module, base: BaseCTR, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Training forward of any CTR model (base or wrapped): {"logit": [B], "aux_loss"?: scalar}."""
     user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
-    out = {"logit": model.score(user_vec, udg_vec, batch["history"], batch["item"])}
-    aux = base.auxiliary_loss(user_vec, batch["history"], batch["item"])
+    items = base.lookup_items(batch["item"])
+    out = {"logit": model.score(user_vec, udg_vec, batch["history"], items)}
+    aux = base.auxiliary_loss(user_vec, batch["history"], items)
     if aux is not None:
         out["aux_loss"] = aux
     return out

@@ -1,4 +1,4 @@
-"""`udg data | train | evaluate | meta | report` — the training side of the command line.
+"""`udg train | evaluate | meta | gates | report` — the training side of the command line.
 
 Handlers import torch lazily: this module is imported by every `udg` invocation, including on the serving
 install.
@@ -16,26 +16,63 @@ log = logging.getLogger("udg")
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", default="movielens", choices=["movielens", "synthetic"])
-    group.add_argument("--data-path", default=None, help="GroupLens (u.data…) or RecBole (ml-100k.inter…) dir")
-    group.add_argument("--synthetic-users", type=int, default=None)
-    group.add_argument("--synthetic-items", type=int, default=None)
-    group.add_argument("--max-history", type=int, default=50)
-    group.add_argument("--cold-users", type=float, default=0.0,
-                       help="share of users held out of training entirely (cold-start evaluation)")
-    group.add_argument("--split-seed", type=int, default=0)
+    group.add_argument("--spec", default="movielens-100k",
+                       help="dataset spec: a built-in name (movielens-100k, synthetic, shop) or a TOML/YAML file")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value by its dotted key, e.g. split.cold_user_frac=0.1 or "
+                            "generator.params.users=5000 (VALUE is parsed as JSON when it can be)")
+    group.add_argument("--synthetic-users", type=int, default=None, help="= --set generator.params.users=N")
+    group.add_argument("--synthetic-items", type=int, default=None, help="= --set generator.params.items=N")
+    group.add_argument("--grouplens-dir", default=None,
+                       help="MovieLens-100K from the original GroupLens files (u.data, u.user, u.item) in DIR")
+    group.add_argument("--max-history", type=int, default=None, help="= --set behavior.max_length=N")
+    group.add_argument("--cold-users", type=float, default=None,
+                       help="share of users held out of training entirely (cold-start evaluation); "
+                            "= --set split.cold_user_frac=F")
+    group.add_argument("--split-seed", type=int, default=None, help="= --set split.seed=N")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def data_spec(args: argparse.Namespace):
-    from model.experiment import DataSpec
+    """The dataset spec these arguments name, with their overrides applied."""
+    from dataset.spec import SpecError, load_spec
 
-    synthetic = {}
-    if args.synthetic_users:
-        synthetic["users"] = args.synthetic_users
-    if args.synthetic_items:
-        synthetic["items"] = args.synthetic_items
-    return DataSpec(name=args.data, path=args.data_path, synthetic=synthetic, max_history=args.max_history,
-                    cold_user_frac=args.cold_users, split_seed=args.split_seed)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = _value(value.strip())
+    for option, key in (("synthetic_users", "generator.params.users"), ("synthetic_items", "generator.params.items"),
+                        ("grouplens_dir", "generator.params.grouplens_dir"), ("max_history", "behavior.max_length"),
+                        ("cold_users", "split.cold_user_frac"), ("split_seed", "split.seed")):
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[key] = str(Path(value).resolve()) if option == "grouplens_dir" else value
+    try:
+        spec = load_spec(args.spec)
+        if any(k.startswith("generator.") for k in overrides) and spec.generator is None:
+            raise SystemExit(f"{args.spec}: generator options given, but this spec reads files (no generator)")
+        return spec.with_overrides(**overrides) if overrides else spec
+    except SpecError as error:
+        raise SystemExit(str(error)) from None
+
+
+def load_data(spec):
+    """Ingest a spec; bad data ends the command with its message (file, column, row)."""
+    from dataset.errors import DataError
+    from dataset.ingest import prepare
+
+    try:
+        return prepare(spec)
+    except DataError as error:
+        raise SystemExit(f"bad data: {error}") from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,32 +127,17 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    from model.datasets import cache_dir, fetch_movielens_100k
-
-    if args.data == "movielens" and args.data_path is None:
-        directory = fetch_movielens_100k()
-        print(f"cache: {cache_dir()}  (set UDG_CACHE_DIR to move it)")
-        for path in sorted(directory.iterdir()):
-            print(f"  {path.name:16s} {path.stat().st_size:>10,d} bytes  sha256 verified")
-    prepared = data_spec(args).load()
-    print(json.dumps(prepared.raw.stats(), indent=2))
-    print("splits:", {name: len(s) for name, s in prepared.splits.items()},
-          f"vocab: users={len(prepared.space.users)} items={len(prepared.space.items)} "
-          f"genres={len(prepared.space.genres)} (incl. pad and OOV rows)")
-    return 0
-
-
 def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
     """Train a model (and, for UDG, its meta generator) and write the checkpoint; returns (path, metrics)."""
     import torch
 
+    from model.checkpoint import Checkpoint, MetaState
     from model.meta import MetaConfig, cold_start_metrics, train_meta
-    from model.train import save_checkpoint, train_model, user_snapshot
+    from model.train import train_model
 
     torch.set_num_threads(args.threads)
     spec = data_spec(args)
-    data = spec.load()
+    data = load_data(spec)
     model_config = model_config_from(args)
     train_config = train_config_from(args)
     log.info("training %s%s on %s (%d train events)", model_config.kind, "+UDG" if model_config.udg else "",
@@ -125,16 +147,15 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
     if model_config.udg and not args.no_meta:
         generator, info = train_meta(model, data, MetaConfig(steps=args.meta_steps, seed=args.seed),
                                      progress=not args.quiet)
-        meta = {"state_dict": generator.state_dict(), **info}
         if len(data.splits["cold"]):
-            meta["cold_start"] = {
+            info["cold_start"] = {
                 "random_init": cold_start_metrics(model, None, data.splits["cold"], seed=args.seed),
                 "meta": cold_start_metrics(model, generator, data.splits["cold"]),
             }
+        meta = MetaState(generator.state_dict(), info)
     out = Path(args.out)
-    save_checkpoint(out, model, model_config, train_config, data.space, metrics, users=user_snapshot(data),
-                    meta=meta, dataset=spec.to_json())
-    metrics["meta"] = {k: v for k, v in (meta or {}).items() if k != "state_dict"}
+    Checkpoint.from_training(model, model_config, train_config, data, metrics, meta).save(out)
+    metrics["meta"] = dict(meta.info) if meta else {}
     return out, metrics
 
 
@@ -154,28 +175,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_checkpoint_and_data(path: str):
+    """A checkpoint, its model and the data it was trained on (the same splits, checked)."""
+    from model.checkpoint import Checkpoint, CheckpointError
+
+    try:
+        checkpoint = Checkpoint.load(Path(path))
+        model = checkpoint.build_model()
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    data = load_data(checkpoint.spec)
+    if data.schema.items.tokens != checkpoint.schema.items.tokens:
+        raise SystemExit("the data no longer matches the checkpoint's vocabulary; was the data set changed?")
+    return checkpoint, model, data
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from model.experiment import DataSpec
-    from model.train import evaluate, load_checkpoint
+    from model.train import evaluate
 
     torch.set_num_threads(args.threads)
-    model, payload = load_checkpoint(Path(args.checkpoint))
-    data = DataSpec(**payload["dataset"]).load()
-    if data.space.items.tokens != payload["space_obj"].items.tokens:
-        raise SystemExit("the data no longer matches the checkpoint's vocabulary; was the data set changed?")
+    checkpoint, model, data = load_checkpoint_and_data(args.checkpoint)
     for split in args.split:
         if len(data.splits[split]) == 0:
             print(f"{split}: (empty)")
             continue
         if split == "cold":
-            from model.meta import MetaGenerator, cold_start_metrics
-            generator = None
-            if payload.get("meta"):
-                generator = MetaGenerator(data.space, payload["model_config_obj"].udg_dim)
-                generator.load_state_dict(payload["meta"]["state_dict"])
-            print(f"{split}:", format_metrics(cold_start_metrics(model, generator, data.splits[split])))
+            from model.meta import cold_start_metrics
+
+            print(f"{split}:", format_metrics(cold_start_metrics(model, checkpoint.meta_generator(),
+                                                                 data.splits[split])))
         else:
             print(f"{split}:", format_metrics(evaluate(model, data.splits[split])))
     return 0
@@ -184,29 +214,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_meta(args: argparse.Namespace) -> int:
     import torch
 
-    from model.experiment import DataSpec
+    from model.checkpoint import MetaState
     from model.meta import MetaConfig, cold_start_metrics, train_meta
-    from model.train import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    path = Path(args.checkpoint)
-    model, payload = load_checkpoint(path)
-    data = DataSpec(**payload["dataset"]).load()
+    checkpoint, model, data = load_checkpoint_and_data(args.checkpoint)
     config = MetaConfig(steps=args.steps, alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed)
-    generator, info = train_meta(model, data, config)
-    meta = {"state_dict": generator.state_dict(), **info}
+    try:
+        generator, info = train_meta(model, data, config)
+    except TypeError as error:
+        raise SystemExit(f"{args.checkpoint}: {error}") from None
     if len(data.splits["cold"]):
-        meta["cold_start"] = {"random_init": cold_start_metrics(model, None, data.splits["cold"], seed=args.seed),
+        info["cold_start"] = {"random_init": cold_start_metrics(model, None, data.splits["cold"], seed=args.seed),
                               "meta": cold_start_metrics(model, generator, data.splits["cold"])}
-        for name, values in meta["cold_start"].items():
+        for name, values in info["cold_start"].items():
             print(f"cold-start users ({name}):", format_metrics(values))
-    payload["meta"] = meta
-    for key in ("model_config_obj", "space_obj"):
-        payload.pop(key)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    print(f"meta generator ({info['config']['steps']} steps, final loss {info['final_loss']:.4f}) saved in {path}")
+    checkpoint.with_meta(MetaState(generator.state_dict(), info)).save(Path(args.checkpoint))
+    print(f"meta generator ({info['config']['steps']} steps, final loss {info['final_loss']:.4f}) saved in "
+          f"{args.checkpoint}")
     return 0
 
 
@@ -224,10 +249,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="fetch/verify MovieLens-100K and print data statistics")
-    add_data_arguments(data)
-    data.set_defaults(handler=cmd_data)
-
     train = subparsers.add_parser("train", help="train a CTR model (and its meta generator with --udg)")
     add_data_arguments(train)
     add_model_arguments(train)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.base import BaseCTR, ModelConfig
-from model.features import PAD, FeatureSpace
+from dataset.schema import PAD, FeatureSchema
+from model.base import BaseCTR, Items, ModelConfig
 from model.layers import broadcast_cat, masked_mean
 
 
@@ -17,49 +17,57 @@ def scalar_table(rows: int) -> nn.Embedding:
     return table
 
 
-class DeepFM(BaseCTR):
-    """Fields: item id + genre (2), user id + profile (4), pooled behavior items + genres (2).
+def field_first_order(weights: nn.ModuleList, items: Items) -> torch.Tensor:
+    """Sum over item fields of each candidate's mean first-order weight of that field's values -> [N]."""
+    total = torch.zeros(items.ids.shape, dtype=torch.float32, device=items.ids.device)
+    for tokens, weight in zip(items.fields, weights, strict=True):  # tokens [N, width]
+        total = total + masked_mean(weight(tokens), tokens != PAD).squeeze(-1)
+    return total
 
-    FM first order (in `side_logit`): a scalar weight per item id, per genre (averaged over the item's
-    genres) and per clicked item (averaged over the history). The user id and profile reach `score` only
-    as embeddings (the feature store holds the user vector, not the ids), so their first-order weights are
-    a learned linear read-out of each field embedding: a per-id scalar tied to that id's embedding row.
+
+class DeepFM(BaseCTR):
+    """Fields: item id + item fields, user id + profile, pooled behavior of each item field.
+
+    FM first order (in `side_logit`): a scalar weight per item id, per value of each item field (averaged over
+    a multi-valued field's values) and per clicked item (averaged over the history). The user id and profile
+    reach `score` only as embeddings (the feature store holds the user vector, not the ids), so their
+    first-order weights are a learned linear read-out of each field embedding: a per-id scalar tied to that
+    id's embedding row.
     FM second order: all pairwise inner products of the field embeddings, in O(fields * d).
     Deep part: the MLP over the flattened fields (`mlp_input`).
     """
 
-    def __init__(self, config: ModelConfig, space: FeatureSpace):
-        super().__init__(config, space)
-        self.item_weight = scalar_table(len(space.items))
-        self.genre_weight = scalar_table(len(space.genres))
-        self.behavior_weight = scalar_table(len(space.items))
+    def __init__(self, config: ModelConfig, schema: FeatureSchema):
+        super().__init__(config, schema)
+        self.item_weight = scalar_table(len(schema.items))
+        self.field_weights = nn.ModuleList(scalar_table(len(f.vocab)) for f in schema.item_fields)
+        self.behavior_weight = scalar_table(len(schema.items))
         self.user_weight = nn.Linear(self.user_dim, 1)  # its bias is the global bias of the FM
         nn.init.zeros_(self.user_weight.weight)
         nn.init.zeros_(self.user_weight.bias)
-        self.build_mlp((self.user_fields + 2 + 2) * config.embed_dim)
+        self.build_mlp(self.user_dim + 2 * self.item_dim)
 
     def embedding_tables(self) -> list[nn.Embedding]:
         # The scalar tables are sparse per-id weights and get the same L2 as the embedding rows.
-        return [*super().embedding_tables(), self.item_weight, self.genre_weight, self.behavior_weight]
+        return [*super().embedding_tables(), self.item_weight, *self.field_weights, self.behavior_weight]
 
-    def candidate_fields(self, items: torch.Tensor) -> torch.Tensor:
-        return self.item_fields(items).flatten(-2)  # [N, 2 d]
+    def candidate_fields(self, items: Items) -> torch.Tensor:
+        return self.item_fields(items).flatten(-2)  # [N, item_dim]
 
     def user_side_fields(self, user_vec: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        return torch.cat([user_vec, self.behavior(history)], dim=-1)  # [1 or N, (4 + 2) d]
+        return torch.cat([user_vec, self.behavior(history)], dim=-1)  # [1 or N, user_dim + item_dim]
 
-    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         return broadcast_cat([self.candidate_fields(items), self.user_side_fields(user_vec, history)])
 
-    def first_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def first_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """Sum of first-order weights -> [N] (user-side terms [1 or N] broadcast)."""
-        genres = self.item_genres[items]  # [N, G]
-        genre = masked_mean(self.genre_weight(genres), genres != PAD).squeeze(-1)
+        fields = field_first_order(self.field_weights, items)
         behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
         user = self.user_weight(user_vec).squeeze(-1)
-        return self.item_weight(items).squeeze(-1) + genre + (user + behavior)
+        return self.item_weight(items.ids).squeeze(-1) + fields + (user + behavior)
 
-    def second_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def second_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """0.5 * ((sum of fields)^2 - sum of squared fields), summed over d -> [N].
 
         The user-side and candidate-side sums are formed apart so the user side runs once per request.
@@ -67,10 +75,10 @@ class DeepFM(BaseCTR):
         d = self.config.embed_dim
         user_side = self.user_side_fields(user_vec, history)
         user_side = user_side.reshape(user_side.shape[0], -1, d)
-        candidate = self.item_fields(items)  # [N, 2, d]
+        candidate = self.item_fields(items)  # [N, 1 + fields, d]
         total = candidate.sum(1) + user_side.sum(1)
         squares = candidate.square().sum(1) + user_side.square().sum(1)
         return 0.5 * (total.square() - squares).sum(-1)
 
-    def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         return self.first_order(user_vec, history, items) + self.second_order(user_vec, history, items)

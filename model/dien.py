@@ -1,7 +1,7 @@
 """DIEN: a GRU extracts interest states from the click history; an attention-gated GRU (AUGRU) evolves them
 towards the candidate.
 
-Both recurrences are explicit loops over a history padded (or cut) to `space.max_history` steps, with the
+Both recurrences are explicit loops over a history padded (or cut) to `schema.max_history` steps, with the
 masked update h = m * h_new + (1 - m) * h. The step count is therefore a constant of the model: the
 exported graph unrolls it and accepts any history length, with no data-dependent control flow.
 """
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.base import BaseCTR, ModelConfig
-from model.features import PAD, FeatureSpace
+from dataset.schema import PAD, FeatureSchema
+from model.base import BaseCTR, Items, ModelConfig
 from model.layers import broadcast_cat
 
 # Added to the attention logits of padding steps; softmax then gives them weight 0.
@@ -45,7 +45,7 @@ class GRUGates(nn.Module):
 class DIEN(BaseCTR):
     """Interest extractor GRU + auxiliary loss, AUGRU interest evolution, then the MLP (Eq. 2-3).
 
-    - Extractor: GRU over the clicked items' fields (id + genre) in chronological order -> states s_t.
+    - Extractor: GRU over the clicked items' fields (id + item fields) in chronological order -> states s_t.
     - Auxiliary loss: s_t must tell the next clicked item from a negative sampled from the batch's
       candidate items (a popularity-like distribution), via a small MLP on [s_t, item].
     - Evolution: a_t = softmax_t(s_t · W c) over the non-padding steps; AUGRU update u'_t = a_t * u_t.
@@ -53,12 +53,12 @@ class DIEN(BaseCTR):
     config.extra: "gru_hidden" (default 2 * embed_dim), "aux_hidden" (default 64).
     """
 
-    def __init__(self, config: ModelConfig, space: FeatureSpace):
-        super().__init__(config, space)
-        item_dim = 2 * config.embed_dim
+    def __init__(self, config: ModelConfig, schema: FeatureSchema):
+        super().__init__(config, schema)
+        item_dim = self.item_dim
         hidden = int(config.extra.get("gru_hidden", item_dim))
         aux_hidden = int(config.extra.get("aux_hidden", 64))
-        self.steps = int(space.max_history)
+        self.steps = int(schema.max_history)
         self.extractor = GRUGates(item_dim, hidden)
         self.evolution = GRUGates(hidden, hidden)
         self.attention = nn.Linear(hidden, item_dim, bias=False)  # bilinear s_t · W c
@@ -103,7 +103,7 @@ class DIEN(BaseCTR):
             h = h + (weight * update) * (new - h)
         return h
 
-    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         states, ordered, mask = self.extract(history)
         if self.training:
             # ctr_forward asks for the auxiliary loss right after scoring the same batch: reuse the states.
@@ -112,7 +112,7 @@ class DIEN(BaseCTR):
         evolved = self.evolve(states, mask, candidate)
         return broadcast_cat([evolved, candidate, user_vec, self.behavior(history)])
 
-    def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """Mean over consecutive click pairs of BCE(s_t -> next click, 1) + BCE(s_t -> sampled item, 0)."""
         cached, self._extracted = self._extracted, None
         if cached is not None and cached[0] is history:
@@ -122,7 +122,7 @@ class DIEN(BaseCTR):
         states = states[:, :-1]
         positive = ordered[:, 1:]
         pair_mask = mask[:, :-1] * mask[:, 1:]
-        negative = items[torch.randint(len(items), positive.shape, device=items.device)]
+        negative = items.ids[torch.randint(len(items), positive.shape, device=items.ids.device)]
         pair_mask_negative = pair_mask * (negative != positive).to(pair_mask.dtype)
         loss_positive = F.binary_cross_entropy_with_logits(
             self.aux_logit(states, positive), torch.ones_like(pair_mask), reduction="none")

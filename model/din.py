@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.base import BaseCTR, ModelConfig
-from model.features import FeatureSpace
+from dataset.schema import FeatureSchema
+from model.base import BaseCTR, Items, ModelConfig
 from model.layers import broadcast_cat
 
 
@@ -46,19 +46,19 @@ class DIN(BaseCTR):
     config.extra["attention_hidden"] sets the activation unit's width (default 36).
     """
 
-    def __init__(self, config: ModelConfig, space: FeatureSpace):
-        super().__init__(config, space)
-        item_dim = 2 * config.embed_dim
+    def __init__(self, config: ModelConfig, schema: FeatureSchema):
+        super().__init__(config, schema)
+        item_dim = self.item_dim
         self.attention = LocalActivationUnit(item_dim, int(config.extra.get("attention_hidden", 36)))
         self.build_mlp(item_dim + item_dim + self.user_dim)
 
     def interest(self, history: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """Attention-pooled history per candidate -> [N, 2 d]."""
+        """Attention-pooled history per candidate -> [N, item_dim]."""
         fields, mask = self.history_fields(history)
-        clicked = fields.flatten(-2)  # [B, L, 2 d]
+        clicked = fields.flatten(-2)  # [B, L, item_dim]
         weights = self.attention(clicked, candidate) * mask.to(clicked.dtype)  # [N, L]
         return (weights.unsqueeze(-1) * clicked).sum(1)
 
-    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        candidate = self.item_fields(items).flatten(-2)  # [N, 2 d]
+    def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        candidate = self.item_fields(items).flatten(-2)  # [N, item_dim]
         return broadcast_cat([self.interest(history, candidate), candidate, user_vec])

@@ -1,39 +1,13 @@
-"""Named, reproducible experiment settings: which data, how it is split, which model options.
+"""Named, reproducible model settings: the presets and the one `udg train --udg` ships per model kind.
 
-A checkpoint records its `DataSpec` so `udg evaluate` and `udg meta` rebuild exactly the same splits.
+(Which data, and how it is split, is the dataset spec's job: `dataset.spec`.)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 from model.base import ModelConfig
-from model.datasets import SyntheticSpec, load_dataset
-from model.features import PreparedData, prepare
-
-
-@dataclass
-class DataSpec:
-    name: str = "movielens"  # "movielens" or "synthetic"
-    path: str | None = None  # a GroupLens/RecBole directory; None = the verified cache
-    synthetic: dict = field(default_factory=dict)  # SyntheticSpec fields
-    max_history: int = 50
-    valid_frac: float = 0.1
-    test_frac: float = 0.1
-    cold_user_frac: float = 0.0
-    split_seed: int = 0
-
-    def load(self) -> PreparedData:
-        raw = load_dataset(self.name, self.path, SyntheticSpec(**self.synthetic))
-        return prepare(raw, self.max_history, self.valid_frac, self.test_frac, self.cold_user_frac,
-                       self.split_seed)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        if self.name == "synthetic":  # the generator's defaults too: a record must survive a new default world
-            data["synthetic"] = {**asdict(SyntheticSpec()), **self.synthetic}
-        return data
-
 
 # Model presets: "udg" = the paper's gates (Eq. 6, sigmoid); "udg-detach" = the same gates scaled by 2, whose
 # inputs do not back-propagate into the main embedding tables; "udg-official" = the authors' public code.

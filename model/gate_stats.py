@@ -9,15 +9,14 @@ and for the whole model, the AUC when the gates are replaced by
   - each user's mean gate (the gates keep the user, lose the event), and
   - the mean gate over all events (no personalisation at all),
 which says how much the model relies on what its gates carry. On the synthetic data, whose generator
-records each user's planted decisiveness (the per-user logit scale), it also reports how well a user's mean
-gate vector predicts that decisiveness (ridge regression, cross-validated R²) next to the base model's user
-vector and the UDG embedding.
+records each user's planted decisiveness (the per-user logit scale, a column of its user table), it also
+reports how well a user's mean gate vector predicts that decisiveness (ridge regression, cross-validated
+R²) next to the base model's user vector and the UDG embedding.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -47,8 +46,9 @@ def per_user_mean(values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     return sums / np.bincount(inverse)[:, None]
 
 
-def gate_report(model, samples, raw=None, space=None) -> dict:
-    """{"layers": [...], "auc": {...}, "planted": {...} or None} for a +UDG model on `samples`."""
+def gate_report(model, samples, planted: np.ndarray | None = None) -> dict:
+    """{"layers": [...], "auc": {...}, "planted": {...} or None} for a +UDG model on `samples`; `planted` is a
+    per-user-number value to predict from the gates (the synthetic world's log decisiveness)."""
     import torch
 
     from model.metrics import all_metrics
@@ -86,9 +86,8 @@ def gate_report(model, samples, raw=None, space=None) -> dict:
                "each user's mean gate": auc_with([means[inverse] for means in user_means]),
                "mean gate over all events": auc_with([np.repeat(g.mean(0, keepdims=True), len(g), 0) for g in values])}
     report = {"layers": layers, "auc": auc, "planted": None}
-    planted = (raw.extra or {}).get("log_decisiveness") if raw is not None else None
-    if planted is not None and space is not None:
-        truth = np.array([planted[int(space.users.tokens[u][1:])] for u in distinct])
+    if planted is not None:
+        truth = np.asarray(planted, np.float64)[samples.user_key[first]]
         with torch.no_grad():
             base_vec, udg = model.user_state(torch.as_tensor(distinct), batch["profile"][first])
         report["planted"] = {"users": len(distinct),
@@ -118,17 +117,15 @@ def format_report(report: dict) -> str:
 def cmd_gates(args: argparse.Namespace) -> int:
     import torch
 
-    from model.experiment import DataSpec
-    from model.train import load_checkpoint
+    from model.commands import load_checkpoint_and_data
 
     torch.set_num_threads(args.threads)
-    model, payload = load_checkpoint(Path(args.checkpoint))
-    data = DataSpec(**payload["dataset"]).load()
+    _, model, data = load_checkpoint_and_data(args.checkpoint)
     samples = data.splits[args.split]
     if len(samples) == 0:
         raise SystemExit(f"the {args.split} split is empty")
     try:
-        report = gate_report(model, samples, data.raw, data.space)
+        report = gate_report(model, samples, data.user_columns.get("log_decisiveness"))
     except ValueError as error:
         raise SystemExit(f"{args.checkpoint}: {error}") from None
     print(format_report(report))

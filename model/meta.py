@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model.datasets import PROFILE_FIELDS
-from model.features import FeatureSpace, PreparedData, Samples
+from dataset.prepared import PreparedData, Samples
+from dataset.schema import FeatureSchema
 from model.metrics import all_metrics
 from model.udg import UDG
 
@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class MetaGenerator(nn.Module):
-    """Profile indices [B, len(PROFILE_FIELDS)] -> UDG user embedding [B, udg_dim]."""
+    """Profile indices [B, len(user_fields)] -> UDG user embedding [B, udg_dim]."""
 
-    def __init__(self, space: FeatureSpace, udg_dim: int):
+    def __init__(self, schema: FeatureSchema, udg_dim: int):
         super().__init__()
-        self.fields = nn.ModuleList(nn.Embedding(len(space.profile[f]), udg_dim) for f in PROFILE_FIELDS)
+        self.fields = nn.ModuleList(nn.Embedding(len(f.vocab), udg_dim) for f in schema.user_fields)
         self.bias = nn.Parameter(torch.zeros(udg_dim))
         for table in self.fields:
             nn.init.normal_(table.weight, std=0.01)
@@ -55,7 +55,7 @@ class MetaConfig:
 class _UserHalves:
     """Per training user: row indices into the train split for D^A (earlier half) and D^B (later half)."""
 
-    users: np.ndarray  # raw user ids
+    users: np.ndarray  # user numbers (Samples.user_key)
     profile: np.ndarray  # [U, F]
     a_rows: list[np.ndarray]
     b_rows: list[np.ndarray]
@@ -65,6 +65,7 @@ def split_halves(train: Samples) -> _UserHalves:
     """D^A and D^B: each user's training events cut in two by time, so both halves cover the same users."""
     order = np.argsort(train.user_key, kind="stable")  # train split is already time-ordered per user
     keys = train.user_key[order]
+    profile_rows = train.profiles
     boundaries = np.flatnonzero(keys[1:] != keys[:-1]) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(keys)]])
@@ -75,10 +76,11 @@ def split_halves(train: Samples) -> _UserHalves:
         rows = order[lo:hi]
         middle = (hi - lo) // 2
         users.append(keys[lo])
-        profiles.append(train.profile[rows[0]])
+        profiles.append(profile_rows[keys[lo]])
         a_rows.append(rows[:middle])
         b_rows.append(rows[middle:])
-    return _UserHalves(np.array(users), np.stack(profiles), a_rows, b_rows)
+    return _UserHalves(np.array(users), np.stack(profiles) if profiles else np.zeros((0, profile_rows.shape[1]),
+                                                                                  np.int64), a_rows, b_rows)
 
 
 def _per_user_loss(model: UDG, udg: torch.Tensor, profile: torch.Tensor, history: torch.Tensor,
@@ -104,11 +106,12 @@ def train_meta(model: UDG, data: PreparedData, config: MetaConfig | None = None,
     model.eval()  # frozen: no dropout, no user-id dropout
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    generator = MetaGenerator(data.space, model.config.udg_dim)
+    generator = MetaGenerator(data.schema, model.config.udg_dim)
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.beta)
     train = data.splits["train"]
     halves = split_halves(train)
-    tensors = {k: torch.as_tensor(getattr(train, k)) for k in ("item", "history", "label")}
+    tensors = {k: torch.as_tensor(getattr(train, k)) for k in ("item", "label")}
+    width = train.histories.width
     k = config.samples_per_user
     losses = []
     for _ in tqdm(range(config.steps), desc="meta", leave=False, disable=not progress):
@@ -118,12 +121,13 @@ def train_meta(model: UDG, data: PreparedData, config: MetaConfig | None = None,
         owner = torch.arange(len(chosen)).repeat_interleave(k)
         profile = torch.as_tensor(halves.profile[chosen])
         generated = generator(profile)  # line 3
-        empty = torch.zeros_like(tensors["history"][a_rows])
+        empty = torch.zeros((len(a_rows), width), dtype=torch.long)
         loss_a = _per_user_loss(model, generated, profile, empty, tensors["item"][a_rows],
                                 tensors["label"][a_rows], owner)  # line 5
         grad = torch.autograd.grad(loss_a.sum(), generated, create_graph=True)[0]
         adapted = generated - config.alpha * grad  # line 6
-        loss_b = _per_user_loss(model, adapted, profile, tensors["history"][b_rows], tensors["item"][b_rows],
+        history_b = torch.as_tensor(train.histories.gather(b_rows))
+        loss_b = _per_user_loss(model, adapted, profile, history_b, tensors["item"][b_rows],
                                 tensors["label"][b_rows], owner)  # lines 7-8
         loss = config.gamma * loss_a.mean() + (1 - config.gamma) * loss_b.mean()  # line 9, Eq. 10
         optimizer.zero_grad(set_to_none=True)
@@ -149,13 +153,14 @@ def cold_start_metrics(model: UDG, generator: MetaGenerator | None, samples: Sam
         # one random vector per user, not per event
         _, first = np.unique(samples.user_key, return_inverse=True)
         udg = udg[torch.as_tensor(first)]
-    history = torch.as_tensor(samples.history)
-    if not with_history:
-        history = torch.zeros_like(history)
     probs = []
     for start in range(0, len(samples), 8192):
         part = slice(start, start + 8192)
+        rows = np.arange(start, min(start + 8192, len(samples)))
+        history = torch.as_tensor(samples.histories.gather(rows))
+        if not with_history:
+            history = torch.zeros_like(history)
         user_vec = model.unseen_user_vector(profile[part])
-        probs.append(torch.sigmoid(model.score(user_vec, udg[part], history[part],
+        probs.append(torch.sigmoid(model.score(user_vec, udg[part], history,
                                                torch.as_tensor(samples.item[part]))))
-    return all_metrics(samples.label, torch.cat(probs).numpy())
+    return all_metrics(samples.label, torch.cat(probs).numpy() if probs else np.zeros(0, np.float32))

@@ -1,4 +1,7 @@
-"""Training and evaluation: Adam, early stopping on validation AUC, checkpoints with everything to export."""
+"""Training and evaluation: Adam, early stopping on validation AUC.
+
+Batches are gathered from the split's columns one at a time (`Samples.batch`): no split's histories or
+profiles are ever materialised whole, so memory grows with the events, not with events x max_history."""
 
 from __future__ import annotations
 
@@ -6,21 +9,19 @@ import copy
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from dataset.prepared import PreparedData, Samples
 from model.base import ModelConfig
-from model.features import FeatureSpace, PreparedData, Samples, last_history
 from model.metrics import all_metrics
 from model.zoo import build_model, count_parameters
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "udg-checkpoint/1"
 
 
 @dataclass
@@ -44,31 +45,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_tensors(samples: Samples, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def to_tensors(samples: Samples, rows: np.ndarray | None = None,
+               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The model inputs of `rows` (default: every event) as tensors."""
+    batch = samples.batch(np.arange(len(samples)) if rows is None else rows)
     return {
-        "user": torch.as_tensor(samples.user, dtype=torch.long, device=device),
-        "profile": torch.as_tensor(samples.profile, dtype=torch.long, device=device),
-        "item": torch.as_tensor(samples.item, dtype=torch.long, device=device),
-        "history": torch.as_tensor(samples.history, dtype=torch.long, device=device),
-        "label": torch.as_tensor(samples.label, dtype=torch.float32, device=device),
+        "user": torch.as_tensor(batch["user"], dtype=torch.long, device=device),
+        "profile": torch.as_tensor(batch["profile"], dtype=torch.long, device=device),
+        "item": torch.as_tensor(batch["item"], dtype=torch.long, device=device),
+        "history": torch.as_tensor(batch["history"], dtype=torch.long, device=device),
+        "label": torch.as_tensor(batch["label"], dtype=torch.float32, device=device),
     }
 
 
-def batches(tensors: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):
-    n = len(tensors["label"])
+def batches(samples: Samples, batch_size: int, generator: torch.Generator | None = None,
+            device: str | torch.device = "cpu"):
+    """Batches of `batch_size` events, shuffled by `generator` (None: in order), gathered one at a time."""
+    n = len(samples)
     # The order is drawn on the CPU (the seeded generator lives there), so a seed shuffles alike on any device.
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(tensors["label"].device)
+    order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
     for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
-        yield {key: value[index] for key, value in tensors.items()}
+        yield to_tensors(samples, order[start:start + batch_size], device)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 8192) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
-    out = [torch.sigmoid(model(batch)["logit"]) for batch in batches(to_tensors(samples, device), batch_size)]
+    out = [torch.sigmoid(model(batch)["logit"]) for batch in batches(samples, batch_size, device=device)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -106,7 +110,7 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
         torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(config.device)
-    train = to_tensors(data.splits["train"], config.device)
+    train = data.splits["train"]
     optimizer = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
     best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
@@ -115,8 +119,8 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
         model.train()
         started = time.perf_counter()
         total, count = 0.0, 0
-        steps = tqdm(batches(train, config.batch_size, generator), desc=f"epoch {epoch}", leave=False,
-                     total=(len(train["label"]) + config.batch_size - 1) // config.batch_size,
+        steps = tqdm(batches(train, config.batch_size, generator, config.device), desc=f"epoch {epoch}",
+                     leave=False, total=(len(train) + config.batch_size - 1) // config.batch_size,
                      disable=not progress)
         for batch in steps:
             out = model(batch)
@@ -146,72 +150,11 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
     return FitResult(model, best_epoch, valid, history, float(np.mean(epoch_seconds)))
 
 
-def user_snapshot(data: PreparedData) -> dict:
-    """Per known user: profile and latest click history (raw ids), what `publish` loads into Redis."""
-    raw, space = data.raw, data.space
-    clicked = raw.labels() > 0.5
-    order = np.argsort(raw.users, kind="stable")
-    users_sorted = raw.users[order]
-    boundaries = np.flatnonzero(users_sorted[1:] != users_sorted[:-1]) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(order)]])
-    histories = {}
-    for lo, hi in zip(starts, ends, strict=True):
-        rows = order[lo:hi]
-        user = str(users_sorted[lo])
-        if user in space.users.index:
-            histories[user] = last_history(raw.items[rows], raw.timestamps[rows], clicked[rows],
-                                           space.max_history).tolist()
-    return {
-        "users": list(histories),
-        "profiles": [raw.profiles.get(u, {}) for u in histories],
-        "histories": list(histories.values()),
-    }
-
-
-def save_checkpoint(path: Path, model: nn.Module, model_config: ModelConfig, train_config: TrainConfig,
-                    space: FeatureSpace, metrics: dict, users: dict | None = None, meta: dict | None = None,
-                    dataset: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": model_config.to_json(),
-        "train_config": asdict(train_config),
-        "space": space.to_json(),
-        "state_dict": model.state_dict(),
-        "metrics": metrics,
-        "parameters": count_parameters(model),
-        "users": users,
-        "meta": meta,
-        "dataset": dataset,
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from a checkpoint (tensors and plain containers only: weights_only=True)."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} file")
-    config = ModelConfig.from_json(payload["model_config"])
-    space = FeatureSpace.from_json(payload["space"])
-    model = build_model(config, space)
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    payload["model_config_obj"] = config
-    payload["space_obj"] = space
-    return model, payload
-
-
 def train_model(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
                 progress: bool = True) -> tuple[nn.Module, dict]:
     """Seeded build + fit + test evaluation; returns the model and a metrics dict."""
     seed_everything(train_config.seed)
-    model = build_model(model_config, data.space)
+    model = build_model(model_config, data.schema)
     result = fit(model, data, train_config, progress=progress)
     metrics = {
         "best_epoch": result.best_epoch,

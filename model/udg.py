@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.base import BaseCTR, ctr_forward
-from model.features import FeatureSpace
+from dataset.schema import FeatureSchema
+from model.base import BaseCTR, Items, ctr_forward
 from model.layers import SplitLinear
 
 
@@ -38,20 +38,19 @@ class UDG(nn.Module):
       "official" Concat(UDG user emb, profile embs) — what the authors' public code feeds its gates.
     """
 
-    def __init__(self, base: BaseCTR, space: FeatureSpace):
+    def __init__(self, base: BaseCTR, schema: FeatureSchema):
         super().__init__()
         config = base.config
         if config.gate_input not in ("paper", "official"):
             raise ValueError(f"gate_input must be 'paper' or 'official', not {config.gate_input!r}")
         self.base = base
         self.config = config
-        d = config.embed_dim
-        self.udg_emb = nn.Embedding(len(space.users), config.udg_dim)
+        self.udg_emb = nn.Embedding(len(schema.users), config.udg_dim)
         nn.init.normal_(self.udg_emb.weight, std=0.05)
         if config.gate_input == "paper":
-            candidate_dim, user_dim = 2 * d, 2 * d + config.udg_dim
+            candidate_dim, user_dim = base.item_dim, base.item_dim + config.udg_dim
         else:
-            candidate_dim, user_dim = 0, config.udg_dim + (base.user_fields - 1) * d
+            candidate_dim, user_dim = 0, config.udg_dim + (base.user_fields - 1) * config.embed_dim
         layer_dims = base.mlp.layer_input_dims
         n_gates = len(config.hidden) + (1 if config.gate_output_layer else 0)
         self.gates = nn.ModuleList(
@@ -70,7 +69,7 @@ class UDG(nn.Module):
         return self.base.user_vector(user, profile), self.udg_emb(user)
 
     def gate_inputs(self, user_vec: torch.Tensor, udg_vec: torch.Tensor, history: torch.Tensor,
-                    items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+                    items: Items) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(candidate part [N, c], user part [1 or N, u]) of the gate input."""
         if self.config.gate_input == "paper":
             candidate = self.base.item_fields(items).flatten(-2)
@@ -88,7 +87,8 @@ class UDG(nn.Module):
         return [gate(candidate, user) for gate in self.gates]
 
     def score(self, user_vec: torch.Tensor, udg_vec: torch.Tensor, history: torch.Tensor,
-              items: torch.Tensor) -> torch.Tensor:
+              items: torch.Tensor | Items) -> torch.Tensor:
+        items = self.base.as_items(items)
         h0 = self.base.mlp_input(user_vec, history, items)
         gates = self.gate_values(user_vec, udg_vec, history, items)
         n = h0.shape[0]

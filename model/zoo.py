@@ -6,8 +6,8 @@ import importlib
 
 from torch import nn
 
+from dataset.schema import FeatureSchema
 from model.base import BaseCTR, ModelConfig
-from model.features import FeatureSpace
 from model.udg import UDG
 
 # kind -> "module:Class"; imported on demand so one broken model never blocks the others.
@@ -28,9 +28,9 @@ def base_class(kind: str) -> type[BaseCTR]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def build_model(config: ModelConfig, space: FeatureSpace) -> nn.Module:
-    base = base_class(config.kind)(config, space)
-    return UDG(base, space) if config.udg else base
+def build_model(config: ModelConfig, schema: FeatureSchema) -> nn.Module:
+    base = base_class(config.kind)(config, schema)
+    return UDG(base, schema) if config.udg else base
 
 
 def base_of(model: nn.Module) -> BaseCTR:
