@@ -12,13 +12,17 @@ API (what `service/` codes against; keep these names):
     art.version, art.manifest, art.path          # str, dict, Path
     art.user_dim, art.udg_dim, art.max_history   # ints (udg_dim == 0 for models without UDG)
     art.oov_index, art.pad_index, art.provider   # 1, 0, e.g. "CPUExecutionProvider"
+    art.schema                                   # dataset.schema.FeatureSchema: fields and vocabularies
     idx, unknown = art.encode_items(["12", "999999"])   # int64 [n], bool [n]; unknown ids -> OOV index 1
-    profile_idx = art.encode_profile({"age": "25-34", "gender": "M"})  # int64 [3]; missing/unknown value
-        # -> OOV; an unknown field raises ValueError naming it; a numeric age is bucketed like training.
-    probs = art.score(user_vec, udg_vec, history_idx, candidate_idx)   # float32 [N], ONE onnxruntime call
+    fields = art.candidate_fields(idx, new_items=None)  # {"candidate_<field>": int64 [n, width]}: the
+        # item table's tokens for known ids; for unknown ids the tokens of `new_items` ({raw id: row}) or PAD
+    profile_idx = art.encode_profile({"cohort": "a1"})  # int64 [user fields]; missing/unknown value -> OOV
+        # (or a hash bucket); an unknown field raises UnknownField (a ValueError) naming it; a numeric
+        # field's number is bucketed by its declared edges, as in training.
+    probs = art.score(user_vec, udg_vec, history_idx, candidate_idx, fields)  # float32 [N], ONE ort call
         # user_vec [user_dim] or [1, user_dim] f32; udg_vec likewise (None / ignored without UDG);
         # history_idx int64 [L] or [1, L], PAD (0) filled, most recent first, may be empty (L = 0);
-        # candidate_idx int64 [N]. Out-of-range indices are mapped to OOV before the graph.
+        # candidate_idx int64 [N]; fields default to the item table's. Out-of-range indices -> OOV.
     user_vec, udg_vec = art.cold_start(profile_idx)  # f32 [user_dim], f32 [udg_dim] (None without UDG)
         # an unseen user's base embedding (OOV id row + profile rows) and UDG embedding (meta generator)
     users = art.load_users()   # dict of numpy arrays from users.npz (for `udg publish`)
@@ -43,12 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.schema import FeatureSchema
+
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "udg-artifact/1"
+ARTIFACT_FORMAT = "udg-artifact/2"
 MANIFEST_FILE = "manifest.json"
 CUDA_GRAPH_BUCKETS = (16, 64, 256, 1024, 4096)
-_INT_INPUTS = {"history", "candidates", "profile"}
 
 
 class ArtifactError(RuntimeError):
@@ -158,12 +163,11 @@ class Artifact:
         vocab = manifest["vocab"]
         self.pad_index: int = int(vocab["pad_index"])
         self.oov_index: int = int(vocab["oov_index"])
-        self.n_items: int = int(vocab["items"]["size"])
-        self._items: dict[str, int] = vocab["items"]["index"]
-        self._profile: dict[str, dict[str, int]] = {f: v["index"] for f, v in vocab["profile"].items()}
-        encoding = manifest.get("profile_encoding", {})
-        self.profile_fields: list[str] = list(encoding.get("fields", self._profile))
-        self._age_buckets = encoding.get("age_buckets")
+        self.schema: FeatureSchema = FeatureSchema.from_json({**manifest["features"], "item_table": {}})
+        self.n_items: int = len(self.schema.items)
+        self.profile_fields: list[str] = self.schema.profile_fields
+        self._items: dict[str, int] = self.schema.items.index
+        self._item_tables = self._load_item_tables(manifest)
         self._scorer, self._meta = scorer, meta
         self.provider = provider
         self.on_gpu = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -173,6 +177,17 @@ class Artifact:
         self._cuda_graph = cuda_graph_session
         self._buckets: dict[int, _Bucket] = {}
 
+    def _load_item_tables(self, manifest: dict) -> dict[str, np.ndarray]:
+        """Per item field: tokens [len(items) vocabulary rows, width] from items.npz (rows PAD/OOV empty)."""
+        tables = {f.name: np.zeros((self.schema.items.known_size, f.width), np.int64) for f in self.schema.item_fields}
+        if not tables:
+            return tables
+        with np.load(self.path / manifest["vocab"]["items"]["file"], allow_pickle=False) as data:
+            for spec in self.schema.item_fields:
+                values = data[f"field_{spec.name}"]
+                tables[spec.name][2:2 + len(values)] = values
+        return tables
+
     # --- encoding ---------------------------------------------------------------------------------------
     def encode_items(self, raw_ids) -> tuple[np.ndarray, np.ndarray]:
         """Raw item ids -> (int64 indices, unknown mask); unknown ids map to the OOV index."""
@@ -180,33 +195,29 @@ class Artifact:
         index = np.fromiter((get(str(t), oov) for t in raw_ids), dtype=np.int64, count=len(raw_ids))
         return index, index == oov
 
-    def encode_profile(self, profile: dict | None) -> np.ndarray:
-        """{field: value} -> int64 [len(fields)]; missing or unknown values -> OOV, unknown fields -> ValueError."""
-        profile = profile or {}
-        for key in profile:
-            if key not in self._profile:
-                raise ValueError(f"unknown profile field {key!r}; expected some of {self.profile_fields}")
-        out = np.full(len(self.profile_fields), self.oov_index, dtype=np.int64)
-        for i, name in enumerate(self.profile_fields):
-            value = profile.get(name)
-            if value is None:
-                continue
-            token = str(value)
-            index = self._profile[name].get(token)
-            if index is None and name == "age" and self._age_buckets:
-                index = self._profile[name].get(self._bucket_age(token) or "")
-            out[i] = self.oov_index if index is None else index
+    def candidate_fields(self, candidate_idx, raw_ids=None, new_items: dict | None = None) -> dict[str, np.ndarray]:
+        """The scorer's candidate_<field> inputs: the item table's tokens per known candidate; an unknown one
+        (OOV index) takes its row of `new_items` ({raw id: tokens of every field, concatenated}) when given,
+        else no features (PAD), as unseen items had in training."""
+        idx = np.asarray(candidate_idx, dtype=np.int64).reshape(-1)
+        rows = np.where((idx > self.oov_index) & (idx < self.schema.items.known_size), idx, self.pad_index)
+        out = {}
+        for spec in self.schema.item_fields:
+            out[f"candidate_{spec.name}"] = self._item_tables[spec.name][rows]
+        if new_items and raw_ids is not None:
+            offsets = np.cumsum([0] + [f.width for f in self.schema.item_fields])
+            for j in np.flatnonzero(idx == self.oov_index).tolist():
+                tokens = new_items.get(raw_ids[j])
+                if tokens is None:
+                    continue
+                for k, spec in enumerate(self.schema.item_fields):
+                    out[f"candidate_{spec.name}"][j] = tokens[offsets[k]:offsets[k + 1]]
         return out
 
-    def _bucket_age(self, token: str) -> str | None:
-        try:
-            age = float(token)
-        except ValueError:
-            return None
-        for upper, label in self._age_buckets:
-            if upper is None or age < upper:
-                return label
-        return None
+    def encode_profile(self, profile: dict | None) -> np.ndarray:
+        """{field: value} -> int64 [len(fields)]; missing or unknown values -> OOV (or a hash bucket); unknown
+        fields -> UnknownField (a ValueError) naming it; numbers of numeric fields are bucketed."""
+        return self.schema.encode_profile(profile)
 
     # --- scoring ----------------------------------------------------------------------------------------
     def _safe_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -214,7 +225,7 @@ class Artifact:
         bad = (ids < 0) | (ids >= self.n_items)
         return np.where(bad, self.oov_index, ids) if bad.any() else ids
 
-    def feeds(self, user_vec, udg_vec, history_idx, candidate_idx) -> dict[str, np.ndarray]:
+    def feeds(self, user_vec, udg_vec, history_idx, candidate_idx, fields: dict | None = None) -> dict[str, np.ndarray]:
         """The scorer graph's input dict, validated and shaped (history padded to >= 1, cut to max_history)."""
         user = np.ascontiguousarray(np.asarray(user_vec, dtype=np.float32).reshape(1, -1))
         if user.shape[1] != self.user_dim:
@@ -222,8 +233,16 @@ class Artifact:
         history = np.asarray(history_idx, dtype=np.int64).reshape(1, -1)[:, :self.max_history]
         if history.shape[1] == 0:
             history = np.zeros((1, 1), dtype=np.int64)
-        feeds = {"user_vec": user, "history": np.ascontiguousarray(self._safe_ids(history)),
-                 "candidates": np.ascontiguousarray(self._safe_ids(np.asarray(candidate_idx).reshape(-1)))}
+        candidates = np.ascontiguousarray(self._safe_ids(np.asarray(candidate_idx).reshape(-1)))
+        feeds = {"user_vec": user, "history": np.ascontiguousarray(self._safe_ids(history)), "candidates": candidates}
+        fields = self.candidate_fields(candidates) if fields is None else fields
+        for spec in self.schema.item_fields:
+            name = f"candidate_{spec.name}"
+            values = np.ascontiguousarray(np.asarray(fields[name], dtype=np.int64).reshape(len(candidates), -1))
+            vocab = len(spec.vocab)
+            if values.size and (values.min() < 0 or values.max() >= vocab):
+                values = np.where((values < 0) | (values >= vocab), self.oov_index, values)
+            feeds[name] = values
         if self.udg_dim:
             if udg_vec is None:
                 raise ValueError("this model uses UDG: udg_vec is required")
@@ -233,9 +252,9 @@ class Artifact:
             feeds["udg_vec"] = udg
         return feeds
 
-    def score(self, user_vec, udg_vec, history_idx, candidate_idx) -> np.ndarray:
+    def score(self, user_vec, udg_vec, history_idx, candidate_idx, fields: dict | None = None) -> np.ndarray:
         """Click probabilities float32 [N] for one user and N candidates, in one onnxruntime call."""
-        feeds = self.feeds(user_vec, udg_vec, history_idx, candidate_idx)
+        feeds = self.feeds(user_vec, udg_vec, history_idx, candidate_idx, fields)
         n = feeds["candidates"].shape[0]
         if n == 0:
             return np.zeros(0, dtype=np.float32)
@@ -265,7 +284,8 @@ class Artifact:
         if bucket is None:
             bucket = _Bucket(size=size, graph_id=len(self._buckets) + 1)
             shapes = {"user_vec": ((1, self.user_dim), np.float32), "udg_vec": ((1, self.udg_dim), np.float32),
-                      "history": ((1, self.max_history), np.int64), "candidates": ((size,), np.int64)}
+                      "history": ((1, self.max_history), np.int64), "candidates": ((size,), np.int64),
+                      **{f"candidate_{f.name}": ((size, f.width), np.int64) for f in self.schema.item_fields}}
             binding = self._cuda_graph.io_binding()
             for name in self._scorer_inputs:
                 shape, dtype = shapes[name]
@@ -282,11 +302,14 @@ class Artifact:
         import onnxruntime as ort
 
         bucket = self._bucket(n)
-        candidates = np.zeros(bucket.size, dtype=np.int64)  # padding candidates score PAD; dropped below
-        candidates[:n] = feeds["candidates"]
         history = np.zeros((1, self.max_history), dtype=np.int64)
         history[:, :feeds["history"].shape[1]] = feeds["history"]
-        padded = {**feeds, "candidates": candidates, "history": history}
+        padded = {**feeds, "history": history}
+        for name in self._scorer_inputs:  # padding candidates (and their fields) score PAD; dropped below
+            if name.startswith("candidate"):
+                value = np.zeros((bucket.size, *feeds[name].shape[1:]), dtype=np.int64)
+                value[:n] = feeds[name]
+                padded[name] = value
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(bucket.graph_id))
         with bucket.lock:
@@ -322,7 +345,8 @@ class Artifact:
         worst = 0.0
         for case in golden["scorer"]:
             i = case["inputs"]
-            got = self.score(i["user_vec"], i.get("udg_vec"), i["history"], i["candidates"])
+            fields = {k: v for k, v in i.items() if k.startswith("candidate_")}
+            got = self.score(i["user_vec"], i.get("udg_vec"), i["history"], i["candidates"], fields)
             worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, self.path / "scorer.onnx"))
         for case in golden["meta"]:
             feeds = {"profile": np.asarray(case["inputs"]["profile"], dtype=np.int64)}

@@ -128,84 +128,89 @@ def quantized_variants(blob: bytes, workdir: Path) -> dict[str, bytes]:
     return out
 
 
-def tiny_data_spec(**overrides):
-    """The synthetic data the tiny benchmark models are trained on (DataSpec; overrides for its fields)."""
-    from model.experiment import DataSpec
+def tiny_data_spec(**params):
+    """The synthetic world the tiny benchmark models are trained on (`generator.params` overrides)."""
+    from dataset.spec import load_spec
 
-    return DataSpec(**{"name": "synthetic", "synthetic": dict(TINY_SYNTHETIC), **overrides})
+    overrides = {f"generator.params.{k}": v for k, v in {**TINY_SYNTHETIC, **params}.items()}
+    return load_spec("synthetic").with_overrides(**overrides)
+
+
+def tiny_data(**params):
+    """The tiny benchmark data, ingested (see `tiny_data_spec`)."""
+    from dataset.ingest import prepare
+
+    return prepare(tiny_data_spec(**params))
 
 
 def train_tiny(kind: str, data, epochs: int | None = None):
-    """(model in eval mode, payload): a +UDG model of `kind` (model_config(kind, "udg")) fitted on `data`."""
+    """(model in eval mode, Checkpoint): a +UDG model of `kind` (model_config(kind, "udg")) fitted on `data`."""
+    from model.checkpoint import Checkpoint
     from model.experiment import model_config
     from model.train import TrainConfig, train_model
 
     config = model_config(kind, "udg")
     epochs = epochs if epochs is not None else TINY_EPOCHS.get(kind, 3)
-    model, metrics = train_model(data, config, TrainConfig(epochs=epochs), progress=False)
-    payload = {"model_config_obj": config, "space_obj": data.space, "metrics": metrics}
-    return model.eval(), payload
+    train_config = TrainConfig(epochs=epochs)
+    model, metrics = train_model(data, config, train_config, progress=False)
+    return model.eval(), Checkpoint.from_training(model, config, train_config, data, metrics)
 
 
 def load_or_train(checkpoint: str | None):
-    """(model, payload, validation Samples or None)."""
+    """(model, Checkpoint, validation Samples or None)."""
     import torch
 
-    from model.experiment import DataSpec
-
     if checkpoint:
-        from model.train import load_checkpoint
+        from dataset.ingest import prepare
+        from model.checkpoint import Checkpoint
 
-        model, payload = load_checkpoint(Path(checkpoint))
+        loaded = Checkpoint.load(Path(checkpoint))
         valid = None
-        if payload.get("dataset"):
-            try:
-                data = DataSpec(**payload["dataset"]).load()
-                valid = data.splits["valid"]
-            except Exception as error:  # data not cached here: skip the AUC columns
-                log.warning("validation data unavailable (%s): AUC columns skipped", error)
-        return model, payload, valid
+        try:
+            valid = prepare(loaded.spec).splits["valid"]
+        except Exception as error:  # data not available here: skip the AUC columns
+            log.warning("validation data unavailable (%s): AUC columns skipped", error)
+        return loaded.build_model(), loaded, valid
     torch.set_num_threads(2)
-    data = tiny_data_spec().load()
-    model, payload = train_tiny("pnn", data)
-    return model, payload, data.splits["valid"]
+    data = tiny_data()
+    model, checkpoint = train_tiny("pnn", data)
+    return model, checkpoint, data.splits["valid"]
 
 
 class Requests:
-    """One user (id 2, profile [2, 2, 2]), one random full-length history and N random candidates per call:
-    the scoring graph's torch arguments, its onnxruntime feeds, and the PyTorch eager call."""
+    """One user (id 2, profile all 2s), one random full-length history and N random candidates (with their
+    item fields) per call: the scoring graph's torch arguments, its onnxruntime feeds, and the eager call."""
 
-    def __init__(self, model, space, seed: int = 0):
+    def __init__(self, model, schema, seed: int = 0):
         import torch
 
-        from export.onnx_export import scorer_io
-        from model.udg import UDG
+        from model.serving import scorer_graph
 
         self.model = model
-        self.udg = isinstance(model, UDG)
-        self.names, _ = scorer_io(model)
+        self.udg = model.udg_dim > 0
+        self.graph = scorer_graph(model, schema)
+        self.names = self.graph.input_names
         self.rng = np.random.default_rng(seed)
-        self.n_items = len(space.items)
+        self.n_items = schema.items.known_size
+        profile = torch.full((1, len(schema.user_fields)), 2, dtype=torch.long)
         with torch.inference_mode():
-            self.user_vec, self.udg_vec = model.user_state(torch.tensor([2]), torch.tensor([[2, 2, 2]]))
-        self.history = torch.as_tensor(self.rng.integers(2, self.n_items, size=(1, space.max_history)),
+            self.user_vec, self.udg_vec = model.user_state(torch.tensor([2]), profile)
+        self.history = torch.as_tensor(self.rng.integers(2, self.n_items, size=(1, schema.max_history)),
                                        dtype=torch.long)
 
     def torch_args(self, n: int) -> tuple:
         import torch
 
         candidates = torch.as_tensor(self.rng.integers(2, self.n_items, size=n), dtype=torch.long)
-        if self.udg:
-            return self.user_vec, self.udg_vec, self.history, candidates
-        return self.user_vec, self.history, candidates
+        fields = self.model.base_model.lookup_items(candidates).fields
+        user = (self.user_vec, self.udg_vec) if self.udg else (self.user_vec,)
+        return (*user, self.history, candidates, *fields)
 
     def feeds(self, targs: tuple) -> dict:
         return {name: t.numpy() for name, t in zip(self.names, targs, strict=True)}
 
     def eager(self, targs: tuple):
-        import torch
-
-        return torch.sigmoid(self.model.score(targs[0], targs[1] if self.udg else None, targs[-2], targs[-1]))
+        return self.graph.module(*targs)
 
 
 def calls_for(n: int, repeats: int) -> int:
@@ -224,7 +229,7 @@ def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int) -
     return out
 
 
-def validation_auc(run_row, model, valid, udg: bool) -> float:
+def validation_auc(run_row, model, valid, udg: bool, tables: dict) -> float:
     """AUC of a graph on the validation split, one call per event (each event has its own history)."""
     import torch
 
@@ -234,10 +239,13 @@ def validation_auc(run_row, model, valid, udg: bool) -> float:
         user_vec, udg_vec = model.user_state(torch.as_tensor(valid.user), torch.as_tensor(valid.profile))
     user_vec = user_vec.numpy()
     udg_vec = udg_vec.numpy() if udg_vec is not None else None
+    fields = {f"candidate_{name}": table for name, table in tables.items()}
+    history = valid.history
     scores = np.empty(len(valid), np.float32)
     for i in range(len(valid)):
-        feeds = {"user_vec": user_vec[i:i + 1], "history": valid.history[i:i + 1],
-                 "candidates": valid.item[i:i + 1]}
+        feeds = {"user_vec": user_vec[i:i + 1], "history": history[i:i + 1],
+                 "candidates": valid.item[i:i + 1],
+                 **{name: table[valid.item[i:i + 1]] for name, table in fields.items()}}
         if udg:
             feeds["udg_vec"] = udg_vec[i:i + 1]
         scores[i] = run_row(feeds)[0]
@@ -294,28 +302,28 @@ def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[i
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import export_scorer, scorer_graph
-    from model.udg import UDG
+    from export.onnx_export import export_scorer
+    from model.serving import scorer_graph
 
-    model, payload, valid = load_or_train(checkpoint)
+    model, checkpoint_obj, valid = load_or_train(checkpoint)
     model.eval()
-    space = payload["space_obj"]
-    udg = isinstance(model, UDG)
-    config = payload["model_config_obj"]
+    schema = checkpoint_obj.schema
+    udg = model.udg_dim > 0
+    config = checkpoint_obj.model_config
     print(f"model: {config.kind}{'+UDG' if udg else ''}  embed_dim={config.embed_dim} hidden={list(config.hidden)} "
           f"udg_dim={config.udg_dim if udg else 0} gate_hidden={config.gate_hidden if udg else 0}  "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}")
 
-    requests = Requests(model, space)
-    graph = scorer_graph(model)
-    per_candidate_graph = scorer_graph(model, per_candidate=True)
+    requests = Requests(model, schema)
+    graph = requests.graph.module
+    per_candidate_graph = scorer_graph(model, schema, per_candidate=True).module
     flops, per_request = flops_per_candidate(graph, requests.torch_args)
     flops_naive, _ = flops_per_candidate(per_candidate_graph, requests.torch_args)
     print(f"FLOPs per candidate (matmul-like ops): {flops / 1e3:.1f} k broadcast graph, {flops_naive / 1e3:.1f} k "
           f"with the user side per candidate; per request once: {per_request / 1e3:.1f} k")
 
-    blob = export_scorer(model, space)
-    naive_blob = export_scorer(model, space, per_candidate=True)
+    blob = export_scorer(model, schema)
+    naive_blob = export_scorer(model, schema, per_candidate=True)
     variants: dict[str, bytes] = {}
     if not quick:
         with tempfile.TemporaryDirectory() as tmp:
@@ -339,7 +347,7 @@ def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[i
 
     print_tables(results, sizes, thread_counts, flops)
     if valid is not None and not quick and len(valid):
-        print_variant_auc(results, blob, variants, model, valid, udg, torch)
+        print_variant_auc(results, blob, variants, model, valid, udg, torch, schema.item_table)
     return {**results, "rows": [summarise_row(row) for row in results["rows"]]}
 
 
@@ -350,18 +358,19 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
     Rows: {"kind", "n", "threads", "torch": [s], "ort": [s]}."""
     import torch
 
+    from dataset.ingest import prepare
     from export.onnx_export import export_scorer
 
-    data = (data_spec or tiny_data_spec()).load()
+    data = prepare(data_spec) if data_spec is not None else tiny_data()
     rows = []
     for kind in kinds:
         torch.set_num_threads(max(thread_counts))
         start = time.perf_counter()
-        model, payload = train_tiny(kind, data)
-        log.info("%s+UDG: %d parameters, valid AUC %.4f, trained in %.0f s", kind, payload["metrics"]["parameters"],
-                 payload["metrics"]["valid"]["auc"], time.perf_counter() - start)
-        blob = export_scorer(model, data.space)
-        requests = Requests(model, data.space)
+        model, checkpoint = train_tiny(kind, data)
+        log.info("%s+UDG: %d parameters, valid AUC %.4f, trained in %.0f s", kind, checkpoint.metrics["parameters"],
+                 checkpoint.metrics["valid"]["auc"], time.perf_counter() - start)
+        blob = export_scorer(model, data.schema)
+        requests = Requests(model, data.schema)
         sessions = {threads: ort_session(blob, threads) for threads in thread_counts}
         for n in sizes:
             targs = requests.torch_args(n)
@@ -433,17 +442,17 @@ def print_kind_table(rows: list[dict]) -> None:
               f"{tm * 1e3:.3f} | {percentile(t, 99) * 1e3:.3f} | {om / tm:.2f} |")
 
 
-def print_variant_auc(results, blob, variants, model, valid, udg, torch) -> None:
+def print_variant_auc(results, blob, variants, model, valid, udg, torch, tables: dict) -> None:
     print(f"\nValidation AUC ({len(valid)} events, one call per event):")
     print("| graph | AUC | Δ vs fp32 |")
     print("|---|---:|---:|")
     session = ort_session(blob, 1)
-    reference = validation_auc(lambda f: session.run(None, f)[0], model, valid, udg)
+    reference = validation_auc(lambda f: session.run(None, f)[0], model, valid, udg, tables)
     print(f"| ORT fp32 | {reference:.4f} | — |")
     results["variants"].append({"name": "fp32", "auc": reference})
     for name, variant in variants.items():
         session = ort_session(variant, 1)
-        value = validation_auc(lambda f, session=session: session.run(None, f)[0], model, valid, udg)
+        value = validation_auc(lambda f, session=session: session.run(None, f)[0], model, valid, udg, tables)
         results["variants"].append({"name": name, "auc": value})
         print(f"| ORT {name} | {value:.4f} | {value - reference:+.4f} |")
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 
-def synthetic_users(n: int, user_dim: int, udg_dim: int, max_history: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_users(n: int, user_dim: int, udg_dim: int, max_history: int, profile: dict[str, list[str]],
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """N users with random vectors and histories; each profile field's value drawn from its vocabulary."""
     rng = np.random.default_rng(seed)
     items = np.char.add("i", np.arange(1682).astype(str))
     history_len = rng.integers(0, max_history + 1, size=n)
@@ -29,10 +31,9 @@ def synthetic_users(n: int, user_dim: int, udg_dim: int, max_history: int, seed:
         "udg_vec": rng.normal(0, 0.05, size=(n, udg_dim)).astype(np.float32),
         "history": history,
         "history_len": history_len.astype(np.int64),
-        "profile": np.stack([np.char.add("a", rng.integers(0, 7, n).astype(str)),
-                             np.array(["M", "F"])[rng.integers(0, 2, n)],
-                             np.char.add("o", rng.integers(0, 21, n).astype(str))], axis=1),
-        "profile_fields": np.array(["age", "gender", "occupation"]),
+        "profile": np.stack([np.array(tokens or [""])[rng.integers(0, max(len(tokens), 1), n)]
+                             for tokens in profile.values()], axis=1) if profile else np.zeros((n, 0), str),
+        "profile_fields": np.array(list(profile), dtype=str),
     }
 
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     _, manifest, _ = version_dir_info(repo / version)
     dims = manifest["dims"]
     started = time.perf_counter()
-    users = synthetic_users(args.users, dims["user_dim"], dims["udg_dim"], dims["max_history"])
+    profile = {f["name"]: f["vocab"]["tokens"] for f in manifest["features"]["user_fields"]}
+    users = synthetic_users(args.users, dims["user_dim"], dims["udg_dim"], dims["max_history"], profile)
     print(f"generated {args.users:,d} synthetic users ({dims}) in {time.perf_counter() - started:.1f} s; mean "
           f"history {users['history_len'].mean():.1f} items", flush=True)
     binary = redis_server_binary()

@@ -62,18 +62,18 @@ def gpu_status() -> tuple[bool, str]:
 
 def tiny_data():
     """The small synthetic data every kind's tiny model is trained on (loaded once per check)."""
+    from dataset.ingest import prepare
     from loadtest.bench_model import tiny_data_spec
 
-    return tiny_data_spec(synthetic={"users": 500, "items": 200, "events_per_user": 20}, max_history=20).load()
+    spec = tiny_data_spec(users=500, items=200, events_per_user=20).with_overrides(**{"behavior.max_length": 20})
+    return prepare(spec)
 
 
 def tiny_model(kind: str, data):
-    """(model, export payload): a +UDG model of `kind` fitted for one epoch on `data`."""
+    """(model, Checkpoint): a +UDG model of `kind` fitted for one epoch on `data` (no meta generator)."""
     from loadtest.bench_model import train_tiny
-    from model.train import user_snapshot
 
-    model, payload = train_tiny(kind, data, epochs=1)
-    return model, {**payload, "users": user_snapshot(data), "meta": None, "parameters": None}
+    return train_tiny(kind, data, epochs=1)
 
 
 def time_calls(fn, seconds: float, max_calls: int = 2000) -> list[float]:
@@ -214,17 +214,17 @@ def check_kind(kind: str, checkpoint: str | None, data, on_gpu: bool, sizes: lis
     from export.onnx_export import export_model
 
     if checkpoint:
-        from model.train import load_checkpoint
+        from model.checkpoint import Checkpoint
 
-        model, payload = load_checkpoint(Path(checkpoint))
-        kind = payload["model_config_obj"].kind
+        loaded = Checkpoint.load(Path(checkpoint))
+        model, kind = loaded.build_model(), loaded.model_config.kind
     else:
-        model, payload = tiny_model(kind, data)
+        model, loaded = tiny_model(kind, data)
     model.eval()
     result = {"kind": kind, "parity": {}, "latency": [], "concurrent": [], "notes": [], "failures": []}
     print(f"\n## {kind}")
     with tempfile.TemporaryDirectory() as repo:
-        path = export_model(model, payload, f"gpucheck-{kind}", Path(repo))
+        path = export_model(loaded, f"gpucheck-{kind}", Path(repo), model=model)
         paths, result["notes"] = open_paths(path, on_gpu)
         for note in result["notes"]:
             print(f"note: {note}")

@@ -6,7 +6,7 @@
 Tasks (each tagged, so `--tags score`, `--tags cold`, `--tags events` or any combination runs a part alone):
 - `score`  a known (published) user scores a candidate list; list sizes follow UDG_LOADTEST_CANDIDATES;
 - `cold`   a user never seen before scores a candidate list, sending a profile drawn from the published users'
-           profiles (so the mix of ages, genders and occupations is the real one);
+           profiles (so the mix of profile values is the real one);
 - `events` a known user sends an event (a click with probability UDG_LOADTEST_CLICK_RATE) on a catalogue item.
 
 The population is read from the model artifact, the way the service sees it: MODEL_REPO/V/manifest.json
@@ -50,9 +50,8 @@ log = logging.getLogger("udg.locust")
 TASKS = ("score", "cold", "events")
 DEFAULT_WEIGHTS = {"score": 8, "cold": 1, "events": 3}
 DEFAULT_SIZES = "loguniform:50:1000"
-# When nothing was published with profiles: plausible MovieLens-like values (unknown ones map to OOV anyway).
-FALLBACK_PROFILES = ({"age": "25", "gender": "M", "occupation": "student"},
-                     {"age": "35", "gender": "F", "occupation": "engineer"})
+# When nothing says which profile fields a version has: cold users send no profile (the all-OOV profile).
+FALLBACK_PROFILES: tuple[dict[str, str], ...] = ({},)
 SCORE_PATH, EVENTS_PATH = "/v1/score", "/v1/events"
 
 
@@ -195,16 +194,18 @@ def model_dir(env: Mapping[str, str] = os.environ) -> Path | None:
 
 
 def _vocab_tokens(vocab: Mapping) -> list[str]:
-    index = vocab.get("index", vocab) if isinstance(vocab, Mapping) else {}
-    return sorted(index, key=lambda t: index[t]) if isinstance(index, Mapping) else [str(t) for t in vocab]
+    """A feature schema vocabulary ({"tokens": [...], ...}) -> its tokens."""
+    return [str(t) for t in vocab.get("tokens", [])] if isinstance(vocab, Mapping) else []
 
 
 def read_artifact(path: Path) -> Population:
     """Users, items and profiles from MODEL_REPO/V: manifest.json (vocabularies) and users.npz (published users)."""
     manifest = json.loads((path / "manifest.json").read_text())
     vocab = manifest.get("vocab", {})
-    items = _vocab_tokens(vocab.get("items", {}))
-    fields = list(manifest.get("profile_encoding", {}).get("fields", []))
+    features = manifest.get("features", {})
+    items = _vocab_tokens(features.get("items", {}))
+    user_fields = {f["name"]: f for f in features.get("user_fields", [])}
+    fields = list(user_fields)
     users: list[str] = []
     profiles: list[dict[str, str]] = []
     users_file = path / vocab.get("users", {}).get("file", "users.npz")
@@ -219,7 +220,7 @@ def read_artifact(path: Path) -> Population:
                             for row in data["profile"].tolist()]
                 profiles = [p for p in profiles if p]
     if not profiles and fields:  # no published profiles: combine the profile vocabularies independently
-        values = {f: _vocab_tokens(vocab.get("profile", {}).get(f, {})) for f in fields}
+        values = {f: _vocab_tokens(user_fields[f].get("vocab", {})) for f in fields}
         if all(values.values()):
             rng = random.Random(0)
             profiles = [{f: rng.choice(v) for f, v in values.items()} for _ in range(1000)]

@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from loadtest.bench_compare import NAIVE_KEY
-from model.train import load_checkpoint
+from model.checkpoint import Checkpoint
 
 FEATURES = ("user_vec", "udg_vec", "history")
 
@@ -41,8 +41,9 @@ class ScoreRequest(BaseModel):
     candidates: list[str]
 
 
-model, payload = load_checkpoint(os.environ["NAIVE_CHECKPOINT"])
-space = payload["space_obj"]
+checkpoint = Checkpoint.load(os.environ["NAIVE_CHECKPOINT"])
+model = checkpoint.build_model()
+space = checkpoint.schema
 store = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
 app = FastAPI()
 

@@ -100,6 +100,16 @@ class BaseCTR(nn.Module):
 
     # --- the embedding layer (Eq. 1) ---------------------------------------------------------------------
     @property
+    def base_model(self) -> BaseCTR:
+        """The base model (itself; a UDG wrapper answers its wrapped model)."""
+        return self
+
+    @property
+    def udg_dim(self) -> int:
+        """Width of the UDG user embedding: 0, a base model has none."""
+        return 0
+
+    @property
     def user_dim(self) -> int:
         return self.user_fields * self.config.embed_dim
 

@@ -333,12 +333,12 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 def run_report(args: argparse.Namespace) -> None:
     import torch
 
-    from model.commands import data_spec
+    from model.commands import data_spec, load_data
     from model.train import TrainConfig
 
     torch.set_num_threads(args.threads)
     spec = data_spec(args)
-    data = spec.load()
+    data = load_data(spec)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANT_PRESETS]
@@ -353,7 +353,7 @@ def run_report(args: argparse.Namespace) -> None:
     journal_path = out / "runs.jsonl"
     if args.fresh and journal_path.exists():
         journal_path.unlink()
-    setup = {"data": spec.to_json(), "epochs": args.epochs, "embed_wd": args.embed_wd}
+    setup = {"data": spec.fingerprint(), "epochs": args.epochs, "embed_wd": args.embed_wd}
     if args.device != "cpu":  # other numerics (and kernels): pair runs within one device only
         setup["device"] = args.device
     journal = RunJournal(journal_path, setup)
@@ -361,9 +361,9 @@ def run_report(args: argparse.Namespace) -> None:
     if not rows:
         raise SystemExit(f"no finished runs for these models and variants in {journal_path}")
     summary = summarise(rows)
-    title = f"{data.raw.name}: {', '.join(kinds)}"
-    (out / "runs.json").write_text(json.dumps({"data": spec.to_json(), "rows": rows}, indent=1, default=float))
-    paper = PAPER_MOVIELENS_AUC if spec.name == "movielens" else None
+    title = f"{spec.name}: {', '.join(kinds)}"
+    (out / "runs.json").write_text(json.dumps({"data": spec.fingerprint(), "rows": rows}, indent=1, default=float))
+    paper = PAPER_MOVIELENS_AUC if spec.name == "movielens-100k" else None
     table = markdown(summary, title) + "\n\n" + comparison(summary, paper)
     choice = gate_choice(summary)
     if choice:

@@ -62,6 +62,14 @@ class UDG(nn.Module):
     def user_dim(self) -> int:
         return self.base.user_dim
 
+    @property
+    def base_model(self) -> BaseCTR:
+        return self.base
+
+    @property
+    def udg_dim(self) -> int:
+        return self.config.udg_dim
+
     def embedding_tables(self) -> list[nn.Embedding]:
         return [*self.base.embedding_tables(), self.udg_emb]
 

@@ -22,7 +22,7 @@ keys (one command, one round trip: ~35 us with hiredis, against ~60 us for a thr
 on this machine with redis-py). Appending a click is a read-modify-write, done atomically server-side by a
 Lua script (`APPEND_CLICKS`) that also bounds the history and drops retried deliveries.
 
-History semantics follow `model.features`: every click, most recent first, repeats of an item kept (training
+History semantics follow `dataset.ingest`: every click, most recent first, repeats of an item kept (training
 does not deduplicate either); what is deduplicated is a *delivery*: an event carrying `ts` is stored once per
 (item, ts), so a client retrying after a 503 cannot double-count a click. Events without `ts` are taken as
 new clicks at arrival time.

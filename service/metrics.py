@@ -35,6 +35,10 @@ CANDIDATES = Counter("udg_candidates_scored", "Candidates scored", ["model_versi
 CANDIDATES_PER_REQUEST = Histogram("udg_candidates_per_request", "Candidates per score request",
                                    buckets=SIZE_BUCKETS)
 UNKNOWN_CANDIDATES = Counter("udg_unknown_candidates", "Candidates scored through the OOV row", ["model_version"])
+PROFILE_OOV = Counter("udg_profile_oov_values", "Profile values a version has no row for (scored as OOV or a "
+                      "hash bucket)", ["model_version", "field"])
+NEW_ITEM_CANDIDATES = Counter("udg_new_item_candidates", "Unknown candidates scored with features from the "
+                              "version's item table", ["model_version"])
 COLD_STARTS = Counter("udg_cold_starts", "Users without state for the serving version",
                       ["model_version", "profile_source"])
 EVENTS = Counter("udg_events", "Click events by outcome", ["outcome"])

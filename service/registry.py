@@ -80,6 +80,9 @@ class ServingModel:
         self.inflight = 0
         self.served = 0
         self.released = False
+        # Items that arrived after training, with their fields ({raw id: tokens of every field, concatenated}),
+        # from the version's item table in Redis; candidates with these ids are scored with their features.
+        self.new_items: dict[str, np.ndarray] = {}
         self._cold: OrderedDict[bytes, tuple[np.ndarray, np.ndarray, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 

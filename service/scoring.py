@@ -4,7 +4,12 @@ Decisions recorded here:
 - **Duplicated candidates** are a client bug (the ranking could not say which copy it ranks): 422 naming the
   second occurrence (`candidates.<j>`) and the first. Checking costs one set() of the ids.
 - **Unknown item ids** (candidates the serving version never saw in training) are scored through the OOV
-  row, like unseen items in training, and listed in `unknown_candidates` of the response.
+  id row, like unseen items in training, and listed in `unknown_candidates` of the response. Their item
+  fields come from the version's item table (`udg publish-items` adds items that arrived after training),
+  so a new item of a known category is scored as that category; an item the table lacks has no features.
+- **Profiles** are checked against the serving version's feature schema: an unknown field is a 422 naming
+  it; a value the version has no row for is scored through the field's OOV row (or hash bucket) and counted
+  in `udg_profile_oov_values{field}`.
 - **Unseen users** (no embeddings under the serving version): the base user embedding is the artifact's
   unseen-user vector (OOV user-id row + profile rows) and the UDG embedding comes from the meta generator,
   both from `meta.onnx`, for the profile in the request, else the profile stored in Redis, else — no profile
@@ -87,11 +92,14 @@ def check_candidates(candidates: list[str], limit: int) -> None:
 
 def check_profile(model: ServingModel, profile: dict[str, str] | None) -> None:
     if profile:
-        fields = model.artifact.profile_fields
+        schema = model.artifact.schema
+        fields = schema.profile_fields
         for key in profile:
             if key not in fields:
-                raise InvalidField(f"profile.{key}: unknown profile field; expected some of {fields}",
-                                   field=f"profile.{key}")
+                raise InvalidField(f"profile.{key}: unknown profile field; version {model.version} has the "
+                                   f"fields {fields}", field=f"profile.{key}")
+        for name in schema.unknown_profile_fields(profile):
+            metrics.PROFILE_OOV.labels(model.version, name).inc()
 
 
 class Scorer:
@@ -125,9 +133,11 @@ class Scorer:
             user_vec, udg_vec, cold = unpacked
 
         history, _ = artifact.encode_items(split_history(state.history, model.max_history))
+        new_items = model.new_items if unknown.any() else None
+        fields = artifact.candidate_fields(candidate_idx, candidates, new_items)
         timer.mark("encode")
 
-        probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx)
+        probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx, fields)
         timer.mark("model")
 
         n = len(candidates)
@@ -144,6 +154,10 @@ class Scorer:
         metrics.CANDIDATES_PER_REQUEST.observe(n)
         if unknown_ids:
             metrics.UNKNOWN_CANDIDATES.labels(model.version).inc(len(unknown_ids))
+            if new_items:
+                known_features = sum(1 for item in unknown_ids if item in new_items)
+                if known_features:
+                    metrics.NEW_ITEM_CANDIDATES.labels(model.version).inc(known_features)
         return {
             "model_version": model.version,
             "cold_start": bool(cold),

@@ -1,0 +1,176 @@
+"""What a model hands export: its serving modules and their inputs and outputs (a predict factory).
+
+Export turns these into ONNX graphs and the manifest's I/O schema without knowing the model's kind or whether
+it has UDG gates; the service feeds the graphs by the names given here.
+
+- scorer: (user_vec [1, user_dim], udg_vec [1, udg_dim] (UDG only), history [1, L], candidates [N],
+  candidate_<field> [N, width] per item field) -> probabilities [N]. The user side is one row broadcast over
+  the N candidates inside the graph; the candidates' field tokens are inputs, so an item that arrived after
+  training is scored with its known features.
+- meta: profile [B, user fields] -> user_vec [B, user_dim] (an unseen user's base embedding: the OOV id row
+  plus the profile rows) and, for UDG models, udg_vec [B, udg_dim] (the meta generator's, Eq. 11, or — for a
+  checkpoint without one — the mean UDG row of the known users).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dataset.schema import OOV, FeatureSchema
+from model.base import Items
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" or "int64"
+    shape: list  # ints, or names of dynamic axes
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+
+@dataclass
+class ServingGraph:
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    example: tuple
+    dynamic_axes: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def io_json(self, file: str) -> dict:
+        return {"file": file, "inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs]}
+
+
+def candidate_input(field_name: str) -> str:
+    """The scorer input carrying the candidates' tokens of one item field."""
+    return f"candidate_{field_name}"
+
+
+class ScorerModule(nn.Module):
+    """(user_vec, [udg_vec], history, candidates, *candidate fields) -> probabilities [N].
+
+    `per_candidate=True` expands the user side to N rows first: everything user-side then runs once per
+    candidate. It exists only to measure what the broadcast saves (loadtest/bench_model.py).
+    """
+
+    def __init__(self, model: nn.Module, per_candidate: bool = False):
+        super().__init__()
+        self.model = model
+        self.udg = model.udg_dim > 0
+        self.per_candidate = per_candidate
+
+    def forward(self, *inputs):
+        if self.udg:
+            user_vec, udg_vec, history, candidates, *fields = inputs
+        else:
+            (user_vec, history, candidates, *fields), udg_vec = inputs, None
+        if self.per_candidate:
+            n = candidates.shape[0]
+            user_vec, history = user_vec.expand(n, -1), history.expand(n, -1)
+            udg_vec = None if udg_vec is None else udg_vec.expand(n, -1)
+        return torch.sigmoid(self.model.score(user_vec, udg_vec, history, Items(candidates, list(fields))))
+
+
+class MetaModule(nn.Module):
+    """profile [B, fields] -> user_vec [B, user_dim] and, for UDG models, udg_vec [B, udg_dim]."""
+
+    def __init__(self, model: nn.Module, generator: nn.Module | None, fallback_udg: torch.Tensor | None):
+        super().__init__()
+        self.base = model.base_model
+        self.udg = model.udg_dim > 0
+        self.generator = generator
+        if fallback_udg is not None:
+            self.register_buffer("fallback_udg", fallback_udg.reshape(1, -1).clone())
+        else:
+            self.fallback_udg = None
+
+    def forward(self, profile):
+        user_vec = self.base.unseen_user_vector(profile)
+        if not self.udg:
+            return user_vec
+        if self.generator is not None:
+            return user_vec, self.generator(profile)
+        return user_vec, self.fallback_udg.expand(profile.shape[0], -1)
+
+
+@dataclass
+class ServingModules:
+    scorer: ServingGraph
+    meta: ServingGraph
+    dims: dict
+    meta_info: dict  # where an unseen user's UDG embedding comes from
+
+    @property
+    def udg(self) -> bool:
+        return self.dims["udg_dim"] > 0
+
+
+def scorer_graph(model: nn.Module, schema: FeatureSchema, per_candidate: bool = False, n: int = 3,
+                 history_len: int = 4) -> ServingGraph:
+    """The scorer with example inputs of batch 1, N >= 2 candidates and L >= 2 history (size-0/1 dims would
+    be specialised by the exporter)."""
+    base = model.base_model
+    n_items = len(schema.items)
+    history = torch.arange(2, 2 + history_len, dtype=torch.long).remainder(n_items).clamp(min=2)[None]
+    candidates = torch.arange(2, 2 + n, dtype=torch.long).remainder(n_items).clamp(min=2)
+    example = [torch.randn(1, base.user_dim) * 0.05]
+    inputs = [TensorSpec("user_vec", "float32", [1, base.user_dim])]
+    if model.udg_dim:
+        example.append(torch.randn(1, model.udg_dim) * 0.05)
+        inputs.append(TensorSpec("udg_vec", "float32", [1, model.udg_dim]))
+    example += [history, candidates]
+    inputs += [TensorSpec("history", "int64", [1, "history_len"]), TensorSpec("candidates", "int64", ["candidates"])]
+    dynamic = {"history": {1: "history_len"}, "candidates": {0: "candidates"}, "probabilities": {0: "candidates"}}
+    for spec, tokens in zip(schema.item_fields, base.lookup_items(candidates).fields, strict=True):
+        name = candidate_input(spec.name)
+        example.append(tokens)
+        inputs.append(TensorSpec(name, "int64", ["candidates", spec.width]))
+        dynamic[name] = {0: "candidates"}
+    return ServingGraph(ScorerModule(model, per_candidate).eval(), inputs,
+                        [TensorSpec("probabilities", "float32", ["candidates"])], tuple(example), dynamic)
+
+
+def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Module | None = None,
+                    known_user_index: torch.Tensor | None = None) -> ServingModules:
+    """The scorer and meta modules of a trained model (eval mode), with their I/O metadata."""
+    model.eval()
+    base = model.base_model
+    udg_dim = model.udg_dim
+    fallback, info = None, {"udg_source": None, "outputs": ["user_vec"],
+                            "note": "no UDG: meta.onnx gives an unseen user's base embedding (OOV id row + "
+                                    "profile rows)"}
+    if udg_dim and generator is not None:
+        info = {"udg_source": "meta_generator", "outputs": ["user_vec", "udg_vec"]}
+    elif udg_dim:
+        rows = model.udg_emb.weight[known_user_index] if known_user_index is not None and len(known_user_index) \
+            else model.udg_emb.weight[2:]
+        fallback = rows.detach().mean(0)
+        info = {"udg_source": "mean_known_users", "outputs": ["user_vec", "udg_vec"],
+                "note": "checkpoint has no meta generator: udg_vec is the mean UDG row of the known users"}
+    fields = len(schema.user_fields)
+    meta_outputs = [TensorSpec("user_vec", "float32", ["batch", base.user_dim])]
+    if udg_dim:
+        meta_outputs.append(TensorSpec("udg_vec", "float32", ["batch", udg_dim]))
+    example = torch.tensor([[2] * fields, [3, *([2] * (fields - 1))]] if fields else [[], []],
+                           dtype=torch.long).reshape(2, fields)
+    example = torch.where(example < torch.tensor([len(f.vocab) for f in schema.user_fields] or [1])[:fields],
+                          example, torch.full_like(example, OOV))
+    meta = ServingGraph(MetaModule(model, generator, fallback).eval(),
+                        [TensorSpec("profile", "int64", ["batch", fields])], meta_outputs, (example,),
+                        {"profile": {0: "batch"}, **{s.name: {0: "batch"} for s in meta_outputs}})
+    dims = {"user_dim": base.user_dim, "udg_dim": udg_dim, "embed_dim": model.config.embed_dim,
+            "max_history": schema.max_history, "profile_fields": fields}
+    return ServingModules(scorer_graph(model, schema), meta, dims, info)
