@@ -8,7 +8,8 @@ Three tables, the layout a shop's own export would have:
   the spec buckets it into `age_band`), and the planted `log_decisiveness`;
 - `items.parquet`: `item_id`, `category`, `brand`, `price` (the spec buckets it into `price_band`), `tags`
   (a list column: 0 to `max_tags` tags). The last `new_items` items are in the catalogue but in no event
-  (new items: serving one uses its category, brand, price and tags, not an id embedding).
+  (new items, each of a brand and category that shown items have: serving one uses its category, brand,
+  price and tags, not an id embedding).
 
     click logit = base + tier_bias[tier] + decisiveness_u * (taste_u[category] + brand_u[brand]
                                                              + quality_item + tag_quality . tags - price_u * log price)
@@ -89,6 +90,7 @@ def generate(params: ShopParams) -> dict[str, dict[str, object]]:
     # --- items: a brand belongs to one category; price by category; tags leaning on the category ----------
     brand_category = rng.permutation(np.arange(p.brands) % p.categories)
     brand = rng.choice(p.brands, size=n_i, p=_zipf(p.brands, 0.6))
+    brand[n_shown:] = brand[rng.integers(0, n_shown, size=p.new_items)]  # new items: a brand (category) on show
     category = brand_category[brand]
     price_level = rng.normal(3.3, 0.8, size=p.categories)  # e^3.3 ~ 27
     price = np.floor(np.exp(price_level[category] + 0.6 * rng.normal(size=n_i))) + 0.99  # 26.99
