@@ -47,7 +47,7 @@ def _raw_events(spec) -> dict:
     item_code, item_ids = sorted_codes(events.items)
     ts = events.timestamps
     n = len(ts)
-    order = np.lexsort((np.arange(n), ts, item_code, user_code))  # file order inside each (user, item, ts)
+    order = _key_order(user_code, item_code, ts)  # stable: file order inside each (user, item, ts)
     same = (user_code[order][1:] == user_code[order][:-1]) & (item_code[order][1:] == item_code[order][:-1]) & \
         (ts[order][1:] == ts[order][:-1])
     duplicates = {"rows": int(same.sum()), "policy": spec.events.duplicates}
@@ -62,6 +62,19 @@ def _raw_events(spec) -> dict:
             "events_per_user": _quantiles(per_user), "duplicates": duplicates,
             "_users": user_ids, "_items": item_ids, "_item_code": item_code,
             "_user_code": user_code}
+
+
+def _key_order(user_code: np.ndarray, item_code: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """A stable order by (user, item, timestamp): one int64 sort when the three fit in 63 bits."""
+    if not len(ts):
+        return np.zeros(0, np.int64)
+    span = int(ts.max()) - int(ts.min()) + 1
+    items = int(item_code.max()) + 1
+    users = int(user_code.max()) + 1
+    if users * items * span < 2 ** 63:
+        key = (user_code * items + item_code) * span + (ts - ts.min())
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ts, item_code, user_code))
 
 
 def _table_ids(spec, table, what: str) -> np.ndarray:
