@@ -41,6 +41,8 @@ def _read_file(file: Path, table: Table, columns: list[str], strings: set[str]):
     import pyarrow.parquet as pq
 
     kind = table.file_format()
+    if file.is_file() and file.stat().st_size == 0:
+        raise DataError(f"{file}: an empty file (0 bytes, no header and no rows)", file=str(file))
     try:
         if kind == "parquet":
             present = pq.read_schema(file).names
@@ -62,6 +64,9 @@ def _read_file(file: Path, table: Table, columns: list[str], strings: set[str]):
     except DataError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as error:
+        located = _locate_parse_error(file, kind, table.delimiter, columns)
+        if located is not None:
+            raise located from None
         raise DataError(f"{file}: cannot be read as {kind} ({str(error).splitlines()[0]})", file=str(file)) from None
     if result.num_rows == 0:
         raise DataError(f"{file}: no rows (an empty file)", file=str(file))
@@ -72,6 +77,45 @@ def _read_file(file: Path, table: Table, columns: list[str], strings: set[str]):
                 raise bad_data(file, name, None, f"ids must be strings or integers, not {column.type}")
             result = result.set_column(result.column_names.index(name), name, column.cast(pa.string()))
     return result
+
+
+def _locate_parse_error(file: Path, kind: str, delimiter: str, columns: list[str]) -> DataError | None:
+    """pyarrow's parse errors do not say which row (or count rows per block): find the first bad row."""
+    import csv
+    import json
+
+    try:
+        with open(file, encoding="utf-8", newline="") as handle:
+            if kind == "csv":
+                reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
+                                    else csv.QUOTE_MINIMAL)
+                header = next(reader, [])
+                for row, values in enumerate(reader, start=1):
+                    if len(values) != len(header):
+                        return bad_data(file, None, row, f"expected {len(header)} {delimiter!r}-separated "
+                                        f"values (the header's), got {len(values)}")
+            elif kind == "jsonl":
+                kinds: dict[str, tuple[str, int]] = {}
+                for row, line in enumerate((line for line in handle if line.strip()), start=1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        return bad_data(file, None, row, f"not valid JSON ({error.msg})")
+                    if not isinstance(record, dict):
+                        return bad_data(file, None, row, "a line must be a JSON object")
+                    for name in columns:
+                        value = record.get(name)
+                        if value is None:
+                            continue
+                        kind_of = "number" if isinstance(value, int | float) and not isinstance(value, bool) \
+                            else type(value).__name__
+                        first = kinds.setdefault(name, (kind_of, row))
+                        if first[0] != kind_of:
+                            return bad_data(file, name, row, f"a {kind_of} where row {first[1]} has a {first[0]} "
+                                            f"(got {value!r})")
+    except (OSError, UnicodeDecodeError) as error:
+        return DataError(f"{file}: cannot be read ({error})", file=str(file))
+    return None
 
 
 def _check_columns(file: Path, present: list[str], wanted: list[str]) -> None:
@@ -87,10 +131,13 @@ def _first_bad(file: Path, column: str, bad: np.ndarray, values, problem: str) -
 
 
 def _ids(file: Path, table, name: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
     column = table.column(name)
-    if column.null_count:
-        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-        raise bad_data(file, name, int(np.flatnonzero(nulls)[0]) + 1, "missing id")
+    missing = pc.or_kleene(column.is_null(), pc.equal(column, ""))
+    if pc.any(missing).as_py():
+        nulls = np.asarray(pc.fill_null(missing, True).to_numpy(zero_copy_only=False))
+        raise bad_data(file, name, int(np.flatnonzero(nulls)[0]) + 1, "missing id (null or empty)")
     return column
 
 
@@ -100,7 +147,11 @@ def _timestamps(file: Path, table, name: str, fmt: str | None) -> np.ndarray:
 
     column = table.column(name)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        if fmt is None or fmt == "iso":
+        if fmt is None:  # numbers written as strings (a CSV column with one bad value) are still seconds
+            as_number = pc.cast(pc.if_else(pc.match_substring_regex(column, r"^\s*-?\d+(\.\d*)?\s*$"),
+                                           column, None), pa.float64())
+            parsed = pc.coalesce(pc.cast(pc.floor(as_number), pa.int64()), _iso_seconds(column))
+        elif fmt == "iso":
             parsed = _iso_seconds(column)
         else:
             parsed = pc.cast(pc.strptime(column, format=fmt, unit="s", error_is_null=True), pa.int64())
@@ -154,6 +205,15 @@ def _numbers(file: Path, table, name: str, what: str) -> np.ndarray:
     column = table.column(name)
     if pa.types.is_boolean(column.type) or pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
         values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):  # "1"/"0" (JSON strings)
+        import pyarrow.compute as pc
+
+        try:
+            values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raw = column.to_pylist()
+            raise _first_bad(file, name, np.array([_not_number(v) for v in raw]), raw,
+                             f"{what} must be numbers") from None
     else:
         raise bad_data(file, name, None, f"{what} must be numbers, not {column.type}")
     if column.null_count:
@@ -323,9 +383,11 @@ def _table_rows(spec: DatasetSpec, table: KeyedTable, fields: list[FieldSpec], d
         data = _read_file(file, table, wanted + extra_names, {table.id})
         ids = np.asarray(_ids(file, data, table.id).to_numpy(zero_copy_only=False)).astype(str)
         position = np.array([index_of.get(i, -1) for i in ids.tolist()], np.int64)
-        dup = _duplicate_rows(position)
+        dup = _duplicate_rows(np.unique(ids, return_inverse=True)[1].reshape(-1))  # any id, used or not
         if dup is not None:
-            raise bad_data(file, table.id, dup + 1, f"the id {ids[dup]!r} appears twice in the {what} table")
+            earlier = int(np.flatnonzero(ids == ids[dup])[0]) + 1
+            raise bad_data(file, table.id, dup + 1, f"the id {ids[dup]!r} appears twice in the {what} table "
+                           f"(first at row {earlier})")
         present = position >= 0
         if (seen[position[present]]).any():
             row = int(np.flatnonzero(present & seen[np.clip(position, 0, None)])[0])
@@ -569,9 +631,14 @@ def _deduplicate(events: _Events, order, user_code, item_code, ts, tie, policy: 
         return None
     duplicates = rows[1:][same]
     if policy == "error":
-        first = int(order[duplicates].min())
-        file, row = _where(events.origin, first)
-        raise bad_data(file, None, row, "duplicate event: the same (user, item, timestamp) appears earlier; "
+        chosen = duplicates[int(np.argmin(order[duplicates]))]
+        group = rows[(user_code[rows] == user_code[chosen]) & (item_code[rows] == item_code[chosen])
+                     & (ts[rows] == ts[chosen])]
+        file, row = _where(events.origin, int(order[chosen]))
+        earlier_file, earlier = _where(events.origin, int(order[group].min()))
+        where = f"row {earlier}" if earlier_file == file else f"{earlier_file} row {earlier}"
+        key = (events.users[int(order[chosen])].as_py(), events.items[int(order[chosen])].as_py(), int(ts[chosen]))
+        raise bad_data(file, None, row, f"duplicate event: the same (user, item, timestamp) {key} as {where}; "
                        "set events.duplicates = \"drop\" (keep the first) or \"keep\" (keep both)")
     keep = np.ones(len(order), bool)
     keep[duplicates] = False
