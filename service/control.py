@@ -34,7 +34,7 @@ import uuid
 import orjson
 
 from service.feature_store import FeatureStoreUnavailable
-from service.registry import ModelRegistry, VersionRefused, list_versions
+from service.registry import ModelRegistry, VersionRefused
 
 log = logging.getLogger(__name__)
 HISTORY_KEEP = 20
@@ -129,11 +129,10 @@ class Control:
         """No document yet: activate the configured (or newest) version here, then create the document."""
         version = self.settings.model_version
         if version is None:
-            versions = list_versions(self.registry.repo)
-            if not versions:
+            version = self.registry.repository.newest()
+            if version is None:
                 self.registry.last_error = f"no model versions in {self.registry.repo}"
                 return
-            version = versions[-1]
         try:
             await self.registry.ensure_loaded(version)
         except VersionRefused as error:

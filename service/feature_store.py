@@ -30,7 +30,6 @@ new clicks at arrival time.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -121,14 +120,6 @@ def unpack_profile(raw: bytes | None) -> dict[str, str] | None:
     except orjson.JSONDecodeError:
         return None
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Atomic append of clicks to one user's history (+ retry deduplication, + optional profile).

@@ -21,7 +21,6 @@ keys would have to be grouped by slot first).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from service.feature_store import SEP, Keys, file_sha256, pack_embedding_rows
+from repository import MANIFEST_FILE, USERS_FILE, ArtifactError, manifest_sha256, read_manifest
+from service.feature_store import SEP, Keys, pack_embedding_rows
 
 log = logging.getLogger(__name__)
-MANIFEST_FILE, USERS_FILE = "manifest.json", "users.npz"
 # SET NX for many keys in one command (MSETNX is all-or-nothing, this is per key).
 SET_NX_ALL = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end return #KEYS"
 USERS_ARRAYS = ("user_ids", "user_vec", "udg_vec", "history", "history_len", "profile", "profile_fields")
@@ -70,13 +69,15 @@ def load_users(path: Path) -> dict[str, np.ndarray]:
 
 
 def version_dir_info(path: Path) -> tuple[str, dict, str]:
-    """MODEL_REPO/V -> (version, manifest, sha256 of manifest.json)."""
-    manifest_path = Path(path) / MANIFEST_FILE
-    if not manifest_path.is_file():
+    """MODEL_REPO/V -> (version, manifest, sha256 of the manifest file)."""
+    if not (Path(path) / MANIFEST_FILE).is_file():
         raise PublishError(f"{path}: no {MANIFEST_FILE}; expected a version directory written by `udg export`")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = read_manifest(path, validate=False)  # the service validates it when it loads the version
+    except ArtifactError as error:
+        raise PublishError(str(error)) from None
     version = str(manifest.get("version") or Path(path).name)
-    return version, manifest, file_sha256(manifest_path)
+    return version, manifest, manifest_sha256(path)
 
 
 def _chunks(arrays: dict[str, np.ndarray], chunk: int):
@@ -97,7 +98,7 @@ def publish(path: Path, redis_client, keys: Keys | None = None, chunk: int = 200
     dims = manifest.get("dims", {})
     user_dim, udg_dim = arrays["user_vec"].shape[1], arrays["udg_vec"].shape[1]
     if dims and (dims.get("user_dim"), dims.get("udg_dim")) != (user_dim, udg_dim):
-        raise PublishError(f"{path}: users.npz dims ({user_dim}, {udg_dim}) differ from the manifest's "
+        raise PublishError(f"{path}: {USERS_FILE} dims ({user_dim}, {udg_dim}) differ from the manifest's "
                            f"({dims.get('user_dim')}, {dims.get('udg_dim')})")
     fields = [str(f) for f in arrays["profile_fields"].tolist()]
     n = len(arrays["user_ids"])
