@@ -38,7 +38,8 @@ import numpy as np
 
 from repository import MANIFEST_FILE, ModelRepository, is_version_name
 from service import metrics
-from service.feature_store import TAG_META, FeatureStore, FeatureStoreUnavailable, pack_embeddings
+from service.feature_store import FeatureStore, FeatureStoreUnavailable
+from service.redis_layout import TAG_META, RedisLayout
 
 log = logging.getLogger(__name__)
 SPLIT_BUCKETS = 10_000
@@ -92,7 +93,7 @@ class ServingModel:
         user_vec = np.asarray(user_vec, np.float32).reshape(1, self.user_dim)
         udg_vec = (np.zeros((1, 0), np.float32) if udg_vec is None
                    else np.asarray(udg_vec, np.float32).reshape(1, self.udg_dim))
-        value = (user_vec, udg_vec, pack_embeddings(user_vec, udg_vec, TAG_META))
+        value = (user_vec, udg_vec, RedisLayout.pack_embeddings(user_vec, udg_vec, TAG_META))
         with self._lock:
             self._cold[key] = value
             while len(self._cold) > self.COLD_CACHE_SIZE:
