@@ -33,6 +33,7 @@ WORKDIR /src
 COPY pyproject.toml README.md udg_cli.py ./
 COPY model ./model
 COPY export ./export
+COPY repository ./repository
 COPY service ./service
 COPY loadtest ./loadtest
 

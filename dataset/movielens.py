@@ -6,7 +6,6 @@ Either way the result is RecBole's atomic files, which the built-in spec `moviel
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from dataset.errors import DataError
+from repository import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ GROUPLENS_GENRES = (
 
 
 def _verify(path: Path, expected: str) -> None:
-    with open(path, "rb") as handle:
-        actual = hashlib.file_digest(handle, "sha256").hexdigest()
+    actual = sha256_file(path)
     if actual != expected:
         raise DataError(f"{path}: sha256 {actual} does not match the expected {expected}")
 

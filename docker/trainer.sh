@@ -25,6 +25,8 @@ checkpoint="${work%/}/checkpoint.pt"
 log() { printf 'udg-trainer: %s\n' "$*" >&2; }
 
 mkdir -p "$repo" "$work"
+# A version is exported once its manifest exists (the writer publishes the directory whole, with one rename);
+# the file name is repository.layout.MANIFEST_FILE, kept literal here so this check needs no Python start-up.
 if [[ -f "$target/manifest.json" && "${UDG_RETRAIN:-0}" != "1" ]]; then
   log "$target already exported; skipping training and export (UDG_RETRAIN=1 retrains)"
 else

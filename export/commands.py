@@ -7,7 +7,6 @@ install.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -15,10 +14,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from export.onnx_export import export_artifact
+    from repository import read_manifest
 
     torch.set_num_threads(args.threads)
     path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force)
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = read_manifest(path)
     print(f"version {manifest['version']}: {path}")
     for name, info in manifest["files"].items():
         print(f"  {name:14s} {info['bytes']:>12,d} bytes  sha256 {info['sha256'][:16]}…")

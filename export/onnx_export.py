@@ -29,9 +29,6 @@ import datetime as dt
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,16 +38,22 @@ from torch import nn
 
 from dataset.prepared import KnownUsers
 from dataset.schema import OOV, PAD, FeatureSchema
-from export.runtime import sha256_file
 from model.checkpoint import Checkpoint
 from model.serving import ServingGraph, ServingModules, candidate_input, scorer_graph, serving_modules
+from repository import (
+    ARTIFACT_FORMAT,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    SCORER_FILE,
+    USERS_FILE,
+    AtomicVersionWriter,
+    describe_files,
+)
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "udg-artifact/2"
 OPSET = 17
-SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE, MANIFEST_FILE = ("scorer.onnx", "meta.onnx", "users.npz",
-                                                                 "items.npz", "manifest.json")
 GOLDEN_ATOL = 1e-4  # what `open_artifact` accepts (CPU/GPU kernels differ in the last bits)
 
 
@@ -233,57 +236,6 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AtomicVersionWriter:
-    """Write files into a hidden temp dir beside MODEL_REPO/<version>, then publish it with one rename.
-
-    A reader never sees a half-written version: either the directory is absent or it is complete. On any
-    error the temp dir is removed. An existing version is refused unless `overwrite=True`.
-    """
-
-    def __init__(self, repo: Path, version: str, overwrite: bool = False):
-        if not version or "/" in version or version.startswith("."):
-            raise ValueError(f"invalid version name {version!r}")
-        self.repo, self.version, self.overwrite = Path(repo), version, overwrite
-        self.target = self.repo / version
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.repo.mkdir(parents=True, exist_ok=True)
-        if self.target.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.target} already exists (versions are immutable; pass --force)")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.version}.tmp-", dir=self.repo))
-        return self.tmp
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if error is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for path in self.tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.chmod(self.tmp, 0o755)
-        _fsync_dir(self.tmp)
-        old = None
-        if self.target.exists():
-            old = self.repo / f".{self.version}.old-{os.getpid()}"
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        _fsync_dir(self.repo)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def export_artifact(checkpoint: Path, version: str, repo: Path, overwrite: bool = False) -> Path:
     """Checkpoint file -> MODEL_REPO/<version>/ (scorer.onnx, meta.onnx, users.npz, items.npz, manifest.json)."""
     return export_model(Checkpoint.load(Path(checkpoint)), version, repo, overwrite)
@@ -311,8 +263,7 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
         manifest = build_manifest(version, checkpoint, modules, golden, len(users["user_ids"]),
                                   len(items["item_ids"]))
         manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff}
-        manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                             for name in (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE)}
+        manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
     log.info("exported %s (%s%s) to %s", version, manifest["model"]["kind"], "+UDG" if manifest["model"]["udg"]
              else "", repo / version)

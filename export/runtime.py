@@ -38,8 +38,6 @@ CUDA-graph path serialises calls per bucket with a lock (captured buffers are sh
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -49,52 +47,12 @@ import numpy as np
 
 from dataset.schema import FeatureSchema
 
+# ArtifactError is part of this module's API (see above); it is the repository's, which reads the manifest.
+from repository import META_FILE, SCORER_FILE, USERS_FILE, ArtifactError, read_manifest, verify_files
+
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "udg-artifact/2"
-MANIFEST_FILE = "manifest.json"
 CUDA_GRAPH_BUCKETS = (16, 64, 256, 1024, 4096)
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupt, truncated or fails its golden check; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def read_manifest(path: Path) -> dict:
-    file = Path(path) / MANIFEST_FILE
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{file}: missing (not an artifact version directory?)") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{file}: corrupt or truncated manifest ({error})") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{file}: format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
-    for key in ("version", "files", "graphs", "dims", "vocab", "golden"):
-        if key not in manifest:
-            raise ArtifactError(f"{file}: manifest lacks {key!r}")
-    return manifest
-
-
-def verify_files(path: Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
-    """Size and sha256 of every file the manifest lists; raises ArtifactError naming the first bad one."""
-    for name, info in manifest["files"].items():
-        if name in skip:
-            continue
-        file = Path(path) / name
-        if not file.is_file():
-            raise ArtifactError(f"{file}: missing")
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            what = "truncated" if size < info["bytes"] else "wrong size"
-            raise ArtifactError(f"{file}: {what} ({size} bytes, manifest says {info['bytes']})")
-        if sha256_file(file) != info["sha256"]:
-            raise ArtifactError(f"{file}: sha256 mismatch (corrupted?)")
 
 
 def choose_providers(providers: list | None = None, tensorrt: bool = False,
@@ -335,7 +293,7 @@ class Artifact:
     # --- other ------------------------------------------------------------------------------------------
     def load_users(self) -> dict[str, np.ndarray]:
         """users.npz as a dict of arrays (raw ids, vectors, histories, profiles); see export/onnx_export.py."""
-        with np.load(self.path / "users.npz", allow_pickle=False) as data:
+        with np.load(self.path / USERS_FILE, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
     def check_golden(self) -> float:
@@ -347,12 +305,12 @@ class Artifact:
             i = case["inputs"]
             fields = {k: v for k, v in i.items() if k.startswith("candidate_")}
             got = self.score(i["user_vec"], i.get("udg_vec"), i["history"], i["candidates"], fields)
-            worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, self.path / "scorer.onnx"))
+            worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, self.path / SCORER_FILE))
         for case in golden["meta"]:
             feeds = {"profile": np.asarray(case["inputs"]["profile"], dtype=np.int64)}
             outs = self._meta.run(list(case["outputs"]), feeds)
             for name, got in zip(case["outputs"], outs, strict=True):
-                worst = max(worst, _check(got, case["outputs"][name], atol, self.path / "meta.onnx"))
+                worst = max(worst, _check(got, case["outputs"][name], atol, self.path / META_FILE))
         return worst
 
     def warmup(self, sizes=(1, 16, 100, 1000)) -> None:
@@ -386,7 +344,7 @@ def open_artifact(path, providers: list | None = None, threads: int = 1, *, veri
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
-        verify_files(path, manifest, skip=() if verify_users else ("users.npz",))
+        verify_files(path, manifest, skip=() if verify_users else (USERS_FILE,))
     chosen, reason = choose_providers(providers, tensorrt, device_id)
     scorer = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin)
     meta = _session(path / manifest["graphs"]["meta"]["file"], chosen, threads, spin)

@@ -404,7 +404,9 @@ def _users_for(version_dir: Path, inputs: list[dict]) -> dict:
     """The users.npz rows of the benchmark's users (the naive store holds only those)."""
     import numpy as np
 
-    with np.load(Path(version_dir) / "users.npz", allow_pickle=False) as npz:
+    from repository import USERS_FILE
+
+    with np.load(Path(version_dir) / USERS_FILE, allow_pickle=False) as npz:
         rows = np.asarray([x["row"] for x in inputs])
         return {k: npz[k][rows] for k in ("user_ids", "user_vec", "udg_vec", "history", "history_len")}
 

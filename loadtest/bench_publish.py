@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=2000)
     args = parser.parse_args(argv)
 
+    from repository import ModelRepository
     from service.local_redis import RedisServer, free_port, redis_server_binary
     from service.publish import publish, redis_used_memory, sync_redis, version_dir_info
-    from service.registry import list_versions
 
     repo = Path(args.model_repo)
-    version = args.version or list_versions(repo)[-1]
+    version = args.version or ModelRepository(repo).newest()
     _, manifest, _ = version_dir_info(repo / version)
     dims = manifest["dims"]
     started = time.perf_counter()

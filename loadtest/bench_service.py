@@ -205,13 +205,12 @@ def approx_median(after: dict[float, float], before: dict[float, float] | None) 
 
 
 def ensure_model(repo: Path, version: str | None) -> Path:
-    from service.registry import list_versions
+    from repository import ModelRepository
 
-    versions = list_versions(repo)
-    if version:
-        return repo / version
-    if versions:
-        return repo / versions[-1]
+    repository = ModelRepository(repo)
+    newest = repository.newest()
+    if version or newest:
+        return repository.path(version or newest)
     print(f"no model in {repo}; training a synthetic PNN+UDG (default architecture, 1 epoch) first…", flush=True)
     subprocess.run([sys.executable, "-m", "udg_cli", "train", "--udg", "--data", "synthetic", "--synthetic-users",
                     "2000", "--epochs", "1", "--meta-steps", "50", "--quiet", "--out",

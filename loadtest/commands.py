@@ -216,10 +216,11 @@ def _run_locust(args: argparse.Namespace, base: str, version_dir: Path | None, o
 def candidate_sizes(version_dir: Path) -> str | None:
     """A candidate-size spec within the catalogue, when it holds fewer items than the locustfile's default
     upper bound (1000): beyond the catalogue the locustfile would repeat ids, which the service refuses (422)."""
+    from repository import ArtifactError, read_manifest
+
     try:
-        manifest = json.loads((version_dir / "manifest.json").read_text())
-        index = manifest["vocab"]["items"]["index"]
-    except (OSError, ValueError, KeyError, TypeError):
+        index = read_manifest(version_dir, validate=False)["vocab"]["items"]["index"]
+    except (ArtifactError, KeyError, TypeError):
         return None
     items = sum(1 for token in index if not str(token).startswith("<"))
     if items >= 1000 or items < 1:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import logging
 import math
 import os
@@ -44,6 +43,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from locust import FastHttpUser, between, constant, events, tag, task
+
+from repository import MANIFEST_FILE, USERS_FILE, ArtifactError, ModelRepository, read_manifest
 
 log = logging.getLogger("udg.locust")
 
@@ -181,7 +182,8 @@ class Population:
 
 
 def model_dir(env: Mapping[str, str] = os.environ) -> Path | None:
-    """The version directory to read: UDG_LOADTEST_MODEL_DIR, else UDG_MODEL_REPO/UDG_MODEL_VERSION (or newest)."""
+    """The version directory to read: UDG_LOADTEST_MODEL_DIR, else UDG_MODEL_REPO/UDG_MODEL_VERSION (or newest,
+    as the service picks it)."""
     if env.get("UDG_LOADTEST_MODEL_DIR"):
         return Path(env["UDG_LOADTEST_MODEL_DIR"])
     repo = env.get("UDG_MODEL_REPO")
@@ -189,8 +191,8 @@ def model_dir(env: Mapping[str, str] = os.environ) -> Path | None:
         return None
     if env.get("UDG_MODEL_VERSION"):
         return Path(repo) / env["UDG_MODEL_VERSION"]
-    versions = [p for p in Path(repo).glob("*/manifest.json") if not p.parent.name.startswith(".")]
-    return max(versions, key=lambda p: p.stat().st_mtime).parent if versions else None
+    newest = ModelRepository(repo).newest()
+    return Path(repo) / newest if newest else None
 
 
 def _vocab_tokens(vocab: Mapping) -> list[str]:
@@ -200,7 +202,7 @@ def _vocab_tokens(vocab: Mapping) -> list[str]:
 
 def read_artifact(path: Path) -> Population:
     """Users, items and profiles from MODEL_REPO/V: manifest.json (vocabularies) and users.npz (published users)."""
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = read_manifest(path, validate=False)  # only the vocabularies are needed
     vocab = manifest.get("vocab", {})
     features = manifest.get("features", {})
     items = _vocab_tokens(features.get("items", {}))
@@ -208,7 +210,7 @@ def read_artifact(path: Path) -> Population:
     fields = list(user_fields)
     users: list[str] = []
     profiles: list[dict[str, str]] = []
-    users_file = path / vocab.get("users", {}).get("file", "users.npz")
+    users_file = path / vocab.get("users", {}).get("file", USERS_FILE)
     if users_file.exists():
         import numpy as np  # a core dependency of the project; only needed here
 
@@ -232,8 +234,8 @@ def load_population(env: Mapping[str, str] = os.environ) -> Population:
     path = model_dir(env)
     population = Population(users=[], items=[])
     if path is not None:
-        if not (path / "manifest.json").exists():
-            raise ConfigError(f"{path} holds no manifest.json: set UDG_LOADTEST_MODEL_DIR to MODEL_REPO/VERSION, "
+        if not (path / MANIFEST_FILE).exists():
+            raise ConfigError(f"{path} holds no {MANIFEST_FILE}: set UDG_LOADTEST_MODEL_DIR to MODEL_REPO/VERSION, "
                               "or give ids in UDG_LOADTEST_USERS and UDG_LOADTEST_ITEMS")
         population = read_artifact(path)
     users, items = _env_list(env, "UDG_LOADTEST_USERS"), _env_list(env, "UDG_LOADTEST_ITEMS")
@@ -327,7 +329,7 @@ def _on_test_start(environment, **_kwargs) -> None:
     try:
         shared_population()
         shared_config()
-    except (ConfigError, OSError, ValueError) as error:
+    except (ConfigError, ArtifactError, OSError, ValueError) as error:
         log.error("load test configuration: %s", error)
         if environment.runner is not None:
             environment.runner.quit()

@@ -88,14 +88,18 @@ def ensure_model(repo: Path | None, version: str, workdir: Path, data: str = "sy
                  log_file=None) -> Path:
     """MODEL_REPO/VERSION to serve: `repo`/`version` if given, else `workdir`/model_repo/`version`, trained
     and exported there first if absent (reused by later runs; delete `workdir` to retrain)."""
+    from repository import ModelRepository
+
     if repo is not None:
-        version_dir = Path(repo) / version
-        if not (version_dir / "manifest.json").is_file():
-            raise StackError(f"{version_dir}: no exported version there (run `udg export` or `udg quickstart`)")
-        return version_dir
+        repository = ModelRepository(repo)
+        if not repository.has(version):
+            raise StackError(f"{repository.root / version}: no exported version there (run `udg export` or "
+                             "`udg quickstart`)")
+        return repository.path(version)
     workdir = Path(workdir)
-    version_dir = workdir / "model_repo" / version
-    if (version_dir / "manifest.json").is_file():
+    repository = ModelRepository(workdir / "model_repo")
+    version_dir = repository.root / version
+    if repository.has(version):
         print(f"model: reusing {version_dir}", flush=True)
         return version_dir
     checkpoint = workdir / "checkpoint.pt"

@@ -15,6 +15,9 @@ otherwise) that also publishes on the channel. Every worker subscribes and re-re
 message, and polls it every `UDG_CONTROL_POLL_S` (1 s) as the safety net for a lost message or a dropped
 subscription; then it applies the document (`ModelRegistry.apply`) and writes its heartbeat.
 
+`udg gc` decides here which versions no one holds; what a version's data is in Redis, and deleting it, is
+`service.redis_layout.RedisLayout`'s.
+
 The first worker to start with no document in Redis creates it (SET NX) from `UDG_MODEL_VERSION` (default:
 the newest version of the repository); from then on the document wins over the environment, so a restarted
 worker serves what the others serve.
@@ -34,7 +37,8 @@ import uuid
 import orjson
 
 from service.feature_store import FeatureStoreUnavailable
-from service.registry import ModelRegistry, VersionRefused, list_versions
+from service.redis_layout import RedisLayout
+from service.registry import ModelRegistry, VersionRefused
 
 log = logging.getLogger(__name__)
 HISTORY_KEEP = 20
@@ -129,11 +133,10 @@ class Control:
         """No document yet: activate the configured (or newest) version here, then create the document."""
         version = self.settings.model_version
         if version is None:
-            versions = list_versions(self.registry.repo)
-            if not versions:
+            version = self.registry.repository.newest()
+            if version is None:
                 self.registry.last_error = f"no model versions in {self.registry.repo}"
                 return
-            version = versions[-1]
         try:
             await self.registry.ensure_loaded(version)
         except VersionRefused as error:
@@ -251,10 +254,10 @@ def _published_age_s(marker: dict) -> float | None:
 
 def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_s: float = 300.0,
                     force: bool = False, batch: int = 1000) -> dict:
-    """Delete the Redis namespaces (`e:<version>:*` and the publish marker) of versions that no live worker
-    holds and the routing document does not name (active, split arms, wanted loaded). Versions published less
-    than `min_age_s` ago are kept (a publish that has not been loaded yet). -> {kept, removed, keys}."""
-    keys = ControlKeys(prefix)
+    """Delete the Redis namespaces (and publish markers) of versions that no live worker holds and the routing
+    document does not name (active, split arms, wanted loaded). Versions published less than `min_age_s` ago
+    are kept (a publish that has not been loaded yet). -> {kept, removed, keys_deleted, dry_run}."""
+    keys, layout = ControlKeys(prefix), RedisLayout(prefix)
     raw = client.get(keys.routing)
     if raw is None and not force:
         raise Conflict("no routing document in Redis: the active version is unknown, nothing removed "
@@ -273,18 +276,8 @@ def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_
             worker = orjson.loads(value)
             for version in [*worker.get("ready", []), *([worker["active"]] if worker.get("active") else [])]:
                 protected.setdefault(version, f"loaded by worker {worker['worker']}")
-    versions: dict[str, dict | None] = {}
-    marker_prefix = f"{prefix}:published:"
-    for key in client.scan_iter(match=marker_prefix + "*", count=1000):
-        name = key.decode()[len(marker_prefix):]
-        value = client.get(key)
-        versions[name] = orjson.loads(value) if value else None
-    embed_prefix = f"{prefix}:e:"
-    for key in client.scan_iter(match=embed_prefix + "*", count=10_000):  # namespaces without a marker too
-        name = key.decode()[len(embed_prefix):].split(":{", 1)[0]
-        versions.setdefault(name, None)
     kept, removed, deleted = {}, [], 0
-    for version, marker in sorted(versions.items()):
+    for version, marker in sorted(layout.stored_versions(client).items()):
         if version in protected:
             kept[version] = protected[version]
             continue
@@ -293,15 +286,6 @@ def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_
             kept[version] = f"published {age:.0f} s ago (< {min_age_s:.0f} s)"
             continue
         removed.append(version)
-        if dry_run:
-            continue
-        client.delete(f"{marker_prefix}{version}")  # first: the version can no longer be activated
-        pending = []
-        for key in client.scan_iter(match=f"{embed_prefix}{version}:*", count=10_000):
-            pending.append(key)
-            if len(pending) >= batch:
-                deleted += client.unlink(*pending)
-                pending = []
-        if pending:
-            deleted += client.unlink(*pending)
+        if not dry_run:
+            deleted += layout.delete_version(client, version, batch)
     return {"kept": kept, "removed": removed, "keys_deleted": deleted, "dry_run": dry_run}

@@ -15,7 +15,8 @@ from service import errors, metrics
 from service.api import admin, events, health, score
 from service.api.deps import Services
 from service.control import Control
-from service.feature_store import FeatureStore, Keys, create_redis
+from service.feature_store import FeatureStore, create_redis
+from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry
 from service.scoring import Scorer
 from service.settings import Settings, get_settings
@@ -30,7 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         redis = create_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_pool_size,
                              settings.redis_ca_certs)
-        store = FeatureStore(redis, Keys(settings.key_prefix), settings.history_cap, observe=metrics.observe_redis)
+        store = FeatureStore(redis, RedisLayout(settings.key_prefix, settings.history_cap),
+                             observe=metrics.observe_redis)
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
                                  settings.require_publish_marker, cuda_graph=settings.cuda_graph)
         control = Control(settings, registry, redis)

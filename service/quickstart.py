@@ -54,13 +54,13 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
-    from export.runtime import read_manifest
+    import numpy as np
+
+    from repository import USERS_FILE, read_manifest
 
     manifest = read_manifest(version_dir)
     items = list(manifest["vocab"]["items"]["index"])[:8]
-    import numpy as np
-
-    with np.load(version_dir / "users.npz", allow_pickle=False) as users:
+    with np.load(version_dir / USERS_FILE, allow_pickle=False) as users:
         row = int(np.argmax(users["history_len"])) if len(users["user_ids"]) else None
         known = str(users["user_ids"][row]) if row is not None else "demo-user"
         profile = {f: str(v) for f, v in zip(users["profile_fields"].tolist(), users["profile"][row].tolist(),
@@ -73,12 +73,14 @@ def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    from repository import ModelRepository
     from service.local_redis import free_port, resolve_redis
     from service.publish import publish, sync_redis
 
     workdir = Path(args.workdir)
     checkpoint, repo = workdir / "checkpoint.pt", workdir / "model_repo"
-    version_dir = repo / args.version
+    repository = ModelRepository(repo)
+    version_dir = repository.path(args.version)
     trained = False
     if args.retrain or not checkpoint.is_file():
         _train(args, checkpoint)
@@ -86,7 +88,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     else:
         print(f"[1/4] data + training: reusing {checkpoint} (--retrain to train again)")
 
-    if trained or not (version_dir / "manifest.json").is_file():
+    if trained or not repository.has(args.version):
         from export.onnx_export import export_artifact
 
         print(f"[2/4] export: udg export {checkpoint} --version {args.version} --out {repo}", flush=True)

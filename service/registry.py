@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -37,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from repository import MANIFEST_FILE, ModelRepository, is_version_name
 from service import metrics
-from service.feature_store import TAG_META, FeatureStore, FeatureStoreUnavailable, file_sha256, pack_embeddings
-from service.settings import VERSION_PATTERN
+from service.feature_store import FeatureStore, FeatureStoreUnavailable
+from service.redis_layout import TAG_META, RedisLayout
 
 log = logging.getLogger(__name__)
 SPLIT_BUCKETS = 10_000
@@ -96,7 +96,7 @@ class ServingModel:
         user_vec = np.asarray(user_vec, np.float32).reshape(1, self.user_dim)
         udg_vec = (np.zeros((1, 0), np.float32) if udg_vec is None
                    else np.asarray(udg_vec, np.float32).reshape(1, self.udg_dim))
-        value = (user_vec, udg_vec, pack_embeddings(user_vec, udg_vec, TAG_META))
+        value = (user_vec, udg_vec, RedisLayout.pack_embeddings(user_vec, udg_vec, TAG_META))
         with self._lock:
             self._cold[key] = value
             while len(self._cold) > self.COLD_CACHE_SIZE:
@@ -159,34 +159,6 @@ class Failure:
     generation: int
 
 
-def list_versions(repo: Path) -> list[str]:
-    """Version directories of a model repository, oldest first (by the manifest's export time, then name)."""
-    found = []
-    for child in Path(repo).iterdir() if Path(repo).is_dir() else []:
-        manifest = child / "manifest.json"
-        if manifest.is_file() and VERSION_PATTERN.match(child.name):
-            try:
-                exported = json.loads(manifest.read_text()).get("exported_at", "")
-            except ValueError:
-                exported = ""
-            found.append((exported, child.name))
-    return [name for _, name in sorted(found)]
-
-
-def manifest_summary(path: Path) -> dict | None:
-    """The metadata a listing shows (no vocabularies, no golden data)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    model = manifest.get("model", {})
-    return {"version": manifest.get("version"), "exported_at": manifest.get("exported_at"),
-            "kind": model.get("kind"), "udg": model.get("udg"), "dims": manifest.get("dims"),
-            "metrics": {k: v for k, v in (manifest.get("metrics") or {}).items() if k in ("valid", "test")},
-            "dataset": (manifest.get("dataset") or {}).get("name"),
-            "files": {name: info.get("bytes") for name, info in (manifest.get("files") or {}).items()}}
-
-
 def _lower_priority() -> None:
     """Loader thread: lower OS priority, so that loading yields the cores to request handling."""
     with contextlib.suppress(OSError, AttributeError):
@@ -217,6 +189,10 @@ class ModelRegistry:
         self._releases: set[asyncio.Task] = set()
 
     @property
+    def repository(self) -> ModelRepository:
+        return ModelRepository(self.repo)
+
+    @property
     def active(self) -> ServingModel | None:
         return self.routing.active
 
@@ -225,9 +201,11 @@ class ModelRegistry:
         """Open (sha256 of every file + golden outputs) and warm up; runs on the loader thread."""
         from export.runtime import ArtifactError, open_artifact
 
-        path = self.repo / version
-        if not (path / "manifest.json").is_file():
-            raise VersionRefused(version, f"no version directory {path} (with a manifest.json)")
+        repository = self.repository
+        if not repository.has(version):
+            raise VersionRefused(version, f"no version directory {repository.root / version} "
+                                          f"(with a {MANIFEST_FILE})")
+        path = repository.path(version)
         started = time.perf_counter()
         try:
             artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False,
@@ -241,7 +219,7 @@ class ModelRegistry:
             raise
         except Exception as error:  # onnxruntime errors at run time (a graph that loads but cannot run)
             raise VersionRefused(version, f"{type(error).__name__}: {error}") from None
-        return ServingModel(artifact, file_sha256(path / "manifest.json"), time.perf_counter() - started)
+        return ServingModel(artifact, repository.manifest_sha256(version), time.perf_counter() - started)
 
     async def check_marker(self, version: str, manifest_sha256: str | None = None) -> None:
         if not self.require_marker:
@@ -256,7 +234,7 @@ class ModelRegistry:
 
     async def ensure_loaded(self, version: str, generation: int = 0) -> ServingModel:
         """The loaded version, loading it (once, however many callers wait) if needed. Raises VersionRefused."""
-        if not VERSION_PATTERN.match(version):
+        if not is_version_name(version):
             raise VersionRefused(version, "not a valid version name")
         model = self.models.get(version)
         if model is not None:
@@ -418,7 +396,7 @@ class ModelRegistry:
         return "available", None
 
     def describe(self) -> list[dict]:
-        names = list_versions(self.repo)
+        names = self.repository.versions()
         names += [v for v in [*self.models, *self.failed, *self._loading] if v not in names]
         weights = self.routing.split or {}
         rows = []
@@ -430,7 +408,7 @@ class ModelRegistry:
                    "split_weight": weights.get(version), "inflight": model.inflight if model else 0,
                    "served": model.served if model else 0,
                    "load_seconds": round(model.load_seconds, 3) if model else None,
-                   "manifest": manifest_summary(self.repo / version)}
+                   "manifest": self.repository.summary(version) if is_version_name(version) else None}
             rows.append(row)
         return rows
 

@@ -35,13 +35,7 @@ import numpy as np
 from service import metrics
 from service.api.schemas import ScoreRequest
 from service.errors import InvalidField
-from service.feature_store import (
-    FeatureStore,
-    FeatureStoreUnavailable,
-    split_history,
-    unpack_embeddings,
-    unpack_profile,
-)
+from service.feature_store import FeatureStore, FeatureStoreUnavailable
 from service.registry import ServingModel
 
 log = logging.getLogger(__name__)
@@ -124,7 +118,8 @@ class Scorer:
         state = await fetch
         timer.mark("redis")
 
-        unpacked = unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
+        layout = self.store.layout
+        unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
         if unpacked is None:
             user_vec, udg_vec = self._cold_start(model, request, state.profile)
             cold = True
@@ -132,7 +127,7 @@ class Scorer:
         else:
             user_vec, udg_vec, cold = unpacked
 
-        history, _ = artifact.encode_items(split_history(state.history, model.max_history))
+        history, _ = artifact.encode_items(layout.split_history(state.history, model.max_history))
         new_items = model.new_items if unknown.any() else None
         fields = artifact.candidate_fields(candidate_idx, candidates, new_items)
         timer.mark("encode")
@@ -170,7 +165,7 @@ class Scorer:
         if request.profile is not None:
             profile, source = request.profile, "request"
         else:
-            stored = unpack_profile(stored_profile)
+            stored = self.store.layout.unpack_profile(stored_profile)
             fields = model.artifact.profile_fields
             profile = {k: v for k, v in stored.items() if k in fields} if stored else None
             source = "stored" if profile else "none"

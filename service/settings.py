@@ -10,7 +10,6 @@ when the server's certificate is not signed by a system CA), `unix:///path/redis
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from repository import VERSION_RULE, is_version_name
 
 
 class Settings(BaseSettings):
@@ -68,8 +67,8 @@ class Settings(BaseSettings):
     @field_validator("model_version")
     @classmethod
     def _version_name(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_PATTERN.match(value):
-            raise ValueError("a version is 1-64 characters of letters, digits, '.', '_' or '-'")
+        if value is not None and not is_version_name(value):
+            raise ValueError(VERSION_RULE)
         return value
 
     @field_validator("redis_url")

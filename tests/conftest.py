@@ -43,10 +43,11 @@ def redis_client(redis_server):
 def model_repo(tmp_path_factory) -> Path:
     """Train a tiny PNN+UDG (+ meta generator) on synthetic data, save the checkpoint, export it as v1."""
     torch = pytest.importorskip("torch")
-    from export.onnx_export import export_artifact
     from model.datasets import SyntheticSpec, make_synthetic
-    from model.experiment import model_config
     from model.features import prepare
+
+    from export.onnx_export import export_artifact
+    from model.experiment import model_config
     from model.meta import MetaConfig, train_meta
     from model.train import TrainConfig, save_checkpoint, train_model, user_snapshot
 

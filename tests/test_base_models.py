@@ -8,11 +8,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from model.datasets import SyntheticSpec, make_synthetic
+from model.features import PAD, prepare
 from torch import nn
 
 from model.base import ModelConfig
-from model.datasets import SyntheticSpec, make_synthetic
-from model.features import PAD, prepare
 from model.train import TrainConfig, make_optimizer, to_tensors
 from model.zoo import BASE_MODELS, base_of, build_model
 

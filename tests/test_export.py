@@ -1,5 +1,5 @@
 """ONNX export: onnxruntime vs PyTorch parity for every model kind (with and without UDG), the meta graph,
-the artifact files, refusal of corrupted/truncated artifacts, and the atomic writer."""
+the artifact files, and refusal of corrupted/truncated artifacts (the atomic writer: tests/test_repository.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from export.onnx_export import AtomicVersionWriter, export_model
-from export.runtime import ArtifactError, open_artifact
 from model.datasets import PROFILE_FIELDS, SyntheticSpec, make_synthetic
 from model.features import OOV, PAD, prepare
+
+from export.onnx_export import export_model
+from export.runtime import ArtifactError, open_artifact
 from model.meta import MetaConfig, train_meta
 from model.train import TrainConfig, save_checkpoint, train_model, user_snapshot
 from model.zoo import BASE_MODELS, base_of
@@ -228,24 +228,6 @@ def test_golden_mismatch_is_refused(zoo, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"scorer\.onnx: golden"):
         open_artifact(path)
-
-
-def test_atomic_writer(tmp_path):
-    repo = tmp_path / "repo"
-    with pytest.raises(RuntimeError), AtomicVersionWriter(repo, "v1") as tmp:
-        (tmp / "scorer.onnx").write_bytes(b"half")
-        raise RuntimeError("crash mid-write")
-    assert list(repo.iterdir()) == []  # neither the version nor a temp dir is left behind
-    with AtomicVersionWriter(repo, "v1") as tmp:
-        (tmp / "a").write_text("1")
-    assert (repo / "v1" / "a").read_text() == "1"
-    with pytest.raises(FileExistsError), AtomicVersionWriter(repo, "v1"):
-        pass
-    with AtomicVersionWriter(repo, "v1", overwrite=True) as tmp:
-        (tmp / "a").write_text("2")
-    assert (repo / "v1" / "a").read_text() == "2" and sorted(p.name for p in repo.iterdir()) == ["v1"]
-    with pytest.raises(ValueError):
-        AtomicVersionWriter(repo, "../escape")
 
 
 def test_runtime_imports_no_torch():

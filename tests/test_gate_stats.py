@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def trained():
     from model.datasets import SyntheticSpec, make_synthetic
-    from model.experiment import model_config
     from model.features import prepare
+
+    from model.experiment import model_config
     from model.train import TrainConfig, train_model
 
     torch.set_num_threads(1)

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from service.feature_store import TAG_META, Keys, unpack_embeddings
+from service.redis_layout import TAG_META, RedisLayout
 
-KEYS = Keys()
+LAYOUT = RedisLayout()
 
 
 def wait_for(predicate, timeout_s: float = 5.0):
@@ -66,15 +66,15 @@ def test_unseen_user_with_profile_gets_meta_embedding_written_back(client, redis
     expected = artifact.score(user_vec, udg_vec, np.zeros(0, np.int64), idx)
     np.testing.assert_allclose(body["scores"], expected, atol=1e-6)
 
-    key = KEYS.embeddings("v1", "new-user")
+    key = LAYOUT.embeddings("v1", "new-user")
     wait_for(lambda: redis_client.exists(key))
     raw = redis_client.get(key)
     assert raw.endswith(TAG_META)
-    stored_user, stored_udg, made_by_meta = unpack_embeddings(raw, artifact.user_dim, artifact.udg_dim)
+    stored_user, stored_udg, made_by_meta = LAYOUT.unpack_embeddings(raw, artifact.user_dim, artifact.udg_dim)
     assert made_by_meta
     np.testing.assert_allclose(stored_udg[0], udg_vec, atol=1e-7)
     np.testing.assert_allclose(stored_user[0], user_vec, atol=1e-7)
-    assert redis_client.exists(KEYS.profile("new-user"))
+    assert redis_client.exists(LAYOUT.profile("new-user"))
     # the next request reads the written-back state (still flagged as a cold-start embedding)
     again = client.post("/v1/score", json={"user_id": "new-user", "candidates": candidates}).json()
     assert again["cold_start"] is True and again["scores"] == body["scores"]
@@ -87,7 +87,7 @@ def test_unseen_user_without_profile_uses_fallback_and_is_not_written_back(clien
     expected = artifact.score(user_vec, udg_vec, [], artifact.encode_items(known_items(artifact, 4))[0])
     np.testing.assert_allclose(body.json()["scores"], expected, atol=1e-6)
     time.sleep(0.1)
-    assert not redis_client.exists(KEYS.embeddings("v1", "anonymous"))
+    assert not redis_client.exists(LAYOUT.embeddings("v1", "anonymous"))
 
 
 def test_stored_profile_is_used_for_cold_start(client, redis_client, artifact):
@@ -110,7 +110,7 @@ def test_event_changes_the_next_score(client, redis_client, artifact, users):
     assert reply.status_code == 200 and reply.json()["appended"] == 1
     after = client.post("/v1/score", json={"user_id": user_id, "candidates": candidates}).json()["scores"]
     assert before != after
-    history = redis_client.get(KEYS.history(user_id)).decode().split("\x1f")
+    history = redis_client.get(LAYOUT.history(user_id)).decode().split("\x1f")
     assert history[0] == clicked
     hist_idx, _ = artifact.encode_items(history[: artifact.max_history])
     expected = artifact.score(users["user_vec"][row], users["udg_vec"][row], hist_idx,
@@ -119,7 +119,7 @@ def test_event_changes_the_next_score(client, redis_client, artifact, users):
     # a retried delivery (same item and ts) is not counted twice; a later click is
     again = client.post("/v1/events", json={"user_id": user_id, "item_id": clicked, "clicked": True, "ts": 1000})
     assert again.json() == {"accepted": 1, "appended": 0, "duplicates": 1, "not_clicked": 0}
-    assert redis_client.get(KEYS.history(user_id)).decode().split("\x1f") == history
+    assert redis_client.get(LAYOUT.history(user_id)).decode().split("\x1f") == history
 
 
 def test_event_batch_orders_by_ts_and_creates_unknown_users(client, redis_client, artifact):
@@ -131,8 +131,8 @@ def test_event_batch_orders_by_ts_and_creates_unknown_users(client, redis_client
     reply = client.post("/v1/events/batch", json={"events": events})
     assert reply.status_code == 200
     assert reply.json() == {"accepted": 4, "appended": 3, "duplicates": 0, "not_clicked": 1}
-    assert redis_client.get(KEYS.history("fresh")).decode().split("\x1f") == [items[0], items[1]]
-    assert redis_client.get(KEYS.history("other")).decode() == items[2]
+    assert redis_client.get(LAYOUT.history("fresh")).decode().split("\x1f") == [items[0], items[1]]
+    assert redis_client.get(LAYOUT.history("other")).decode() == items[2]
     body = client.post("/v1/score", json={"user_id": "fresh", "candidates": items}).json()
     assert body["cold_start"] is True
 
@@ -142,7 +142,7 @@ def test_history_is_bounded(make_client, published, redis_client, artifact):
     items = known_items(artifact, 8)
     events = [{"user_id": "heavy", "item_id": item, "clicked": True, "ts": i} for i, item in enumerate(items)]
     assert client.post("/v1/events/batch", json={"events": events}).status_code == 200
-    assert redis_client.get(KEYS.history("heavy")).decode().split("\x1f") == items[::-1][:5]
+    assert redis_client.get(LAYOUT.history("heavy")).decode().split("\x1f") == items[::-1][:5]
 
 
 def test_health_ready_and_metrics(client):
@@ -252,7 +252,7 @@ def test_bad_events(client, redis_client, body, field):
     reply = client.post("/v1/events", json=body)
     assert reply.status_code == 422, reply.text
     assert reply.json()["field"] == field
-    assert not redis_client.exists(KEYS.history("u"))
+    assert not redis_client.exists(LAYOUT.history("u"))
 
 
 def test_bad_event_batches(client):

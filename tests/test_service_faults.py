@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from service.feature_store import Keys
+from service.redis_layout import RedisLayout
 
 TIMEOUT_S = 0.3
 
@@ -82,7 +82,7 @@ def test_write_back_failure_does_not_fail_the_response(make_client, published, r
     while metrics.WRITE_BACK_FAILURES._value.get() == before:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert not redis_client.exists(Keys().embeddings("v1", "new"))
+    assert not redis_client.exists(RedisLayout().embeddings("v1", "new"))
 
 
 def test_service_starts_before_redis_and_becomes_ready(make_client, redis_server, model_repo):

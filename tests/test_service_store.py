@@ -8,26 +8,16 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.feature_store import (
-    SEP,
-    TAG_META,
-    TAG_PUBLISHED,
-    Click,
-    FeatureStore,
-    Keys,
-    create_redis,
-    pack_embeddings,
-    split_history,
-    unpack_embeddings,
-)
+from service.feature_store import FeatureStore, create_redis
 from service.publish import PublishError, publish
+from service.redis_layout import SEP, TAG_META, TAG_PUBLISHED, Click, RedisLayout
 
-KEYS = Keys()
+LAYOUT = RedisLayout()
 
 
 def run(coroutine_factory, url: str, history_cap: int = 200):
     async def main():
-        store = FeatureStore(create_redis(url, 1.0, 4), KEYS, history_cap)
+        store = FeatureStore(create_redis(url, 1.0, 4), RedisLayout(history_cap=history_cap))
         try:
             return await coroutine_factory(store)
         finally:
@@ -37,24 +27,42 @@ def run(coroutine_factory, url: str, history_cap: int = 200):
 
 def test_codecs_round_trip():
     user, udg = np.arange(8, dtype=np.float32), -np.arange(4, dtype=np.float32)
-    raw = pack_embeddings(user, udg, TAG_META)
+    raw = LAYOUT.pack_embeddings(user, udg, TAG_META)
     assert len(raw) == 4 * 12 + 1
-    u, g, meta = unpack_embeddings(raw, 8, 4)
+    u, g, meta = LAYOUT.unpack_embeddings(raw, 8, 4)
     assert meta and np.array_equal(u[0], user) and np.array_equal(g[0], udg)
-    assert unpack_embeddings(raw, 8, 5) is None and unpack_embeddings(None, 8, 4) is None
-    assert split_history(SEP.join(["a", "b", "c"]).encode(), 2) == ["a", "b"]
-    assert split_history(b"", 5) == [] and split_history(None, 5) == []
+    assert LAYOUT.unpack_embeddings(raw, 8, 5) is None and LAYOUT.unpack_embeddings(None, 8, 4) is None
+    assert LAYOUT.split_history(SEP.join(["a", "b", "c"]).encode(), 2) == ["a", "b"]
+    assert LAYOUT.split_history(b"", 5) == [] and LAYOUT.split_history(None, 5) == []
+    rows = LAYOUT.pack_embedding_rows(np.stack([user, user + 1]), np.stack([udg, udg - 1]))
+    assert rows[1].tobytes() == LAYOUT.pack_embeddings(user + 1, udg - 1)  # the bulk path packs the same bytes
+    assert LAYOUT.unpack_profile(LAYOUT.pack_profile({"gender": "F", "age": ""})) == {"gender": "F"}
+    assert LAYOUT.unpack_profile(b"not json") is None and LAYOUT.unpack_profile(b"[1]") is None
+
+
+def test_byte_format_is_pinned():
+    """What is already in Redis must stay readable: the key names and value bytes, written out literally."""
+    layout = RedisLayout("udg")
+    assert layout.embeddings("v1", "u:1") == "udg:e:v1:{u:1}" and layout.history("u:1") == "udg:h:{u:1}"
+    assert layout.profile("u:1") == "udg:p:{u:1}" and layout.dedup("u:1") == "udg:d:{u:1}"
+    assert layout.marker("v1") == "udg:published:v1" and layout.embeddings_pattern("v1") == "udg:e:v1:*"
+    assert RedisLayout("t").history("u") == "t:h:{u}"
+    packed = layout.pack_embeddings(np.array([1.0, -2.0], np.float32), np.array([0.5], np.float32))
+    assert packed == bytes.fromhex("0000803f" "000000c0" "0000003f") + b"P"
+    assert layout.pack_embeddings(np.array([1.0], np.float32), None, TAG_META) == bytes.fromhex("0000803f") + b"M"
+    assert layout.join_history(["i3", "i1"]) == "i3\x1fi1"
+    assert layout.pack_profile({"occupation": "x", "age": "25", "gender": ""}) == b'{"age":"25","occupation":"x"}'
 
 
 def test_keys_share_the_users_hash_tag():
-    for key in (KEYS.embeddings("v1", "u:1"), KEYS.history("u:1"), KEYS.profile("u:1"), KEYS.dedup("u:1")):
+    for key in (LAYOUT.embeddings("v1", "u:1"), LAYOUT.history("u:1"), LAYOUT.profile("u:1"), LAYOUT.dedup("u:1")):
         assert key.endswith("{u:1}")
 
 
 def test_publish_writes_layout_marker_and_fetches_in_one_command(redis_client, redis_server, model_repo, users):
     result = publish(model_repo / "v1", redis_client, progress=False)
     assert result.users == len(users["user_ids"])
-    marker = redis_client.get(KEYS.marker("v1"))
+    marker = redis_client.get(LAYOUT.marker("v1"))
     assert marker and b"manifest_sha256" in marker
     row = int(np.argmax(users["history_len"]))
     uid = str(users["user_ids"][row])
@@ -64,12 +72,12 @@ def test_publish_writes_layout_marker_and_fetches_in_one_command(redis_client, r
     connection = ("cmdstat_config", "cmdstat_info", "cmdstat_hello", "cmdstat_client")  # handshake, this test
     assert {k for k in stats if not k.startswith(connection)} == {"cmdstat_mget"}
     assert stats["cmdstat_mget"]["calls"] == 1
-    u, g, meta = unpack_embeddings(state.embeddings, users["user_vec"].shape[1], users["udg_vec"].shape[1])
+    u, g, meta = LAYOUT.unpack_embeddings(state.embeddings, users["user_vec"].shape[1], users["udg_vec"].shape[1])
     assert not meta and state.embeddings.endswith(TAG_PUBLISHED)
     np.testing.assert_array_equal(u[0], users["user_vec"][row])
     np.testing.assert_array_equal(g[0], users["udg_vec"][row])
     length = users["history_len"][row]
-    assert split_history(state.history, 100) == users["history"][row][:length].tolist()
+    assert LAYOUT.split_history(state.history, 100) == users["history"][row][:length].tolist()
     assert state.profile
 
 
@@ -77,14 +85,14 @@ def test_publish_is_idempotent_and_keeps_live_history(redis_client, model_repo, 
     publish(model_repo / "v1", redis_client, progress=False)
     first = {k: redis_client.dump(k) for k in redis_client.scan_iter("udg:[ehp]:*")}
     uid = str(users["user_ids"][0])
-    redis_client.set(KEYS.history(uid), "live-click")
+    redis_client.set(LAYOUT.history(uid), "live-click")
     publish(model_repo / "v1", redis_client, progress=False)
     second = {k: redis_client.dump(k) for k in redis_client.scan_iter("udg:[ehp]:*")}
     assert second.keys() == first.keys()
-    assert redis_client.get(KEYS.history(uid)) == b"live-click"  # shared state kept (SET NX)
-    assert all(second[k] == first[k] for k in first if k != KEYS.history(uid).encode())
+    assert redis_client.get(LAYOUT.history(uid)) == b"live-click"  # shared state kept (SET NX)
+    assert all(second[k] == first[k] for k in first if k != LAYOUT.history(uid).encode())
     publish(model_repo / "v1", redis_client, progress=False, overwrite_shared=True)
-    assert redis_client.get(KEYS.history(uid)) != b"live-click"
+    assert redis_client.get(LAYOUT.history(uid)) != b"live-click"
 
 
 def test_interrupted_publish_leaves_no_marker(redis_client, model_repo, users):
@@ -108,7 +116,7 @@ def test_interrupted_publish_leaves_no_marker(redis_client, model_repo, users):
             publish(model_repo / "v1", redis_client, progress=False)
     finally:
         redis_client.pipeline = real
-    assert not redis_client.exists(KEYS.marker("v1"))
+    assert not redis_client.exists(LAYOUT.marker("v1"))
 
 
 def test_append_clicks_orders_bounds_and_deduplicates(redis_client, redis_server):
@@ -120,9 +128,9 @@ def test_append_clicks_orders_bounds_and_deduplicates(redis_client, redis_server
 
     first, again = run(scenario, redis_server.url, history_cap=3)
     assert first == {"u": [1, 1, 1]} and again == {"u": [0, 1], "w": [1]}
-    assert redis_client.get(KEYS.history("u")).decode().split(SEP) == ["d", "c", "b"]
-    assert redis_client.get(KEYS.profile("u")) == b'{"gender":"F"}'
-    assert redis_client.ttl(KEYS.dedup("u")) > 0
+    assert redis_client.get(LAYOUT.history("u")).decode().split(SEP) == ["d", "c", "b"]
+    assert redis_client.get(LAYOUT.profile("u")) == b'{"gender":"F"}'
+    assert redis_client.ttl(LAYOUT.dedup("u")) > 0
 
 
 def test_settings_from_environment(monkeypatch):
@@ -161,3 +169,34 @@ def test_password_protected_redis(model_repo):
         assert run(lambda store: store.marker("v1"), server.url)["version"] == "v1"
     finally:
         server.cleanup()
+
+
+def test_clicks_survive_a_script_cache_flush(redis_client, redis_server):
+    """A restarted Redis has no scripts: the first EVALSHA answers NOSCRIPT, the layout loads it and reruns."""
+    async def scenario(store):
+        redis_client.script_flush()
+        one = await store.append_clicks({"s1": ([Click("a", 1)], None)})
+        redis_client.script_flush()
+        many = await store.append_clicks({"s1": ([Click("b", 2)], None), "s2": ([Click("c", None)], None)})
+        return one, many
+
+    assert run(scenario, redis_server.url) == ({"s1": [1]}, {"s1": [1], "s2": [1]})
+    assert redis_client.get(LAYOUT.history("s1")) == b"b\x1fa"
+
+
+def test_delete_version_removes_its_namespace_and_marker_only(redis_client):
+    layout = RedisLayout("gc")
+    user_vec, udg_vec = np.ones((3, 2), np.float32), np.zeros((3, 1), np.float32)
+    for version in ("v1", "v2"):
+        layout.write_batch(redis_client, version, ["a", "b", "c"], user_vec, udg_vec,
+                           [["i1"], [], ["i2", "i1"]], [{"age": "25"}, {}, {"age": ""}])
+    layout.write_marker(redis_client, "v2", {"version": "v2"})
+    redis_client.set(layout.embeddings("half", "a"), b"x")  # a namespace whose publish never completed
+    assert layout.stored_versions(redis_client) == {"v1": None, "v2": {"version": "v2"}, "half": None}
+    assert redis_client.get(layout.history("b")) is None and redis_client.get(layout.profile("c")) is None
+    assert layout.delete_version(redis_client, "v2", batch=2) == 3
+    assert not redis_client.exists(layout.marker("v2"))
+    assert not list(redis_client.scan_iter(match=layout.embeddings_pattern("v2")))
+    assert len(list(redis_client.scan_iter(match=layout.embeddings_pattern("v1")))) == 3
+    assert redis_client.get(layout.history("c")) == b"i2\x1fi1"  # shared state is nobody's version: kept
+    assert set(layout.stored_versions(redis_client)) == {"v1", "half"}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from model.datasets import SyntheticSpec, make_synthetic
-from model.experiment import model_config
 from model.features import prepare
+
+from model.experiment import model_config
 from model.meta import MetaConfig, cold_start_metrics, train_meta
 from model.metrics import all_metrics, auc, log_loss, rig
 from model.train import TrainConfig, load_checkpoint, predict, save_checkpoint, train_model, user_snapshot

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from model.datasets import SyntheticSpec, make_synthetic
-from model.experiment import model_config
 from model.features import prepare
+
+from model.experiment import model_config
 from model.layers import SplitLinear
 from model.train import seed_everything, to_tensors
 from model.udg import UDG

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from service.feature_store import Keys
+from service.redis_layout import RedisLayout
 from tests import versions_repo
 
 TOKEN = "s3cret-admin"
@@ -169,7 +169,7 @@ def test_inflight_request_keeps_its_version_then_it_is_released(redis_server, pu
     from service.registry import ModelRegistry
 
     async def scenario():
-        store = FeatureStore(create_redis(redis_server.url, 1.0, 8), Keys())
+        store = FeatureStore(create_redis(redis_server.url, 1.0, 8), RedisLayout())
         registry = ModelRegistry(published_all, store)
         try:
             await registry.apply({"generation": 1, "active": "v1", "loaded": ["v1", "v2"]})
@@ -238,29 +238,29 @@ def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, pub
     from service.control import Conflict, garbage_collect
     from udg_cli import main as udg
 
-    keys = Keys()
+    layout = RedisLayout()
     with pytest.raises(Conflict):
         garbage_collect(redis_client, min_age_s=0)  # no routing document yet: refuses
     client = make_worker(published_all)
     client.post("/v1/admin/versions/v2/load", headers=AUTH)
-    count = {v: len(list(redis_client.scan_iter(match=keys.version_pattern(v)))) for v in ("v1", "v2", "v3")}
+    count = {v: len(list(redis_client.scan_iter(match=layout.embeddings_pattern(v)))) for v in ("v1", "v2", "v3")}
     assert min(count.values()) > 0
 
     monkeypatch.setenv("REDIS_URL", redis_server.url)  # restored afterwards (the CLI writes it)
     assert udg(["gc", "--redis-url", redis_server.url, "--dry-run", "--min-age-s", "0"]) == 0
     assert '"v3"' in capsys.readouterr().out
     dry = garbage_collect(redis_client, min_age_s=0, dry_run=True)
-    assert "v3" in dry["removed"] and redis_client.exists(keys.marker("v3"))
+    assert "v3" in dry["removed"] and redis_client.exists(layout.marker("v3"))
     assert garbage_collect(redis_client)["removed"] == []  # just published: kept by the age guard
     result = garbage_collect(redis_client, min_age_s=0)
     assert "v3" in result["removed"] and "v1" not in result["removed"] and "v2" not in result["removed"]
     assert result["kept"]["v1"] == "active" and result["keys_deleted"] >= count["v3"]
-    assert not list(redis_client.scan_iter(match=keys.version_pattern("v3")))
-    assert not redis_client.exists(keys.marker("v3"))
-    assert len(list(redis_client.scan_iter(match=keys.version_pattern("v1")))) == count["v1"]
+    assert not list(redis_client.scan_iter(match=layout.embeddings_pattern("v3")))
+    assert not redis_client.exists(layout.marker("v3"))
+    assert len(list(redis_client.scan_iter(match=layout.embeddings_pattern("v1")))) == count["v1"]
 
     client.post("/v1/admin/versions/v2/unload", headers=AUTH)
     assert "v2" in garbage_collect(redis_client, min_age_s=0)["removed"]
-    assert redis_client.exists(keys.marker("v1")) and score(client) == "v1"
+    assert redis_client.exists(layout.marker("v1")) and score(client) == "v1"
     refused = client.post("/v1/admin/versions/v3/activate", headers=AUTH)  # its state is gone: refused
     assert refused.status_code == 422 and "no publish marker" in refused.json()["message"]

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from export.runtime import sha256_file
+from repository import sha256_file
 
 VALID = ("v1", "v2", "v3")
 # version -> the words its refusal must contain

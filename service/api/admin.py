@@ -23,13 +23,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from repository import is_version_name
 from service.api.deps import Services, ServicesDep, json_ok, read_body
 from service.api.schemas import SplitRequest
 from service.control import HISTORY_KEEP, Conflict
 from service.errors import AdminDisabled, NotFound, Unauthorized, VersionRefusedError
 from service.errors import Conflict as ConflictError
-from service.registry import VersionRefused, list_versions
-from service.settings import VERSION_PATTERN
+from service.registry import VersionRefused
 
 PREFIX = "/v1/admin"
 
@@ -52,9 +52,10 @@ router = APIRouter(prefix=PREFIX, tags=["admin"])
 
 
 def _known(services: Services, version: str) -> str:
-    if not VERSION_PATTERN.match(version) or not (services.registry.repo / version / "manifest.json").is_file():
-        raise NotFound(f"version {version!r} is not in the model repository {services.registry.repo} "
-                       f"(known: {list_versions(services.registry.repo)})", field="version")
+    repository = services.registry.repository
+    if not repository.has(version):
+        raise NotFound(f"version {version!r} is not in the model repository {repository.root} "
+                       f"(known: {repository.versions()})", field="version")
     return version
 
 
@@ -158,7 +159,7 @@ async def rollback(services: AdminDep):
 
 @router.post("/versions/{version}/unload", summary="Release a version in every worker (not while it serves)")
 async def unload(version: str, services: AdminDep):
-    if not VERSION_PATTERN.match(version):
+    if not is_version_name(version):
         raise NotFound(f"version {version!r} is not a valid version name", field="version")
 
     def mutate(doc):

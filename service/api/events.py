@@ -18,7 +18,7 @@ from service import metrics
 from service.api.deps import Services, ServicesDep, json_ok, read_body
 from service.api.schemas import Event, EventBatch
 from service.errors import InvalidField
-from service.feature_store import Click
+from service.redis_layout import Click
 
 router = APIRouter()
 
