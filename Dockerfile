@@ -34,6 +34,8 @@ COPY pyproject.toml README.md udg_cli.py ./
 COPY model ./model
 COPY export ./export
 COPY repository ./repository
+COPY dataset ./dataset
+COPY pipeline ./pipeline
 COPY service ./service
 COPY loadtest ./loadtest
 

@@ -12,7 +12,8 @@ import logging
 import sys
 
 # Packages that contribute subcommands, in help order. A package missing from an install is skipped.
-COMMAND_MODULES = ("dataset.commands", "model.commands", "export.commands", "service.commands", "loadtest.commands")
+COMMAND_MODULES = ("dataset.commands", "model.commands", "export.commands", "service.commands", "pipeline.commands",
+                   "loadtest.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,6 +118,11 @@ def _locate_parse_error(file: Path, kind: str, delimiter: str, columns: list[str
     return None
 
 
+def read_columns(file: Path, table: Table, columns: list[str], strings: set[str]):
+    """One file's `columns` as a pyarrow Table (`strings` read as strings), validated like ingestion's."""
+    return _read_file(Path(file), table, columns, strings)
+
+
 def _check_columns(file: Path, present: list[str], wanted: list[str]) -> None:
     for name in wanted:
         if name not in present:

@@ -4,7 +4,7 @@ Three tables, the layout a shop's own export would have:
 
 - `events.parquet`: `user_id`, `item_id`, `timestamp` (seconds since the epoch, strictly increasing per
   user), `click` (0/1), sorted by time like a log;
-- `users.parquet`: `user_id`, `country`, `device` (a few missing), `tier` (membership), `age` (raw years:
+- `users.parquet`: `user_id`, `country`, `device` (a few missing), `tier` (membership), `age_years` (raw years:
   the spec buckets it into `age_band`), and the planted `log_decisiveness`;
 - `items.parquet`: `item_id`, `category`, `brand`, `price` (the spec buckets it into `price_band`), `tags`
   (a list column: 0 to `max_tags` tags). The last `new_items` items are in the catalogue but in no event
@@ -14,7 +14,7 @@ Three tables, the layout a shop's own export would have:
     click logit = base + tier_bias[tier] + decisiveness_u * (taste_u[category] + brand_u[brand]
                                                              + quality_item + tag_quality . tags - price_u * log price)
 
-`taste_u` mixes a profile component (country and age band) with a personal one, `brand_u` is personal, and
+`taste_u` mixes a profile component (country and age band, from the raw `age_years`) with a personal one, `brand_u` is personal, and
 `decisiveness_u` (log-normal) is how strongly a user acts on their preferences: a per-user scale on the
 logit, the user-dependence UDG's gates model. Impressions follow item popularity; each user sees a
 geometric number of them (at least `min_events`). Generation is vectorised (no loop over users or events):
@@ -55,7 +55,7 @@ class ShopParams:
     days: int = 60  # users start within the first `days` days
     base_logit: float = -2.2  # with the other defaults: a click rate of about 15%
     taste_weight: float = 1.0  # category taste (profile + personal)
-    profile_weight: float = 0.6  # share of the category taste predictable from country and age
+    profile_weight: float = 0.6  # share of the category taste predictable from country and age band
     brand_weight: float = 0.7
     decisiveness_spread: float = 0.7  # std of log decisiveness (0: every user alike)
     missing_device: float = 0.02  # share of users without a device value
@@ -111,8 +111,8 @@ def generate(params: ShopParams) -> dict[str, dict[str, object]]:
     device = rng.choice(len(DEVICES), size=n_u, p=[0.6, 0.3, 0.1])
     device_missing = rng.random(n_u) < p.missing_device
     tier = rng.choice(len(TIERS), size=n_u, p=[0.6, 0.25, 0.1, 0.05])
-    age = np.clip(np.round(rng.normal(38, 13, size=n_u)), 16, 90).astype(np.int64)
-    age_group = np.clip((age - 16) // 12, 0, 5)
+    years = np.clip(np.round(rng.normal(38, 13, size=n_u)), 16, 90).astype(np.int64)
+    age_group = np.clip((years - 16) // 12, 0, 5)
     country_taste = rng.normal(size=(p.countries, p.categories))
     age_taste = rng.normal(size=(6, p.categories))
     profile_taste = (country_taste[country] + age_taste[age_group]) / np.sqrt(2)
@@ -152,7 +152,7 @@ def generate(params: ShopParams) -> dict[str, dict[str, object]]:
                    "timestamp": timestamp[by_time].astype(np.int64), "click": click[by_time]},
         "users": {"user_id": user_ids, "country": _labels(COUNTRIES, p.countries, "C")[country],
                   "device": np.where(device_missing, None, np.array(DEVICES, dtype=object)[device]),
-                  "tier": np.array(TIERS)[tier], "age": age, "log_decisiveness": log_decisiveness},
+                  "tier": np.array(TIERS)[tier], "age_years": years, "log_decisiveness": log_decisiveness},
         "items": {"item_id": item_ids, "category": _labels(CATEGORIES, p.categories, "category")[category],
                   "brand": _names("b", p.brands)[brand], "price": price,
                   "tags": (tag_offsets, tag_names[tag_values])},

@@ -136,9 +136,12 @@ def user_table(model: nn.Module, schema: FeatureSchema, users: KnownUsers | None
 
 
 def item_table(schema: FeatureSchema) -> dict[str, np.ndarray]:
-    """Every item of the vocabulary with its field tokens (what the version's item table in Redis starts as)."""
+    """Every item of the vocabulary with its field tokens, first in vocabulary order (`known`), then the
+    catalogue's items the model never saw (their ids are OOV; `udg publish` puts them in the version's item
+    table in Redis, so they are scored with their features)."""
     rows = np.arange(2, schema.items.known_size)
-    table = {"item_ids": np.array(schema.items.tokens[2:], dtype=str).reshape(len(rows))}
+    table = {"item_ids": np.array(schema.items.tokens[2:], dtype=str).reshape(len(rows)),
+             "known": np.ones(len(rows), bool)}
     for spec in schema.item_fields:
         table[f"field_{spec.name}"] = schema.item_table[spec.name][rows].astype(np.int64)
     return table

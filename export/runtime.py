@@ -141,8 +141,9 @@ class Artifact:
         if not tables:
             return tables
         with np.load(self.path / manifest["vocab"]["items"]["file"], allow_pickle=False) as data:
+            known = data["known"]
             for spec in self.schema.item_fields:
-                values = data[f"field_{spec.name}"]
+                values = data[f"field_{spec.name}"][known]
                 tables[spec.name][2:2 + len(values)] = values
         return tables
 

@@ -205,6 +205,10 @@ def approx_median(after: dict[float, float], before: dict[float, float] | None) 
 
 
 def ensure_model(repo: Path, version: str | None) -> Path:
+    """The version to measure: the given or newest one of `repo`, else a synthetic PNN+UDG (the default
+    architecture, 1 epoch) made there first."""
+    from loadtest.stack import model_train_args
+    from pipeline import VersionPlan, make_version
     from repository import ModelRepository
 
     repository = ModelRepository(repo)
@@ -212,12 +216,9 @@ def ensure_model(repo: Path, version: str | None) -> Path:
     if version or newest:
         return repository.path(version or newest)
     print(f"no model in {repo}; training a synthetic PNN+UDG (default architecture, 1 epoch) first…", flush=True)
-    subprocess.run([sys.executable, "-m", "udg_cli", "train", "--udg", "--data", "synthetic", "--synthetic-users",
-                    "2000", "--epochs", "1", "--meta-steps", "50", "--quiet", "--out",
-                    str(repo.parent / "bench_checkpoint.pt")], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "udg_cli", "export", str(repo.parent / "bench_checkpoint.pt"),
-                    "--version", "bench", "--out", str(repo)], check=True, cwd=ROOT)
-    return repo / "bench"
+    plan = VersionPlan(repo=repo, version="bench", workdir=repo.parent / "bench_work",
+                       train_args=model_train_args("synthetic", 2000, epochs=1, small=False))
+    return make_version(plan).version_dir
 
 
 def main(argv: list[str] | None = None) -> int:

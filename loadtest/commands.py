@@ -119,7 +119,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         else:
             with open(out_dir / "setup.log", "ab") as setup_log:
                 version_dir = stack.ensure_model(Path(args.model_repo) if args.model_repo else None, args.version,
-                                                 Path(args.workdir), data=args.data,
+                                                 Path(args.workdir), spec=args.spec,
                                                  synthetic_users=args.synthetic_users, epochs=args.epochs,
                                                  small=not args.full_model, log_file=setup_log)
             redis_url = args.redis_url or os.environ.get("REDIS_URL")
@@ -250,9 +250,11 @@ def register(subparsers) -> None:
                       help="model repository holding --version (default: a small synthetic model in --workdir)")
     load.add_argument("--version", default="v1", help="model version to serve (default v1)")
     load.add_argument("--workdir", default="runs/loadtest", help="where the synthetic model is trained once")
-    load.add_argument("--data", default="synthetic", choices=["synthetic", "movielens"],
-                      help="data for the model trained into --workdir")
-    load.add_argument("--synthetic-users", type=int, default=2000)
+    load.add_argument("--spec", default="synthetic",
+                      help="dataset spec of the model trained into --workdir: a built-in name (synthetic, shop, "
+                           "movielens-100k) or a TOML/YAML file")
+    load.add_argument("--synthetic-users", type=int, default=2000,
+                      help="users of a generated spec (synthetic, shop); ignored for a spec that reads files")
     load.add_argument("--epochs", type=int, default=1)
     load.add_argument("--full-model", action="store_true",
                       help="train the shipped architecture instead of the small one (slower to train)")

@@ -83,11 +83,24 @@ def run_udg(argv: list[str], log_file=None) -> None:
         raise StackError(f"`udg {' '.join(argv)}` failed with exit code {result.returncode}")
 
 
-def ensure_model(repo: Path | None, version: str, workdir: Path, data: str = "synthetic",
+def model_train_args(spec: str = "synthetic", synthetic_users: int = 2000, epochs: int = 1, small: bool = True,
+                     meta_steps: int = 50) -> list[str]:
+    """`udg train` arguments of the model a load test trains when given none: PNN+UDG with its meta generator."""
+    argv = ["--udg", "--cold-users", "0.1", "--spec", spec, "--epochs", str(epochs), "--meta-steps", str(meta_steps),
+            "--quiet"]
+    from dataset.spec import load_spec
+
+    if load_spec(spec).generator is not None and load_spec(spec).generator.kind != "movielens-100k":
+        argv += ["--synthetic-users", str(synthetic_users)]
+    return argv + (list(SMALL_MODEL_ARGS) if small else [])
+
+
+def ensure_model(repo: Path | None, version: str, workdir: Path, spec: str = "synthetic",
                  synthetic_users: int = 2000, epochs: int = 1, small: bool = True, meta_steps: int = 50,
                  log_file=None) -> Path:
-    """MODEL_REPO/VERSION to serve: `repo`/`version` if given, else `workdir`/model_repo/`version`, trained
-    and exported there first if absent (reused by later runs; delete `workdir` to retrain)."""
+    """MODEL_REPO/VERSION to serve: `repo`/`version` if given, else `workdir`/model_repo/`version`, made there
+    first if absent (`pipeline.make_version`; reused by later runs; delete `workdir` to retrain)."""
+    from pipeline import VersionError, VersionPlan, make_version
     from repository import ModelRepository
 
     if repo is not None:
@@ -97,34 +110,18 @@ def ensure_model(repo: Path | None, version: str, workdir: Path, data: str = "sy
                              "`udg quickstart`)")
         return repository.path(version)
     workdir = Path(workdir)
-    repository = ModelRepository(workdir / "model_repo")
-    version_dir = repository.root / version
-    if repository.has(version):
-        print(f"model: reusing {version_dir}", flush=True)
-        return version_dir
-    checkpoint = workdir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        argv = ["train", "--udg", "--cold-users", "0.1", "--data", data, "--epochs", str(epochs), "--meta-steps",
-                str(meta_steps), "--quiet", "--out", str(checkpoint)]
-        if data == "synthetic":
-            argv += ["--synthetic-users", str(synthetic_users)]
-        if small:
-            argv += list(SMALL_MODEL_ARGS)
-        print(f"model: training into {checkpoint}", flush=True)
-        run_udg(argv, log_file)
-    run_udg(["export", str(checkpoint), "--version", version, "--out", str(workdir / "model_repo"), "--force"],
-            log_file)
-    return version_dir
+    plan = VersionPlan(repo=workdir / "model_repo", version=version, workdir=workdir,
+                       train_args=model_train_args(spec, synthetic_users, epochs, small, meta_steps))
+    try:
+        return make_version(plan, log_file, echo=lambda line: print(f"model: {line}", flush=True)).version_dir
+    except VersionError as error:
+        raise StackError(str(error)) from None
 
 
 def publish_version(version_dir: Path, redis_url: str) -> None:
-    from service.publish import publish, sync_redis
+    from pipeline import publish
 
-    client = sync_redis(redis_url)
-    try:
-        result = publish(Path(version_dir), client, progress=False)
-    finally:
-        client.close()
+    result = publish(Path(version_dir), redis_url)
     print(f"published {result.version}: {result.users:,d} users in {result.seconds:.2f} s", flush=True)
 
 

@@ -76,6 +76,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish_items(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dataset.errors import DataError
+    from service.publish import PublishError, publish_items, sync_redis
+    from service.redis_layout import RedisLayout
+    from service.settings import Settings, mask_url
+
+    _apply_overrides(args)
+    settings = Settings()
+    client = sync_redis(settings.redis_url, ca_certs=settings.redis_ca_certs)
+    try:
+        result = publish_items(Path(args.version_dir), Path(args.file), client,
+                               RedisLayout(settings.key_prefix, settings.history_cap), id_column=args.id_column)
+    except (DataError, PublishError) as error:
+        raise SystemExit(f"nothing written: {error}") from None
+    print(f"version {result.version}: {result.written:,d} new items in its item table (generation "
+          f"{result.generation}) at {mask_url(settings.redis_url)}; {result.known:,d} rows were items the version "
+          "was trained on (they keep their trained features)")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from service.quickstart import run_quickstart
 
@@ -191,12 +213,21 @@ def register(subparsers) -> None:
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
     publish.set_defaults(handler=cmd_publish)
 
+    items = subparsers.add_parser("publish-items", help="items that arrived after training (with their fields) "
+                                                        "into a version's item table: scored by their features")
+    items.add_argument("version_dir", help="MODEL_REPO/VERSION")
+    items.add_argument("file", help="Parquet, CSV or JSON Lines: the item id and the item fields' columns")
+    items.add_argument("--id-column", default=None, help="default: the dataset spec's item id column")
+    items.add_argument("--redis-url", default=None, help="env REDIS_URL")
+    items.set_defaults(handler=cmd_publish_items)
+
     quick = subparsers.add_parser("quickstart", help="fresh machine -> trained, exported, published, serving")
     quick.add_argument("--workdir", default="runs/quickstart", help="checkpoint and model repository go here")
     quick.add_argument("--version", default="v1", help="model version name")
     quick.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
-    quick.add_argument("--data", default="movielens", choices=["movielens", "synthetic"])
-    quick.add_argument("--synthetic-users", type=int, default=None)
+    quick.add_argument("--spec", default="movielens-100k",
+                       help="dataset spec: a built-in name (movielens-100k, synthetic, shop) or a TOML/YAML file")
+    quick.add_argument("--synthetic-users", type=int, default=None, help="users of a generated (synthetic) spec")
     quick.add_argument("--epochs", type=int, default=30)
     quick.add_argument("--meta-steps", type=int, default=1500)
     quick.add_argument("--host", default="127.0.0.1")

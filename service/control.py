@@ -159,6 +159,7 @@ class Control:
             await self.heartbeat()
         elif time.monotonic() - self._last_heartbeat > self.settings.heartbeat_s:
             await self.heartbeat()
+        await registry.refresh_items()  # one MGET per sync: reload item tables that `udg publish-items` changed
 
     async def follow(self) -> None:
         """The follower task: subscribe, sync on every message and every poll period, reconnect on errors."""
@@ -281,9 +282,9 @@ def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_
         if version in protected:
             kept[version] = protected[version]
             continue
-        age = _published_age_s(marker) if marker else None
-        if age is not None and age < min_age_s:
-            kept[version] = f"published {age:.0f} s ago (< {min_age_s:.0f} s)"
+        since = _published_age_s(marker) if marker else None
+        if since is not None and since < min_age_s:
+            kept[version] = f"published {since:.0f} s ago (< {min_age_s:.0f} s)"
             continue
         removed.append(version)
         if not dry_run:

@@ -70,6 +70,12 @@ class FeatureStore:
         in one round trip. Raises FeatureStoreUnavailable when nothing can be promised to have been stored."""
         return await self._run("append", self.layout.append_clicks(self.redis, batches))
 
+    async def item_generations(self, versions: list[str]) -> list[int]:
+        return await self._run("item_generations", self.layout.read_item_generations(self.redis, versions))
+
+    async def items(self, version: str, width: int) -> dict:
+        return await self._run("items", self.layout.read_items(self.redis, version, width))
+
     async def marker(self, version: str) -> dict | None:
         return await self._run("marker", self.layout.read_marker(self.redis, version))
 

@@ -12,7 +12,7 @@ import logging
 from fastapi import FastAPI
 
 from service import errors, metrics
-from service.api import admin, events, health, score
+from service.api import admin, events, health, openapi, score
 from service.api.deps import Services
 from service.control import Control
 from service.feature_store import FeatureStore, create_redis
@@ -60,4 +60,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    openapi.install(app)
     return app

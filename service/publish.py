@@ -114,9 +114,32 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
     marker = {"version": version, "users": n, "manifest_sha256": manifest_sha, "user_dim": user_dim,
               "udg_dim": udg_dim, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "seconds": round(seconds, 3)}
+    marker["items"] = publish_item_table(path, manifest, redis_client, layout)
     layout.write_marker(redis_client, version, marker)
     log.info("published %s: %d users in %.1f s", version, n, seconds)
     return PublishResult(version, n, seconds, marker)
+
+
+def item_width(manifest: dict) -> int:
+    """Tokens per item row of the item table: every item field's width, concatenated."""
+    return sum(int(f["width"]) for f in manifest["features"]["item_fields"])
+
+
+def publish_item_table(path: Path, manifest: dict, redis_client, layout: RedisLayout) -> int:
+    """The items of items.npz the version was not trained on (catalogue items: known features, unknown id)
+    into the version's item table in Redis; -> how many."""
+    from repository import ITEMS_FILE
+
+    fields = [f["name"] for f in manifest["features"]["item_fields"]]
+    if not fields:
+        return 0
+    with np.load(Path(path) / ITEMS_FILE, allow_pickle=False) as items:
+        new = ~items["known"]
+        ids = items["item_ids"][new].tolist()
+        tokens = np.concatenate([items[f"field_{name}"][new] for name in fields], axis=1)
+    if ids:
+        layout.write_items(redis_client, manifest["version"], ids, tokens)
+    return len(ids)
 
 
 def redis_used_memory(redis_client) -> int:
@@ -131,3 +154,48 @@ def sync_redis(url: str, timeout_s: float = 30.0, ca_certs: str | None = None):
     if ca_certs and url.startswith("rediss://"):
         kwargs["ssl_ca_certs"] = ca_certs
     return redis.Redis.from_url(url, **kwargs)
+
+
+@dataclass
+class ItemsResult:
+    version: str
+    written: int  # new items now in the version's item table
+    known: int  # rows for items the version was trained on: their trained features stay (not written)
+    generation: int
+
+
+def publish_items(path: Path, file: Path, redis_client, layout: RedisLayout | None = None,
+                  id_column: str | None = None) -> ItemsResult:
+    """`udg publish-items MODEL_REPO/V FILE`: items that arrived after training (a Parquet, CSV or JSON Lines
+    file with the item id and the item fields' columns, as the version's dataset spec declares them) into the
+    version's item table, so the service scores them with their features; no retraining. Every row is
+    validated before anything is written (a bad file raises DataError naming the file, column and row)."""
+    from dataset.ingest import field_tokens, read_columns
+    from dataset.schema import FeatureSchema
+    from dataset.spec import DatasetSpec, Table
+
+    layout = layout or RedisLayout()
+    version, manifest, _ = version_dir_info(path)
+    schema = FeatureSchema.from_json({**manifest["features"], "item_table": {}})
+    spec = DatasetSpec.model_validate(manifest["dataset"]["spec"])
+    id_column = id_column or (spec.items.id if spec.items is not None else spec.events.item)
+    by_name = {f.name: f for f in spec.item_fields}
+    columns = [id_column, *(by_name[f.name].source_column for f in schema.item_fields)]
+    file = Path(file)
+    table = read_columns(file, Table(path=str(file)), columns, {id_column})
+    ids = [str(v) for v in table.column(id_column).to_pylist()]
+    rows = np.zeros((len(ids), sum(f.width for f in schema.item_fields)), np.int64)
+    offset = 0
+    for field in schema.item_fields:
+        tokens, _ = field_tokens(file, by_name[field.name], table.column(by_name[field.name].source_column))
+        for row, values in enumerate(tokens):
+            rows[row, offset:offset + field.width] = field.encode(list(values) if field.kind == "multi" else
+                                                                  (values[0] if len(values) else None))
+        offset += field.width
+    known = np.array([schema.items.known(i) for i in ids], bool)
+    new_ids = [i for i, k in zip(ids, known.tolist(), strict=True) if not k]
+    generation = layout.write_items(redis_client, version, new_ids, rows[~known]) if new_ids else \
+        int(redis_client.get(layout.item_generation(version)) or 0)
+    log.info("publish-items %s: %d new items written, %d known items kept their trained features", version,
+             len(new_ids), int(known.sum()))
+    return ItemsResult(version, len(new_ids), int(known.sum()), generation)

@@ -18,18 +18,13 @@ import urllib.request
 from pathlib import Path
 
 
-def _train(args: argparse.Namespace, checkpoint: Path) -> None:
-    from model.commands import print_training_summary, run_training
-    from udg_cli import build_parser
-
-    argv = ["train", "--udg", "--cold-users", "0.1", "--data", args.data, "--epochs", str(args.epochs),
-            "--meta-steps", str(args.meta_steps), "--out", str(checkpoint)]
+def train_args(args: argparse.Namespace) -> list[str]:
+    """What the quickstart trains: the shipped PNN+UDG preset with its meta generator, 10% cold users."""
+    argv = ["--udg", "--cold-users", "0.1", "--spec", args.spec, "--epochs", str(args.epochs),
+            "--meta-steps", str(args.meta_steps)]
     if args.synthetic_users:
         argv += ["--synthetic-users", str(args.synthetic_users)]
-    train_args = build_parser().parse_args(argv)
-    print(f"[1/4] data + training: udg {' '.join(argv)}", flush=True)
-    path, metrics = run_training(train_args)
-    print_training_summary(path, metrics)
+    return argv
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -59,7 +54,7 @@ def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
     from repository import USERS_FILE, read_manifest
 
     manifest = read_manifest(version_dir)
-    items = list(manifest["vocab"]["items"]["index"])[:8]
+    items = list(manifest["features"]["items"]["tokens"])[:8]
     with np.load(version_dir / USERS_FILE, allow_pickle=False) as users:
         row = int(np.argmax(users["history_len"])) if len(users["user_ids"]) else None
         known = str(users["user_ids"][row]) if row is not None else "demo-user"
@@ -73,35 +68,18 @@ def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    from repository import ModelRepository
+    from pipeline import VersionPlan, make_version
     from service.local_redis import free_port, resolve_redis
-    from service.publish import publish, sync_redis
-
-    workdir = Path(args.workdir)
-    checkpoint, repo = workdir / "checkpoint.pt", workdir / "model_repo"
-    repository = ModelRepository(repo)
-    version_dir = repository.path(args.version)
-    trained = False
-    if args.retrain or not checkpoint.is_file():
-        _train(args, checkpoint)
-        trained = True
-    else:
-        print(f"[1/4] data + training: reusing {checkpoint} (--retrain to train again)")
-
-    if trained or not repository.has(args.version):
-        from export.onnx_export import export_artifact
-
-        print(f"[2/4] export: udg export {checkpoint} --version {args.version} --out {repo}", flush=True)
-        export_artifact(checkpoint, args.version, repo, overwrite=True)
-    else:
-        print(f"[2/4] export: reusing {version_dir}")
-
-    redis_url, private, how = resolve_redis()
     from service.settings import mask_url
 
-    print(f"[3/4] publish: udg publish {version_dir}  (Redis: {how}, {mask_url(redis_url)})", flush=True)
-    result = publish(version_dir, sync_redis(redis_url), progress=True)
-    print(f"      {result.users:,d} users in {result.seconds:.2f} s")
+    workdir = Path(args.workdir)
+    repo = workdir / "model_repo"
+    redis_url, private, how = resolve_redis()
+    print(f"[1/3] version {args.version}: train -> export -> publish (Redis: {how}, {mask_url(redis_url)})",
+          flush=True)
+    plan = VersionPlan(repo=repo, version=args.version, workdir=workdir, train_args=train_args(args),
+                       retrain=args.retrain, redis_url=redis_url, in_process=True)
+    version_dir = make_version(plan, echo=lambda line: print(f"      {line}", flush=True)).version_dir
 
     port = args.port
     if port == 0 or not _port_free(args.host, port):
@@ -109,7 +87,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{port}"
     env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(repo), "UDG_MODEL_VERSION": args.version,
            "UDG_HOST": args.host, "UDG_PORT": str(port)}
-    print(f"[4/4] serve: udg serve --model-repo {repo} --version {args.version} --port {port}", flush=True)
+    print(f"[2/3] serve: udg serve --model-repo {repo} --version {args.version} --port {port}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env,
                               cwd=str(Path(__file__).resolve().parents[1]))
     stop = {"now": False}
@@ -135,7 +113,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
                 print("the service did not become ready within 120 s", file=sys.stderr)
                 return 1
             time.sleep(0.2)
-        print(f"\nThe service is ready on {base}  (GET /healthz /readyz /metrics, POST /v1/score /v1/events)\n")
+        print(f"\n[3/3] The service is ready on {base}  (GET /healthz /readyz /metrics, POST /v1/score /v1/events)\n")
         for title, body in _demo_requests(version_dir):
             payload = json.dumps(body)
             print(f"# {title}")

@@ -14,15 +14,20 @@ slot and one MGET / one Lua call can touch them all):
     udg:p:{<uid>}             STRING  profile, compact JSON {field: raw value} (version independent)
     udg:d:{<uid>}             ZSET    recent event identities "item\\x1fts" (score ts): retry deduplication
     udg:published:<version>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, …)
+    udg:i:<version>:items     HASH    the version's item table for items it was not trained on: item id ->
+                                      int32 little-endian token indices of every item field, concatenated
+                                      (written by `udg publish` from items.npz and by `udg publish-items`)
+    udg:i:<version>:generation STRING a counter bumped by every write of the item table: workers reload it
 
 Why this split. Embeddings live in different spaces per model version, so they are namespaced by version
 and two versions coexist during a swap or an A/B split. The click history and the profile are facts about
 the user, not about a model: they are kept once, as raw ids, so a click event is written once whatever the
 number of live versions, and a new version starts from the user's current history rather than from its
 training snapshot. Each version maps raw ids to its own vocabulary when it scores (unknown ids -> OOV row).
-A version's namespace is every key of a kind in `VERSIONED_KINDS` (today only `e`); a further per-version
-table (item features, say `udg:i:<version>:<item>`) becomes a new kind there, and `udg gc` removes it with
-the rest.
+A version's namespace is every key of a kind in `VERSIONED_KINDS` (`e`, `i`), and `udg gc` removes it whole.
+The item table is one hash per version rather than a key per item: the service reads it whole (HSCAN) when it
+loads the version and again when its generation changes, never on the request path, where a candidate's
+fields come from memory.
 
 Why strings rather than a list and a hash. The request path then reads everything with ONE `MGET` of three
 keys (one command, one round trip: ~35 us with hiredis, against ~60 us for a three-command pipeline, measured
@@ -53,7 +58,7 @@ SEP_BYTES = SEP.encode()
 TAG_PUBLISHED, TAG_META = b"P", b"M"
 DEDUP_KEEP = 256  # event identities remembered per user
 DEDUP_TTL_S = 7 * 24 * 3600
-VERSIONED_KINDS = ("e",)  # key kinds namespaced by model version: what `delete_version` removes
+VERSIONED_KINDS = ("e", "i")  # key kinds namespaced by model version: what `delete_version` removes
 _EMPTY_PROFILE = b"{}"
 
 # Atomic append of clicks to one user's history (+ retry deduplication, + optional profile).
@@ -144,6 +149,12 @@ class RedisLayout:
     def marker(self, version: str) -> str:
         return f"{self.prefix}:published:{version}"
 
+    def item_table(self, version: str) -> str:
+        return f"{self.prefix}:i:{version}:items"
+
+    def item_generation(self, version: str) -> str:
+        return f"{self.prefix}:i:{version}:generation"
+
     def embeddings_pattern(self, version: str) -> str:
         """SCAN pattern of a version's embeddings (version names hold no ':' or glob characters)."""
         return f"{self.prefix}:e:{version}:*"
@@ -180,6 +191,17 @@ class RedisLayout:
         values = np.frombuffer(raw, dtype="<f4", count=user_dim + udg_dim)
         return (values[:user_dim].reshape(1, user_dim), values[user_dim:].reshape(1, udg_dim),
                 raw[-1:] == TAG_META)
+
+    @staticmethod
+    def pack_item_tokens(tokens: np.ndarray) -> bytes:
+        return np.ascontiguousarray(tokens, dtype="<i4").reshape(-1).tobytes()
+
+    @staticmethod
+    def unpack_item_tokens(raw: bytes, width: int) -> np.ndarray | None:
+        """-> int64 [width] token indices, or None for a value of another width (another schema's)."""
+        if raw is None or len(raw) != 4 * width:
+            return None
+        return np.frombuffer(raw, dtype="<i4").astype(np.int64)
 
     @staticmethod
     def join_history(items) -> str:
@@ -271,6 +293,23 @@ class RedisLayout:
     async def read_marker(self, redis, version: str) -> dict | None:
         return self.unpack_marker(await redis.get(self.marker(version)))
 
+    async def read_item_generations(self, redis, versions: list[str]) -> list[int]:
+        """Each version's item-table generation (0: never written): ONE MGET for all of them."""
+        if not versions:
+            return []
+        values = await redis.mget([self.item_generation(v) for v in versions])
+        return [int(v) if v else 0 for v in values]
+
+    async def read_items(self, redis, version: str, width: int) -> dict[str, np.ndarray]:
+        """The version's item table {item id: int64 [width] tokens}, read with HSCAN (never one huge reply);
+        values of another width are skipped."""
+        table: dict[str, np.ndarray] = {}
+        async for item, raw in redis.hscan_iter(self.item_table(version), count=10_000):
+            tokens = self.unpack_item_tokens(raw, width)
+            if tokens is not None:
+                table[item.decode("utf-8", "surrogateescape")] = tokens
+        return table
+
     # --- bulk: `udg publish` and `udg gc` (sync client) ---------------------------------------------------
     def write_batch(self, client, version: str, user_ids: list[str], user_vec: np.ndarray, udg_vec: np.ndarray,
                     histories: list[list[str]], profiles: list[dict[str, str]], overwrite_shared: bool = False) -> None:
@@ -295,6 +334,17 @@ class RedisLayout:
             else:
                 pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2])
         pipe.execute()
+
+    def write_items(self, client, version: str, item_ids: list[str], tokens: np.ndarray, chunk: int = 5000) -> int:
+        """Item rows (tokens [n, total width]) into the version's item table, pipelined in chunks, then one bump
+        of its generation so that every worker reloads it. -> the generation."""
+        table = self.item_table(version)
+        for start in range(0, len(item_ids), chunk):
+            mapping = {}
+            for item, row in zip(item_ids[start:start + chunk], tokens[start:start + chunk], strict=True):
+                mapping[item] = self.pack_item_tokens(row)
+            client.hset(table, mapping=mapping)
+        return int(client.incr(self.item_generation(version)))
 
     def write_marker(self, client, version: str, marker: dict) -> None:
         client.set(self.marker(version), self.pack_marker(marker))

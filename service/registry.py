@@ -66,7 +66,7 @@ class VersionNotLoaded(LookupError):
 class ServingModel:
     """One loaded version: the onnxruntime artifact plus serving helpers (cold-start cache, in-flight count)."""
 
-    COLD_CACHE_SIZE = 4096  # profiles are few (ages x genders x occupations): one meta run per distinct profile
+    COLD_CACHE_SIZE = 4096  # distinct profiles are few (a product of small vocabularies): one meta run each
 
     def __init__(self, artifact, manifest_sha256: str, load_seconds: float = 0.0):
         self.artifact = artifact
@@ -83,6 +83,7 @@ class ServingModel:
         # Items that arrived after training, with their fields ({raw id: tokens of every field, concatenated}),
         # from the version's item table in Redis; candidates with these ids are scored with their features.
         self.new_items: dict[str, np.ndarray] = {}
+        self.items_generation = -1  # of the item table `new_items` was read at (-1: not read yet)
         self._cold: OrderedDict[bytes, tuple[np.ndarray, np.ndarray, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -263,12 +264,42 @@ class ModelRegistry:
             self.failed[version] = Failure(str(error), time.monotonic(), generation)
             self._set_state_metric(version, "failed")
             raise VersionRefused(version, str(error)) from None
+        try:
+            await self.load_items(model)
+        except FeatureStoreUnavailable as error:  # served without new items until the next refresh
+            log.warning("version %s: item table not read (%s); retried on the next sync", version, error)
         self.failed.pop(version, None)
         self.models[version] = model
         metrics.LOAD_SECONDS.observe(model.load_seconds)
         self._set_state_metric(version, "ready")
         log.info("version %s loaded, verified and warmed up in %.2f s", version, model.load_seconds)
         return model
+
+    async def load_items(self, model: ServingModel, generation: int | None = None) -> None:
+        """Read the version's item table from Redis: the items it was not trained on, with their fields."""
+        if generation is None:
+            generation = (await self.store.item_generations([model.version]))[0]
+        artifact = model.artifact
+        width = sum(f.width for f in artifact.schema.item_fields)
+        if not width:
+            model.items_generation = generation
+            return
+        table = await self.store.items(model.version, width)
+        known = artifact.schema.items.index
+        model.new_items = {item: tokens for item, tokens in table.items() if item not in known}
+        model.items_generation = generation
+        log.info("version %s: %d new items in its item table (generation %d)", model.version,
+                 len(model.new_items), generation)
+
+    async def refresh_items(self) -> None:
+        """Reload the item table of every loaded version whose generation moved (`udg publish-items`)."""
+        models = [m for m in self.models.values() if not m.released]
+        if not models:
+            return
+        generations = await self.store.item_generations([m.version for m in models])
+        for model, generation in zip(models, generations, strict=True):
+            if generation != model.items_generation and not model.released:
+                await self.load_items(model, generation)
 
     # --- following the routing document -----------------------------------------------------------------
     def _retry_due(self, version: str, generation: int) -> bool:
