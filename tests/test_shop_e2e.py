@@ -98,7 +98,7 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
 
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(repo), "UDG_MODEL_VERSION": "pnn",
-           "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_CONTROL_POLL_S": "0.2"}
+           "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_CONTROL_POLL_S": "0.2", "UDG_ADMIN_TOKEN": "shop-secret"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -156,7 +156,8 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
             din = http.post("/v1/score", headers={"X-Model-Version": "din"},
                             json={"user_id": user["id"], "candidates": [*shown, new_item]})
             if din.status_code == 409:  # not loaded in this worker: load it
-                assert http.post("/v1/admin/versions/din/load").status_code in (200, 202)
+                loaded = http.post("/v1/admin/versions/din/load", headers={"Authorization": "Bearer shop-secret"})
+                assert loaded.status_code == 200, loaded.text
                 din = http.post("/v1/score", headers={"X-Model-Version": "din"},
                                 json={"user_id": user["id"], "candidates": [*shown, new_item]})
             assert din.status_code == 200 and din.json()["model_version"] == "din"
