@@ -14,7 +14,8 @@ Three tables, the layout a shop's own export would have:
     click logit = base + tier_bias[tier] + decisiveness_u * (taste_u[category] + brand_u[brand]
                                                              + quality_item + tag_quality . tags - price_u * log price)
 
-`taste_u` mixes a profile component (country and age band, from the raw `age_years`) with a personal one, `brand_u` is personal, and
+`taste_u` mixes a profile component (country and age band, from the raw `age_years`) with a personal one,
+`brand_u` is personal, and
 `decisiveness_u` (log-normal) is how strongly a user acts on their preferences: a per-user scale on the
 logit, the user-dependence UDG's gates model. Impressions follow item popularity; each user sees a
 geometric number of them (at least `min_events`). Generation is vectorised (no loop over users or events):

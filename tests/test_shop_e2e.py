@@ -142,7 +142,8 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
             # An item that arrives after training: `udg publish-items`, picked up without a restart.
             later = dict(catalogue[0], item_id="arrived-later")
             pq.write_table(pa.Table.from_pylist([later]), tmp_path / "later.parquet")
-            udg("publish-items", str(repo / "pnn"), str(tmp_path / "later.parquet"), env={"REDIS_URL": redis_server.url})
+            udg("publish-items", str(repo / "pnn"), str(tmp_path / "later.parquet"),
+                env={"REDIS_URL": redis_server.url})
             deadline = time.monotonic() + 15
             while True:
                 scores = http.post("/v1/score", json={"user_id": user["id"],
