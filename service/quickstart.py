@@ -59,7 +59,7 @@ def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
     from repository import USERS_FILE, read_manifest
 
     manifest = read_manifest(version_dir)
-    items = list(manifest["vocab"]["items"]["index"])[:8]
+    items = list(manifest["features"]["items"]["tokens"])[:8]
     with np.load(version_dir / USERS_FILE, allow_pickle=False) as users:
         row = int(np.argmax(users["history_len"])) if len(users["user_ids"]) else None
         known = str(users["user_ids"][row]) if row is not None else "demo-user"
