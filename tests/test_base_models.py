@@ -180,3 +180,20 @@ def test_onnx_export_matches_torch(data, kind, udg):
         (got,) = session.run(None, feeds)
         assert got.shape == (n,)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=f"n={n} history={history_len}")
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "wide_deep"])
+def test_per_field_weights_are_named_for_the_checkpoint(data, kind):
+    """Checkpoints hold these names: one first-order (and, Wide&Deep, one cross) table per item field and each
+    item field's token table as a persistent buffer."""
+    model = make_model(data, kind, False)
+    names = set(model.state_dict())
+    fields = len(data.schema.item_fields)
+    assert {f"field_weights.{i}.weight" for i in range(fields)} <= names
+    assert {f"item_field_table_{i}" for i in range(fields)} <= names
+    if kind == "wide_deep":
+        assert {f"field_cross_weights.{i}.weight" for i in range(fields)} <= names
+    assert not any("genre" in name for name in names)
+    for i, spec in enumerate(data.schema.item_fields):
+        np.testing.assert_array_equal(model.state_dict()[f"item_field_table_{i}"].numpy(),
+                                      data.schema.item_table[spec.name])
