@@ -197,7 +197,7 @@ class Artifact:
         fields = self.candidate_fields(candidates) if fields is None else fields
         for spec in self.schema.item_fields:
             name = f"candidate_{spec.name}"
-            values = np.ascontiguousarray(np.asarray(fields[name], dtype=np.int64).reshape(len(candidates), -1))
+            values = np.ascontiguousarray(np.asarray(fields[name], dtype=np.int64).reshape(len(candidates), spec.width))
             vocab = len(spec.vocab)
             if values.size and (values.min() < 0 or values.max() >= vocab):
                 values = np.where((values < 0) | (values >= vocab), self.oov_index, values)

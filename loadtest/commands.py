@@ -219,7 +219,7 @@ def candidate_sizes(version_dir: Path) -> str | None:
     from repository import ArtifactError, read_manifest
 
     try:
-        index = read_manifest(version_dir, validate=False)["vocab"]["items"]["index"]
+        index = read_manifest(version_dir, validate=False)["features"]["items"]["tokens"]
     except (ArtifactError, KeyError, TypeError):
         return None
     items = sum(1 for token in index if not str(token).startswith("<"))

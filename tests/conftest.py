@@ -39,28 +39,40 @@ def redis_client(redis_server):
     client.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Generated worlds go to a session cache (never the user's ~/.cache/udg) unless UDG_CACHE_DIR is set."""
+    import os
+
+    if "UDG_CACHE_DIR" not in os.environ:
+        os.environ["UDG_CACHE_DIR"] = str(tmp_path_factory.mktemp("udg_cache"))
+        yield Path(os.environ["UDG_CACHE_DIR"])
+        os.environ.pop("UDG_CACHE_DIR", None)
+    else:
+        yield Path(os.environ["UDG_CACHE_DIR"])
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
     """Train a tiny PNN+UDG (+ meta generator) on synthetic data, save the checkpoint, export it as v1."""
     torch = pytest.importorskip("torch")
-    from model.datasets import SyntheticSpec, make_synthetic
-    from model.features import prepare
 
     from export.onnx_export import export_artifact
+    from model.checkpoint import Checkpoint, MetaState
     from model.experiment import model_config
     from model.meta import MetaConfig, train_meta
-    from model.train import TrainConfig, save_checkpoint, train_model, user_snapshot
+    from model.train import TrainConfig, train_model
+    from tests.tiny import tiny_prepared
 
     torch.set_num_threads(1)  # tiny models; robust when the other core is busy
     root = tmp_path_factory.mktemp("service_model")
-    data = prepare(make_synthetic(SyntheticSpec(users=200, items=60, events_per_user=12)), max_history=8,
-                   cold_user_frac=0.1)
+    data = tiny_prepared(users=200, items=60, events_per_user=12, max_history=8, cold_user_frac=0.1)
     config = model_config("pnn", "udg", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16)
     train_config = TrainConfig(epochs=1)
     model, metrics = train_model(data, config, train_config, progress=False)
     generator, info = train_meta(model, data, MetaConfig(steps=20), progress=False)
-    checkpoint = save_checkpoint(root / "checkpoint.pt", model, config, train_config, data.space, metrics,
-                                 users=user_snapshot(data), meta={"state_dict": generator.state_dict(), **info})
+    checkpoint = Checkpoint.from_training(model, config, train_config, data, metrics,
+                                          meta=MetaState(generator.state_dict(), info)).save(root / "checkpoint.pt")
     export_artifact(checkpoint, VERSION, root / "repo")
     return root / "repo"
 

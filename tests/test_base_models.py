@@ -8,13 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from model.datasets import SyntheticSpec, make_synthetic
-from model.features import PAD, prepare
 from torch import nn
 
+from dataset.schema import PAD
 from model.base import ModelConfig
 from model.train import TrainConfig, make_optimizer, to_tensors
 from model.zoo import BASE_MODELS, base_of, build_model
+from tests.tiny import tiny_prepared
 
 KINDS = ["pnn", "deepfm", "wide_deep", "din", "dien"]
 CASES = [(kind, udg) for kind in KINDS for udg in (False, True)]
@@ -24,15 +24,14 @@ MAX_HISTORY = 6
 
 @pytest.fixture(scope="module")
 def data():
-    raw = make_synthetic(SyntheticSpec(users=200, items=60, events_per_user=12))
-    return prepare(raw, max_history=MAX_HISTORY)
+    return tiny_prepared(users=200, items=60, events_per_user=12, max_history=MAX_HISTORY)
 
 
 def make_model(data, kind: str, udg: bool, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = ModelConfig(kind=kind, udg=udg, embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16,
                          extra={"wide_hash_buckets": 1024})
-    model = build_model(config, data.space)
+    model = build_model(config, data.schema)
     # Scalar tables start at zero; randomise them so the side parts take part in the parity checks.
     with torch.no_grad():
         for p in model.parameters():
@@ -49,7 +48,7 @@ def user_inputs(model: nn.Module, data, n: int, history_len: int):
     profile = torch.as_tensor(train.profile[row:row + 1])
     history = torch.as_tensor(train.history[row:row + 1]).clone()
     history[:, history_len:] = PAD
-    items = torch.arange(2, 2 + n, dtype=torch.long) % len(data.space.items)
+    items = torch.arange(2, 2 + n, dtype=torch.long) % len(data.schema.items)
     items = items.clamp(min=2)
     user_vec, udg_vec = model.user_state(user, profile)
     return user_vec, udg_vec, history, items
@@ -124,7 +123,8 @@ def test_dien_auxiliary_loss(data, udg):
     out["aux_loss"].backward()
     assert base_of(model).extractor.hidden_proj.weight.grad.abs().sum() > 0
     # Without the cached states from scoring, the loss is computed from scratch.
-    assert torch.isfinite(base_of(model).auxiliary_loss(None, batch["history"], batch["item"]))
+    base = base_of(model)
+    assert torch.isfinite(base.auxiliary_loss(None, batch["history"], base.lookup_items(batch["item"])))
 
 
 class Scorer(nn.Module):
@@ -180,3 +180,20 @@ def test_onnx_export_matches_torch(data, kind, udg):
         (got,) = session.run(None, feeds)
         assert got.shape == (n,)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=f"n={n} history={history_len}")
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "wide_deep"])
+def test_per_field_weights_are_named_for_the_checkpoint(data, kind):
+    """Checkpoints hold these names: one first-order (and, Wide&Deep, one cross) table per item field and each
+    item field's token table as a persistent buffer."""
+    model = make_model(data, kind, False)
+    names = set(model.state_dict())
+    fields = len(data.schema.item_fields)
+    assert {f"field_weights.{i}.weight" for i in range(fields)} <= names
+    assert {f"item_field_table_{i}" for i in range(fields)} <= names
+    if kind == "wide_deep":
+        assert {f"field_cross_weights.{i}.weight" for i in range(fields)} <= names
+    assert not any("genre" in name for name in names)
+    for i, spec in enumerate(data.schema.item_fields):
+        np.testing.assert_array_equal(model.state_dict()[f"item_field_table_{i}"].numpy(),
+                                      data.schema.item_table[spec.name])

@@ -26,11 +26,14 @@ def test_parse_kinds():
 def test_kinds_table(monkeypatch, capsys, tmp_path):
     import torch
 
-    from model.experiment import DataSpec
-
     torch.set_num_threads(1)
-    monkeypatch.setattr(bench_model, "tiny_data_spec", lambda: DataSpec(
-        name="synthetic", synthetic={"users": 200, "items": 60, "events_per_user": 12}, max_history=8))
+    tiny_data_spec = bench_model.tiny_data_spec
+    default = tiny_data_spec()
+    assert default.name == "synthetic"
+    assert {k: default.generator.params[k] for k in bench_model.TINY_SYNTHETIC} == bench_model.TINY_SYNTHETIC
+    smaller = {"users": 200, "items": 60, "events_per_user": 12}
+    monkeypatch.setattr(bench_model, "tiny_data_spec", lambda **params: tiny_data_spec(**{**smaller, **params})
+                        .with_overrides(**{"behavior.max_length": 8}))
     out = tmp_path / "bench.json"
     assert bench_model.main(["--kinds", ",".join(KINDS), "--sizes", ",".join(map(str, SIZES)), "--threads", "1",
                              "--repeats", "20", "--json", str(out)]) == 0

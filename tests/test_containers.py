@@ -392,11 +392,11 @@ def run_trainer(bin_dir: Path, tmp_path: Path, *args: str, **env: str) -> subpro
 def test_trainer_script_trains_exports_publishes_once(fake_udg, tmp_path):
     bin_dir, log = fake_udg
     first = run_trainer(bin_dir, tmp_path, "--epochs", "2", UDG_MODEL_VERSION="v7",
-                        UDG_TRAIN_ARGS="--udg --data synthetic")
+                        UDG_TRAIN_ARGS="--udg --spec synthetic")
     assert first.returncode == 0, first.stderr
     runs, models = tmp_path / "runs", tmp_path / "models"
     assert log.read_text().splitlines() == [
-        f"train --udg --data synthetic --epochs 2 --out {runs}/checkpoint.pt",
+        f"train --udg --spec synthetic --epochs 2 --out {runs}/checkpoint.pt",
         f"export {runs}/checkpoint.pt --version v7 --out {models}",
         f"publish {models}/v7",
     ]
@@ -409,6 +409,16 @@ def test_trainer_script_trains_exports_publishes_once(fake_udg, tmp_path):
     assert retrain.returncode == 0, retrain.stderr
     assert log.read_text().splitlines() == [f"train --udg --cold-users 0.1 --out {runs}/checkpoint.pt",
                                             f"export {runs}/checkpoint.pt --version v7 --out {models} --force"]
+
+
+def test_trainer_arguments_are_ones_udg_train_accepts():
+    """The fake `udg` above accepts anything: the default UDG_TRAIN_ARGS and the documented example must parse."""
+    from udg_cli import build_parser
+
+    for args in ("--udg --cold-users 0.1", "--udg --spec synthetic --synthetic-users 20000"):
+        parsed = build_parser().parse_args(["train", *args.split(), "--epochs", "2", "--out", "x/checkpoint.pt"])
+        assert parsed.command == "train" and parsed.udg
+    assert parsed.spec == "synthetic" and parsed.synthetic_users == 20000
 
 
 def test_trainer_script_stops_on_failure(fake_udg, tmp_path):

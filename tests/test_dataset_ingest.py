@@ -125,6 +125,31 @@ def test_per_user_time_split_takes_each_users_last_events(tmp_path):
     assert not prepared.schema.items.known("i10") and prepared.schema.items.known("i6")  # vocab: training only
 
 
+def test_per_user_time_split_rounds_the_fractions(tmp_path):
+    rows = [("a", f"i{t}", t, 1) for t in range(20)]
+    prepared = make(tmp_path, rows, "[split]\nvalid_frac = 0.1\ntest_frac = 0.1\n")
+    assert split_positions(prepared) == {"train": {"a": list(range(16))}, "valid": {"a": [16, 17]},
+                                         "test": {"a": [18, 19]}}
+
+
+def test_rating_labels_and_items_unseen_in_training(tmp_path):
+    """label = rating > threshold; an item first seen in validation or test has no row of its own (OOV)."""
+    events = "user_id,item_id,rating,timestamp\n"
+    events += "".join(f"u1,i{k},{5.0 if k % 2 else 1.0},{k}\n" for k in range(10))
+    events += "u2,i0,4.0,1\nu2,i1,2.0,2\nu2,i9,3.0,3\n"
+    (tmp_path / "events.csv").write_text(events)
+    (tmp_path / "spec.toml").write_text('name = "ratings"\n[events]\npath = "events.csv"\n'
+                                        "label = { rating = \"rating\", threshold = 3.0 }\n")
+    prepared = prepare(load_spec(tmp_path / "spec.toml"))
+    train, test = prepared.splits["train"], prepared.splits["test"]
+    assert train.label.dtype == np.float32 and set(np.unique(train.label)) <= {0.0, 1.0}
+    assert train.label[:4].tolist() == [0.0, 1.0, 0.0, 1.0]  # u1: 1, 5, 1, 5 -> rating > 3 is a click
+    assert prepared.splits["test"].label.tolist() == [1.0, 0.0]  # u1's i9 (5.0), u2's i9 (3.0: not above 3)
+    assert len(test) == 2
+    assert not prepared.schema.items.known("i9") and (test.item == OOV).all()  # i9 is never a training event
+    assert test.history.max() < len(prepared.schema.items)  # histories hold vocabulary rows or PAD
+
+
 def test_a_test_event_sees_the_clicks_of_train_and_valid(tmp_path):
     rows = [("a", "i1", 1, 1), ("a", "i2", 2, 1), ("a", "i3", 3, 1), ("a", "i1", 4, 1), ("a", "i2", 5, 1)]
     prepared = make(tmp_path, rows, "[split]\nvalid_frac = 0.2\ntest_frac = 0.2\n")
@@ -178,6 +203,18 @@ def test_cold_users_are_held_out_and_absent_from_the_vocabularies(tmp_path):
 
 
 # --- vocabulary policy -----------------------------------------------------------------------------------
+def test_vocab_reserves_pad_and_oov():
+    vocab = Vocab(["b", "a", "a"])
+    assert vocab.tokens[:2] == ["<pad>", "<oov>"] and PAD == 0 and OOV == 1
+    assert vocab.lookup("a") == 2 and vocab.lookup("b") == 3 and len(vocab) == 4
+    assert vocab.lookup("never seen") == OOV and not vocab.known("never seen") and not vocab.known("<oov>")
+    assert vocab.lookup_many(["b", "zz"]).tolist() == [3, OOV]
+    assert Vocab.from_json(vocab.to_json()).index == vocab.index
+    hashed = Vocab(["a"], hash_buckets=5)
+    again = Vocab.from_json(hashed.to_json())
+    assert again.index == hashed.index and again.lookup("zz") == hashed.lookup("zz") >= hashed.known_size
+
+
 def test_min_count_sends_a_rare_id_to_a_hash_bucket_row(tmp_path):
     rows = [("a", "pop", t, 1) for t in range(1, 4)] + [("b", "pop", 1, 0), ("b", "rare", 2, 1)]
     prepared = make(tmp_path, rows, NO_SPLIT + "[vocabulary]\nmin_count = 2\nhash_buckets = 4\n")
@@ -364,3 +401,93 @@ def test_the_shop_is_seeded_and_vectorised():
 @pytest.mark.parametrize("name", ["shop", "synthetic"])
 def test_builtin_generated_specs_load(name):
     assert load_spec(name).generator.kind == name
+
+
+# --- the built-in worlds ---------------------------------------------------------------------------------
+def test_synthetic_world_is_seeded_sized_and_has_its_profile_fields():
+    from dataset.synthetic import SyntheticParams, generate
+
+    params = SyntheticParams(users=50, items=20, events_per_user=8, seed=3)
+    a, b = generate(params), generate(params)
+    for table in ("events", "users", "items"):
+        for name, column in a[table].items():
+            assert np.array_equal(column, b[table][name]), (table, name)
+    assert len(a["events"]["click"]) == 400 and 0.1 < a["events"]["click"].mean() < 0.9
+    assert set(a["users"]) == {"user_id", "cohort", "sex", "segment", "log_decisiveness"}
+    assert set(a["items"]) == {"item_id", "category"}
+    assert not np.array_equal(generate(SyntheticParams(users=50, items=20, events_per_user=8, seed=4))["events"]
+                              ["click"], a["events"]["click"])
+
+
+def test_synthetic_spec_prepares_with_cold_users_out_of_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.setenv("UDG_CACHE_DIR", str(tmp_path / "cache"))
+    spec = load_spec("synthetic").with_overrides(**{"generator.params.users": 100, "generator.params.items": 30,
+                                                    "generator.params.events_per_user": 10,
+                                                    "split.cold_user_frac": 0.2, "behavior.max_length": 6})
+    prepared = prepare(spec)
+    schema = prepared.schema
+    assert schema.profile_fields == ["cohort", "sex", "segment"] and schema.item_field_names == ["category"]
+    assert schema.user_field("sex").vocab.tokens[2:] == ["F", "M"] and schema.max_history == 6
+    cold = prepared.splits["cold"]
+    assert len(np.unique(cold.user_key)) == 20 and len(cold) == 200
+    assert (cold.user == OOV).all()
+    assert not set(np.unique(cold.user_key)) & set(np.unique(prepared.splits["train"].user_key))
+    assert "log_decisiveness" in prepared.user_columns  # the planted scale, per user number
+
+
+def test_movielens_age_buckets():
+    from dataset.schema import FieldSchema
+
+    age_spec = next(f for f in load_spec("movielens-100k").user_fields if f.name == "age")
+    labels = age_spec.bucket_labels()
+    age = FieldSchema(name="age", kind="numeric", vocab=Vocab(labels), buckets=age_spec.buckets, labels=labels)
+    assert [age.bucket(a) for a in (7, 18, 30, 44, 49, 55, 73)] == [
+        "<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
+    assert age.bucket("30") == "25-34" and age.bucket("25-34") == "25-34" and age.bucket(None) is None
+
+
+def write_grouplens(folder: Path, ratings: str = "1\t10\t5\t100\n1\t11\t2\t101\n2\t10\t4\t99\n") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").write_text(ratings)
+    (folder / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
+    flags = ["0"] * 19
+    flags[8] = "1"  # Drama
+    (folder / "u.item").write_text(
+        "10|Movie A (1995)|01-Jan-1995||http://x|" + "|".join(flags) + "\n"
+        "11|Movie B (1995)|01-Jan-1995||http://x|" + "|".join(["1"] + ["0"] * 18) + "\n",
+        encoding="latin-1")
+    return folder
+
+
+def grouplens_spec(folder: Path):
+    return load_spec("movielens-100k").with_overrides(**{"generator.params.grouplens_dir": str(folder)})
+
+
+def test_grouplens_layout_through_the_movielens_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("UDG_CACHE_DIR", str(tmp_path / "cache"))
+    prepared = prepare(grouplens_spec(write_grouplens(tmp_path / "ml-100k")))
+    assert prepared.stats["events"] == 3 and prepared.stats["users"] == 2
+    known = prepared.known_users
+    profiles = dict(zip(known.user_ids.tolist(), known.profile.tolist(), strict=True))
+    assert prepared.schema.profile_fields == ["age", "gender", "occupation"]
+    assert profiles == {"1": ["18-24", "M", "technician"], "2": ["50-55", "F", "other"]}
+    schema = prepared.schema
+    genres = schema.item_fields[0]
+    assert genres.name == "genres" and genres.kind == "multi"
+    genre_of = {item: [genres.vocab.tokens[t] for t in schema.item_table["genres"][schema.items.lookup(item)]
+                       if t != PAD] for item in ("10", "11")}
+    assert genre_of == {"10": ["Drama"], "11": ["unknown"]}
+    assert prepared.splits["train"].label.tolist() == [1.0, 0.0, 1.0]  # rating > 3: user 1 (5, 2), user 2 (4)
+
+
+def test_grouplens_problems_are_clear_errors(tmp_path, monkeypatch):
+    from dataset.errors import DataError
+
+    monkeypatch.setenv("UDG_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"u\.data: file not found"):
+        prepare(grouplens_spec(tmp_path / "empty"))
+    folder = write_grouplens(tmp_path / "bad", ratings="1\t10\tfive\t100\n")
+    with pytest.raises(DataError, match=r"ml-100k\.inter.*column 'rating:float'.*row 1") as error:
+        prepare(grouplens_spec(folder))
+    assert "five" in str(error.value)

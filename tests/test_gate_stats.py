@@ -10,14 +10,12 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def trained():
-    from model.datasets import SyntheticSpec, make_synthetic
-    from model.features import prepare
-
     from model.experiment import model_config
     from model.train import TrainConfig, train_model
+    from tests.tiny import tiny_prepared
 
     torch.set_num_threads(1)
-    data = prepare(make_synthetic(SyntheticSpec(users=120, items=40, events_per_user=15)), max_history=6)
+    data = tiny_prepared(users=120, items=40, events_per_user=15, max_history=6)
     config = model_config("pnn", "udg", embed_dim=8, hidden=(16, 8), udg_dim=8, gate_hidden=8)
     model, _ = train_model(data, config, TrainConfig(epochs=2), progress=False)
     return model, data
@@ -29,7 +27,9 @@ def test_gate_report_matches_the_model_and_reads_the_planted_truth(trained):
 
     model, data = trained
     samples = data.splits["test"]
-    report = gate_report(model, samples, data.raw, data.space)
+    planted = data.user_columns["log_decisiveness"]  # the synthetic world's planted scale, per user number
+    assert planted.shape == (len(data.user_ids),) and np.isfinite(planted).all()
+    report = gate_report(model, samples, planted)
     assert [layer["width"] for layer in report["layers"]] == [g.third.out_features for g in model.gates]
     for layer in report["layers"]:
         assert 0.0 < layer["mean"] < 1.0 and 0.0 <= layer["between_user_share"] <= 1.0 + 1e-9
@@ -48,6 +48,6 @@ def test_base_model_has_no_gates(trained):
     from model.zoo import build_model
 
     _, data = trained
-    base = build_model(model_config("pnn", "base", embed_dim=8, hidden=(16, 8)), data.space)
+    base = build_model(model_config("pnn", "base", embed_dim=8, hidden=(16, 8)), data.schema)
     with pytest.raises(ValueError, match="no UDG gates"):
         gate_report(base, data.splits["test"])

@@ -114,20 +114,26 @@ print("RESULT " + json.dumps(result))
 
 
 def write_artifact(root: Path, version: str = "vtest") -> Path:
-    """A version directory in the artifact layout (manifest vocabularies + users.npz), without any graph."""
+    """A version directory in the artifact layout (manifest feature schema + users.npz), without any graph."""
     path = root / version
     path.mkdir(parents=True)
+
+    def field(name: str, tokens: list[str]) -> dict:
+        return {"name": name, "kind": "categorical", "width": 1, "vocab": {"tokens": tokens, "hash_buckets": 0}}
+
     manifest = {
-        "format": 1, "version": version,
+        "format": "udg-artifact/2", "version": version,
+        "features": {
+            "users": {"tokens": USERS, "hash_buckets": 0}, "items": {"tokens": ITEMS, "hash_buckets": 0},
+            "user_fields": [field("age", ["18", "25", "35"]), field("gender", ["F", "M"]),
+                            field("occupation", ["artist", "student"])],
+            "item_fields": [], "max_history": 8,
+        },
         "vocab": {
             "pad_index": 0, "oov_index": 1,
-            "items": {"size": len(ITEMS) + 2, "index": {item: i + 2 for i, item in enumerate(ITEMS)}},
-            "profile": {"age": {"size": 5, "index": {"18": 2, "25": 3, "35": 4}},
-                        "gender": {"size": 4, "index": {"F": 2, "M": 3}},
-                        "occupation": {"size": 4, "index": {"artist": 2, "student": 3}}},
+            "items": {"size": len(ITEMS) + 2, "known": len(ITEMS), "file": "items.npz"},
             "users": {"size": len(USERS) + 2, "known": len(USERS), "file": "users.npz"},
         },
-        "profile_encoding": {"fields": list(FIELDS)},
     }
     (path / "manifest.json").write_text(json.dumps(manifest))
     profiles = [[("18", "25", "35")[i % 3], "FM"[i % 2], ("artist", "student")[i % 2] if i % 7 else ""]
@@ -258,7 +264,25 @@ def test_cold_only_needs_no_known_users_and_uses_fallback_profiles():
     result = run_locustfile({"UDG_LOADTEST_ITEMS": "a,b,c", "UDG_LOADTEST_CANDIDATES": "2-3"}, draws=10,
                             tags=["cold"])
     assert result["error"] is None, result["error"]
-    assert all(2 <= len(r["body"]["candidates"]) <= 3 and r["body"]["profile"] for r in result["sent"])
+    # Without an artifact nothing says which profile fields the model has (they are the data set's): cold users
+    # send the empty profile (all fields OOV), which any version accepts. (MovieLens-shaped fallback profiles
+    # were sent before the feature schema; a model of another data set would refuse their fields.)
+    assert len(result["sent"]) == 10
+    assert all(2 <= len(r["body"]["candidates"]) <= 3 and r["body"]["profile"] == {} for r in result["sent"])
+
+
+def test_without_published_profiles_cold_users_combine_the_profile_vocabularies(tmp_path):
+    path = write_artifact(tmp_path)
+    with np.load(path / "users.npz") as data:
+        arrays = {k: data[k] for k in data.files if k not in ("profile", "profile_fields")}
+    np.savez(path / "users.npz", **arrays)
+    result = run_locustfile({"UDG_LOADTEST_MODEL_DIR": str(path)}, draws=20, tags=["cold"])
+    assert result["error"] is None, result["error"]
+    for request in result["sent"]:
+        profile = request["body"]["profile"]
+        assert set(profile) == set(FIELDS)
+        assert profile["age"] in {"18", "25", "35"} and profile["gender"] in {"F", "M"}
+        assert profile["occupation"] in {"artist", "student"}
 
 
 MISCONFIGURATIONS = [

@@ -40,7 +40,7 @@ def write_version(root: Path, version: str, exported_at: str = "2024-01-01T00:00
                     "files": describe_files(tmp, (SCORER_FILE, USERS_FILE)),
                     "graphs": {"scorer": {"file": SCORER_FILE}},
                     "dims": {"user_dim": 8, "udg_dim": 4, "max_history": 5},
-                    "vocab": {}, "golden": {}, "model": {"kind": "pnn", "udg": True}, **extra}
+                    "features": {}, "vocab": {}, "golden": {}, "model": {"kind": "pnn", "udg": True}, **extra}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest))
     return root / version
 
@@ -132,6 +132,7 @@ def test_a_damaged_file_is_named_by_verify(tmp_path, damage):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: m.pop("files"), "manifest lacks 'files'"),
     (lambda m: m.pop("version"), "manifest lacks 'version'"),
+    (lambda m: m.pop("features"), "manifest lacks 'features'"),  # udg-artifact/2: the feature schema
     (lambda m: m["dims"].pop("max_history"), "manifest lacks 'dims.max_history'"),
     (lambda m: m["files"][SCORER_FILE].pop("sha256"), f"manifest lacks 'files.{SCORER_FILE}.sha256'"),
     (lambda m: m["dims"].update(user_dim="eight"), "manifest field 'dims.user_dim'"),

@@ -22,7 +22,7 @@ def wait_for(predicate, timeout_s: float = 5.0):
 
 
 def known_items(artifact, n: int) -> list[str]:
-    return list(artifact.manifest["vocab"]["items"]["index"])[:n]
+    return artifact.schema.items.tokens[2:2 + n]  # the item vocabulary, after <pad> and <oov>
 
 
 def user_row(users, with_history: bool = True) -> int:
@@ -56,7 +56,8 @@ def test_full_ranking_without_top_k_and_request_order(client, artifact, users):
 
 
 def test_unseen_user_with_profile_gets_meta_embedding_written_back(client, redis_client, artifact):
-    profile = {"age": "a1", "gender": "F", "occupation": "o3"}
+    profile = {"cohort": "a1", "sex": "F", "segment": "o3"}
+    assert (artifact.encode_profile(profile) > artifact.oov_index).all()  # values the model knows
     candidates = known_items(artifact, 8)
     body = client.post("/v1/score", json={"user_id": "new-user", "candidates": candidates,
                                           "profile": profile}).json()
@@ -91,7 +92,7 @@ def test_unseen_user_without_profile_uses_fallback_and_is_not_written_back(clien
 
 
 def test_stored_profile_is_used_for_cold_start(client, redis_client, artifact):
-    profile = {"age": "a2", "gender": "M", "occupation": "o1"}
+    profile = {"cohort": "a2", "sex": "M", "segment": "o1"}
     assert client.post("/v1/events", json={"user_id": "evt-user", "item_id": known_items(artifact, 1)[0],
                                            "clicked": False, "profile": profile}).status_code == 200
     body = client.post("/v1/score", json={"user_id": "evt-user", "candidates": known_items(artifact, 3)}).json()
@@ -183,16 +184,16 @@ BAD_SCORE_BODIES = [
     ({"user_id": "u", "candidates": ["i1"], "top_k": "3"}, 422, "top_k"),
     ({"user_id": "u", "candidates": ["i1"], "top_k": 2.5}, 422, "top_k"),
     ({"user_id": "u", "candidates": ["i1"], "profile": ["a"]}, 422, "profile"),
-    ({"user_id": "u", "candidates": ["i1"], "profile": {"age": None}}, 422, "profile.age"),
-    ({"user_id": "u", "candidates": ["i1"], "profile": {"age": True}}, 422, "profile.age"),
-    ({"user_id": "u", "candidates": ["i1"], "profile": {"age": {"x": 1}}}, 422, "profile.age"),
+    ({"user_id": "u", "candidates": ["i1"], "profile": {"cohort": None}}, 422, "profile.cohort"),
+    ({"user_id": "u", "candidates": ["i1"], "profile": {"cohort": True}}, 422, "profile.cohort"),
+    ({"user_id": "u", "candidates": ["i1"], "profile": {"cohort": {"x": 1}}}, 422, "profile.cohort"),
     ({"user_id": "u", "candidates": ["i1"], "profile": {"shoe_size": "42"}}, 422, "profile.shoe_size"),
     ({"user_id": "u", "candidates": ["i1"], "candidate": ["i2"]}, 422, "candidate"),
 ]
 RAW_SCORE_BODIES = [
-    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"age": NaN}}', 422, "profile.age"),
-    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"age": Infinity}}', 422, "profile.age"),
-    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"age": 1e999}}', 422, "profile.age"),
+    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"cohort": NaN}}', 422, "profile.cohort"),
+    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"cohort": Infinity}}', 422, "profile.cohort"),
+    (b'{"user_id": "u", "candidates": ["i1"], "profile": {"cohort": 1e999}}', 422, "profile.cohort"),
     (b'{"user_id": "u", "candidates": ["i1"]', 400, "body"),
     (b"", 400, "body"),
     (b"[]", 422, "body"),
@@ -221,7 +222,7 @@ def test_bad_raw_score_bodies(client, raw, status, field):
 
 def test_oversized_body_is_413(make_client, published):
     client = make_client(max_body_bytes=2048)
-    body = {"user_id": "u", "candidates": [f"item-{i:05d}" for i in range(40)], "profile": {"age": "x" * 1500}}
+    body = {"user_id": "u", "candidates": [f"item-{i:05d}" for i in range(40)], "profile": {"cohort": "x" * 1500}}
     reply = client.post("/v1/score", json=body)
     assert reply.status_code == 413 and reply.json()["field"] == "body"
 

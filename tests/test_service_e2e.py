@@ -40,7 +40,7 @@ def test_udg_serve_over_http(published, redis_server, model_repo, artifact, user
 
             row = int(np.argmax(users["history_len"]))
             user_id = str(users["user_ids"][row])
-            candidates = list(artifact.manifest["vocab"]["items"]["index"])[:30]
+            candidates = artifact.schema.items.tokens[2:32]  # the item vocabulary after <pad>, <oov>
             reply = http.post("/v1/score", json={"user_id": user_id, "candidates": candidates, "top_k": 3})
             assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
             body = reply.json()

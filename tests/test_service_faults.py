@@ -76,7 +76,7 @@ def test_write_back_failure_does_not_fail_the_response(make_client, published, r
         raise FeatureStoreUnavailable("simulated")
 
     services.store.store_generated = failing
-    reply = client.post("/v1/score", json={"user_id": "new", "candidates": ["i1"], "profile": {"gender": "F"}})
+    reply = client.post("/v1/score", json={"user_id": "new", "candidates": ["i1"], "profile": {"sex": "F"}})
     assert reply.status_code == 200 and reply.json()["cold_start"] is True
     deadline = time.monotonic() + 2
     while metrics.WRITE_BACK_FAILURES._value.get() == before:

@@ -18,31 +18,29 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    from model.datasets import SyntheticSpec, make_synthetic
-    from model.features import prepare
+    from tests.tiny import tiny_prepared
 
-    return prepare(make_synthetic(SyntheticSpec(users=150, items=50, events_per_user=12)), max_history=8,
-                   cold_user_frac=0.1)
+    return tiny_prepared(users=150, items=50, events_per_user=12, max_history=8, cold_user_frac=0.1)
 
 
 def export_tiny(kind: str, udg: bool, data, repo):
     from export.onnx_export import export_model
+    from model.checkpoint import Checkpoint, MetaState
     from model.experiment import model_config, udg_preset
     from model.meta import MetaConfig, train_meta
-    from model.train import TrainConfig, train_model, user_snapshot
+    from model.train import TrainConfig, train_model
 
     torch.set_num_threads(1)
     config = model_config(kind, udg_preset(kind) if udg else "base", embed_dim=8, hidden=(16, 8), udg_dim=8,
                           gate_hidden=8)
-    model, metrics = train_model(data, config, TrainConfig(epochs=1), progress=False)
+    train_config = TrainConfig(epochs=1)
+    model, metrics = train_model(data, config, train_config, progress=False)
     meta = None
     if udg:
         generator, info = train_meta(model, data, MetaConfig(steps=10, users_per_step=16), progress=False)
-        meta = {"state_dict": generator.state_dict(), **info}
-    payload = {"model_config_obj": config, "model_config": config.to_json(), "space_obj": data.space,
-               "metrics": metrics, "users": user_snapshot(data), "meta": meta, "parameters": None,
-               "train_config": {}, "space": data.space.to_json(), "dataset": None}
-    export_model(model.eval(), payload, "v1", repo)
+        meta = MetaState(generator.state_dict(), info)
+    checkpoint = Checkpoint.from_training(model, config, train_config, data, metrics, meta=meta)
+    export_model(checkpoint, "v1", repo, model=model.eval())
     return model
 
 
@@ -68,7 +66,7 @@ def test_service_scores_every_kind_like_pytorch(kind, udg, tiny_data, tmp_path, 
     users = artifact.load_users()
     row = int(np.argmax(users["history_len"]))
     user_id = str(users["user_ids"][row])
-    candidates = list(artifact.manifest["vocab"]["items"]["index"])[:12]
+    candidates = artifact.schema.items.tokens[2:14]  # the item vocabulary after <pad>, <oov>
     idx, _ = artifact.encode_items(candidates)
     history = users["history_idx"][row][: users["history_len"][row]]
     udg_vec = users["udg_vec"][row] if udg else None
@@ -87,7 +85,8 @@ def test_service_scores_every_kind_like_pytorch(kind, udg, tiny_data, tmp_path, 
                                torch_scores(model, users["user_vec"][row], udg_vec, new_history, idx), atol=ATOL)
 
     # An unseen user with a profile: base embedding from the profile, UDG embedding from the meta generator.
-    profile = {"age": "a1", "gender": "F", "occupation": "o3"}
+    profile = {"cohort": "a1", "sex": "F", "segment": "o3"}  # the synthetic world's profile fields
+    assert (artifact.encode_profile(profile) > artifact.oov_index).all()
     cold = client.post("/v1/score", json={"user_id": "someone-new", "candidates": candidates,
                                           "profile": profile}).json()
     assert cold["cold_start"] is True

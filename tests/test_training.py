@@ -6,21 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model.datasets import SyntheticSpec, make_synthetic
-from model.features import prepare
 
+from model.checkpoint import Checkpoint, CheckpointError, MetaState
 from model.experiment import model_config
 from model.meta import MetaConfig, cold_start_metrics, train_meta
 from model.metrics import all_metrics, auc, log_loss, rig
-from model.train import TrainConfig, load_checkpoint, predict, save_checkpoint, train_model, user_snapshot
+from model.train import TrainConfig, predict, train_model
+from tests.tiny import tiny_prepared
 
 
 @pytest.fixture(scope="module")
 def data():
     torch.set_num_threads(1)  # robust when the other core is busy (CI neighbours)
-    # Decisiveness mostly set by the occupation: the part of the UDG embedding a profile can predict.
-    spec = SyntheticSpec(users=1500, items=120, events_per_user=40, decisiveness_profile_link=0.9, seed=1)
-    return prepare(make_synthetic(spec), max_history=20, cold_user_frac=0.25)
+    # Decisiveness mostly set by the segment: the part of the UDG embedding a profile can predict.
+    return tiny_prepared(users=1500, items=120, events_per_user=40, decisiveness_profile_link=0.9, seed=1,
+                         max_history=20, cold_user_frac=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +61,44 @@ def test_meta_generator_beats_random_init_on_unseen_users(data, trained):
 
 def test_checkpoint_round_trip(tmp_path, data, trained):
     model, metrics = trained
-    path = save_checkpoint(tmp_path / "ck.pt", model, model.config, TrainConfig(), data.space, metrics,
-                           users=user_snapshot(data))
-    restored, payload = load_checkpoint(path)
+    generator, info = train_meta(model, data, MetaConfig(steps=5, seed=0), progress=False)
+    path = Checkpoint.from_training(model, model.config, TrainConfig(), data, metrics,
+                                    meta=MetaState(generator.state_dict(), info)).save(tmp_path / "ck.pt")
+    loaded = Checkpoint.load(path)
+    restored = loaded.build_model()
     np.testing.assert_allclose(predict(restored, data.splits["test"]), predict(model, data.splits["test"]),
                                atol=1e-6)
-    users = payload["users"]
-    assert len(users["users"]) == len(users["histories"]) == len(users["profiles"]) > 0
-    assert all(len(h) <= data.space.max_history for h in users["histories"])
+    assert loaded.model_config == model.config and loaded.metrics["test"] == metrics["test"]
+    assert loaded.spec.fingerprint() == data.spec.fingerprint()
+    assert loaded.schema.to_json() == data.schema.to_json()
+    users = loaded.known_users
+    assert len(users.user_ids) == len(users.history) == len(users.profile) > 0
+    assert (users.history_len <= loaded.schema.max_history).all()
+    np.testing.assert_array_equal(users.user_ids, data.known_users.user_ids)
+    np.testing.assert_array_equal(users.profile, data.known_users.profile)
+    np.testing.assert_array_equal(users.history_len, data.known_users.history_len)
+    np.testing.assert_array_equal(users.history, data.known_users.history)
+    profile = torch.as_tensor(data.splits["cold"].profile[:16])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.meta_generator()(profile), generator(profile))
+
+
+def test_checkpoint_load_refuses_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        Checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"format": "udg-checkpoint/1"}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="retrain"):
+        Checkpoint.load(tmp_path / "old.pt")
 
 
 def test_cli_trains_evaluates_and_retrains_meta(tmp_path, capsys):
     from udg_cli import main
 
     out = tmp_path / "run" / "checkpoint.pt"
-    args = ["train", "--data", "synthetic", "--synthetic-users", "150", "--synthetic-items", "40", "--udg",
+    args = ["train", "--spec", "synthetic", "--synthetic-users", "150", "--synthetic-items", "40", "--udg",
             "--epochs", "1", "--meta-steps", "5", "--cold-users", "0.2", "--quiet", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
