@@ -389,26 +389,25 @@ def run_trainer(bin_dir: Path, tmp_path: Path, *args: str, **env: str) -> subpro
                           capture_output=True, text=True, timeout=60)
 
 
-def test_trainer_script_trains_exports_publishes_once(fake_udg, tmp_path):
+def test_trainer_script_makes_the_version_through_udg_make_version(fake_udg, tmp_path):
+    """The image's entry point is one `udg make-version` call (pipeline.make_version: the reuse rules are
+    tested in tests/test_pipeline.py); the environment maps onto its flags and the train arguments."""
     bin_dir, log = fake_udg
+    runs, models = tmp_path / "runs", tmp_path / "models"
     first = run_trainer(bin_dir, tmp_path, "--epochs", "2", UDG_MODEL_VERSION="v7",
                         UDG_TRAIN_ARGS="--udg --spec synthetic")
     assert first.returncode == 0, first.stderr
-    runs, models = tmp_path / "runs", tmp_path / "models"
     assert log.read_text().splitlines() == [
-        f"train --udg --spec synthetic --epochs 2 --out {runs}/checkpoint.pt",
-        f"export {runs}/checkpoint.pt --version v7 --out {models}",
-        f"publish {models}/v7",
-    ]
-    log.unlink()
-    again = run_trainer(bin_dir, tmp_path, UDG_MODEL_VERSION="v7")  # restarted stack: republish only
-    assert again.returncode == 0, again.stderr
-    assert log.read_text().splitlines() == [f"publish {models}/v7"]
+        f"make-version --repo {models} --version v7 --workdir {runs} -- --udg --spec synthetic --epochs 2"]
     log.unlink()
     retrain = run_trainer(bin_dir, tmp_path, UDG_MODEL_VERSION="v7", UDG_RETRAIN="1", UDG_PUBLISH="0")
     assert retrain.returncode == 0, retrain.stderr
-    assert log.read_text().splitlines() == [f"train --udg --cold-users 0.1 --out {runs}/checkpoint.pt",
-                                            f"export {runs}/checkpoint.pt --version v7 --out {models} --force"]
+    assert log.read_text().splitlines() == [
+        f"make-version --repo {models} --version v7 --workdir {runs} --retrain --no-publish -- --udg --cold-users 0.1"]
+    parsed = __import__("udg_cli").build_parser().parse_args(
+        ["make-version", "--repo", "m", "--version", "v7", "--workdir", "w", "--retrain", "--no-publish", "--",
+         "--udg", "--cold-users", "0.1"])
+    assert parsed.retrain and not parsed.publish and parsed.train_args[-3:] == ["--udg", "--cold-users", "0.1"]
 
 
 def test_trainer_arguments_are_ones_udg_train_accepts():
@@ -426,4 +425,4 @@ def test_trainer_script_stops_on_failure(fake_udg, tmp_path):
     (bin_dir / "udg").write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {shlex.quote(str(log))}\nexit 3\n")
     done = run_trainer(bin_dir, tmp_path)
     assert done.returncode == 3
-    assert len(log.read_text().splitlines()) == 1  # no export, no publish after a failed training
+    assert len(log.read_text().splitlines()) == 1  # the failure's exit code is the script's
