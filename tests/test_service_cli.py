@@ -32,7 +32,7 @@ def test_udg_quickstart_reusing_a_checkpoint(redis_client, redis_server, model_r
     result = udg("quickstart", "--workdir", str(workdir), "--port", "0", "--exit-after-demo", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
-    assert "reusing" in out and "[2/4] export" in out and "[3/4] publish" in out
+    assert "training: reusing" in out and "export: " in out and "published v1" in out and "[2/3] serve" in out
     assert out.count("curl -s -X POST") == 2 and out.count("# -> HTTP 200") == 2
     assert '"cold_start":true' in out and '"unknown_candidates":["never-seen-item"]' in out
     assert (workdir / "model_repo" / "v1" / "manifest.json").is_file()
