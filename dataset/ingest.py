@@ -624,7 +624,8 @@ def prepare(spec: DatasetSpec) -> PreparedData:
 
     phase('permute')
     # Duplicated (user, item, timestamp): only possible inside a run of equal (user, timestamp).
-    tie = np.flatnonzero((user_code[1:] == user_code[:-1]) & (ts[1:] == ts[:-1]))
+    same = _same_user_time(user_code, ts)
+    tie = np.flatnonzero(same)
     if len(tie) and spec.events.duplicates != "keep":
         keep = _deduplicate(events, order, user_code, item_code, ts, tie, spec.events.duplicates)
         if keep is not None:
@@ -633,6 +634,7 @@ def prepare(spec: DatasetSpec) -> PreparedData:
             log.info("dropped %d duplicate (user, item, timestamp) events", n - len(keep))
             n = len(order)
             counts = np.bincount(user_code, minlength=n_users)
+            same = _same_user_time(user_code, ts)
     del tie
 
     # Every user number has events (the codes come from them): starts and counts per user number.
@@ -659,7 +661,7 @@ def prepare(spec: DatasetSpec) -> PreparedData:
 
     phase('split')
     policy = spec.vocabulary
-    train_user_counts = np.bincount(user_code[train], minlength=n_users)
+    train_user_counts = np.add.reduceat(train, starts, dtype=np.int64) if n else np.zeros(n_users, np.int64)
     train_users = np.flatnonzero(train_user_counts)
     users = Vocab.from_counts(user_ids[train_users], train_user_counts[train_users], policy.min_count,
                               policy.max_size, policy.hash_buckets)
@@ -706,13 +708,9 @@ def prepare(spec: DatasetSpec) -> PreparedData:
     clicks_before = np.zeros(n + 1, np.int64)  # clicks before row i
     np.cumsum(clicked, out=clicks_before[1:])
     # The first row of each run of equal (user, timestamp): its clicks before are the run's.
-    group_start = np.ones(n, bool)
-    if n:
-        np.not_equal(ts[1:], ts[:-1], out=group_start[1:])
-        group_start[1:] |= user_code[1:] != user_code[:-1]
-    first_of_group = np.flatnonzero(group_start)
+    first_of_group = np.flatnonzero(np.concatenate([[True], ~same])) if n else np.zeros(0, np.int64)
     end = np.repeat(clicks_before[first_of_group], np.diff(np.append(first_of_group, n)))
-    del group_start, first_of_group
+    del same, first_of_group
     length = end - clicks_before[starts][owner]
     np.minimum(length, spec.behavior.max_length, out=length)
     width = spec.behavior.max_length
@@ -744,18 +742,18 @@ class _Phases:
     """Seconds per phase of `prepare`, logged at DEBUG level (what dominates, without a profiler)."""
 
     def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
+        self.start = self.last = (time.perf_counter(), time.process_time())
+        self.seconds: dict[str, tuple[float, float]] = {}
 
     def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = now - self.last
+        now = (time.perf_counter(), time.process_time())
+        self.seconds[name] = (now[0] - self.last[0], now[1] - self.last[1])
         self.last = now
 
     def done(self, events: int) -> None:
-        total = time.perf_counter() - self.start
-        log.debug("prepare: %d events in %.2f s (%s)", events, total,
-                  ", ".join(f"{name} {seconds:.2f}" for name, seconds in self.seconds.items()))
+        wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+        log.debug("prepare: %d events in %.2f s, %.2f s CPU (wall/CPU: %s)", events, wall, cpu,
+                  ", ".join(f"{name} {w:.2f}/{c:.2f}" for name, (w, c) in self.seconds.items()))
 
 
 def user_time_order(user_code: np.ndarray, ts: np.ndarray, n_users: int) -> np.ndarray:
@@ -812,6 +810,13 @@ def _packed_order(user: np.ndarray, ts: np.ndarray, low: int, span: int) -> np.n
     key.sort()
     key &= (1 << bits) - 1
     return key
+
+
+def _same_user_time(user_code: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Per row after the first: whether it has the previous row's (user, timestamp)."""
+    same = ts[1:] == ts[:-1]
+    same &= user_code[1:] == user_code[:-1]
+    return same
 
 
 def _permute(order: np.ndarray, ts: np.ndarray, item_code: np.ndarray, labels: np.ndarray, clicked: np.ndarray):
