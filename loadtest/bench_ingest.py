@@ -39,7 +39,7 @@ DEFAULT_SIZES = "1000000,10000000"
 BASELINE_COMMIT = "c41d538"
 EVENTS_PER_USER = 100
 BATCH = 1024
-COLUMNS = ("events", "implementation", "seconds (median)", "events/s", "peak RSS (GiB)",
+COLUMNS = ("events", "implementation", "seconds (median)", "CPU seconds", "events/s", "peak RSS (GiB)",
            f"batch of {BATCH} (ms)", "train / valid / test rows")
 
 SPEC = """# Written by loadtest/bench_ingest.py: the synthetic world's spec over a generated multi-file log.
@@ -161,6 +161,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (both cores count: > wall time when pyarrow reads in threads)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_bytes() -> int:
     import resource
 
@@ -173,15 +181,18 @@ def child(spec_path: str, with_fingerprint: bool) -> dict:
     from dataset.spec import load_spec
 
     spec = load_spec(spec_path)
+    cpu = cpu_seconds()
     start = time.perf_counter()
     data = prepare(spec)
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
     train = data.splits["train"]
     rows = np.sort(np.random.default_rng(0).choice(len(train), size=min(BATCH, len(train)), replace=False))
     start = time.perf_counter()
     batch = train.batch(rows)
     batch_seconds = time.perf_counter() - start
-    result = {"events": int(data.stats["events"]), "seconds": seconds, "batch_seconds": batch_seconds,
+    result = {"events": int(data.stats["events"]), "seconds": seconds, "cpu_seconds": cpu,
+              "batch_seconds": batch_seconds,
               "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
               "peak_rss_bytes": peak_rss_bytes(), "splits": data.stats["splits"]}
     if with_fingerprint:
@@ -205,6 +216,7 @@ def run_child(spec: Path, root: Path, with_fingerprint: bool) -> dict:
 def _row(result: dict) -> list[str]:
     splits = result["splits"]
     return [f"{result['events']:,}", result["implementation"], f"{result['seconds']:.2f}",
+            f"{result['cpu_seconds']:.2f}",
             f"{result['events_per_s'] / 1e6:.2f} M", f"{result['peak_rss_bytes'] / 2**30:.2f}",
             f"{result['batch_seconds'] * 1e3:.2f}",
             f"{splits['train']:,} / {splits['valid']:,} / {splits['test']:,}"]
@@ -226,7 +238,8 @@ def fit(results: list[dict]) -> dict | None:
 def render(report: dict) -> str:
     lines = [f"Ingestion, Parquet -> PreparedData with its splits, on {report['machine']['cpus']} CPUs "
              f"({report['machine']['processor']}); each cell the median of {report['repeats']} fresh "
-             f"subprocesses. Baseline: `git archive {report['baseline']} dataset/` (the first version of "
+             f"subprocesses (CPU seconds: user + system of the child, also a median; wall time above it "
+             "means the CPUs were shared). Baseline: `git archive {report['baseline']} dataset/` (the first version of "
              "dataset/ingest.py) extracted to a temporary folder and run the same way. Peak RSS: ru_maxrss "
              "of the child (interpreter, numpy, pyarrow included). Batch: `Samples.batch` of "
              f"{BATCH} random train rows (histories and profiles gathered for those rows only).", "",
@@ -303,9 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append({"events": runs[0]["events"], "implementation": name, "seconds": median,
                                 "events_per_s": runs[0]["events"] / median,
                                 "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs)),
+                                "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
                                 "batch_seconds": statistics.median(r["batch_seconds"] for r in runs),
                                 "batch_shapes": runs[0]["batch_shapes"], "splits": runs[0]["splits"],
-                                "runs": [{k: r[k] for k in ("seconds", "peak_rss_bytes", "batch_seconds")}
+                                "runs": [{k: r[k] for k in ("seconds", "cpu_seconds", "peak_rss_bytes",
+                                                            "batch_seconds")}
                                          for r in runs]})
                 print(f"  {events:,} {name}: {median:.2f} s, "
                       f"{results[-1]['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
