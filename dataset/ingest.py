@@ -608,6 +608,7 @@ def prepare(spec: DatasetSpec) -> PreparedData:
             raise
         # A batch's rows count from the batch: read the files whole so that the error names its row in the file.
         events = read_events(spec, whole_files=True)
+    _release_arrow_memory()
     phase('read')
     user_code, user_ids = sorted_codes(events.users, np.int32)
     item_code, item_ids = sorted_codes(events.items, np.int32)
@@ -698,6 +699,7 @@ def prepare(spec: DatasetSpec) -> PreparedData:
         item_fields.append(schema_field)
         item_table[schema_field.name] = _item_table(data["rows"], item_vocab_rows, schema_field, len(items))
 
+    del order, ts  # (user fields and item fields from event columns read their latest event through them)
     phase('items')
     schema = FeatureSchema(users=users, items=items, user_fields=user_fields, item_fields=item_fields,
                            max_history=spec.behavior.max_length, item_table=item_table)
@@ -716,6 +718,11 @@ def prepare(spec: DatasetSpec) -> PreparedData:
     width = spec.behavior.max_length
 
     phase('histories')
+    known = _known_users(users, user_ids, user_rows, item_ids, item_code, clicked, starts, counts, clicks_before,
+                         spec.behavior.max_length)
+    positive_rate = round(float(labels.mean()), 4) if n else 0.0
+    del clicked, clicks_before, starts
+    phase('known')
     user_index = _lookup_distinct(users, user_ids)  # per user number
     splits = {}
     for code, name in enumerate(SPLITS):
@@ -725,13 +732,9 @@ def prepare(spec: DatasetSpec) -> PreparedData:
                                user_key=keys, profiles=profiles,
                                histories=HistoryIndex(clicks, end[rows], length[rows], width))
     del end, length, split
-
     phase('splits')
-    known = _known_users(users, user_ids, user_rows, item_ids, item_code, clicked, starts, counts, clicks_before,
-                         spec.behavior.max_length)
-    phase('known')
     stats = {"name": spec.name, "events": int(n), "users": int(n_users), "items": int(len(item_ids)),
-             "positive_rate": round(float(labels.mean()), 4) if n else 0.0,
+             "positive_rate": positive_rate,
              "splits": {name: len(s) for name, s in splits.items()}}
     phase.done(n)
     return PreparedData(spec=spec, schema=schema, splits=splits, user_ids=user_ids, known_users=known,
@@ -810,6 +813,13 @@ def _packed_order(user: np.ndarray, ts: np.ndarray, low: int, span: int) -> np.n
     key.sort()
     key &= (1 << bits) - 1
     return key
+
+
+def _release_arrow_memory() -> None:
+    """Hand the batches' freed buffers back to the OS (arrow's allocator keeps them for reuse otherwise)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _same_user_time(user_code: np.ndarray, ts: np.ndarray) -> np.ndarray:
