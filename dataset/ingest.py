@@ -300,37 +300,45 @@ def _where(origin: list[tuple[Path, int]], row: int) -> tuple[Path, int]:
 def sorted_codes(values, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (codes `dtype` [n], distinct values str [k]) with codes ordered like the sorted values.
 
-    `values` is an array, a chunked array or a list of them (the parts read), plain or dictionary-encoded:
-    only the parts' dictionaries are hashed again and sorted, the rows are mapped with one gather."""
+    `values` is an array, a chunked array or a list of them (the parts read), plain or dictionary-encoded."""
+    codes, distinct, _ = _sorted_codes(values, dtype)
+    return codes, distinct
+
+
+def _sorted_codes(values, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`sorted_codes` and the rows per code. The parts' dictionaries are unified (arrow hashes each distinct
+    entry once per part, not each row), the unified dictionary sorted, and the rows mapped with one gather."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    parts = [chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
-             for column in (values if isinstance(values, list) else [values]) for chunk in _chunks(column)]
+    kind = pa.dictionary(pa.int32(), pa.string())
+    parts = []
+    for column in values if isinstance(values, list) else [values]:
+        for chunk in _chunks(column):
+            if not pa.types.is_dictionary(chunk.type):
+                chunk = pc.dictionary_encode(chunk)
+            parts.append(chunk if chunk.type == kind else chunk.cast(kind))
     if not parts:
-        return np.zeros(0, dtype), np.zeros(0, str)
-    dictionaries = [part.dictionary if pa.types.is_string(part.dictionary.type) else
-                    part.dictionary.cast(pa.string()) for part in parts]
-    merged = pc.dictionary_encode(pa.concat_arrays(dictionaries))
-    distinct = np.asarray(merged.dictionary.to_numpy(zero_copy_only=False)).astype(str)
+        return np.zeros(0, dtype), np.zeros(0, str), np.zeros(0, np.int64)
+    parts = pa.chunked_array(parts, kind).unify_dictionaries().chunks
+    distinct = np.asarray(parts[0].dictionary.to_numpy(zero_copy_only=False)).astype(str)
     order = np.argsort(distinct, kind="stable")
     if len(order) > np.iinfo(dtype).max:
         dtype = np.int64
     rank = np.empty(len(order), dtype)
     rank[order] = np.arange(len(order), dtype=dtype)
-    of_entry = rank[merged.indices.to_numpy(zero_copy_only=False)]
     codes = np.empty(sum(len(part) for part in parts), dtype)
-    row = entry = 0
-    for part, dictionary in zip(parts, dictionaries, strict=True):
-        indices = part.indices.to_numpy(zero_copy_only=False)
-        np.take(of_entry[entry:entry + len(dictionary)], indices, out=codes[row:row + len(part)])
-        row, entry = row + len(part), entry + len(dictionary)
+    row = 0
+    for part in parts:
+        np.take(rank, part.indices.to_numpy(zero_copy_only=False), out=codes[row:row + len(part)])
+        row += len(part)
     distinct = distinct[order]
-    used = np.bincount(codes, minlength=len(distinct)) > 0
+    counts = np.bincount(codes, minlength=len(distinct))
+    used = counts > 0
     if not used.all():  # a dictionary entry no row uses (a file's dictionary may hold more than its rows)
         renumber = (np.cumsum(used) - 1).astype(dtype)
-        codes, distinct = renumber[codes], distinct[used]
-    return codes, distinct
+        codes, distinct, counts = renumber[codes], distinct[used], counts[used]
+    return codes, distinct, counts
 
 
 # --- fields ----------------------------------------------------------------------------------------------
@@ -610,16 +618,15 @@ def prepare(spec: DatasetSpec) -> PreparedData:
         events = read_events(spec, whole_files=True)
     _release_arrow_memory()
     phase('read')
-    user_code, user_ids = sorted_codes(events.users, np.int32)
-    item_code, item_ids = sorted_codes(events.items, np.int32)
+    user_code, user_ids, counts = _sorted_codes(events.users, np.int32)
+    item_code, item_ids, _ = _sorted_codes(events.items, np.int32)
     events.users = events.items = None  # the ids' dictionaries and indices are no longer needed
     phase('codes')
     n_users = len(user_ids)
-    order = user_time_order(user_code, events.timestamps, n_users)  # stable: ties keep the files' order
+    order = user_time_order(user_code, events.timestamps, n_users, counts)  # stable: ties keep the files' order
     phase('sort')
     ts, item_code, labels, clicked = _permute(order, events.timestamps, item_code, events.labels, events.clicks)
     events.timestamps = events.labels = events.clicks = None
-    counts = np.bincount(user_code, minlength=n_users)
     user_code = np.repeat(np.arange(n_users, dtype=np.int64), counts)  # = user_code[order]
     n = len(order)
 
@@ -759,7 +766,8 @@ class _Phases:
                   ", ".join(f"{name} {w:.2f}/{c:.2f}" for name, (w, c) in self.seconds.items()))
 
 
-def user_time_order(user_code: np.ndarray, ts: np.ndarray, n_users: int) -> np.ndarray:
+def user_time_order(user_code: np.ndarray, ts: np.ndarray, n_users: int, counts: np.ndarray | None = None) \
+        -> np.ndarray:
     """The stable order of the rows by (user, timestamp), i.e. `np.lexsort((ts, user_code))`, faster.
 
     numpy sorts int64 values several times faster than it argsorts them, so the rows are sorted as packed
@@ -772,19 +780,21 @@ def user_time_order(user_code: np.ndarray, ts: np.ndarray, n_users: int) -> np.n
         return np.zeros(0, np.int64)
     low = int(ts.min())
     span = int(ts.max()) - low + 1
-    counts = np.bincount(user_code, minlength=n_users)
+    if counts is None:  # rows per user
+        counts = np.bincount(user_code, minlength=n_users)
     shift = _range_bits(counts, span)
     if shift is None:
         return np.lexsort((ts, user_code))
     if n_users <= 1 << shift:
         return _packed_order(user_code, ts, low, span)
     cut = (user_code >> shift).astype(np.uint16)
-    rows = np.argsort(cut, kind="stable")  # a radix sort: rows grouped by user range, in file order
-    del cut
+    ranges = int(cut.max()) + 1
+    # Rows grouped by user range, in file order: a pass per range while they are few, else a radix sort.
+    rows = None if ranges <= 16 else np.argsort(cut, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.add.reduceat(counts, np.arange(0, n_users, 1 << shift)))])
     order = np.empty(n, np.int64)
     for number, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
-        part = rows[lo:hi]
+        part = np.flatnonzero(cut == number) if rows is None else rows[lo:hi]
         order[lo:hi] = part[_packed_order(user_code[part] - (number << shift), ts[part], low, span)]
     return order
 

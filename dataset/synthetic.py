@@ -192,7 +192,8 @@ def write_log(params: LogParams, folder: Path) -> Path:
             mean_hist = clicked_sum / np.maximum(clicked_count, 1)[:, None]
             similarity = np.einsum("ud,ud->u", z_t, mean_hist) * (clicked_count > 0)
             preference = np.einsum("ud,ud->u", taste, z_t) + quality[item] + p.history_weight * similarity
-            clicked = rng.random(n_u) < 1.0 / (1.0 + np.exp(-decisiveness * (preference - 0.2)))
+            with np.errstate(over="ignore"):  # exp overflows to inf for decisive users: probability 0
+                clicked = rng.random(n_u) < 1.0 / (1.0 + np.exp(-decisiveness * (preference - 0.2)))
             clicked_sum[clicked] += z_t[clicked]
             clicked_count += clicked
             parts.append((item, start + t * gap, clicked.astype(np.int8)))

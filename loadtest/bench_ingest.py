@@ -238,10 +238,12 @@ def fit(results: list[dict]) -> dict | None:
 def render(report: dict) -> str:
     lines = [f"Ingestion, Parquet -> PreparedData with its splits, on {report['machine']['cpus']} CPUs "
              f"({report['machine']['processor']}); each cell the median of {report['repeats']} fresh "
-             f"subprocesses (CPU seconds: user + system of the child, also a median; wall time above it "
-             "means the CPUs were shared). Baseline: `git archive {report['baseline']} dataset/` (the first version of "
-             "dataset/ingest.py) extracted to a temporary folder and run the same way. Peak RSS: ru_maxrss "
-             "of the child (interpreter, numpy, pyarrow included). Batch: `Samples.batch` of "
+             f"subprocesses (CPU seconds: user + system time of the child during prepare, also a median; "
+             "pyarrow decodes on both cores, so a wall time well above it means the process waited, for CPUs "
+             f"shared with other jobs or for I/O; load average {report['load'][0]:.1f} at the start, "
+             f"{report['load'][1]:.1f} at the end). Baseline: `git archive {report['baseline']} dataset/` "
+             "(the first version of dataset/ingest.py) extracted to a temporary folder and run the same way. "
+             "Peak RSS: ru_maxrss of the child (interpreter, numpy, pyarrow included). Batch: `Samples.batch` of "
              f"{BATCH} random train rows (histories and profiles gathered for those rows only).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if i != 1 else "---" for i in
                                                            range(len(COLUMNS))) + "|"]
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
 
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data_root = args.data_dir or Path(tmp) / "data"
         baseline_root = baseline_tree(args.baseline, Path(tmp) / "baseline") if args.baseline != "none" else None
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": "python -m loadtest.bench_ingest " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"cpus": os.cpu_count(), "processor": cpu_name(),
                           "python": platform.python_version()},
+              "load": [load_start, os.getloadavg()[0]],
               "baseline": args.baseline, "repeats": args.repeats, "generation_seconds": generated,
               "results": results, "agree": agree, "checked": checked, "fit": fit(results)}
     print(render(report))
