@@ -265,13 +265,18 @@ def render(report: dict) -> str:
                   f"{', '.join(f'{n:,}' for n in report['checked'])} events."]
     line = report.get("fit")
     if line:
-        lines += ["", f"Linear fit over the new implementation's sizes (up to {line['measured_up_to']:,} events): "
-                  f"{line['seconds_per_m_events']:.3f} s and {line['rss_bytes_per_m_events'] / 2**20:.0f} MiB per "
-                  f"million events, plus {line['seconds_fixed']:.2f} s and {line['rss_bytes_fixed'] / 2**20:.0f} "
-                  "MiB fixed; extrapolated to 100,000,000 events: "
-                  f"{line['seconds_fixed'] + 100 * line['seconds_per_m_events']:.0f} s, "
-                  f"{(line['rss_bytes_fixed'] + 100 * line['rss_bytes_per_m_events']) / 2**30:.1f} GiB "
-                  "(an extrapolation, not a measurement)."]
+        def events_at(gib: float) -> float:
+            return (gib * 2**30 - line["rss_bytes_fixed"]) / line["rss_bytes_per_m_events"]
+
+        def seconds_at(m_events: float) -> float:
+            return line["seconds_fixed"] + m_events * line["seconds_per_m_events"]
+
+        lines += ["", f"A line through the new implementation's points (up to {line['measured_up_to']:,} events): "
+                  f"{line['seconds_per_m_events']:.3f} s and {line['rss_bytes_per_m_events'] / 2**20:.0f} MiB of peak "
+                  f"RSS per million events (plus {line['seconds_fixed']:.2f} s and "
+                  f"{line['rss_bytes_fixed'] / 2**20:.0f} MiB). Extrapolated along it, not measured: 2.5 GiB at "
+                  f"~{events_at(2.5):.0f} M events, 20 GiB at ~{events_at(20):.0f} M events "
+                  f"(~{seconds_at(events_at(20)):.0f} s)."]
     return "\n".join(lines)
 
 
