@@ -177,6 +177,7 @@ def peak_rss_bytes() -> int:
 
 def child(spec_path: str, with_fingerprint: bool) -> dict:
     """One measurement, in this (fresh) process: prepare, then one training batch."""
+    import dataset
     from dataset.ingest import prepare
     from dataset.spec import load_spec
 
@@ -191,7 +192,8 @@ def child(spec_path: str, with_fingerprint: bool) -> dict:
     start = time.perf_counter()
     batch = train.batch(rows)
     batch_seconds = time.perf_counter() - start
-    result = {"events": int(data.stats["events"]), "seconds": seconds, "cpu_seconds": cpu,
+    result = {"dataset_from": str(Path(dataset.__file__).resolve().parent),
+              "events": int(data.stats["events"]), "seconds": seconds, "cpu_seconds": cpu,
               "batch_seconds": batch_seconds,
               "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
               "peak_rss_bytes": peak_rss_bytes(), "splits": data.stats["splits"]}
@@ -201,15 +203,21 @@ def child(spec_path: str, with_fingerprint: bool) -> dict:
 
 
 def run_child(spec: Path, root: Path, with_fingerprint: bool) -> dict:
-    """`child` in a fresh interpreter whose `dataset` package is the one under `root`."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)]))
-    command = [sys.executable, "-m", "loadtest.bench_ingest", "--child", str(spec)]
+    """`child` in a fresh interpreter whose `dataset` package is the one under `root`.
+
+    The script is run by its path (not `-m`, which would put the working directory, this checkout, first on
+    sys.path), from `root`, with only `root` on PYTHONPATH; the child reports where `dataset` came from."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec)]
     if with_fingerprint:
         command.append("--fingerprint")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(REPO))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(root))
     if done.returncode != 0:
         raise RuntimeError(f"the {root} child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["dataset_from"]).is_relative_to(Path(root).resolve()):
+        raise RuntimeError(f"the child meant to run {root} imported dataset from {result['dataset_from']}")
+    return result
 
 
 # --- the table -------------------------------------------------------------------------------------------
