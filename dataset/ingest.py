@@ -200,7 +200,7 @@ def _parquet_batches(file: Path, table: Table, columns: list[str], strings: set[
     if handle.metadata.num_rows == 0 or any(name not in schema.names for name in columns):
         return None
     types = {name: schema.field(name).type for name in strings & set(columns)}
-    text = [n for n, t in types.items() if pa.types.is_string(t) or pa.types.is_large_string(t)]
+    text = [n for n, t in types.items() if _is_text(t) or (pa.types.is_dictionary(t) and _is_text(t.value_type))]
     numbers = [n for n, t in types.items() if pa.types.is_integer(t)]
     if len(text) + len(numbers) != len(types):
         return None
@@ -221,6 +221,12 @@ def _parquet_batches(file: Path, table: Table, columns: list[str], strings: set[
                             file=str(file)) from None
 
     return batches()
+
+
+def _is_text(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _string_dictionary(array):
