@@ -118,3 +118,6 @@ class PreparedData:
     # Columns of the user table that no field declares (e.g. the synthetic world's planted scale), per user
     # number; NaN where a user has no row.
     user_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    # Items of the item table that no event shows (a catalogue's new items): their ids are out of the
+    # vocabulary, their fields are known. {"item_ids": str [K], <item field>: int64 [K, width] tokens}.
+    item_catalogue: dict[str, np.ndarray] = field(default_factory=dict)

@@ -118,3 +118,103 @@ def materialise(params: dict, folder: Path) -> Path:
 
 def defaults() -> dict:
     return asdict(SyntheticParams())
+
+
+@dataclass
+class LogParams:
+    """A large synthetic click log for benchmarks: the same planted model as `generate`, streamed to disk.
+
+    Unlike `generate` (one array per column, grouped by user), the log is written the way a real one
+    arrives: in time order, users interleaved, split over `files` Parquet files of row groups of at most
+    `row_group` rows, items drawn with Zipf-like popularity (`popularity_exponent`). Memory stays at the
+    per-user state (a few hundred bytes a user) plus one file's rows."""
+
+    users: int = 100_000
+    events_per_user: int = 100
+    items: int = 50_000
+    categories: int = 50
+    latent_dim: int = 8
+    cohorts: int = 5
+    segments: int = 8
+    personal_weight: float = 1.5
+    history_weight: float = 2.5
+    decisiveness_spread: float = 1.2
+    popularity_exponent: float = 0.9
+    files: int = 4
+    row_group: int = 1_000_000
+    seed: int = 0
+
+
+def write_log(params: LogParams, folder: Path) -> Path:
+    """`events-NNN.parquet`, `users.parquet` and `items.parquet` in `folder` (each written beside and renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = params
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(p.seed)
+    n_u, n_i, dim = p.users, p.items, p.latent_dim
+    centers = rng.normal(size=(p.categories, dim))
+    item_category = rng.integers(0, p.categories, size=n_i)
+    z = centers[item_category] + 0.5 * rng.normal(size=(n_i, dim))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    quality = 0.5 * rng.normal(size=n_i)
+    popularity = 1.0 / np.arange(1, n_i + 1) ** p.popularity_exponent
+    popularity_cdf = np.cumsum(rng.permutation(popularity))
+    popularity_cdf /= popularity_cdf[-1]
+
+    cohort = rng.integers(0, p.cohorts, size=n_u)
+    sex = rng.integers(0, 2, size=n_u)
+    segment = rng.integers(0, p.segments, size=n_u)
+    taste = rng.normal(size=(p.cohorts, dim))[cohort] + rng.normal(size=(2, dim))[sex] + \
+        rng.normal(size=(p.segments, dim))[segment]
+    taste += p.personal_weight * rng.normal(size=(n_u, dim))
+    taste *= 1.5 / np.sqrt(dim)
+    log_decisiveness = p.decisiveness_spread * rng.normal(size=n_u)
+    decisiveness = np.exp(log_decisiveness)
+    start = rng.integers(1_700_000_000, 1_700_000_000 + 30 * 86_400, size=n_u)
+    gap = rng.integers(30, 3_600, size=n_u)
+
+    user_ids = pa.array(np.char.add("u", np.arange(n_u).astype(str)))
+    item_ids = pa.array(np.char.add("i", np.arange(n_i).astype(str)))
+    schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
+                        ("click", pa.int8())])
+    clicked_sum = np.zeros((n_u, dim))
+    clicked_count = np.zeros(n_u)
+    steps = p.events_per_user
+    bounds = np.linspace(0, steps, max(1, min(p.files, steps)) + 1).round().astype(int)
+    for number, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        parts = []
+        for t in range(first, last):
+            item = np.minimum(np.searchsorted(popularity_cdf, rng.random(n_u)), n_i - 1)
+            z_t = z[item]
+            mean_hist = clicked_sum / np.maximum(clicked_count, 1)[:, None]
+            similarity = np.einsum("ud,ud->u", z_t, mean_hist) * (clicked_count > 0)
+            preference = np.einsum("ud,ud->u", taste, z_t) + quality[item] + p.history_weight * similarity
+            with np.errstate(over="ignore"):  # exp overflows to inf for decisive users: probability 0
+                clicked = rng.random(n_u) < 1.0 / (1.0 + np.exp(-decisiveness * (preference - 0.2)))
+            clicked_sum[clicked] += z_t[clicked]
+            clicked_count += clicked
+            parts.append((item, start + t * gap, clicked.astype(np.int8)))
+        item = np.concatenate([a for a, _, _ in parts])
+        stamp = np.concatenate([b for _, b, _ in parts])
+        click = np.concatenate([c for _, _, c in parts])
+        user = np.tile(np.arange(n_u), len(parts))
+        by_time = np.argsort(stamp, kind="stable")
+        table = pa.table([user_ids.take(pa.array(user[by_time])), item_ids.take(pa.array(item[by_time])),
+                          pa.array(stamp[by_time]), pa.array(click[by_time])], schema=schema)
+        tmp = folder / f".events-{number:03d}.parquet.tmp"
+        pq.write_table(table, tmp, row_group_size=p.row_group)
+        tmp.replace(folder / f"events-{number:03d}.parquet")
+        del parts, item, stamp, click, user, by_time, table
+    tables = {"users": {"user_id": user_ids, "cohort": pa.array(np.char.add("a", cohort.astype(str))),
+                        "sex": pa.array(np.array(list("MF"))[sex]),
+                        "segment": pa.array(np.char.add("o", segment.astype(str))),
+                        "log_decisiveness": pa.array(log_decisiveness)},
+              "items": {"item_id": item_ids, "category": pa.array(np.char.add("c", item_category.astype(str)))}}
+    for name, columns in tables.items():
+        tmp = folder / f".{name}.parquet.tmp"
+        pq.write_table(pa.table(columns), tmp)
+        tmp.replace(folder / f"{name}.parquet")
+    return folder

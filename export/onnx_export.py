@@ -135,7 +135,7 @@ def user_table(model: nn.Module, schema: FeatureSchema, users: KnownUsers | None
     }
 
 
-def item_table(schema: FeatureSchema) -> dict[str, np.ndarray]:
+def item_table(schema: FeatureSchema, catalogue: dict | None = None) -> dict[str, np.ndarray]:
     """Every item of the vocabulary with its field tokens, first in vocabulary order (`known`), then the
     catalogue's items the model never saw (their ids are OOV; `udg publish` puts them in the version's item
     table in Redis, so they are scored with their features)."""
@@ -144,6 +144,13 @@ def item_table(schema: FeatureSchema) -> dict[str, np.ndarray]:
              "known": np.ones(len(rows), bool)}
     for spec in schema.item_fields:
         table[f"field_{spec.name}"] = schema.item_table[spec.name][rows].astype(np.int64)
+    new_ids = np.asarray((catalogue or {}).get("item_ids", np.zeros(0, str))).astype(str)
+    if len(new_ids):
+        table["item_ids"] = np.concatenate([table["item_ids"], new_ids])
+        table["known"] = np.concatenate([table["known"], np.zeros(len(new_ids), bool)])
+        for spec in schema.item_fields:
+            name = f"field_{spec.name}"
+            table[name] = np.concatenate([table[name], np.asarray(catalogue[spec.name], np.int64)])
     return table
 
 
@@ -251,7 +258,7 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
     repo = Path(repo)
     schema = checkpoint.schema
     users = user_table(model, schema, checkpoint.known_users)
-    items = item_table(schema)
+    items = item_table(schema, checkpoint.item_catalogue)
     generator = checkpoint.meta_generator() if model.udg_dim else None
     modules = serving_modules(model, schema, generator, torch.as_tensor(users["user_index"]))
     golden = golden_cases(modules, schema, users)

@@ -66,6 +66,16 @@ def _known_users_from_json(data: dict | None, fields: int, width: int) -> KnownU
                       history=history.astype(str), history_len=lengths)
 
 
+def _catalogue_from_json(data: dict | None, schema: FeatureSchema) -> dict:
+    if not data:
+        return {}
+    n = len(data["item_ids"])
+    catalogue = {"item_ids": np.array(data["item_ids"], dtype=str).reshape(n)}
+    for spec in schema.item_fields:
+        catalogue[spec.name] = np.asarray(data.get(spec.name, []), dtype=np.int64).reshape(n, spec.width)
+    return catalogue
+
+
 @dataclass
 class Checkpoint:
     model_config: ModelConfig
@@ -76,13 +86,15 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     known_users: KnownUsers | None = None
     meta: MetaState | None = None
+    item_catalogue: dict = field(default_factory=dict)  # PreparedData.item_catalogue
 
     @classmethod
     def from_training(cls, model: nn.Module, model_config: ModelConfig, train_config, data: PreparedData,
                       metrics: dict, meta: MetaState | None = None) -> Checkpoint:
         train = dataclasses.asdict(train_config) if dataclasses.is_dataclass(train_config) else dict(train_config)
         return cls(model_config=model_config, train_config=train, spec=data.spec, schema=data.schema,
-                   state_dict=model.state_dict(), metrics=metrics, known_users=data.known_users, meta=meta)
+                   state_dict=model.state_dict(), metrics=metrics, known_users=data.known_users, meta=meta,
+                   item_catalogue=data.item_catalogue)
 
     # --- the model ----------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -119,6 +131,7 @@ class Checkpoint:
             "metrics": self.metrics,
             "known_users": _known_users_to_json(self.known_users),
             "meta": None if self.meta is None else {"state_dict": self.meta.state_dict, "info": self.meta.info},
+            "item_catalogue": {name: np.asarray(values).tolist() for name, values in self.item_catalogue.items()},
         }
 
     def save(self, path: Path) -> Path:
@@ -148,7 +161,8 @@ class Checkpoint:
                    schema=schema, state_dict=payload["state_dict"], metrics=payload.get("metrics") or {},
                    known_users=_known_users_from_json(payload.get("known_users"), len(schema.user_fields),
                                                       schema.max_history),
-                   meta=None if meta is None else MetaState(meta["state_dict"], meta.get("info") or {}))
+                   meta=None if meta is None else MetaState(meta["state_dict"], meta.get("info") or {}),
+                   item_catalogue=_catalogue_from_json(payload.get("item_catalogue"), schema))
 
     def with_meta(self, meta: MetaState | None) -> Checkpoint:
         return dataclasses.replace(self, meta=meta)

@@ -187,10 +187,11 @@ def publish_items(path: Path, file: Path, redis_client, layout: RedisLayout | No
     rows = np.zeros((len(ids), sum(f.width for f in schema.item_fields)), np.int64)
     offset = 0
     for field in schema.item_fields:
-        tokens, _ = field_tokens(file, by_name[field.name], table.column(by_name[field.name].source_column))
-        for row, values in enumerate(tokens):
-            rows[row, offset:offset + field.width] = field.encode(list(values) if field.kind == "multi" else
-                                                                  (values[0] if len(values) else None))
+        tokens = field_tokens(file, by_name[field.name], table.column(by_name[field.name].source_column))
+        for row in range(len(ids)):
+            values = tokens.values[tokens.offsets[row]:tokens.offsets[row + 1]].tolist()
+            rows[row, offset:offset + field.width] = field.encode(values if field.kind == "multi" else
+                                                                  (values[0] if values else None))
         offset += field.width
     known = np.array([schema.items.known(i) for i in ids], bool)
     new_ids = [i for i, k in zip(ids, known.tolist(), strict=True) if not k]
