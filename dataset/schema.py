@@ -142,12 +142,13 @@ class FieldSchema:
         position = int(np.searchsorted(np.asarray(self.buckets, dtype=np.float64), float(value), side="right"))
         return self.labels[position]
 
-    def encode(self, value) -> np.ndarray:
-        """Raw value -> int64 [width] token indices, PAD-filled; a missing value is one OOV slot."""
+    def encode(self, value, missing: int = OOV) -> np.ndarray:
+        """Raw value -> int64 [width] token indices, PAD-filled; a missing value is one `missing` slot: OOV for
+        a profile field (as in training), PAD for an item field (an item without the field has no row of it)."""
         out = np.full(self.width, PAD, np.int64)
         tokens = self.tokens(value)[:self.width]
         if not tokens:
-            out[0] = OOV
+            out[0] = missing
             return out
         for slot, token in enumerate(tokens):
             out[slot] = self.vocab.lookup(token)
@@ -219,13 +220,14 @@ class FeatureSchema:
                 if name in self.profile_fields and not self.user_field(name).known_value(value)]
 
     def encode_item_fields(self, values: dict | None) -> dict[str, np.ndarray]:
-        """{item field: raw value} of one item -> per field int64 [width] (missing fields: one OOV slot)."""
+        """{item field: raw value} of one item -> per field int64 [width] (a missing field: PAD, no features,
+        as in the item table training used)."""
         values = values or {}
         names = self.item_field_names
         for key in values:
             if key not in names:
                 raise UnknownField(key, names, side="item")
-        return {spec.name: spec.encode(values.get(spec.name)) for spec in self.item_fields}
+        return {spec.name: spec.encode(values.get(spec.name), missing=PAD) for spec in self.item_fields}
 
     def to_json(self) -> dict:
         return {

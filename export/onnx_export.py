@@ -219,7 +219,7 @@ def check_parity(path: Path, golden: dict, which: str, graph: ServingGraph) -> f
 
 # --- the manifest -------------------------------------------------------------------------------------------
 def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules, golden: dict,
-                   n_users: int, n_items: int) -> dict:
+                   n_users: int, n_items: int, n_catalogue: int = 0) -> dict:
     config = checkpoint.model_config
     schema = checkpoint.schema
     features = schema.to_json()
@@ -235,7 +235,7 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
         "features": features,
         "vocab": {
             "pad_index": PAD, "oov_index": OOV,
-            "items": {"size": len(schema.items), "known": n_items, "file": ITEMS_FILE},
+            "items": {"size": len(schema.items), "known": n_items, "catalogue": n_catalogue, "file": ITEMS_FILE},
             "users": {"size": len(schema.users), "known": n_users, "file": USERS_FILE},
         },
         "graphs": {"scorer": modules.scorer.io_json(SCORER_FILE), "meta": modules.meta.io_json(META_FILE)},
@@ -271,7 +271,7 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
         scorer_diff = check_parity(tmp / SCORER_FILE, golden, "scorer", modules.scorer)
         meta_diff = check_parity(tmp / META_FILE, golden, "meta", modules.meta)
         manifest = build_manifest(version, checkpoint, modules, golden, len(users["user_ids"]),
-                                  len(items["item_ids"]))
+                                  int(items["known"].sum()), int((~items["known"]).sum()))
         manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff}
         manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")

@@ -171,7 +171,7 @@ def publish_items(path: Path, file: Path, redis_client, layout: RedisLayout | No
     version's item table, so the service scores them with their features; no retraining. Every row is
     validated before anything is written (a bad file raises DataError naming the file, column and row)."""
     from dataset.ingest import field_tokens, read_columns
-    from dataset.schema import FeatureSchema
+    from dataset.schema import PAD, FeatureSchema
     from dataset.spec import DatasetSpec, Table
 
     layout = layout or RedisLayout()
@@ -191,7 +191,7 @@ def publish_items(path: Path, file: Path, redis_client, layout: RedisLayout | No
         for row in range(len(ids)):
             values = tokens.values[tokens.offsets[row]:tokens.offsets[row + 1]].tolist()
             rows[row, offset:offset + field.width] = field.encode(values if field.kind == "multi" else
-                                                                  (values[0] if values else None))
+                                                                  (values[0] if values else None), missing=PAD)
         offset += field.width
     known = np.array([schema.items.known(i) for i in ids], bool)
     new_ids = [i for i, k in zip(ids, known.tolist(), strict=True) if not k]
