@@ -39,16 +39,21 @@ class SyntheticParams:
     seed: int = 0
 
 
+def item_world(rng: np.random.Generator, items: int, categories: int, dim: int):
+    """(category, unit latent vector z, quality) per item: items of a category cluster around its centre."""
+    centers = rng.normal(size=(categories, dim))
+    item_category = rng.integers(0, categories, size=items)
+    z = centers[item_category] + 0.5 * rng.normal(size=(items, dim))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    return item_category, z, 0.5 * rng.normal(size=items)
+
+
 def generate(params: SyntheticParams) -> dict[str, dict[str, np.ndarray]]:
     """-> {"events": columns, "users": columns, "items": columns} (numpy arrays)."""
     spec = params
     rng = np.random.default_rng(spec.seed)
     n_u, n_i, dim = spec.users, spec.items, spec.latent_dim
-    category_centers = rng.normal(size=(spec.categories, dim))
-    item_category = rng.integers(0, spec.categories, size=n_i)
-    z = category_centers[item_category] + 0.5 * rng.normal(size=(n_i, dim))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    quality = 0.5 * rng.normal(size=n_i)
+    item_category, z, quality = item_world(rng, n_i, spec.categories, dim)
 
     cohort = rng.integers(0, spec.cohorts, size=n_u)
     sex = rng.integers(0, 2, size=n_u)
@@ -155,11 +160,7 @@ def write_log(params: LogParams, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(p.seed)
     n_u, n_i, dim = p.users, p.items, p.latent_dim
-    centers = rng.normal(size=(p.categories, dim))
-    item_category = rng.integers(0, p.categories, size=n_i)
-    z = centers[item_category] + 0.5 * rng.normal(size=(n_i, dim))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    quality = 0.5 * rng.normal(size=n_i)
+    item_category, z, quality = item_world(rng, n_i, p.categories, dim)
     popularity = 1.0 / np.arange(1, n_i + 1) ** p.popularity_exponent
     popularity_cdf = np.cumsum(rng.permutation(popularity))
     popularity_cdf /= popularity_cdf[-1]

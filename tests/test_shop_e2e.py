@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.stack import stop
+from loadtest.stack import stop, wait_ready
 from service.local_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +31,6 @@ def udg(*argv: str, env: dict | None = None, timeout: float = 240) -> subprocess
                             timeout=timeout, env={**os.environ, **(env or {})})
     assert result.returncode == 0, f"udg {' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
-
-
-def wait_ready(http: httpx.Client, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert server.poll() is None, server.stdout.read().decode()
-        try:
-            if http.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "not ready within 60 s"
-        time.sleep(0.1)
 
 
 def expected_score(version_dir: Path, user: dict, item_fields: dict[str, list[int]], candidate: str) -> float:
@@ -105,7 +92,7 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=10) as http:
-            wait_ready(http, server)
+            wait_ready(base, server, timeout_s=60)
             shown = sorted(known_items)[:20]
             new_item = catalogue[0]["item_id"]
 
