@@ -265,6 +265,21 @@ def test_bad_event_batches(client):
     assert client.post("/v1/events/batch", json=many).json()["field"] == "events"
 
 
+def test_event_profiles_are_checked_against_the_serving_schema(client, redis_client):
+    """A profile field no serving version has is refused with 422 naming it, and nothing of the batch is stored."""
+    reply = client.post("/v1/events", json={"user_id": "pf", "item_id": "i1", "clicked": True,
+                                            "profile": {"shoe_size": "42"}})
+    assert reply.status_code == 422 and reply.json()["field"] == "profile.shoe_size"
+    batch = {"events": [{"user_id": "pf", "item_id": "i1", "clicked": True},
+                        {"user_id": "pf", "item_id": "i2", "clicked": True, "profile": {"cohort": "a1", "x": "1"}}]}
+    reply = client.post("/v1/events/batch", json=batch)
+    assert reply.status_code == 422 and reply.json()["field"] == "events.1.profile.x"
+    assert not redis_client.exists(LAYOUT.history("pf"))
+    ok = client.post("/v1/events", json={"user_id": "pf", "item_id": "i1", "clicked": True,
+                                         "profile": {"cohort": "a1"}})
+    assert ok.status_code == 200 and ok.json()["appended"] == 1
+
+
 def test_unknown_routes_and_methods_are_json(client):
     assert client.get("/v1/nothing").json()["error"] == "not_found"
     reply = client.get("/v1/score")

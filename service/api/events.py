@@ -5,7 +5,9 @@ it: events carrying `ts` are deduplicated by (item_id, ts), so a retry never cou
 events are accepted and not stored (the behavior feature is made of clicks only). An unknown user gets a
 state: their history key (and profile, if the event carries one); their embeddings are made on their first
 score request. Within a batch each user's clicks are ordered by `ts` (events without `ts` after, in arrival
-order) before being appended, most recent first.
+order) before being appended, most recent first. A profile is checked against the serving versions' profile
+fields (the active one and any split arm): a field none of them has is a 422 naming it, before anything is
+stored.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ from service.errors import InvalidField
 from service.redis_layout import Click
 
 router = APIRouter()
+
+
+def check_profiles(services: Services, events: list[Event], prefix: str) -> None:
+    """422 for a profile field that no serving version declares (profiles are kept across versions)."""
+    routing = services.registry.routing
+    models = [m for m in (routing.active, *(model for _, model in routing.arms)) if m is not None and m.artifact]
+    if not models:
+        return
+    fields = {name for m in models for name in m.artifact.schema.profile_fields}
+    for position, event in enumerate(events):
+        for key in event.profile or {}:
+            if key not in fields:
+                where = f"{prefix.format(position)}profile.{key}"
+                raise InvalidField(f"{where}: unknown profile field; the serving version(s) "
+                                   f"{sorted(m.version for m in models)} have the fields {sorted(fields)}",
+                                   field=where)
 
 
 async def store_events(services: Services, events: list[Event]) -> dict:
@@ -53,6 +71,7 @@ async def store_events(services: Services, events: list[Event]) -> dict:
 async def event(request: Request, services: ServicesDep):
     started = time.perf_counter()
     payload = Event.model_validate_json(await read_body(request, services.settings.max_body_bytes))
+    check_profiles(services, [payload], "")
     result = await store_events(services, [payload])
     metrics.REQUEST_SECONDS.labels("/v1/events", "").observe(time.perf_counter() - started)
     return json_ok(result)
@@ -66,6 +85,7 @@ async def event_batch(request: Request, services: ServicesDep):
     limit = services.settings.max_events_per_batch
     if len(payload.events) > limit:
         raise InvalidField(f"events: {len(payload.events)} events, at most {limit} per batch", field="events")
+    check_profiles(services, payload.events, "events.{}.")
     result = await store_events(services, payload.events)
     metrics.REQUEST_SECONDS.labels("/v1/events/batch", "").observe(time.perf_counter() - started)
     return json_ok(result)
