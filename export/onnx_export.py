@@ -106,7 +106,8 @@ def user_table(model: nn.Module, schema: FeatureSchema, users: KnownUsers | None
     profile_idx = np.stack([schema.encode_profile({f.name: v for f, v in zip(schema.user_fields, row, strict=True)
                                                    if v != ""}) for row in users.profile.tolist()]) if n else \
         np.zeros((0, fields), np.int64)
-    history = users.history.astype(str).reshape(n, -1)[:, :width]
+    history = users.history.astype(str).reshape(n, users.history.shape[-1] if users.history.ndim == 2 else width)
+    history = history[:, :width]
     if history.shape[1] < width:
         history = np.concatenate([history, np.full((n, width - history.shape[1]), "", dtype=history.dtype)], 1)
     history_len = np.minimum(users.history_len.astype(np.int64), width)
@@ -175,7 +176,8 @@ def golden_cases(modules: ServingModules, schema: FeatureSchema, users: dict[str
         udg_vec = outs[1].numpy() if udg else np.zeros((1, 0), np.float32)
         history = np.zeros((1, schema.max_history), np.int64)
     n_items = schema.items.known_size
-    candidates = np.array([2 + (7 * i) % max(n_items - 2, 1) for i in range(6)] + [OOV], np.int64)
+    candidates = np.array([2 + (7 * i) % max(n_items - 2, 1) if n_items > 2 else OOV for i in range(6)] + [OOV],
+                          np.int64)
     base = scorer.model.base_model
     tokens = [t.numpy() for t in base.lookup_items(torch.as_tensor(candidates)).fields]
     if tokens:  # the OOV candidate carries the first candidate's fields: a new item with known features

@@ -149,10 +149,15 @@ class Artifact:
 
     # --- encoding ---------------------------------------------------------------------------------------
     def encode_items(self, raw_ids) -> tuple[np.ndarray, np.ndarray]:
-        """Raw item ids -> (int64 indices, unknown mask); unknown ids map to the OOV index."""
+        """Raw item ids -> (int64 indices, unknown mask): an id without a row of its own maps to the OOV index,
+        or, where the vocabulary policy declares hash buckets, to its bucket (as in training)."""
         get, oov = self._items.get, self.oov_index
         index = np.fromiter((get(str(t), oov) for t in raw_ids), dtype=np.int64, count=len(raw_ids))
-        return index, index == oov
+        unknown = index == oov
+        if self.schema.items.hash_buckets and unknown.any():
+            vocab = self.schema.items
+            index[unknown] = [vocab.lookup(str(raw_ids[j])) for j in np.flatnonzero(unknown).tolist()]
+        return index, unknown
 
     def candidate_fields(self, candidate_idx, raw_ids=None, new_items: dict | None = None) -> dict[str, np.ndarray]:
         """The scorer's candidate_<field> inputs: the item table's tokens per known candidate; an unknown one
@@ -165,7 +170,7 @@ class Artifact:
             out[f"candidate_{spec.name}"] = self._item_tables[spec.name][rows]
         if new_items and raw_ids is not None:
             offsets = np.cumsum([0] + [f.width for f in self.schema.item_fields])
-            for j in np.flatnonzero(idx == self.oov_index).tolist():
+            for j in np.flatnonzero((idx == self.oov_index) | (idx >= self.schema.items.known_size)).tolist():
                 tokens = new_items.get(raw_ids[j])
                 if tokens is None:
                     continue

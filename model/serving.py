@@ -124,8 +124,9 @@ def scorer_graph(model: nn.Module, schema: FeatureSchema, per_candidate: bool = 
     be specialised by the exporter)."""
     base = model.base_model
     n_items = len(schema.items)
-    history = torch.arange(2, 2 + history_len, dtype=torch.long).remainder(n_items).clamp(min=2)[None]
-    candidates = torch.arange(2, 2 + n, dtype=torch.long).remainder(n_items).clamp(min=2)
+    lowest = min(2, n_items - 1)  # the first item row (OOV for a vocabulary without items)
+    history = torch.arange(2, 2 + history_len, dtype=torch.long).remainder(n_items).clamp(min=lowest)[None]
+    candidates = torch.arange(2, 2 + n, dtype=torch.long).remainder(n_items).clamp(min=lowest)
     example = [torch.randn(1, base.user_dim) * 0.05]
     inputs = [TensorSpec("user_vec", "float32", [1, base.user_dim])]
     if model.udg_dim:
@@ -155,9 +156,9 @@ def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Modul
     if udg_dim and generator is not None:
         info = {"udg_source": "meta_generator", "outputs": ["user_vec", "udg_vec"]}
     elif udg_dim:
-        rows = model.udg_emb.weight[known_user_index] if known_user_index is not None and len(known_user_index) \
-            else model.udg_emb.weight[2:]
-        fallback = rows.detach().mean(0)
+        table = model.udg_emb.weight
+        rows = table[known_user_index] if known_user_index is not None and len(known_user_index) else table[2:]
+        fallback = (rows if len(rows) else table[OOV:OOV + 1]).detach().mean(0)  # no user rows: the OOV row
         info = {"udg_source": "mean_known_users", "outputs": ["user_vec", "udg_vec"],
                 "note": "checkpoint has no meta generator: udg_vec is the mean UDG row of the known users"}
     fields = len(schema.user_fields)

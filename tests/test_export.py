@@ -460,3 +460,40 @@ def test_cli_export_from_checkpoint(zoo, tmp_path):
     with pytest.raises(FileExistsError):
         main(["export", str(checkpoint), "--version", "v1", "--out", str(tmp_path / "repo")])
 
+
+
+def test_hashed_item_ids_map_to_their_training_bucket_at_serving(tmp_path):
+    """With a vocabulary policy that hashes rare ids, the runtime maps an id without a row of its own to the
+    same hash bucket training used (not to OOV), and lists it as unknown."""
+    from dataset.ingest import prepare
+    from tests.tiny import tiny_synthetic
+
+    spec = tiny_synthetic(items=80, events_per_user=40, max_history=MAX_HISTORY).with_overrides(
+        **{"vocabulary.min_count": 20, "vocabulary.hash_buckets": 8})
+    data = prepare(spec)
+    items = data.schema.items
+    assert items.hash_buckets == 8 and len(items) == items.known_size + 8
+    model, metrics = train_model(data, tiny_config("pnn", False), TrainConfig(epochs=1), progress=False)
+    checkpoint = Checkpoint.from_training(model, model.config, TrainConfig(epochs=1), data, metrics)
+    artifact = open_artifact(export_model(checkpoint, "hashed", tmp_path, model=model),
+                             providers=["CPUExecutionProvider"])
+    rare = [f"i{i}" for i in range(80) if not items.known(f"i{i}")][:3] + ["never-seen"]
+    idx, unknown = artifact.encode_items(rare)
+    assert idx.tolist() == [items.lookup(r) for r in rare] and (idx >= items.known_size).all() and unknown.all()
+    users, row, user_vec, _ = known_user(artifact, False)
+    got = artifact.score(user_vec, None, users["history_idx"][row], idx)
+    np.testing.assert_allclose(got, torch_probs(model, user_vec, None, users["history_idx"][row], idx), atol=ATOL)
+
+
+def test_a_version_without_known_users_exports_and_serves_cold(tmp_path):
+    """Every user below the vocabulary's min count: no users.npz rows; the golden cases take the cold path."""
+    from dataset.ingest import prepare
+    from tests.tiny import tiny_synthetic
+
+    data = prepare(tiny_synthetic(max_history=MAX_HISTORY).with_overrides(**{"vocabulary.min_count": 1000}))
+    assert len(data.known_users) == 0
+    model, metrics = train_model(data, tiny_config("pnn", True), TrainConfig(epochs=1), progress=False)
+    checkpoint = Checkpoint.from_training(model, model.config, TrainConfig(epochs=1), data, metrics)
+    artifact = open_artifact(export_model(checkpoint, "nobody", tmp_path, model=model),
+                             providers=["CPUExecutionProvider"])
+    assert len(artifact.load_users()["user_ids"]) == 0 and artifact.manifest["meta"]["udg_source"] == "mean_known_users"
