@@ -12,6 +12,10 @@ rows of the train split (a split is never materialised whole: histories and prof
 
 The baseline is the first version of the ingestion (`git archive <commit> dataset/`, default c41d538),
 extracted into a temporary folder and run the same way, in the same run, up to --baseline-max-events.
+`--legacy COMMIT` (default 2273c4e, the last commit before `dataset/`) also runs the pre-refactor
+`model.features.prepare` up to --legacy-max-events: its loaders read MovieLens TSV only, so the child reads the
+same Parquet files into its `RawDataset` untimed (in its favour) and times its `prepare`; its peak RSS is the
+whole child's, as for the others.
 `--check` also fingerprints the whole output (schema, every split's model inputs, known users) in both and
 reports whether they agree. Seconds are the median of --repeats; events/s is events / that median.
 """
@@ -37,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SIZES = "1000000,10000000"
 BASELINE_COMMIT = "c41d538"
+LEGACY_COMMIT = "2273c4e"
 EVENTS_PER_USER = 100
 BATCH = 1024
 COLUMNS = ("events", "implementation", "seconds (median)", "CPU seconds", "events/s", "peak RSS (GiB)",
@@ -103,9 +108,9 @@ def make_data(events: int, root: Path) -> tuple[Path, float]:
     return spec, seconds
 
 
-def baseline_tree(commit: str, target: Path) -> Path:
-    """`dataset/` as of `commit`, extracted under `target` (an importable root)."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "dataset"], check=True,
+def baseline_tree(commit: str, target: Path, package: str = "dataset") -> Path:
+    """`package/` as of `commit`, extracted under `target` (an importable root)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, package], check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
@@ -202,13 +207,52 @@ def child(spec_path: str, with_fingerprint: bool) -> dict:
     return result
 
 
-def run_child(spec: Path, root: Path, with_fingerprint: bool) -> dict:
+def legacy_child(spec_path: str) -> dict:
+    """The pre-refactor path in this (fresh) process: the spec's Parquet files read into the old `RawDataset`
+    (untimed), then `model.features.prepare` timed, then one training batch of its materialised arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from model.datasets import PROFILE_FIELDS, RawDataset
+    from model.features import prepare
+
+    import model
+
+    folder = Path(spec_path).parent
+    events = pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("events-*.parquet"))])
+    users = pq.read_table(folder / "users.parquet").to_pydict()
+    items = pq.read_table(folder / "items.parquet").to_pydict()
+    names = ("cohort", "sex", "segment")  # the bench spec's user fields, in the old code's profile order
+    profiles = {u: {old: str(users[new][k]) for old, new in zip(PROFILE_FIELDS, names, strict=True)}
+                for k, u in enumerate(users["user_id"])}
+    raw = RawDataset("bench", np.asarray(events.column("user_id").to_numpy(zero_copy_only=False)).astype(str),
+                     np.asarray(events.column("item_id").to_numpy(zero_copy_only=False)).astype(str),
+                     events.column("click").to_numpy().astype(np.float32), events.column("timestamp").to_numpy(),
+                     profiles, {i: [str(c)] for i, c in zip(items["item_id"], items["category"], strict=True)},
+                     label_threshold=0.5)
+    del events
+    cpu = cpu_seconds()
+    start = time.perf_counter()
+    data = prepare(raw, max_history=50)
+    seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
+    train = data.splits["train"]
+    rows = np.sort(np.random.default_rng(0).choice(len(train), size=min(BATCH, len(train)), replace=False))
+    start = time.perf_counter()
+    batch = {k: getattr(train, k)[rows] for k in ("user", "profile", "item", "history", "label")}
+    batch_seconds = time.perf_counter() - start
+    return {"dataset_from": str(Path(model.__file__).resolve().parent), "events": len(raw), "seconds": seconds,
+            "cpu_seconds": cpu, "batch_seconds": batch_seconds,
+            "batch_shapes": {k: list(v.shape) for k, v in batch.items()}, "peak_rss_bytes": peak_rss_bytes(),
+            "splits": {name: len(s) for name, s in data.splits.items()}}
+
+
+def run_child(spec: Path, root: Path, with_fingerprint: bool, legacy: bool = False) -> dict:
     """`child` in a fresh interpreter whose `dataset` package is the one under `root`.
 
     The script is run by its path (not `-m`, which would put the working directory, this checkout, first on
     sys.path), from `root`, with only `root` on PYTHONPATH; the child reports where `dataset` came from."""
     env = dict(os.environ, PYTHONPATH=str(root))
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--legacy-child" if legacy else "--child", str(spec)]
     if with_fingerprint:
         command.append("--fingerprint")
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(root))
@@ -252,7 +296,11 @@ def render(report: dict) -> str:
              f"{report['load'][1]:.1f} at the end). Baseline: `git archive {report['baseline']} dataset/` "
              "(the first version of dataset/ingest.py) extracted to a temporary folder and run the same way. "
              "Peak RSS: ru_maxrss of the child (interpreter, numpy, pyarrow included). Batch: `Samples.batch` of "
-             f"{BATCH} random train rows (histories and profiles gathered for those rows only).", "",
+             f"{BATCH} random train rows (histories and profiles gathered for those rows only)."
+             + (f" Pre-refactor: `model.features.prepare` of `git archive {report['legacy']} model/` (MovieLens-only "
+                "code: the child reads the same Parquet files into its RawDataset untimed, then times prepare; "
+                "its splits hold every history materialised, so its batch is a slice)."
+                if any(r["implementation"] == "pre-refactor" for r in report["results"]) else ""), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if i != 1 else "---" for i in
                                                            range(len(COLUMNS))) + "|"]
     for result in report["results"]:
@@ -267,6 +315,11 @@ def render(report: dict) -> str:
                             f"{pair['baseline']['peak_rss_bytes'] / pair['new']['peak_rss_bytes']:.1f}x less RSS")
     if speedups:
         lines += ["", "New vs baseline: " + "; ".join(speedups) + "."]
+    legacy = [f"{events:,}: {pair['pre-refactor']['seconds'] / pair['new']['seconds']:.1f}x faster, "
+              f"{pair['pre-refactor']['peak_rss_bytes'] / pair['new']['peak_rss_bytes']:.1f}x less RSS"
+              for events, pair in sorted(by_size.items()) if "new" in pair and "pre-refactor" in pair]
+    if legacy:
+        lines += ["", "New vs pre-refactor: " + "; ".join(legacy) + "."]
     if report.get("agree") is not None:
         lines += ["", "Output fingerprints (schema, every split's model inputs, known users, user columns, stats) "
                   + ("agree" if report["agree"] else "DIFFER") + f" between new and baseline at "
@@ -297,13 +350,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline", default=BASELINE_COMMIT, help="commit of the baseline, or 'none'")
     parser.add_argument("--baseline-max-events", type=int, default=10_000_000,
                         help="run the baseline only up to this size (it needs ~4x the memory)")
+    parser.add_argument("--legacy", default=LEGACY_COMMIT,
+                        help="commit of the pre-refactor model.features, or 'none'")
+    parser.add_argument("--legacy-max-events", type=int, default=3_000_000,
+                        help="run the pre-refactor path only up to this size (it materialises every history)")
     parser.add_argument("--check", action="store_true", help="fingerprint both outputs and compare them")
     parser.add_argument("--render", type=Path, help="print the table of a --json file and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--legacy-child", help=argparse.SUPPRESS)
     parser.add_argument("--fingerprint", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        result = child(args.child, args.fingerprint)
+    if args.child or args.legacy_child:
+        result = child(args.child, args.fingerprint) if args.child else legacy_child(args.legacy_child)
         print(json.dumps(result))
         return result
     if args.render:
@@ -316,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data_root = args.data_dir or Path(tmp) / "data"
         baseline_root = baseline_tree(args.baseline, Path(tmp) / "baseline") if args.baseline != "none" else None
+        legacy_root = baseline_tree(args.legacy, Path(tmp) / "legacy", "model") if args.legacy != "none" else None
         results, generated, agree, checked = [], {}, None, []
         for events in sizes:
             spec, seconds = make_data(events, data_root)
@@ -323,10 +382,14 @@ def main(argv: list[str] | None = None) -> dict:
             roots = [("new", REPO)]
             if baseline_root is not None and events <= args.baseline_max_events:
                 roots.append(("baseline", baseline_root))
+            if legacy_root is not None and events <= args.legacy_max_events:
+                roots.append(("pre-refactor", legacy_root))
             prints = {}
             for name, root in roots:
-                runs = [run_child(spec, root, args.check and k == 0) for k in range(args.repeats)]
-                if args.check:
+                legacy = name == "pre-refactor"
+                runs = [run_child(spec, root, args.check and k == 0 and not legacy, legacy)
+                        for k in range(args.repeats)]
+                if args.check and not legacy:
                     prints[name] = runs[0]["fingerprint"]
                 median = statistics.median(r["seconds"] for r in runs)
                 results.append({"events": runs[0]["events"], "implementation": name, "seconds": median,
@@ -351,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"cpus": os.cpu_count(), "processor": cpu_name(),
                           "python": platform.python_version()},
               "load": [load_start, os.getloadavg()[0]],
-              "baseline": args.baseline, "repeats": args.repeats, "generation_seconds": generated,
+              "baseline": args.baseline, "legacy": args.legacy, "repeats": args.repeats,
+              "generation_seconds": generated,
               "results": results, "agree": agree, "checked": checked, "fit": fit(results)}
     print(render(report))
     if args.json:

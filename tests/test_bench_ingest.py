@@ -35,17 +35,20 @@ def test_tiny_benchmark_table_and_agreement(tmp_path, capsys):
         "events", "implementation", "seconds (median)", "CPU seconds", "events/s", "peak RSS (GiB)",
         "batch of 1024 (ms)", "train / valid / test rows"]
     rows = [line for line in printed.splitlines() if line.startswith(f"| {EVENTS:,} |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["new", "baseline"]
+    assert [row.split("|")[2].strip() for row in rows] == ["new", "baseline", "pre-refactor"]
     assert report["agree"] is True and report["checked"] == [EVENTS]
-    assert "agree between new and baseline" in printed
+    assert "agree between new and baseline" in printed and "New vs pre-refactor" in printed
 
     saved = json.loads(out.read_text())
-    assert {r["implementation"] for r in saved["results"]} == {"new", "baseline"}
+    assert {r["implementation"] for r in saved["results"]} == {"new", "baseline", "pre-refactor"}
     for result in saved["results"]:
         assert result["events"] == EVENTS
         assert result["seconds"] > 0 and result["peak_rss_bytes"] > 0
         assert result["batch_shapes"]["history"] == [1024, 50]
         assert sum(result["splits"].values()) == EVENTS
+    legacy = next(r for r in saved["results"] if r["implementation"] == "pre-refactor")
+    assert {k: legacy["splits"][k] for k in ("train", "valid", "test")} == \
+        {k: saved["results"][0]["splits"][k] for k in ("train", "valid", "test")}  # the same splits
     new, old = (next(r for r in saved["results"] if r["implementation"] == k) for k in ("new", "baseline"))
     assert new["splits"] == old["splits"]
     assert bench_ingest.render(saved) in printed  # --render reproduces the printed table
