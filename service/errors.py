@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import metrics
@@ -124,6 +125,14 @@ def install(app: FastAPI) -> None:
         metrics.ERRORS.labels(kind).inc()
         return json_response(error.status_code, {"error": kind, "message": str(error.detail), "field": None,
                                                  "details": []}, getattr(error, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, error: ClientDisconnect):
+        # The client went away (or the body timeout closed the connection) while the body was being read:
+        # not a bug; nobody reads this answer.
+        metrics.ERRORS.labels("client_disconnected").inc()
+        return json_response(400, {"error": "client_disconnected", "message": "the client disconnected before "
+                                   "the request body was received", "field": "body", "details": []})
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception):
