@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictStr, WithJsonSchema
 
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 # Stored item ids (events) may not contain control characters: \x1f separates the stored history.
@@ -44,6 +44,16 @@ def _timestamp(value: Any) -> int | float:
     return ts
 
 
+def _top_k(value: Any) -> int:
+    """A positive integer; 3.0 is one too (JSON Schema's `integer`)."""
+    number = _number_token(value, "an integer")
+    if not isinstance(number, int):
+        raise ValueError("must be an integer")
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 # The JSON Schemas say what the validators accept (the OpenAPI document is the contract).
 ProfileValue = Annotated[str, PlainValidator(_profile_value),
                          WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 128}, {"type": "number"}]})]
@@ -62,7 +72,7 @@ class ScoreRequest(Strict):
     # uniqueItems: a duplicate is a 422 naming it; maxItems (UDG_MAX_CANDIDATES) is set by service/api/openapi.py
     candidates: Annotated[list[CandidateId], Field(min_length=1, json_schema_extra={"uniqueItems": True})]
     profile: Profile | None = None
-    top_k: Annotated[StrictInt, Field(ge=1)] | None = None
+    top_k: Annotated[int, PlainValidator(_top_k), WithJsonSchema({"type": "integer", "minimum": 1})] | None = None
     model_version: VersionName | None = None  # pin a loaded version (debugging, offline comparison)
 
 
