@@ -35,10 +35,15 @@ def run_server(settings) -> None:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="udg-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    from service.http_server import protocol_factory
+
     try:
+        # httptools with the service's HTTP limits (head size and count, head/body timeouts, connection cap,
+        # lingering close after an early answer): service/http_server.py.
         uvicorn.run("service.main:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
-                    loop="uvloop", http="httptools", timeout_graceful_shutdown=10)
+                    loop="uvloop", http=protocol_factory(settings), timeout_keep_alive=settings.http_keep_alive_s,
+                    timeout_graceful_shutdown=10)
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
@@ -192,8 +197,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EPILOG = """HTTP limits, per worker process (environment; answers are the JSON error body):
+  UDG_HTTP_MAX_HEADER_BYTES=32768    request line + headers, bytes; larger: 431 header_too_large
+  UDG_HTTP_MAX_HEADERS=100           header fields per request; more: 431 header_too_large
+  UDG_HTTP_HEADER_TIMEOUT_S=10       the head must arrive within this (from connect, or from its first byte
+                                     on a kept-alive connection); else 408 header_timeout (or a silent close
+                                     of a connection that sent nothing)
+  UDG_HTTP_BODY_TIMEOUT_S=30         the body must arrive within this of the head; else 408 body_timeout
+  UDG_HTTP_KEEP_ALIVE_S=5            idle kept-alive connections are closed after this
+  UDG_HTTP_MAX_CONNECTIONS=1000      open connections; a request on one beyond: 503 overloaded + Retry-After
+  UDG_MAX_BODY_BYTES=1048576         request body; larger: 413 body_too_large
+  UDG_HTTP_DRAIN_BYTES=16777216      after an early answer (413, 431) the unread body is read and dropped
+  UDG_HTTP_DRAIN_TIMEOUT_S=5         up to this much / this long, so clients get the answer, not a reset
+"""
+
+
 def register(subparsers) -> None:
-    serve = subparsers.add_parser("serve", help="run the scoring service (FastAPI on uvicorn; settings from env)")
+    serve = subparsers.add_parser("serve", help="run the scoring service (FastAPI on uvicorn; settings from env)",
+                                  epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--model-repo", default=None, help="model repository (env UDG_MODEL_REPO)")
     serve.add_argument("--version", dest="model_version", default=None,
                        help="version to serve (env UDG_MODEL_VERSION; default: the newest)")

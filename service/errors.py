@@ -7,18 +7,61 @@ version ready) with `Retry-After`, and a 500 only for a bug in this service (log
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import metrics
 from service.feature_store import FeatureStoreUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (4xx, 5xx), whatever raised it."""
+
+    error: str = Field(description="machine-readable kind, e.g. invalid_field, body_too_large, unavailable")
+    message: str = Field(description="what went wrong, for a person")
+    field: str | None = Field(description="dotted path of the offending request field (body, candidates.3, ...)")
+    details: list[dict[str, Any]] = Field(description="every problem found, each {field, message, type}")
+
+
+STATUS_TEXT = {
+    400: "Not valid JSON (`invalid_json`), or a malformed HTTP request",
+    401: "Missing or wrong bearer token (`unauthorized`)",
+    403: "The admin API is disabled: UDG_ADMIN_TOKEN is not set (`admin_disabled`)",
+    404: "Unknown version or route (`not_found`)",
+    405: "Method not allowed (`method_not_allowed`)",
+    408: "Request head or body not received in time (`header_timeout`, `body_timeout`)",
+    409: "A conflict: the pinned version is not loaded (`version_not_loaded`) or the change contradicts the "
+         "routing (`conflict`)",
+    413: "Body over UDG_MAX_BODY_BYTES (`body_too_large`)",
+    422: "A field is invalid (`invalid_field`, names it), or a version was refused (`version_refused`)",
+    431: "Request headers too large or too many (`header_too_large`)",
+    503: "A dependency is unavailable (`redis_unavailable`, `model_unavailable`) or the worker is overloaded; "
+         "retry after `Retry-After` seconds",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def responses(*statuses: int) -> dict:
+    """`responses=` of a route: each status with the error body's schema (and Retry-After on 503)."""
+    out: dict = {}
+    for status in statuses:
+        out[status] = {"model": ErrorBody, "description": STATUS_TEXT[status]}
+        if status == 503:
+            out[status]["headers"] = RETRY_AFTER
+    return out
+
+
+# Every request may get these from the HTTP layer (service/http_server.py) or the framework.
+HTTP_STATUSES = (400, 408, 431, 503)
 
 
 class ApiError(Exception):
@@ -124,6 +167,14 @@ def install(app: FastAPI) -> None:
         metrics.ERRORS.labels(kind).inc()
         return json_response(error.status_code, {"error": kind, "message": str(error.detail), "field": None,
                                                  "details": []}, getattr(error, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, error: ClientDisconnect):
+        # The client went away (or the body timeout closed the connection) while the body was being read:
+        # not a bug; nobody reads this answer.
+        metrics.ERRORS.labels("client_disconnected").inc()
+        return json_response(400, {"error": "client_disconnected", "message": "the client disconnected before "
+                                   "the request body was received", "field": "body", "details": []})
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception):

@@ -60,5 +60,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(admin.router)
-    openapi.install(app)
+    openapi.install(app, settings)
     return app

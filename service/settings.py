@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = False  # uvicorn's access log costs ~50 us per request
 
+    # --- HTTP limits, per worker process (service/http_server.py; answers are JSON errors) ----------------
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1 << 20)  # request line + headers; else 431
+    http_max_headers: int = Field(100, ge=8, le=1000)  # header fields per request; else 431
+    http_header_timeout_s: float = Field(10.0, gt=0, le=300)  # the head must arrive within this; else 408/close
+    http_body_timeout_s: float = Field(30.0, gt=0, le=600)  # the body must arrive within this of the head; 408
+    http_keep_alive_s: int = Field(5, ge=1, le=600)  # an idle kept-alive connection is closed after this
+    http_max_connections: int = Field(1000, ge=1, le=100_000)  # open connections; beyond: 503 overloaded
+    # After an early answer (413, 431) the unread body is read and dropped (at most this much, this long) so
+    # that clients which send the whole body before reading get the answer instead of a connection reset.
+    http_drain_bytes: int = Field(16 << 20, ge=0, le=1 << 30)
+    http_drain_timeout_s: float = Field(5.0, gt=0, le=120)
+
     @field_validator("model_version")
     @classmethod
     def _version_name(cls, value: str | None) -> str | None:

@@ -289,10 +289,10 @@ def test_unknown_routes_and_methods_are_json(client):
 def test_openapi_lists_the_active_versions_profile_fields(client):
     document = client.get("/openapi.json").json()
     assert "v1" in document["info"]["description"]
-    body = document["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = document["components"]["schemas"]["ScoreRequest"]
     profile = body["properties"]["profile"]["anyOf"][0]
     assert list(profile["properties"]) == ["cohort", "sex", "segment"] and profile["additionalProperties"] is False
     assert "a1" in profile["properties"]["cohort"]["examples"]
-    event = document["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    event = document["components"]["schemas"]["Event"]
     assert list(event["properties"]["profile"]["anyOf"][0]["properties"]) == ["cohort", "sex", "segment"]
     assert client.get("/docs").status_code == 200

@@ -122,8 +122,8 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
 
             # /docs speaks the active version's fields.
             document = http.get("/openapi.json").json()
-            score_body = document["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]
-            profile_schema = score_body["schema"]["properties"]["profile"]["anyOf"][0]
+            score_body = document["components"]["schemas"]["ScoreRequest"]
+            profile_schema = score_body["properties"]["profile"]["anyOf"][0]
             assert list(profile_schema["properties"]) == ["country", "device", "tier", "age_band"]
 
             # An item that arrives after training: `udg publish-items`, picked up without a restart.

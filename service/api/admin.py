@@ -25,9 +25,9 @@ from fastapi import APIRouter, Depends, Request
 
 from repository import is_version_name
 from service.api.deps import Services, ServicesDep, json_ok, read_body
-from service.api.schemas import SplitRequest
+from service.api.schemas import AdminChange, AdminVersions, SplitRequest, request_body
 from service.control import HISTORY_KEEP, Conflict
-from service.errors import AdminDisabled, NotFound, Unauthorized, VersionRefusedError
+from service.errors import HTTP_STATUSES, AdminDisabled, NotFound, Unauthorized, VersionRefusedError, responses
 from service.errors import Conflict as ConflictError
 from service.registry import VersionRefused
 
@@ -49,6 +49,8 @@ async def require_admin(request: Request, services: ServicesDep) -> Services:
 
 AdminDep = Annotated[Services, Depends(require_admin)]
 router = APIRouter(prefix=PREFIX, tags=["admin"])
+_AUTH = (*HTTP_STATUSES, 401, 403)
+_CHANGE = {200: {"model": AdminChange, "description": "Applied; `propagation` says by how many workers"}}
 
 
 def _known(services: Services, version: str) -> str:
@@ -88,14 +90,17 @@ def _add_loaded(doc: dict, *versions: str) -> None:
     doc["loaded"] = list(dict.fromkeys([*doc.get("loaded", []), *versions]))
 
 
-@router.get("/versions", summary="Model versions: state, manifest metadata; routing; workers")
+@router.get("/versions", summary="Model versions: state, manifest metadata; routing; workers",
+            responses={200: {"model": AdminVersions, "description": "Versions, routing, workers"},
+                       **responses(*_AUTH)})
 async def list_all(services: AdminDep):
     control = services.control
     return json_ok({"versions": services.registry.describe(), "routing": await control.read(),
                     "workers": await control.workers(), "this_worker": control.worker_id})
 
 
-@router.post("/versions/{version}/load", summary="Load, verify and warm up a version in every worker")
+@router.post("/versions/{version}/load", summary="Load, verify and warm up a version in every worker",
+             responses={**_CHANGE, **responses(*_AUTH, 404, 409, 422)})
 async def load(version: str, services: AdminDep):
     _known(services, version)
     await _load_here(services, [version])
@@ -103,7 +108,8 @@ async def load(version: str, services: AdminDep):
                          check=lambda w: version in w["ready"] or version in w["failed"])
 
 
-@router.post("/versions/{version}/activate", summary="Serve this version to every user (clears a split)")
+@router.post("/versions/{version}/activate", summary="Serve this version to every user (clears a split)",
+             responses={**_CHANGE, **responses(*_AUTH, 404, 409, 422)})
 async def activate(version: str, services: AdminDep):
     _known(services, version)
     await _load_here(services, [version])
@@ -117,7 +123,8 @@ async def activate(version: str, services: AdminDep):
     return await _change(services, mutate, f"activate {version}")
 
 
-@router.post("/split", summary="A/B split by stable user-id hash, e.g. {\"weights\": {\"v1\": 90, \"v2\": 10}}")
+@router.post("/split", summary="A/B split by stable user-id hash, e.g. {\"weights\": {\"v1\": 90, \"v2\": 10}}",
+             openapi_extra=request_body(SplitRequest), responses={**_CHANGE, **responses(*_AUTH, 404, 409, 413, 422)})
 async def split(request: Request, services: AdminDep):
     body = SplitRequest.model_validate_json(await read_body(request, 64 * 1024))
     weights = body.weights
@@ -137,7 +144,8 @@ async def split(request: Request, services: AdminDep):
     return await _change(services, mutate, "split " + ", ".join(f"{v}={w:g}%" for v, w in weights.items()))
 
 
-@router.post("/rollback", summary="Back to the routing before the last activate, split or rollback")
+@router.post("/rollback", summary="Back to the routing before the last activate, split or rollback",
+             responses={**_CHANGE, **responses(*_AUTH, 409, 422)})
 async def rollback(services: AdminDep):
     doc = await services.control.read()
     history = (doc or {}).get("history") or []
@@ -157,7 +165,8 @@ async def rollback(services: AdminDep):
                          + (f" with split {previous['split']}" if previous.get("split") else ""))
 
 
-@router.post("/versions/{version}/unload", summary="Release a version in every worker (not while it serves)")
+@router.post("/versions/{version}/unload", summary="Release a version in every worker (not while it serves)",
+             responses={**_CHANGE, **responses(*_AUTH, 404, 409)})
 async def unload(version: str, services: AdminDep):
     if not is_version_name(version):
         raise NotFound(f"version {version!r} is not a valid version name", field="version")

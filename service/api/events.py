@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 
 from service import metrics
 from service.api.deps import Services, ServicesDep, json_ok, read_body
-from service.api.schemas import Event, EventBatch
-from service.errors import InvalidField
+from service.api.schemas import Event, EventBatch, EventsResponse, request_body
+from service.errors import HTTP_STATUSES, InvalidField, responses
 from service.redis_layout import Click
 
 router = APIRouter()
@@ -66,8 +66,11 @@ async def store_events(services: Services, events: list[Event]) -> dict:
     return {"accepted": len(events), "appended": appended, "duplicates": duplicates, "not_clicked": ignored}
 
 
-@router.post("/v1/events", summary="Record one event", openapi_extra={"requestBody": {"required": True, "content": {
-    "application/json": {"schema": Event.model_json_schema()}}}})
+_RESPONSES = {200: {"model": EventsResponse, "description": "Stored (clicks) or counted (not clicked)"},
+              **responses(*HTTP_STATUSES, 413, 422)}
+
+
+@router.post("/v1/events", summary="Record one event", openapi_extra=request_body(Event), responses=_RESPONSES)
 async def event(request: Request, services: ServicesDep):
     started = time.perf_counter()
     payload = Event.model_validate_json(await read_body(request, services.settings.max_body_bytes))
@@ -77,8 +80,8 @@ async def event(request: Request, services: ServicesDep):
     return json_ok(result)
 
 
-@router.post("/v1/events/batch", summary="Record a batch of events", openapi_extra={"requestBody": {
-    "required": True, "content": {"application/json": {"schema": EventBatch.model_json_schema()}}}})
+@router.post("/v1/events/batch", summary="Record a batch of events", openapi_extra=request_body(EventBatch),
+             responses=_RESPONSES)
 async def event_batch(request: Request, services: ServicesDep):
     started = time.perf_counter()
     payload = EventBatch.model_validate_json(await read_body(request, services.settings.max_body_bytes))

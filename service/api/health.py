@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service import metrics
 from service.api.deps import ServicesDep, json_ok
+from service.api.schemas import Liveness, Readiness
+from service.errors import HTTP_STATUSES, responses
 from service.feature_store import FeatureStoreUnavailable
 
 router = APIRouter()
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers",
+            responses={200: {"model": Liveness, "description": "Alive"}, **responses(*HTTP_STATUSES)})
 async def healthz():
     return json_ok({"status": "alive"})
 
 
-@router.get("/readyz", summary="Readiness: a model version is active and Redis answers")
+@router.get("/readyz", summary="Readiness: a model version is active and Redis answers",
+            responses={**responses(*HTTP_STATUSES), 200: {"model": Readiness, "description": "Ready"},
+                       503: {"model": Readiness, "description": "Not ready: `reasons` says why"}})
 async def readyz(services: ServicesDep):
     active = services.registry.active
     registry = services.registry
@@ -42,7 +47,10 @@ async def readyz(services: ServicesDep):
     return json_ok(body, 200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                       **responses(*HTTP_STATUSES)})
 async def prometheus_metrics():
     data, content_type = metrics.render()
     return Response(data, media_type=content_type)

@@ -13,6 +13,9 @@ import copy
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+
+from service.api.schemas import REQUEST_MODELS
 
 EXAMPLES = 8  # known values shown per field
 
@@ -58,14 +61,38 @@ def _patch(node, profile: dict) -> None:
             _patch(child, profile)
 
 
-def install(app: FastAPI) -> None:
+def base_document(app: FastAPI, settings=None) -> dict:
+    """FastAPI's document + the request bodies' schemas (validated from the raw body by the routes, so FastAPI
+    does not know them) under components/schemas, with this deployment's limits (UDG_MAX_CANDIDATES, ...)."""
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
+    _, defs = models_json_schema([(model, "validation") for model in REQUEST_MODELS],
+                                 ref_template="#/components/schemas/{model}")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(defs.get("$defs", {}))
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for status, answer in list(operation.get("responses", {}).items()):
+                media = answer.get("content", {})
+                if any(v.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError") for v in media.values()):
+                    del operation["responses"][status]  # FastAPI's default 422: never sent (errors.py answers)
+                elif any(v.get("schema") == error_ref for v in media.values()):
+                    answer["content"] = {"application/json": {"schema": error_ref}}  # errors are JSON everywhere
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    if settings is not None:
+        schemas["ScoreRequest"]["properties"]["candidates"]["maxItems"] = settings.max_candidates
+        schemas["EventBatch"]["properties"]["events"]["maxItems"] = settings.max_events_per_batch
+    return document
+
+
+def install(app: FastAPI, settings=None) -> None:
     """Replace `app.openapi` with one that shows the active version's profile fields."""
     cache: dict = {}
 
     def openapi() -> dict:
         if "base" not in cache:
-            cache["base"] = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                                        description=app.description)
+            cache["base"] = base_document(app, settings)
         services = getattr(app.state, "services", None)
         model = services.registry.active if services is not None else None
         if model is None or model.artifact is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictStr, WithJsonSchema
 
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 # Stored item ids (events) may not contain control characters: \x1f separates the stored history.
@@ -44,9 +44,23 @@ def _timestamp(value: Any) -> int | float:
     return ts
 
 
-ProfileValue = Annotated[str, PlainValidator(_profile_value)]
+def _top_k(value: Any) -> int:
+    """A positive integer; 3.0 is one too (JSON Schema's `integer`)."""
+    number = _number_token(value, "an integer")
+    if not isinstance(number, int):
+        raise ValueError("must be an integer")
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+# The JSON Schemas say what the validators accept (the OpenAPI document is the contract).
+ProfileValue = Annotated[str, PlainValidator(_profile_value),
+                         WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 128}, {"type": "number"}]})]
 Profile = Annotated[dict[Annotated[StrictStr, Field(max_length=64)], ProfileValue], Field(max_length=32)]
-Timestamp = Annotated[int | float, PlainValidator(_timestamp)]
+Timestamp = Annotated[int | float, PlainValidator(_timestamp),
+                      WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1e13,
+                                      "description": "seconds or milliseconds since the epoch"})]
 
 
 class Strict(BaseModel):
@@ -55,9 +69,10 @@ class Strict(BaseModel):
 
 class ScoreRequest(Strict):
     user_id: UserId
-    candidates: Annotated[list[CandidateId], Field(min_length=1)]
+    # uniqueItems: a duplicate is a 422 naming it; maxItems (UDG_MAX_CANDIDATES) is set by service/api/openapi.py
+    candidates: Annotated[list[CandidateId], Field(min_length=1, json_schema_extra={"uniqueItems": True})]
     profile: Profile | None = None
-    top_k: Annotated[StrictInt, Field(ge=1)] | None = None
+    top_k: Annotated[int, PlainValidator(_top_k), WithJsonSchema({"type": "integer", "minimum": 1})] | None = None
     model_version: VersionName | None = None  # pin a loaded version (debugging, offline comparison)
 
 
@@ -77,3 +92,60 @@ class SplitRequest(Strict):
     """{version: percent}, in arm order (users hash into consecutive ranges in this order); sums to 100."""
 
     weights: Annotated[dict[VersionName, Annotated[float, Field(gt=0, le=100)]], Field(min_length=1, max_length=16)]
+
+
+# --- response bodies (documented in the OpenAPI document; the routes serialize them with orjson) -------------
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields may be added; none is removed without a new API version
+
+
+class ScoreResponse(Open):
+    model_version: str = Field(description="the version that scored")
+    cold_start: bool = Field(description="the user had no state under this version (profile / meta generator)")
+    scores: list[float] = Field(description="click probability per candidate, in request order")
+    ranking: list[str] = Field(description="candidate ids by score, best first (top_k of them with top_k)")
+    unknown_candidates: list[str] = Field(description="ids the version never saw (scored through the OOV row)")
+
+
+class EventsResponse(Open):
+    accepted: int
+    appended: int = Field(description="clicks stored")
+    duplicates: int = Field(description="clicks already stored (same item_id and ts): not counted twice")
+    not_clicked: int = Field(description="clicked: false events (not stored)")
+
+
+class Liveness(Open):
+    status: str
+
+
+class Readiness(Open):
+    status: str = Field(description="ready | not_ready")
+    model_version: str | None
+    redis: str
+    reasons: list[str]
+    routing: dict[str, Any]
+
+
+class AdminChange(Open):
+    action: str
+    generation: int
+    active: str | None
+    split: dict[str, float] | None
+    loaded: list[str]
+    propagation: dict[str, Any]
+
+
+class AdminVersions(Open):
+    versions: list[dict[str, Any]]
+    routing: dict[str, Any] | None
+    workers: list[dict[str, Any]]
+    this_worker: str | None
+
+
+REQUEST_MODELS = (ScoreRequest, Event, EventBatch, SplitRequest)
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` of a route that validates its raw body with `model` (schema in components/schemas)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}

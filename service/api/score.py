@@ -12,18 +12,22 @@ from fastapi import APIRouter, Request
 
 from service import metrics
 from service.api.deps import ServicesDep, json_ok, read_body
-from service.api.schemas import ScoreRequest
-from service.errors import ServiceUnavailable, VersionNotLoadedError
+from service.api.schemas import ScoreRequest, ScoreResponse, request_body
+from service.errors import HTTP_STATUSES, ServiceUnavailable, VersionNotLoadedError, responses
 from service.registry import VersionNotLoaded
 from service.scoring import StageTimer, check_candidates
 
 router = APIRouter()
 ROUTE = "/v1/score"
-_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": ScoreRequest.model_json_schema()}}}}
+_OPENAPI = {**request_body(ScoreRequest), "parameters": [{
+    "name": "X-Model-Version", "in": "header", "required": False,
+    "description": "pin a loaded version (as `model_version` in the body); not loaded: 409",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}]}
 
 
-@router.post(ROUTE, openapi_extra=_OPENAPI, summary="Score candidates for one user")
+@router.post(ROUTE, openapi_extra=_OPENAPI, summary="Score candidates for one user",
+             responses={200: {"model": ScoreResponse, "description": "Scores in request order and the ranking"},
+                        **responses(*HTTP_STATUSES, 409, 413, 422)})
 async def score(request: Request, services: ServicesDep):
     """Response: `model_version`, `cold_start`, `scores` (click probabilities, one per candidate, request
     order), `ranking` (the top_k candidate ids by score; all of them without top_k) and `unknown_candidates`
