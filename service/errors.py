@@ -17,8 +17,10 @@ from starlette.responses import Response
 
 from service import metrics
 from service.feature_store import FeatureStoreUnavailable
+from service.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
+REDIS_FAILURES = RateLimitedLog(log)  # one line per 10 s, with the count of the others
 
 
 class ApiError(Exception):
@@ -107,7 +109,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(FeatureStoreUnavailable)
     async def _store_down(request: Request, error: FeatureStoreUnavailable):
-        log.warning("%s %s: %s", request.method, request.url.path, error)
+        REDIS_FAILURES.warning("redis", "%s %s: %s", request.method, request.url.path, error)
         return error_response(ServiceUnavailable(f"feature store unavailable: {error}", kind="redis_unavailable"))
 
     @app.exception_handler(ValidationError)

@@ -67,6 +67,8 @@ class Event(Strict):
     clicked: StrictBool
     ts: Timestamp | None = None
     profile: Profile | None = None
+    # Idempotency key (dedups a retry whatever its ts); events without ts nor event_id get one in the answer.
+    event_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = None
 
 
 class EventBatch(Strict):
