@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.publish import publish, redis_used_memory, sync_redis
+    from service.publish import PublishError, publish, redis_used_memory, sync_redis
     from service.redis_layout import RedisLayout
     from service.settings import Settings, mask_url
 
@@ -72,8 +72,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     settings = Settings()
     client = sync_redis(settings.redis_url, ca_certs=settings.redis_ca_certs)
     before = redis_used_memory(client)
-    result = publish(Path(args.version_dir), client, RedisLayout(settings.key_prefix, settings.history_cap),
-                     chunk=args.chunk, overwrite_shared=args.overwrite_shared, progress=not args.quiet)
+    try:
+        result = publish(Path(args.version_dir), client, RedisLayout(settings.key_prefix, settings.history_cap),
+                         chunk=args.chunk, overwrite_shared=args.overwrite_shared, progress=not args.quiet)
+    except PublishError as error:
+        raise SystemExit(f"udg publish: nothing published: {error}") from None
+    if result.merged:
+        print(f"Redis held no complete publish (fresh or wiped): {result.merged:,d} histories there were merged "
+              "(their clicks received since stay on top of the published snapshot)")
     after = redis_used_memory(client)
     print(f"published version {result.version}: {result.users:,d} users in {result.seconds:.1f} s "
           f"({result.users / max(result.seconds, 1e-9):,.0f} users/s) to {mask_url(settings.redis_url)}; "

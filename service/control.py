@@ -18,9 +18,26 @@ subscription; then it applies the document (`ModelRegistry.apply`) and writes it
 `udg gc` decides here which versions no one holds; what a version's data is in Redis, and deleting it, is
 `service.redis_layout.RedisLayout`'s.
 
-The first worker to start with no document in Redis creates it (SET NX) from `UDG_MODEL_VERSION` (default:
-the newest version of the repository); from then on the document wins over the environment, so a restarted
-worker serves what the others serve.
+**The routing survives a wipe.** Every worker writes each generation of the document it applies to the
+routing file (`UDG_ROUTING_FILE`, default MODEL_REPO/routing.json; atomically: temp file, fsync, rename).
+A worker that finds no document in Redis RESTORES it (SET NX) — from the document it last applied (memory),
+else from the routing file, whichever has the higher generation — and bootstraps from `UDG_MODEL_VERSION`
+(default: the newest version of the repository) only when neither exists: the first start of a deployment.
+So an admin-activated v2 stays active after Redis restarts empty; it is not silently replaced by v1.
+
+**Lost state is detected, reported, and not served.** The data epoch `udg:epoch` is created by the first
+`udg publish` into a Redis without one (or, for a deployment published before epochs existed, by a worker
+that finds its serving versions' markers and no epoch). Every poll (`UDG_CONTROL_POLL_S`, and at once after
+a reconnect) each worker reads, in ONE MGET, the epoch and the publish markers of the versions it serves.
+The epoch it saw first and the one now differ, or it vanished: Redis lost the published state (restarted
+without persistence, flushed, failed over to an empty replica). Why the epoch and not the markers alone: a
+marker legitimately disappears during every republish (publish clears it first), the epoch only with the
+data. Then, until every serving version has a publish marker of the current epoch matching the loaded
+artifact (i.e. it was republished): `/readyz` is 503 with the reason, `udg_state_lost` is 1 (and
+`udg_state_losses` counted), ONE error line is logged (and one when it recovers), score requests get 503
+`state_lost` instead of cold-start scores for users whose state is gone, and the routing is not
+re-bootstrapped. Events are still accepted (the republish merges them under the snapshot, service/publish.py).
+It recovers by itself, without a restart, on the first poll after the republish.
 """
 
 from __future__ import annotations
@@ -33,9 +50,11 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 
+from service import metrics
 from service.feature_store import FeatureStoreUnavailable
 from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry, VersionRefused
@@ -90,6 +109,13 @@ class Control:
         self.applied_at = 0.0
         self.listening = False
         self.follow_error: str | None = None
+        self.routing_path = Path(settings.routing_path)
+        self.routing_file_error: str | None = None
+        self._saved_generation: int | None = None
+        self.epoch: str | None = None  # the data epoch this worker has seen (None: none seen yet)
+        self.lost_at: float | None = None  # wall time the current loss was detected
+        registry.store.on_epoch_mismatch = self._epoch_mismatch
+        registry.store.state_lost = lambda: registry.state_lost
 
     # --- the document -----------------------------------------------------------------------------------
     async def _call(self, what: str, awaitable):
@@ -129,8 +155,51 @@ class Control:
         raise Conflict("the routing document kept changing; try again")
 
     # --- following ----------------------------------------------------------------------------------------
+    def load_routing_file(self) -> dict | None:
+        try:
+            doc = orjson.loads(self.routing_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as error:
+            log.error("routing file %s unreadable (%s): not used", self.routing_path, error)
+            return None
+        return doc if isinstance(doc, dict) and doc.get("active") else None
+
+    def save_routing_file(self, doc: dict) -> None:
+        """The document as the routing file, atomically (temp file in the same directory, fsync, rename)."""
+        if self._saved_generation == doc.get("generation"):
+            return
+        tmp = self.routing_path.with_name(f".{self.routing_path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.routing_path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if self.routing_file_error is None:
+                log.error("routing file %s not written (%s): a Redis wipe could not restore this routing",
+                          self.routing_path, error)
+            self.routing_file_error = f"{type(error).__name__}: {error}"
+            return
+        self._saved_generation = doc.get("generation")
+        self.routing_file_error = None
+
     async def bootstrap(self) -> None:
-        """No document yet: activate the configured (or newest) version here, then create the document."""
+        """No document in Redis: restore the last one (memory or routing file), else — the first start of a
+        deployment — activate the configured (or newest) version here and create the document."""
+        known = [d for d in (self.registry.wanted, self.load_routing_file()) if d]
+        if known:
+            doc = dict(max(known, key=lambda d: int(d.get("generation", 0))))
+            source = "this worker's memory" if doc == self.registry.wanted else f"the routing file {self.routing_path}"
+            doc["restored"] = {"from": source, "at": time.time(), "by": self.worker_id}
+            if await self._call("SET routing", self.redis.set(self.keys.routing, orjson.dumps(doc), nx=True)):
+                log.warning("no routing document in Redis: restored generation %s (active %s, split %s) from %s",
+                            doc.get("generation"), doc.get("active"), doc.get("split"), source)
+            await self.sync()
+            return
         version = self.settings.model_version
         if version is None:
             version = self.registry.repository.newest()
@@ -146,7 +215,8 @@ class Control:
         await self.sync()
 
     async def sync(self) -> None:
-        """Read the document; apply it if it changed (or a failed version is due for a retry); heartbeat."""
+        """Read the document; apply it if it changed (or a failed version is due for a retry); heartbeat;
+        check the data epoch (state loss)."""
         doc = await self.read()
         if doc is None:
             await self.bootstrap()
@@ -156,10 +226,64 @@ class Control:
         if wanted is None or wanted.get("generation") != doc.get("generation") or not registry.in_sync:
             await registry.apply(doc)
             self.applied_at = time.time()
+            self.save_routing_file(doc)
+            await self.check_state()
             await self.heartbeat()
-        elif time.monotonic() - self._last_heartbeat > self.settings.heartbeat_s:
-            await self.heartbeat()
+        else:
+            await self.check_state()
+            if time.monotonic() - self._last_heartbeat > self.settings.heartbeat_s:
+                await self.heartbeat()
         await registry.refresh_items()  # one MGET per sync: reload item tables that `udg publish-items` changed
+
+    def _adopt(self, epoch: str | None) -> None:
+        self.epoch = epoch
+        self.registry.store.expected_epoch = epoch.encode() if epoch else None
+
+    def _mark_lost(self, why: str) -> None:
+        registry = self.registry
+        if registry.state_lost is not None:
+            return
+        versions = sorted(m.version for m in registry.serving_models())
+        registry.state_lost = (f"Redis lost the published state: {why} (restarted without persistence, flushed, "
+                               f"or failed over to an empty replica); republish the serving version(s) "
+                               f"{versions} with `udg publish`")
+        self.lost_at = time.time()
+        metrics.STATE_LOST.set(1)
+        metrics.STATE_LOSSES.inc()
+        log.error("STATE LOST: %s; score requests are refused (503 state_lost) until then", registry.state_lost)
+
+    def _epoch_mismatch(self, seen: bytes | None) -> None:
+        """A score request's MGET saw another epoch (or none): mark the loss at once, before it is scored."""
+        self._mark_lost("the data epoch vanished" if seen is None else
+                        f"the data epoch changed ({self.epoch} -> {seen.decode(errors='replace')})")
+
+    async def check_state(self) -> None:
+        """Detect a loss of the published state (the epoch changed or vanished) and the recovery from it
+        (every serving version republished in the current epoch); see the module docstring."""
+        registry = self.registry
+        models = {m.version: m for m in registry.serving_models()}
+        raw, markers = await registry.store.state(sorted(models))
+        epoch = raw.decode() if raw else None
+        if self.epoch is None and registry.state_lost is None:
+            if epoch is None and models and all(markers):  # published before epochs existed: start one now
+                value = f"{uuid.uuid4().hex[:12]}@{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by " \
+                        f"worker {self.worker_id} (markers present, no epoch)"
+                await self.redis.set(registry.store.layout.epoch, value, nx=True)
+                epoch = (await self.redis.get(registry.store.layout.epoch) or b"").decode() or None
+            self._adopt(epoch)
+            return
+        if registry.state_lost is None and epoch != self.epoch:
+            self._mark_lost("the data epoch vanished" if epoch is None else
+                            f"the data epoch changed ({self.epoch} -> {epoch})")
+        if registry.state_lost is not None and epoch is not None and all(
+                marker is not None and marker.get("epoch") == epoch and
+                marker.get("manifest_sha256") == models[version].manifest_sha256
+                for version, marker in zip(sorted(models), markers, strict=True)):
+            log.warning("state restored: %s republished in epoch %s, %.1f s after the loss was detected; serving "
+                        "again", sorted(models), epoch, time.time() - (self.lost_at or time.time()))
+            self._adopt(epoch)
+            registry.state_lost, self.lost_at = None, None
+            metrics.STATE_LOST.set(0)
 
     async def follow(self) -> None:
         """The follower task: subscribe, sync on every message and every poll period, reconnect on errors."""
@@ -208,7 +332,8 @@ class Control:
                 "generation": routing.generation, "applied_at": self.applied_at,
                 "active": routing.active.version if routing.active else None, "split": routing.split,
                 "ready": sorted(registry.models), "failed": {v: f.reason for v, f in registry.failed.items()},
-                "in_sync": registry.in_sync, "problems": registry.sync_problems, "at": time.time()}
+                "in_sync": registry.in_sync, "problems": registry.sync_problems, "at": time.time(),
+                "state_lost": registry.state_lost, "epoch": self.epoch, "routing_file_error": self.routing_file_error}
 
     async def heartbeat(self) -> None:
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)

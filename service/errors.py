@@ -19,8 +19,10 @@ from starlette.responses import Response
 
 from service import metrics
 from service.feature_store import FeatureStoreUnavailable
+from service.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
+REDIS_FAILURES = RateLimitedLog(log)  # one line per 10 s, with the count of the others
 
 
 class ErrorBody(BaseModel):
@@ -43,9 +45,11 @@ STATUS_TEXT = {
          "routing (`conflict`)",
     413: "Body over UDG_MAX_BODY_BYTES (`body_too_large`)",
     422: "A field is invalid (`invalid_field`, names it), or a version was refused (`version_refused`)",
+    429: "The user's event-deduplication window is full (`dedup_window_full`): the event was not stored",
     431: "Request headers too large or too many (`header_too_large`)",
-    503: "A dependency is unavailable (`redis_unavailable`, `model_unavailable`) or the worker is overloaded; "
-         "retry after `Retry-After` seconds",
+    503: "A dependency is unavailable (`redis_unavailable`, `model_unavailable`), the feature store lost the "
+         "published state (`state_lost`: republish the version) or the worker is overloaded; retry after "
+         "`Retry-After` seconds",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
@@ -150,7 +154,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(FeatureStoreUnavailable)
     async def _store_down(request: Request, error: FeatureStoreUnavailable):
-        log.warning("%s %s: %s", request.method, request.url.path, error)
+        REDIS_FAILURES.warning("redis", "%s %s: %s", request.method, request.url.path, error)
         return error_response(ServiceUnavailable(f"feature store unavailable: {error}", kind="redis_unavailable"))
 
     @app.exception_handler(ValidationError)

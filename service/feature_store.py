@@ -47,6 +47,11 @@ class FeatureStore:
         self.layout = layout or RedisLayout()
         self._errors = (RedisError, OSError, TimeoutError)
         self._observe = observe or (lambda op, seconds: None)
+        # The data epoch this worker serves under (set by service.control): every fetch reads it in the same
+        # MGET, and a fetch that sees another one calls `on_epoch_mismatch` before anything is scored.
+        self.expected_epoch: bytes | None = None
+        self.on_epoch_mismatch = None
+        self.state_lost = lambda: None  # -> why the state is lost, or None (service.control sets it)
 
     async def _run(self, op: str, awaitable):
         started = time.perf_counter()
@@ -58,12 +63,26 @@ class FeatureStore:
             self._observe(op, time.perf_counter() - started)
 
     async def fetch(self, version: str, user_id: str) -> UserState:
-        """Embeddings under `version`, history and profile: ONE command (MGET), one round trip."""
-        return await self._run("fetch", self.layout.fetch(self.redis, version, user_id))
+        """Embeddings under `version`, history and profile: ONE command (MGET), one round trip. If the data
+        epoch in the same reply is not the expected one, `on_epoch_mismatch(seen)` runs first (state lost)."""
+        expected = self.expected_epoch
+        state = await self._run("fetch", self.layout.fetch(self.redis, version, user_id, expected is not None))
+        if expected is not None and state.epoch != expected and self.on_epoch_mismatch is not None:
+            self.on_epoch_mismatch(state.epoch)
+        return state
 
-    async def store_generated(self, version: str, user_id: str, packed: bytes, profile: dict | None) -> None:
-        """Write back a cold-start state (never replacing a published or concurrently written one)."""
-        await self._run("write_back", self.layout.write_generated(self.redis, version, user_id, packed, profile))
+    async def store_generated(self, version: str, user_id: str, packed: bytes, profile: dict | None) -> bool:
+        """Write back a cold-start state (never replacing a published or concurrently written one), with the
+        generated TTL; False when this window's cap on new generated users is reached (not written)."""
+        return await self._run("write_back",
+                               self.layout.write_generated(self.redis, version, user_id, packed, profile))
+
+    async def refresh_generated(self, version: str, user_id: str) -> None:
+        await self._run("refresh", self.layout.refresh_generated(self.redis, version, user_id))
+
+    async def state(self, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
+        """The data epoch and the publish markers of `versions` (one MGET)."""
+        return await self._run("state", self.layout.read_state(self.redis, versions))
 
     async def append_clicks(self, batches: dict[str, tuple[list[Click], dict | None]]) -> dict[str, list[int]]:
         """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate,

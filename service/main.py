@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         redis = create_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_pool_size,
                              settings.redis_ca_certs)
-        store = FeatureStore(redis, RedisLayout(settings.key_prefix, settings.history_cap),
+        store = FeatureStore(redis, RedisLayout.from_settings(settings),
                              observe=metrics.observe_redis)
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
                                  settings.require_publish_marker, cuda_graph=settings.cuda_graph)

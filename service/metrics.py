@@ -44,6 +44,13 @@ COLD_STARTS = Counter("udg_cold_starts", "Users without state for the serving ve
 EVENTS = Counter("udg_events", "Click events by outcome", ["outcome"])
 ERRORS = Counter("udg_errors", "Error responses by kind", ["kind"])
 WRITE_BACK_FAILURES = Counter("udg_write_back_failures", "Cold-start states that could not be written back")
+GENERATED_USERS = Counter("udg_generated_users", "Cold-start write-backs: written, or capped (the window's cap on "
+                          "new generated users was reached: scored, not written)", ["outcome"])
+STATE_LOST = Gauge("udg_state_lost", "1 while this worker has detected that Redis lost the published state "
+                   "(score requests get 503 state_lost until the serving versions are republished)",
+                   multiprocess_mode="liveall")
+STATE_LOSSES = Counter("udg_state_losses", "State losses detected (epoch changed or vanished)")
+LOG_SUPPRESSED = Counter("udg_log_lines_suppressed", "Repeated warning lines not written (rate-limited)", ["what"])
 MODEL_LOADED = Gauge("udg_model_loaded", "1 for the version serving requests", ["model_version"],
                      multiprocess_mode="liveall")
 

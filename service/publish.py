@@ -10,6 +10,18 @@ What is written, per user of `users.npz` (read with `allow_pickle=False`):
   publishing a second version, never rolls back clicks that arrived after the training snapshot
   (`--overwrite-shared` replaces them, e.g. to reset a test environment).
 
+**State lost, then republished.** A publish into a Redis that holds no complete publish marker of any version
+(fresh, or restarted empty / wiped) MERGES histories: a user's live clicks already there (received since the
+loss, tagged as live entries) stay on top and the published snapshot goes below them, instead of the snapshot
+being dropped (SET NX) — and a rerun after an interrupted run gives the same result. The first such publish
+also creates the data epoch (`udg:epoch`) the workers watch to detect a loss; every marker records the epoch
+it was written in, and a worker that detected a loss serves again once every serving version has a marker of
+the current epoch (service/control.py). Clicks received between the training snapshot and the loss are lost
+(they were only in Redis): that is what Redis persistence (AOF) is for, see README.
+
+**The version's name** is its directory's name (what the service, the routing and `udg gc` use); a manifest
+naming another version (a copied folder) is refused: export it again under the new name.
+
 Idempotent: a rerun writes the same values. The completion marker `udg:published:V` is deleted first and set
 last (with the manifest's sha256 and the user count), so an interrupted publish leaves the version
 unactivatable (the service refuses a version without a matching marker) until a rerun completes.
@@ -27,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from repository import MANIFEST_FILE, USERS_FILE, ArtifactError, manifest_sha256, read_manifest
-from service.redis_layout import SEP, RedisLayout
+from service.redis_layout import LIVE_TAG, SEP, RedisLayout
 
 log = logging.getLogger(__name__)
 USERS_ARRAYS = ("user_ids", "user_vec", "udg_vec", "history", "history_len", "profile", "profile_fields")
@@ -43,6 +55,7 @@ class PublishResult:
     users: int
     seconds: float
     marker: dict
+    merged: int = 0  # histories merged (a publish into a Redis holding no complete publish)
 
 
 def load_users(path: Path) -> dict[str, np.ndarray]:
@@ -58,8 +71,9 @@ def load_users(path: Path) -> dict[str, np.ndarray]:
             raise PublishError(f"{path}: {name} has {len(arrays[name])} rows for {n} users")
     if n and (np.char.str_len(arrays["user_ids"]) == 0).any():
         raise PublishError(f"{path}: empty user id")
-    if n and np.char.find(arrays["history"], SEP).max(initial=-1) >= 0:
-        raise PublishError(f"{path}: an item id contains the history separator \\x1f")
+    if n and (np.char.find(arrays["history"], SEP).max(initial=-1) >= 0 or
+              np.char.find(arrays["history"], LIVE_TAG.decode()).max(initial=-1) >= 0):
+        raise PublishError(f"{path}: an item id contains the history separator \\x1f or the live tag \\x1e")
     return arrays
 
 
@@ -71,7 +85,12 @@ def version_dir_info(path: Path) -> tuple[str, dict, str]:
         manifest = read_manifest(path, validate=False)  # the service validates it when it loads the version
     except ArtifactError as error:
         raise PublishError(str(error)) from None
-    version = str(manifest.get("version") or Path(path).name)
+    version = Path(path).resolve().name
+    if manifest.get("version") not in (None, version):
+        raise PublishError(f"{path}: the directory is named {version!r} but its manifest is version "
+                           f"{manifest.get('version')!r} (a copied folder?); the service serves a directory "
+                           "only under the name its manifest gives, so export the version again under that "
+                           "name (`udg export ... --version NAME`) instead of copying it")
     return version, manifest, manifest_sha256(path)
 
 
@@ -99,6 +118,9 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
     fields = [str(f) for f in arrays["profile_fields"].tolist()]
     n = len(arrays["user_ids"])
     started = time.perf_counter()
+    merge = not overwrite_shared and not layout.any_marker(redis_client)  # before our own marker is cleared
+    epoch, _ = layout.ensure_epoch(redis_client, f"publish {version}")
+    merged = 0
     layout.clear_marker(redis_client, version)
     bar = tqdm(total=n, unit="users", desc=f"publish {version}", disable=not progress, unit_scale=True)
     for lo, hi in _chunks(arrays, chunk):
@@ -106,18 +128,19 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
         history_len = arrays["history_len"][lo:hi].tolist()
         histories = [row[:length] for row, length in zip(arrays["history"][lo:hi].tolist(), history_len, strict=True)]
         profiles = [dict(zip(fields, row, strict=True)) for row in arrays["profile"][lo:hi].tolist()]
-        layout.write_batch(redis_client, version, arrays["user_ids"][lo:hi].tolist(), arrays["user_vec"][lo:hi],
-                           arrays["udg_vec"][lo:hi], histories, profiles, overwrite_shared)
+        merged += layout.write_batch(redis_client, version, arrays["user_ids"][lo:hi].tolist(),
+                                     arrays["user_vec"][lo:hi], arrays["udg_vec"][lo:hi], histories, profiles,
+                                     overwrite_shared, merge_histories=merge)
         bar.update(hi - lo)
     bar.close()
     seconds = time.perf_counter() - started
     marker = {"version": version, "users": n, "manifest_sha256": manifest_sha, "user_dim": user_dim,
               "udg_dim": udg_dim, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "seconds": round(seconds, 3)}
+              "seconds": round(seconds, 3), "epoch": epoch, "merged_histories": merged}
     marker["items"] = publish_item_table(path, manifest, redis_client, layout)
     layout.write_marker(redis_client, version, marker)
     log.info("published %s: %d users in %.1f s", version, n, seconds)
-    return PublishResult(version, n, seconds, marker)
+    return PublishResult(version, n, seconds, marker, merged)
 
 
 def item_width(manifest: dict) -> int:

@@ -10,9 +10,19 @@ slot and one MGET / one Lua call can touch them all):
     udg:e:<version>:{<uid>}   STRING  per version: float32 little-endian [user_vec | udg_vec] + 1 source byte
                                       (b"P" published from training, b"M" made by the meta generator)
     udg:h:{<uid>}             STRING  click history, raw item ids, most recent first, joined by \\x1f,
-                                      at most `history_cap` entries (version independent)
+                                      at most `history_cap` entries (version independent); an entry
+                                      written by an event ends with \\x1e (a LIVE click), one from a
+                                      publish does not (the training SNAPSHOT). Values written before the
+                                      tag existed are all untagged and read the same.
     udg:p:{<uid>}             STRING  profile, compact JSON {field: raw value} (version independent)
-    udg:d:{<uid>}             ZSET    recent event identities "item\\x1fts" (score ts): retry deduplication
+    udg:x:{<uid>}             ZSET    delivered event identities ("item\\x1fts", or "id\\x1f<event_id>"), scored by
+                                      their ARRIVAL time (ms): retry deduplication, trimmed by arrival age
+    udg:d:{<uid>}             ZSET    legacy (before udg:x): identities scored by event ts; still consulted,
+                                      never written, until its own 7-day TTL removes it
+    udg:epoch                 STRING  the data epoch: created (SET NX) by the first `udg publish` into a Redis
+                                      that has none; workers remember it and a change or disappearance means
+                                      the state was lost (service/control.py)
+    udg:ctl:generated:<n>     STRING  cold-start write-backs in generation window n (the cap on new users)
     udg:published:<version>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, …)
     udg:i:<version>:items     HASH    the version's item table for items it was not trained on: item id ->
                                       int32 little-endian token indices of every item field, concatenated
@@ -35,9 +45,21 @@ on this machine with redis-py). Appending a click is a read-modify-write, done a
 Lua script (`APPEND_CLICKS`) that also bounds the history and drops retried deliveries.
 
 History semantics follow `dataset.ingest`: every click, most recent first, repeats of an item kept (training
-does not deduplicate either); what is deduplicated is a *delivery*: an event carrying `ts` is stored once per
-(item, ts), so a client retrying after a 503 cannot double-count a click. Events without `ts` are taken as
-new clicks at arrival time.
+does not deduplicate either); what is deduplicated is a *delivery*: an event is stored once per identity —
+its `event_id` if the client sent one, else (item, ts) if it carries `ts`, else a server-assigned event id
+returned in the answer (a retry that sends it back is deduplicated too). Exactly once at ANY ts: identities
+are remembered by when they ARRIVED, not by their ts (a late event with an old ts is remembered as long as a
+new one), for `dedup_window_s` (default 7 days) after their first delivery, at most `dedup_cap` per user
+(default 5,000 within the window). Past the cap a new event is refused (flag -1: not stored, the answer says
+so; udg_events{outcome="refused"}) rather than an old identity being forgotten; a retry arriving more than
+the window after its first delivery is taken as new. Memory: <= dedup_cap identities per user (~60-90 B
+each), removed by age and by the key's TTL.
+
+Generated (cold-start) state expires: the write-back sets `generated_ttl_s` on the embeddings and profile it
+writes; a request that hits a generated state refreshes both TTLs in the background (EXPIRE ... XX, at most
+once per user per tenth of the TTL per worker), never on the request path. At most `generated_cap` new users
+per `generated_window_s` are written back (a counter key per window); past it they are still scored from the
+meta generator, not written (udg_generated_users{outcome="capped"}).
 
 Bulk writes are pipelined: one round trip per chunk of users, as two commands (an MSET of the embeddings and
 one Lua call that does SET NX per shared key), which keeps the client's per-command cost out of the way (3
@@ -48,6 +70,7 @@ Redis node (on a Cluster, keys would have to be grouped by slot first); the per-
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,28 +78,39 @@ import orjson
 
 SEP = "\x1f"
 SEP_BYTES = SEP.encode()
+LIVE_TAG = b"\x1e"  # ends a history entry written by an event (a live click), not by a publish
 TAG_PUBLISHED, TAG_META = b"P", b"M"
-DEDUP_KEEP = 256  # event identities remembered per user
-DEDUP_TTL_S = 7 * 24 * 3600
+DEDUP_WINDOW_S = 7 * 24 * 3600  # defaults of Settings.dedup_window_s / dedup_cap
+DEDUP_CAP = 5000
+APPENDED, DUPLICATE, REFUSED = 1, 0, -1  # per-click flags of APPEND_CLICKS
 VERSIONED_KINDS = ("e", "i")  # key kinds namespaced by model version: what `delete_version` removes
 _EMPTY_PROFILE = b"{}"
 
 # Atomic append of clicks to one user's history (+ retry deduplication, + optional profile).
-# KEYS: history, dedup, profile. ARGV: cap, dedup_keep, dedup_ttl_s, profile_json_or_empty, then pairs
-# (item, ts_or_empty) oldest first. Returns one flag per pair: 1 appended, 0 duplicate delivery.
+# KEYS: history, dedup, profile, legacy dedup. ARGV: cap, dedup_window_ms, dedup_cap, now_ms,
+# profile_json_or_empty, then pairs (item, identity) oldest first. Returns one flag per pair: 1 appended,
+# 0 duplicate delivery, -1 refused (the user's dedup window is full: not stored, nothing forgotten).
 APPEND_CLICKS = r"""
 local sep = "\31"
-local cap = tonumber(ARGV[1])
-local flags, added, dedup_used = {}, {}, false
-for i = 5, #ARGV, 2 do
-  local item, ts = ARGV[i], ARGV[i + 1]
-  local fresh = 1
-  if ts ~= "" then
-    fresh = redis.call("ZADD", KEYS[2], "NX", ts, item .. sep .. ts)
-    dedup_used = true
+local cap, window, dcap, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call("ZREMRANGEBYSCORE", KEYS[2], "-inf", "(" .. (now - window))
+local count = redis.call("ZCARD", KEYS[2])
+local legacy = redis.call("EXISTS", KEYS[4]) == 1
+local flags, added = {}, {}
+for i = 6, #ARGV, 2 do
+  local item, id = ARGV[i], ARGV[i + 1]
+  local flag
+  if redis.call("ZSCORE", KEYS[2], id) or (legacy and redis.call("ZSCORE", KEYS[4], id)) then
+    flag = 0
+  elseif count >= dcap then
+    flag = -1
+  else
+    redis.call("ZADD", KEYS[2], now, id)
+    count = count + 1
+    flag = 1
+    added[#added + 1] = item .. "\30"
   end
-  if fresh == 1 then added[#added + 1] = item end
-  flags[#flags + 1] = fresh
+  flags[#flags + 1] = flag
 end
 if #added > 0 then
   local parts = {}
@@ -84,27 +118,52 @@ if #added > 0 then
   local value = table.concat(parts, sep)
   local old = redis.call("GET", KEYS[1])
   if old and #old > 0 then value = value .. sep .. old end
-  local pos, count = 0, 0
+  local pos, n = 0, 0
   while true do
     local s = string.find(value, sep, pos + 1, true)
     if not s then break end
-    count = count + 1
-    if count >= cap then value = string.sub(value, 1, s - 1) break end
+    n = n + 1
+    if n >= cap then value = string.sub(value, 1, s - 1) break end
     pos = s
   end
   redis.call("SET", KEYS[1], value)
 end
-if dedup_used then
-  redis.call("ZREMRANGEBYRANK", KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
-  redis.call("EXPIRE", KEYS[2], tonumber(ARGV[3]))
-end
-if ARGV[4] ~= "" then redis.call("SET", KEYS[3], ARGV[4], "NX") end
+if count > 0 then redis.call("PEXPIRE", KEYS[2], window) end
+if ARGV[5] ~= "" then redis.call("SET", KEYS[3], ARGV[5], "NX") end
 return flags
 """
 _APPEND_CLICKS_SHA = hashlib.sha1(APPEND_CLICKS.encode()).hexdigest()  # what EVALSHA names it by
 
 # SET NX for many keys in one command (MSETNX is all-or-nothing, this is per key).
 SET_NX_ALL = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'NX') end return #KEYS"
+
+# `udg publish` into a Redis that holds no complete publish (fresh, or wiped: its state was lost): per user,
+# the LIVE clicks already there (received since; entries tagged \x1e, most recent first, in arrival order)
+# stay on top, and the published snapshot replaces any snapshot part (from an interrupted earlier run: so a
+# rerun is idempotent), capped at ARGV[1] entries. KEYS: histories; ARGV: cap, then the published values.
+# -> how many existing histories were merged.
+MERGE_HISTORIES = r"""
+local sep, tag = "\31", "\30"
+local cap, merged = tonumber(ARGV[1]), 0
+for i = 1, #KEYS do
+  local new = ARGV[i + 1]
+  local old = redis.call("GET", KEYS[i])
+  local entries = {}
+  if old and #old > 0 then
+    for e in string.gmatch(old, "[^\31]+") do
+      if #entries >= cap then break end
+      if string.sub(e, -1) == tag then entries[#entries + 1] = e end
+    end
+    merged = merged + 1
+  end
+  for e in string.gmatch(new, "[^\31]+") do
+    if #entries >= cap then break end
+    entries[#entries + 1] = e
+  end
+  redis.call("SET", KEYS[i], table.concat(entries, sep))
+end
+return merged
+"""
 
 
 @dataclass
@@ -114,21 +173,47 @@ class UserState:
     embeddings: bytes | None
     history: bytes | None
     profile: bytes | None
+    epoch: bytes | None = None  # the data epoch, read in the same MGET (when asked for)
 
 
 @dataclass
 class Click:
     item_id: str
-    ts: int | None = None
+    ts: int | float | None = None
+    event_id: str | None = None  # the client's idempotency key, or the server-assigned id of an event without ts
+
+    @property
+    def identity(self) -> str:
+        """What deduplicates a delivery: the event id if any, else (item, ts). (A click with neither gets a
+        server-assigned event id before it is stored.)"""
+        if self.event_id is not None:
+            return f"id{SEP}{self.event_id}"
+        if self.ts is None:
+            import os
+
+            return f"id{SEP}anon-{os.urandom(8).hex()}"
+        return f"{self.item_id}{SEP}{self.ts}"
 
 
 class RedisLayout:
     """Keys, codecs and commands of the feature store under one prefix. Holds no client: request-path methods
     take the service's asyncio client, bulk methods a sync one, so both sides share one byte format."""
 
-    def __init__(self, prefix: str = "udg", history_cap: int = 200):
+    def __init__(self, prefix: str = "udg", history_cap: int = 200, dedup_window_s: float = DEDUP_WINDOW_S,
+                 dedup_cap: int = DEDUP_CAP, generated_ttl_s: int = 30 * 24 * 3600, generated_cap: int = 100_000,
+                 generated_window_s: int = 3600):
         self.prefix = prefix
         self.history_cap = history_cap  # clicks kept per user by `append_clicks`
+        self.dedup_window_ms = int(dedup_window_s * 1000)
+        self.dedup_cap = dedup_cap
+        self.generated_ttl_s = int(generated_ttl_s)
+        self.generated_cap = generated_cap
+        self.generated_window_s = int(generated_window_s)
+
+    @classmethod
+    def from_settings(cls, settings) -> RedisLayout:
+        return cls(settings.key_prefix, settings.history_cap, settings.dedup_window_s, settings.dedup_cap,
+                   settings.generated_ttl_s, settings.generated_cap, settings.generated_window_s)
 
     def __repr__(self) -> str:
         return f"RedisLayout(prefix={self.prefix!r}, history_cap={self.history_cap})"
@@ -144,7 +229,17 @@ class RedisLayout:
         return f"{self.prefix}:p:{{{user_id}}}"
 
     def dedup(self, user_id: str) -> str:
+        return f"{self.prefix}:x:{{{user_id}}}"
+
+    def legacy_dedup(self, user_id: str) -> str:
         return f"{self.prefix}:d:{{{user_id}}}"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    def generated_counter(self, window: int) -> str:
+        return f"{self.prefix}:ctl:generated:{window}"
 
     def marker(self, version: str) -> str:
         return f"{self.prefix}:published:{version}"
@@ -209,9 +304,19 @@ class RedisLayout:
 
     @staticmethod
     def split_history(raw: bytes | None, limit: int) -> list[str]:
+        """Raw item ids, most recent first (the live tags dropped: both kinds of entry score the same)."""
         if not raw:
             return []
+        if LIVE_TAG in raw:
+            raw = raw.replace(LIVE_TAG, b"")
         return raw.decode("utf-8", "replace").split(SEP, limit)[:limit]
+
+    @staticmethod
+    def split_entries(raw: bytes | None) -> list[tuple[str, bool]]:
+        """Every entry as (item id, live): live entries came from events, the others from a publish."""
+        if not raw:
+            return []
+        return [(e.rstrip("\x1e"), e.endswith("\x1e")) for e in raw.decode("utf-8", "replace").split(SEP)]
 
     @staticmethod
     def pack_profile(profile: dict[str, str]) -> bytes:
@@ -236,28 +341,56 @@ class RedisLayout:
         return orjson.loads(raw) if raw else None
 
     # --- the request path (asyncio client) ------------------------------------------------------------------
-    async def fetch(self, redis, version: str, user_id: str) -> UserState:
-        """Embeddings under `version`, history and profile: ONE command (MGET), one round trip."""
-        raw = await redis.mget(self.embeddings(version, user_id), self.history(user_id), self.profile(user_id))
-        return UserState(*raw)
+    async def fetch(self, redis, version: str, user_id: str, with_epoch: bool = False) -> UserState:
+        """Embeddings under `version`, history and profile (+ the data epoch): ONE command (MGET), one round
+        trip. The epoch lives in another hash slot: single node only (on a Cluster, leave with_epoch off and
+        the follower's poll is the only detector)."""
+        keys = [self.embeddings(version, user_id), self.history(user_id), self.profile(user_id)]
+        if with_epoch:
+            keys.append(self.epoch)
+        return UserState(*await redis.mget(*keys))
 
-    async def write_generated(self, redis, version: str, user_id: str, packed: bytes, profile: dict | None) -> None:
-        """Write back a cold-start state. NX: a published or concurrently written state is never replaced."""
+    async def write_generated(self, redis, version: str, user_id: str, packed: bytes, profile: dict | None,
+                              now: float | None = None) -> bool:
+        """Write back a cold-start state with the generated TTL, unless this window's cap on new users is
+        reached (-> False: not written). NX: a published or concurrently written state is never replaced.
+        Two round trips (count, then write): it runs in the background, after the response."""
+        window = int((time.time() if now is None else now) // self.generated_window_s)
+        counter = self.generated_counter(window)
         pipe = redis.pipeline(transaction=False)
-        pipe.set(self.embeddings(version, user_id), packed, nx=True)
+        pipe.incr(counter)
+        pipe.expire(counter, 2 * self.generated_window_s)
+        count, _ = await pipe.execute()
+        if int(count) > self.generated_cap:
+            return False
+        ttl = self.generated_ttl_s
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(self.embeddings(version, user_id), packed, nx=True, ex=ttl)
         if profile:
-            pipe.set(self.profile(user_id), self.pack_profile(profile), nx=True)
+            pipe.set(self.profile(user_id), self.pack_profile(profile), nx=True, ex=ttl)
+        await pipe.execute()
+        return True
+
+    async def refresh_generated(self, redis, version: str, user_id: str) -> None:
+        """Push back the expiry of a generated state that was just used (only keys that have a TTL: a published
+        profile never gets one)."""
+        ttl = self.generated_ttl_s
+        pipe = redis.pipeline(transaction=False)
+        pipe.execute_command("EXPIRE", self.embeddings(version, user_id), ttl, "XX")
+        pipe.execute_command("EXPIRE", self.profile(user_id), ttl, "XX")
         await pipe.execute()
 
-    def _click_call(self, user_id: str, clicks: list[Click], profile: dict | None) -> tuple[list, list]:
-        keys = [self.history(user_id), self.dedup(user_id), self.profile(user_id)]
-        args = [self.history_cap, DEDUP_KEEP, DEDUP_TTL_S, self.pack_profile(profile) if profile else b""]
+    def _click_call(self, user_id: str, clicks: list[Click], profile: dict | None, now_ms: int) -> tuple[list, list]:
+        keys = [self.history(user_id), self.dedup(user_id), self.profile(user_id), self.legacy_dedup(user_id)]
+        args = [self.history_cap, self.dedup_window_ms, self.dedup_cap, now_ms,
+                self.pack_profile(profile) if profile else b""]
         for click in clicks:
-            args += [click.item_id, "" if click.ts is None else str(click.ts)]
+            args += [click.item_id, click.identity]
         return keys, args
 
     async def append_clicks(self, redis, batches: dict[str, tuple[list[Click], dict | None]]) -> dict[str, list[int]]:
-        """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate.
+        """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate /
+        -1 refused (dedup window full). A click without ts nor event id must have been given one (events.py).
 
         One user: one EVALSHA. Several: one pipeline of EVALSHA. Either way one round trip, plus a SCRIPT LOAD
         and a rerun the first time (a new or restarted Redis answers NOSCRIPT, having run nothing).
@@ -265,7 +398,8 @@ class RedisLayout:
         from redis.exceptions import NoScriptError
 
         users = list(batches)
-        calls = [self._click_call(user_id, *batches[user_id]) for user_id in users]
+        now_ms = int(time.time() * 1000)
+        calls = [self._click_call(user_id, *batches[user_id], now_ms) for user_id in users]
         for attempt in (0, 1):
             if len(calls) == 1:
                 keys, args = calls[0]
@@ -290,6 +424,11 @@ class RedisLayout:
             return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
         raise AssertionError("unreachable")
 
+    async def read_state(self, redis, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
+        """The epoch and the publish markers of `versions`: ONE MGET (what a worker checks every poll)."""
+        values = await redis.mget(self.epoch, *[self.marker(v) for v in versions])
+        return values[0], [self.unpack_marker(v) for v in values[1:]]
+
     async def read_marker(self, redis, version: str) -> dict | None:
         return self.unpack_marker(await redis.get(self.marker(version)))
 
@@ -312,17 +451,21 @@ class RedisLayout:
 
     # --- bulk: `udg publish` and `udg gc` (sync client) ---------------------------------------------------
     def write_batch(self, client, version: str, user_ids: list[str], user_vec: np.ndarray, udg_vec: np.ndarray,
-                    histories: list[list[str]], profiles: list[dict[str, str]], overwrite_shared: bool = False) -> None:
+                    histories: list[list[str]], profiles: list[dict[str, str]], overwrite_shared: bool = False,
+                    merge_histories: bool = False) -> int:
         """One chunk of users in one round trip: their embeddings under `version` (always written: they belong
         to this version) and their history and profile (version independent: only where absent, unless
         `overwrite_shared`, so a publish never rolls back clicks that arrived after the training snapshot).
-        An empty history or profile writes nothing."""
+        `merge_histories` (a publish into a Redis holding no complete publish: fresh or wiped): the live clicks
+        of a history already there (received since) stay on top and the published snapshot goes below them
+        (MERGE_HISTORIES) instead of being dropped. An empty history or profile writes nothing. -> histories merged."""
         packed = self.pack_embedding_rows(user_vec, udg_vec)
-        embeddings, shared = [], []
+        embeddings, shared, merged = [], [], []
+        merge = merge_histories and not overwrite_shared
         for row, user_id in enumerate(user_ids):
             embeddings += (self.embeddings(version, user_id), packed[row].tobytes())
             if histories[row]:
-                shared += (self.history(user_id), self.join_history(histories[row]))
+                (merged if merge else shared).extend((self.history(user_id), self.join_history(histories[row])))
             profile = self.pack_profile(profiles[row])
             if profile != _EMPTY_PROFILE:
                 shared += (self.profile(user_id), profile)
@@ -333,7 +476,24 @@ class RedisLayout:
                 pipe.execute_command("MSET", *shared)
             else:
                 pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2])
-        pipe.execute()
+        if merged:
+            pipe.execute_command("EVAL", MERGE_HISTORIES, len(merged) // 2, *merged[0::2], self.history_cap,
+                                 *merged[1::2])
+        results = pipe.execute()
+        return int(results[-1]) if merged else 0
+
+    def any_marker(self, client) -> bool:
+        """Whether Redis holds the completion marker of any version (SCAN of the marker names only)."""
+        return next(iter(client.scan_iter(match=self.marker("") + "*", count=10_000)), None) is not None
+
+    def ensure_epoch(self, client, by: str) -> tuple[str, bool]:
+        """The data epoch, created now if Redis has none -> (epoch, created). Created means this Redis held no
+        published state (fresh, or wiped): whatever per-user state it holds arrived since."""
+        import uuid
+
+        value = f"{uuid.uuid4().hex[:12]}@{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by {by}"
+        created = bool(client.set(self.epoch, value, nx=True))
+        return (value if created else client.get(self.epoch).decode()), created
 
     def write_items(self, client, version: str, item_ids: list[str], tokens: np.ndarray, chunk: int = 5000) -> int:
         """Item rows (tokens [n, total width]) into the version's item table, pipelined in chunks, then one bump

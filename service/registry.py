@@ -181,6 +181,7 @@ class ModelRegistry:
     in_sync: bool = True
     sync_problems: list[str] = field(default_factory=list)
     last_error: str | None = "no version activated yet"
+    state_lost: str | None = None  # why, while Redis has lost the published state (service/control.py)
 
     def __post_init__(self):
         self.repo = Path(self.repo)
@@ -196,6 +197,12 @@ class ModelRegistry:
     @property
     def active(self) -> ServingModel | None:
         return self.routing.active
+
+    def serving_models(self) -> list[ServingModel]:
+        """The versions the routing serves (the active one and the split arms)."""
+        routing = self.routing
+        found = {m.version: m for m in (routing.active, *(m for _, m in routing.arms)) if m is not None}
+        return list(found.values())
 
     # --- loading (off the request path) -----------------------------------------------------------------
     def load_blocking(self, version: str) -> ServingModel:

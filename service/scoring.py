@@ -19,6 +19,11 @@ Decisions recorded here:
   task after the response is on its way; a fallback state without any profile is not written back, so a
   later request that brings a profile gets a proper embedding. Meta outputs are cached per distinct
   profile, so a cold start usually costs no extra onnxruntime call.
+- **Generated state expires** (`UDG_GENERATED_TTL_S`, 30 days): the write-back sets the TTL; a request that
+  hits a generated state refreshes it in the background (one EXPIRE pipeline off the request path, at most
+  once per user per tenth of the TTL in this worker). At most `UDG_GENERATED_CAP` new users per
+  `UDG_GENERATED_WINDOW_S` are written back; beyond, they are scored the same and not written
+  (`udg_generated_users{outcome}`).
 - `cold_start` in the response is true when the user's embeddings came from the meta generator (in this
   request or an earlier, written-back one) rather than from training.
 """
@@ -34,11 +39,14 @@ import numpy as np
 
 from service import metrics
 from service.api.schemas import ScoreRequest
-from service.errors import InvalidField
+from service.errors import InvalidField, ServiceUnavailable
 from service.feature_store import FeatureStore, FeatureStoreUnavailable
+from service.ratelog import RateLimitedLog
 from service.registry import ServingModel
 
 log = logging.getLogger(__name__)
+_WRITE_BACK_LOG = RateLimitedLog(log)
+REFRESHED_KEEP = 65_536  # users whose generated TTL this worker refreshed recently (bounded memory)
 STAGES = ("parse", "redis", "cold_start", "encode", "model", "respond")
 
 
@@ -101,6 +109,7 @@ class Scorer:
         self.store = store
         self.write_back = write_back
         self._tasks: set[asyncio.Task] = set()
+        self._refreshed: dict[tuple[str, str], float] = {}  # (version, user) -> monotonic time of the refresh
 
     async def score(self, model: ServingModel, request: ScoreRequest, timer: StageTimer) -> dict:
         artifact = model.artifact
@@ -117,6 +126,9 @@ class Scorer:
         timer.mark("encode")
         state = await fetch
         timer.mark("redis")
+        lost = self.store.state_lost()
+        if lost:  # the epoch in this very MGET said the state is gone: no cold-start scores for known users
+            raise ServiceUnavailable(lost, kind="state_lost", retry_after_s=5)
 
         layout = self.store.layout
         unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
@@ -126,6 +138,8 @@ class Scorer:
             timer.mark("cold_start")
         else:
             user_vec, udg_vec, cold = unpacked
+            if cold and self.write_back:
+                self._maybe_refresh(model.version, request.user_id)
 
         history, _ = artifact.encode_items(layout.split_history(state.history, model.max_history))
         new_items = model.new_items if unknown.any() else None
@@ -177,6 +191,22 @@ class Scorer:
                                          profile if source == "request" else None))
         return user_vec, udg_vec
 
+    def _maybe_refresh(self, version: str, user_id: str) -> None:
+        key, now = (version, user_id), time.monotonic()
+        last = self._refreshed.get(key)
+        if last is not None and now - last < self.store.layout.generated_ttl_s / 10:
+            return
+        if len(self._refreshed) >= REFRESHED_KEEP:
+            self._refreshed.clear()
+        self._refreshed[key] = now
+        self._spawn(self._refresh(version, user_id))
+
+    async def _refresh(self, version: str, user_id: str) -> None:
+        try:
+            await self.store.refresh_generated(version, user_id)
+        except FeatureStoreUnavailable as error:
+            _WRITE_BACK_LOG.warning("refresh", "TTL refresh of generated state failed: %s", error)
+
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
@@ -184,10 +214,13 @@ class Scorer:
 
     async def _write_back(self, version: str, user_id: str, packed: bytes, profile: dict | None) -> None:
         try:
-            await self.store.store_generated(version, user_id, packed, profile)
+            written = await self.store.store_generated(version, user_id, packed, profile)
         except FeatureStoreUnavailable as error:
             metrics.WRITE_BACK_FAILURES.inc()
-            log.warning("cold-start write-back for user %r failed (it will be regenerated): %s", user_id, error)
+            _WRITE_BACK_LOG.warning("write_back", "cold-start write-back for user %r failed (it will be "
+                                    "regenerated): %s", user_id, error)
+            return
+        metrics.GENERATED_USERS.labels("written" if written else "capped").inc()
 
     async def drain(self) -> None:
         """Wait for pending write-backs (shutdown, tests)."""

@@ -76,6 +76,37 @@ class Settings(BaseSettings):
     http_drain_bytes: int = Field(16 << 20, ge=0, le=1 << 30)
     http_drain_timeout_s: float = Field(5.0, gt=0, le=120)
 
+    # --- state: loss detection, dedup, bounded growth (service/control.py, service/redis_layout.py) ------
+    # The routing document is also kept in this file (written atomically on every change); a worker that
+    # finds no document in Redis restores it from here (or from its memory) and bootstraps from
+    # UDG_MODEL_VERSION only when neither exists. None: MODEL_REPO/routing.json.
+    routing_file: Path | None = None
+    dedup_window_s: float = Field(7 * 24 * 3600, gt=0)  # event identities remembered this long after arrival
+    dedup_cap: int = Field(5000, ge=1, le=1_000_000)  # identities per user in the window; past it: refused
+    generated_ttl_s: int = Field(30 * 24 * 3600, ge=60)  # TTL of written-back cold-start state, refreshed on use
+    generated_cap: int = Field(100_000, ge=0)  # new generated users written back per window (beyond: not written)
+    generated_window_s: int = Field(3600, ge=1)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _strip_token(cls, value):
+        """A token with surrounding whitespace (a stray newline in a secret file) is stripped, with a warning;
+        one that is only whitespace is refused (it would leave the admin API unusable)."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and raw != raw.strip():
+            if not raw.strip():
+                raise ValueError("UDG_ADMIN_TOKEN is only whitespace; unset it to disable the admin API")
+            import logging
+
+            logging.getLogger("udg.settings").warning(
+                "UDG_ADMIN_TOKEN has surrounding whitespace (%d characters); stripped", len(raw) - len(raw.strip()))
+            return raw.strip()
+        return value
+
+    @property
+    def routing_path(self) -> Path:
+        return self.routing_file if self.routing_file is not None else Path(self.model_repo) / "routing.json"
+
     @field_validator("model_version")
     @classmethod
     def _version_name(cls, value: str | None) -> str | None:

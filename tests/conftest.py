@@ -106,7 +106,7 @@ def make_settings(redis_url: str, model_repo: Path, **overrides):
 
 
 @pytest.fixture
-def make_client(redis_server, model_repo):
+def make_client(redis_server, model_repo, tmp_path):
     """Factory: a TestClient (lifespan run) on a fresh app over `repo` (default: the tiny model's repository);
     waits until a version is active unless told not."""
     import time
@@ -118,6 +118,7 @@ def make_client(redis_server, model_repo):
     clients = []
 
     def factory(wait_ready: bool = True, repo=None, **overrides):
+        overrides.setdefault("routing_file", tmp_path / "routing.json")  # per test: the repo is shared
         client = TestClient(create_app(make_settings(redis_server.url, repo or model_repo, **overrides)),
                             raise_server_exceptions=False)
         client.__enter__()

@@ -111,7 +111,7 @@ def test_event_changes_the_next_score(client, redis_client, artifact, users):
     assert reply.status_code == 200 and reply.json()["appended"] == 1
     after = client.post("/v1/score", json={"user_id": user_id, "candidates": candidates}).json()["scores"]
     assert before != after
-    history = redis_client.get(LAYOUT.history(user_id)).decode().split("\x1f")
+    history = LAYOUT.split_history(redis_client.get(LAYOUT.history(user_id)), 10**4)
     assert history[0] == clicked
     hist_idx, _ = artifact.encode_items(history[: artifact.max_history])
     expected = artifact.score(users["user_vec"][row], users["udg_vec"][row], hist_idx,
@@ -119,8 +119,9 @@ def test_event_changes_the_next_score(client, redis_client, artifact, users):
     np.testing.assert_allclose(after, expected, atol=1e-6)
     # a retried delivery (same item and ts) is not counted twice; a later click is
     again = client.post("/v1/events", json={"user_id": user_id, "item_id": clicked, "clicked": True, "ts": 1000})
-    assert again.json() == {"accepted": 1, "appended": 0, "duplicates": 1, "not_clicked": 0}
-    assert redis_client.get(LAYOUT.history(user_id)).decode().split("\x1f") == history
+    assert again.json() == {"accepted": 1, "appended": 0, "duplicates": 1, "not_clicked": 0, "refused": [],
+                            "event_ids": [None]}
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history(user_id)), 10**4) == history
 
 
 def test_event_batch_orders_by_ts_and_creates_unknown_users(client, redis_client, artifact):
@@ -131,9 +132,11 @@ def test_event_batch_orders_by_ts_and_creates_unknown_users(client, redis_client
               {"user_id": "other", "item_id": items[2], "clicked": True}]
     reply = client.post("/v1/events/batch", json={"events": events})
     assert reply.status_code == 200
-    assert reply.json() == {"accepted": 4, "appended": 3, "duplicates": 0, "not_clicked": 1}
-    assert redis_client.get(LAYOUT.history("fresh")).decode().split("\x1f") == [items[0], items[1]]
-    assert redis_client.get(LAYOUT.history("other")).decode() == items[2]
+    answer = reply.json()
+    assert answer.pop("event_ids")[:3] == [None, None, None]  # the ts-less event got a server-assigned id
+    assert answer == {"accepted": 4, "appended": 3, "duplicates": 0, "not_clicked": 1, "refused": []}
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history("fresh")), 10**4) == [items[0], items[1]]
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history("other")), 9) == [items[2]]
     body = client.post("/v1/score", json={"user_id": "fresh", "candidates": items}).json()
     assert body["cold_start"] is True
 
@@ -143,7 +146,7 @@ def test_history_is_bounded(make_client, published, redis_client, artifact):
     items = known_items(artifact, 8)
     events = [{"user_id": "heavy", "item_id": item, "clicked": True, "ts": i} for i, item in enumerate(items)]
     assert client.post("/v1/events/batch", json={"events": events}).status_code == 200
-    assert redis_client.get(LAYOUT.history("heavy")).decode().split("\x1f") == items[::-1][:5]
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history("heavy")), 10**4) == items[::-1][:5]
 
 
 def test_health_ready_and_metrics(client):

@@ -44,13 +44,17 @@ def test_byte_format_is_pinned():
     """What is already in Redis must stay readable: the key names and value bytes, written out literally."""
     layout = RedisLayout("udg")
     assert layout.embeddings("v1", "u:1") == "udg:e:v1:{u:1}" and layout.history("u:1") == "udg:h:{u:1}"
-    assert layout.profile("u:1") == "udg:p:{u:1}" and layout.dedup("u:1") == "udg:d:{u:1}"
+    assert layout.profile("u:1") == "udg:p:{u:1}" and layout.dedup("u:1") == "udg:x:{u:1}"
+    assert layout.legacy_dedup("u:1") == "udg:d:{u:1}" and layout.epoch == "udg:epoch"
     assert layout.marker("v1") == "udg:published:v1" and layout.embeddings_pattern("v1") == "udg:e:v1:*"
     assert RedisLayout("t").history("u") == "t:h:{u}"
     packed = layout.pack_embeddings(np.array([1.0, -2.0], np.float32), np.array([0.5], np.float32))
     assert packed == bytes.fromhex("0000803f" "000000c0" "0000003f") + b"P"
     assert layout.pack_embeddings(np.array([1.0], np.float32), None, TAG_META) == bytes.fromhex("0000803f") + b"M"
     assert layout.join_history(["i3", "i1"]) == "i3\x1fi1"
+    # live entries (from events) end with \x1e; old untagged values read the same
+    assert layout.split_history(b"i3\x1e\x1fi1\x1fi2", 5) == ["i3", "i1", "i2"]
+    assert layout.split_entries(b"i3\x1e\x1fi1") == [("i3", True), ("i1", False)]
     assert layout.pack_profile({"occupation": "x", "age": "25", "gender": ""}) == b'{"age":"25","occupation":"x"}'
 
 
@@ -128,7 +132,7 @@ def test_append_clicks_orders_bounds_and_deduplicates(redis_client, redis_server
 
     first, again = run(scenario, redis_server.url, history_cap=3)
     assert first == {"u": [1, 1, 1]} and again == {"u": [0, 1], "w": [1]}
-    assert redis_client.get(LAYOUT.history("u")).decode().split(SEP) == ["d", "c", "b"]
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history("u")), 10) == ["d", "c", "b"]
     assert redis_client.get(LAYOUT.profile("u")) == b'{"gender":"F"}'
     assert redis_client.ttl(LAYOUT.dedup("u")) > 0
 
@@ -181,7 +185,7 @@ def test_clicks_survive_a_script_cache_flush(redis_client, redis_server):
         return one, many
 
     assert run(scenario, redis_server.url) == ({"s1": [1]}, {"s1": [1], "s2": [1]})
-    assert redis_client.get(LAYOUT.history("s1")) == b"b\x1fa"
+    assert redis_client.get(LAYOUT.history("s1")) == b"b\x1e\x1fa\x1e"  # live entries are tagged
 
 
 def test_delete_version_removes_its_namespace_and_marker_only(redis_client):

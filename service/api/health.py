@@ -29,6 +29,9 @@ async def readyz(services: ServicesDep):
     body = {"model_version": active.version if active else None, "redis": "ok", "reasons": []}
     if active is None:
         body["reasons"].append(f"no model version active: {services.registry.last_error}")
+    body["state_lost"] = registry.state_lost
+    if registry.state_lost:
+        body["reasons"].append(f"state lost: {registry.state_lost}")
     # A worker that could not follow the routing in Redis keeps serving what it had: still ready (it answers
     # correctly for its routing), but says so here and in udg_worker_in_sync.
     wanted = registry.wanted or {}
@@ -36,7 +39,8 @@ async def readyz(services: ServicesDep):
                        "wanted_active": wanted.get("active"), "wanted_split": wanted.get("split"),
                        "in_sync": registry.in_sync, "problems": registry.sync_problems,
                        "failed": {v: f.reason for v, f in registry.failed.items()},
-                       "worker": getattr(services.control, "worker_id", None)}
+                       "worker": getattr(services.control, "worker_id", None),
+                       "routing_file_error": getattr(services.control, "routing_file_error", None)}
     try:
         await services.store.ping()
     except FeatureStoreUnavailable as error:

@@ -82,6 +82,8 @@ class Event(Strict):
     clicked: StrictBool
     ts: Timestamp | None = None
     profile: Profile | None = None
+    # Idempotency key (dedups a retry whatever its ts); events without ts nor event_id get one in the answer.
+    event_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")] | None = None
 
 
 class EventBatch(Strict):
@@ -112,6 +114,11 @@ class EventsResponse(Open):
     appended: int = Field(description="clicks stored")
     duplicates: int = Field(description="clicks already stored (same item_id and ts): not counted twice")
     not_clicked: int = Field(description="clicked: false events (not stored)")
+    refused: list[int] = Field(default_factory=list, description="positions of events not stored because the "
+                               "user's deduplication window is full")
+    event_ids: list[str | None] = Field(default_factory=list, description="per event its identity: the client's "
+                                        "event_id, else a server-assigned id for an event without ts (retry "
+                                        "with it as event_id), else null")
 
 
 class Liveness(Open):

@@ -44,6 +44,8 @@ async def score(request: Request, services: ServicesDep):
             if model is None:
                 raise ServiceUnavailable(f"no model version is active ({services.registry.last_error})",
                                          kind="model_unavailable")
+            if services.registry.state_lost:  # never cold-start scores for users whose state is gone
+                raise ServiceUnavailable(services.registry.state_lost, kind="state_lost", retry_after_s=5)
             result = await services.scorer.score(model, payload, timer)
             response = json_ok(result)
             timer.mark("respond")
