@@ -104,6 +104,8 @@ class Control:
         self.redis = redis  # the service's asyncio client (short timeouts)
         self.keys = ControlKeys(settings.key_prefix)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._stopping = False  # set by stop(): the follower's loops end
+        self._listener = None  # the follower's pub/sub connection (dropped by stop() if a read hangs)
         self._cas = redis.register_script(CAS)
         self._last_heartbeat = 0.0
         self.applied_at = 0.0
@@ -286,22 +288,25 @@ class Control:
             metrics.STATE_LOST.set(0)
 
     async def follow(self) -> None:
-        """The follower task: subscribe, sync on every message and every poll period, reconnect on errors."""
+        """The follower task: subscribe, sync on every message and every poll period, reconnect on errors.
+        Ends when `stop()` is called (it does not rely on cancellation alone: redis-py's pub/sub read can
+        swallow a CancelledError that lands inside it, which would leave shutdown waiting forever)."""
         import redis.asyncio as aredis
 
         settings = self.settings
-        while True:
+        while not self._stopping:
             listener = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
                                              socket_timeout=None, health_check_interval=0,
                                              **({"ssl_ca_certs": settings.redis_ca_certs}
                                                 if settings.redis_ca_certs and
                                                 settings.redis_url.startswith("rediss://") else {}))
             pubsub = listener.pubsub(ignore_subscribe_messages=True)
+            self._listener = listener
             try:
                 if settings.control_pubsub:
                     await pubsub.subscribe(self.keys.channel)
                     self.listening = True
-                while True:
+                while not self._stopping:
                     await self.sync()
                     self.follow_error = None
                     wait = settings.control_poll_s if self.registry.active else settings.activation_retry_s
@@ -312,6 +317,8 @@ class Control:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Redis down or flaky: keep serving what we have, retry
+                if self._stopping:
+                    break
                 self.follow_error = f"{type(error).__name__}: {error}"
                 if self.registry.active is None:
                     self.registry.last_error = self.follow_error
@@ -319,10 +326,26 @@ class Control:
                 await asyncio.sleep(settings.activation_retry_s)
             finally:
                 self.listening = False
+                self._listener = None
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), timeout=1.0)
                 with contextlib.suppress(Exception):
-                    await listener.aclose()
+                    await asyncio.wait_for(listener.aclose(), timeout=1.0)
+
+    async def stop(self, follower: asyncio.Task, timeout_s: float = 2.0) -> None:
+        """End the follower task: flag, cancel, and — if a Redis read swallowed the cancel — drop its
+        connection so that the read fails and the flag is seen. Bounded: shutdown never waits on Redis."""
+        self._stopping = True
+        follower.cancel()
+        done, _ = await asyncio.wait({follower}, timeout=timeout_s)
+        if not done:
+            log.warning("routing follower did not stop within %.0f s; closing its Redis connection", timeout_s)
+            listener = getattr(self, "_listener", None)
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.connection_pool.disconnect()
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=timeout_s)
 
     # --- heartbeats ---------------------------------------------------------------------------------------
     def heartbeat_body(self) -> dict:

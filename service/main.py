@@ -45,9 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            await control.stop(follower)
             await control.forget()
             await services.scorer.drain()
             await registry.drain()
