@@ -264,3 +264,21 @@ def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, pub
     assert redis_client.exists(layout.marker("v1")) and score(client) == "v1"
     refused = client.post("/v1/admin/versions/v3/activate", headers=AUTH)  # its state is gone: refused
     assert refused.status_code == 422 and "no publish marker" in refused.json()["message"]
+
+
+def test_a_wiped_redis_keeps_the_admin_activated_version(make_worker, published_all, redis_client):
+    """After the store loses everything, the service reports it (readyz 503, score 503 state_lost), restores the
+    routing from its routing file — the admin-activated v2, not UDG_MODEL_VERSION's v1 — and serves v2 again
+    once the versions are republished, without a restart."""
+    client = make_worker(published_all, model_version="v1")
+    assert client.post("/v1/admin/versions/v2/activate", headers=AUTH).json()["active"] == "v2"
+    assert score(client) == "v2"
+    redis_client.flushall()
+    wait_for(lambda: client.get("/readyz").status_code == 503, timeout_s=10)
+    ready = client.get("/readyz").json()
+    assert any("lost" in reason for reason in ready["reasons"]), ready
+    lost = client.post("/v1/score", json={"user_id": "u1", "candidates": ["i1"]})
+    assert lost.status_code == 503 and lost.json()["error"] == "state_lost"
+    versions_repo.publish_all(published_all, redis_client)
+    wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10)
+    assert score(client) == "v2" and client.get("/readyz").json()["model_version"] == "v2"
