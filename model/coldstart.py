@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 PHASES = ("cold", "a", "b", "c")
 ARMS = ("meta", "random", "mean")
 ARM_LABELS = {"meta": "Meta", "random": "w/o Meta (random)", "mean": "mean known-user row"}
+ARM_COLORS = {"meta": "tab:blue", "random": "tab:orange", "mean": "tab:green"}
 BATCHES = ("a", "b", "c")
 
 
@@ -337,6 +338,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                                              / ref[s]["log_loss"] - 1 for s in paired]),
                         "meta_gain": _pm([by[(kind, "meta", s)]["phases"][phase]["auc"]
                                           - by[(kind, arm, s)]["phases"][phase]["auc"] for s in meta]),
+                        "vs_random": _pm([by[(kind, arm, s)]["phases"][phase]["auc"]
+                                          - by[(kind, "random", s)]["phases"][phase]["auc"] for s in paired]),
                         "meta_wins": sum(by[(kind, "meta", s)]["phases"][phase]["auc"]
                                          > by[(kind, arm, s)]["phases"][phase]["auc"] for s in meta),
                         "meta_paired": len(meta)}
@@ -393,28 +396,37 @@ def tables(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path, title: str) -> None:
-    """Figure 4: AUC and log loss per phase, one line per arm (mean ± std over seeds), one column per model."""
+    """Figure 4: AUC and log loss per phase, one line per arm (mean ± std over seeds), and the AUC of every arm
+    minus the same seed's w/o Meta arm at that phase (paired: the seed-to-seed spread that all arms share
+    cancels); one column per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(s["model"] for s in summary))
-    fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.4), squeeze=False)
+    fig, axes = plt.subplots(3, len(kinds), figsize=(4.4 * len(kinds), 9.0), squeeze=False)
     for j, kind in enumerate(kinds):
-        for i, metric in enumerate(("auc", "log_loss")):
+        arms = list(dict.fromkeys(s["arm"] for s in summary if s["model"] == kind))
+        line = {(s["arm"], s["phase"]): s for s in summary if s["model"] == kind}
+        for i, metric in enumerate(("auc", "log_loss", "vs_random")):
             ax = axes[i][j]
-            for arm in dict.fromkeys(s["arm"] for s in summary if s["model"] == kind):
-                points = [next(s for s in summary if s["model"] == kind and s["arm"] == arm and s["phase"] == p)
-                          for p in PHASES]
+            for arm in arms:
+                points = [line[(arm, p)] for p in PHASES]
+                if metric == "vs_random" and (arm == "random" or "random" not in arms):
+                    continue
                 ax.errorbar(range(len(PHASES)), [p[metric][0] for p in points],
-                            yerr=[p[metric][1] for p in points], marker="o", capsize=3, label=ARM_LABELS[arm])
+                            yerr=[p[metric][1] for p in points], marker="o", capsize=3, label=ARM_LABELS[arm],
+                            color=ARM_COLORS[arm])
             ax.set_xticks(range(len(PHASES)), ["cold-start", "warm-up a", "warm-up b", "warm-up c"])
-            ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
+            ax.set_ylabel("AUC − w/o Meta AUC (paired)" if metric == "vs_random"
+                          else f"held-out {metric.replace('_', ' ')}")
+            if metric == "vs_random":
+                ax.axhline(0, color="grey", lw=0.8)
             if i == 0:
                 ax.set_title(f"{MODEL_LABELS.get(kind, kind)}+UDG")
             ax.grid(alpha=0.3)
-        axes[0][j].legend(fontsize=8)
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
