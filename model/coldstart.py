@@ -427,7 +427,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
                 ax.set_title(f"{MODEL_LABELS.get(kind, kind)}+UDG")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title.replace(": ", ":\n", 1), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
