@@ -1,4 +1,4 @@
-"""`udg train | evaluate | meta | gates | report` — the training side of the command line.
+"""`udg train | evaluate | meta | gates | report | coldstart` — the training side of the command line.
 
 Handlers import torch lazily: this module is imported by every `udg` invocation, including on the serving
 install.
@@ -248,6 +248,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coldstart(args: argparse.Namespace) -> int:
+    from model.coldstart import run_coldstart
+
+    run_coldstart(args)
+    return 0
+
+
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a CTR model (and its meta generator with --udg)")
     add_data_arguments(train)
@@ -301,3 +308,10 @@ def register(subparsers) -> None:
     report.add_argument("--summary-only", action="store_true",
                         help="train nothing: tables and plot from the journal's finished runs (a grid in progress)")
     report.set_defaults(handler=cmd_report)
+
+    from model.coldstart import add_arguments as add_coldstart_arguments
+
+    coldstart = subparsers.add_parser("coldstart", help="new users: cold start and warm-up a, b, c with meta, "
+                                                        "random and mean-row UDG embeddings (paper Table 5, Fig. 4)")
+    add_coldstart_arguments(coldstart)
+    coldstart.set_defaults(handler=cmd_coldstart)

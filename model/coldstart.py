@@ -1,0 +1,537 @@
+"""`udg coldstart`: the paper's offline new-user protocol (Section "Meta-Learning for Cold-start", Table 5,
+Figure 4), over several seeds, with a resumable journal.
+
+The protocol, built from one prepared data set (no change to ingestion):
+
+- `split.cold_user_frac` of the users are held out by ingestion (the `cold` split): they are in no
+  vocabulary row of their own (their user id is OOV, as for a real new user), while their profile values are
+  tokens of the training users' vocabularies. Of those, the **new users** are the ones whose event count lies
+  in the band [lo, hi]; each one's events, in time order, are cut into batches a, b, c of K events each and a
+  held-out **rest** (>= lo - 3K events). The rests of all new users are the test set of every phase.
+- The **active users** are the other users with >= T events: base+UDG is pre-trained on their train split
+  (early stopping on their valid split), and the meta generator (Algorithm 1, `model.meta.train_meta`) on the
+  same train split. Users that are neither (held out but outside the band, or below T) are not used.
+- Phases: **cold** (nothing updated), then **a**, **b**, **c**: one pass (`warm_epochs`) over the batch's
+  events of all new users, updating the new users' UDG embeddings and, as the paper does ("we continue to
+  update these models and their user embeddings"), the model (`warm_update="model"`; `"embeddings"` updates
+  the new users' embeddings only), with the pre-training's optimiser (Adam, its learning rate and weight
+  decays). After each phase: AUC and log loss on the rests.
+- Arms (the new users' initial UDG embedding): `meta` (the generator from the profile), `random` (a fresh
+  N(0, 0.05²) row like the UDG table's init: the paper's "w/o Meta"), `mean` (the mean UDG row of the
+  active users: a naive baseline that needs no training).
+
+The arms of one (model, seed) share the pre-trained model, the generator and the order of the warm-up
+minibatches, so they are compared paired by seed.
+
+Defaults per data set (`PROTOCOLS`):
+
+- MovieLens-100K (20–737 ratings per user): K = 10, band [40, 150], T = 40. K = 10 keeps the three
+  warm-up batches (30 ratings) within what a light user gives (the median user has ~65 ratings; the
+  smallest 20), and is about what MovieLens asks a new user for at sign-up. lo = 40 = 3K + 10 leaves every
+  new user a held-out rest of >= 10 ratings; hi = 150 keeps the heaviest raters (up to 737 ratings) out of the
+  new users so that a few of them do not dominate the pooled held-out AUC and the new users stay "new-ish",
+  as the paper's new users (80–100 events) sit just below its active users (> 100). T = 40 (the paper's
+  active-user threshold, scaled) gives every pre-training user >= 32 training events, so that the meta
+  learner's D^A and D^B halves (Algorithm 1) hold >= 16 events each: more than the K-event batches the
+  generator is meant to prepare for. With the 30% held out, ~115 new users and ~470 active users.
+- synthetic (every user has 100 events): the paper's own K = 20 and band [80, 100] (batches of 20, a rest
+  of 40), T = 100 (everyone else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dataset.prepared import PreparedData, Samples
+from model.report import MODEL_LABELS, RunJournal
+
+log = logging.getLogger(__name__)
+
+PHASES = ("cold", "a", "b", "c")
+ARMS = ("meta", "random", "mean")
+ARM_LABELS = {"meta": "Meta", "random": "w/o Meta (random)", "mean": "mean known-user row"}
+ARM_COLORS = {"meta": "tab:blue", "random": "tab:orange", "mean": "tab:green"}
+BATCHES = ("a", "b", "c")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    k: int = 10  # events per warm-up batch
+    band: tuple[int, int] = (40, 150)  # new users: event count within [lo, hi]
+    active_min: int = 40  # T: pre-training users have >= T events
+    new_user_frac: float = 0.3  # split.cold_user_frac: the users held out, of which the band are new users
+
+
+PROTOCOLS = {
+    "movielens-100k": Protocol(k=10, band=(40, 150), active_min=40),
+    "synthetic": Protocol(k=20, band=(80, 100), active_min=100),
+}
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    batch_size: int = 64
+    epochs: int = 1
+    update: str = "model"  # "model": model and new users' embeddings (the paper); "embeddings": those only
+
+
+@dataclass
+class ColdStartSplit:
+    """The protocol's users and events. `new_index[user number]` is a new user's row (-1 for the others)."""
+
+    active: PreparedData  # train/valid/test of the active users only
+    new_users: np.ndarray  # user numbers (Samples.user_key) of the new users
+    new_index: np.ndarray  # int64 [all users]
+    batches: dict[str, Samples]  # "a", "b", "c", "rest"
+    info: dict
+
+
+def user_event_counts(data: PreparedData) -> np.ndarray:
+    """Events per user number over every split."""
+    total = np.zeros(len(data.user_ids), np.int64)
+    for samples in data.splits.values():
+        total += np.bincount(samples.user_key, minlength=len(data.user_ids))
+    return total
+
+
+def positions_in_user(samples: Samples) -> np.ndarray:
+    """Each event's rank among its user's events (0 = earliest); samples are in (user, time) order."""
+    order = np.argsort(samples.user_key, kind="stable")
+    keys = samples.user_key[order]
+    first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, int)
+    starts = np.repeat(first, np.diff(np.concatenate([first, [len(keys)]])))
+    position = np.empty(len(keys), np.int64)
+    position[order] = np.arange(len(keys)) - starts
+    return position
+
+
+def build_split(data: PreparedData, protocol: Protocol) -> ColdStartSplit:
+    """New users from the held-out (`cold`) users within the band, their events cut by time; active users from
+    the others with >= T events. Raises ValueError when the data hold no new or no active user."""
+    lo, hi = protocol.band
+    if lo < 3 * protocol.k + 1:
+        raise ValueError(f"band starts at {lo} events: a new user needs 3K = {3 * protocol.k} warm-up events "
+                         "and at least one held-out event")
+    counts = user_event_counts(data)
+    cold = data.splits["cold"]
+    held_out = np.zeros(len(counts), bool)
+    held_out[cold.user_key] = True
+    new = held_out & (counts >= lo) & (counts <= hi)
+    active = ~held_out & (counts >= protocol.active_min)
+    new_users = np.flatnonzero(new)
+    if not len(new_users):
+        raise ValueError(f"no held-out user has {lo}-{hi} events (split.cold_user_frac = "
+                         f"{data.spec.split.cold_user_frac})")
+    if not active.any():
+        raise ValueError(f"no training user has >= {protocol.active_min} events")
+    new_index = np.full(len(counts), -1, np.int64)
+    new_index[new_users] = np.arange(len(new_users))
+    events = cold.subset(new[cold.user_key])
+    position = positions_in_user(events)
+    k = protocol.k
+    batches = {name: events.subset((position >= i * k) & (position < (i + 1) * k)) for i, name in enumerate(BATCHES)}
+    batches["rest"] = events.subset(position >= 3 * k)
+    splits = {name: samples.subset(active[samples.user_key]) for name, samples in data.splits.items()
+              if name != "cold"}
+    splits["cold"] = batches["rest"]
+    info = {"new_users": int(len(new_users)), "active_users": int(active.sum()),
+            "unused_users": int(len(counts) - len(new_users) - active.sum()),
+            "active_train_events": int(len(splits["train"])),
+            **{f"{name}_events": int(len(s)) for name, s in batches.items()},
+            "rest_positive_rate": float(batches["rest"].label.mean())}
+    return ColdStartSplit(replace(data, splits=splits), new_users, new_index, batches, info)
+
+
+# --- one (model, seed): pre-train, meta-train, then every arm through the phases ---------------------------
+def initial_embeddings(arm: str, model, generator, split: ColdStartSplit, seed: int):
+    import torch
+
+    n, dim = len(split.new_users), model.config.udg_dim
+    with torch.no_grad():
+        if arm == "meta":
+            return generator(torch.as_tensor(split.active.splits["train"].profiles[split.new_users])).clone()
+        if arm == "random":
+            return torch.randn(n, dim, generator=torch.Generator().manual_seed(10_000 + seed)) * 0.05
+        if arm == "mean":
+            from dataset.schema import OOV
+
+            rows = np.unique(split.active.splits["train"].user)
+            rows = rows[rows > OOV]
+            return model.udg_emb.weight[torch.as_tensor(rows)].mean(0, keepdim=True).expand(n, dim).clone()
+    raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
+
+
+def _inputs(samples: Samples, rows: np.ndarray, split: ColdStartSplit):
+    import torch
+
+    from model.train import to_tensors
+
+    batch = to_tensors(samples, rows)
+    return batch, torch.as_tensor(split.new_index[samples.user_key[rows]])
+
+
+def _logits(model, table, batch, index):
+    user_vec = model.unseen_user_vector(batch["profile"])  # OOV id row + profile rows, as served
+    return model.score(user_vec, table(index), batch["history"], batch["item"])
+
+
+def evaluate_new_users(model, table, samples: Samples, split: ColdStartSplit) -> dict:
+    import torch
+
+    from model.metrics import all_metrics
+
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(samples), 8192):
+            batch, index = _inputs(samples, np.arange(start, min(start + 8192, len(samples))), split)
+            probs.append(torch.sigmoid(_logits(model, table, batch, index)))
+    return all_metrics(samples.label, torch.cat(probs).numpy())
+
+
+def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config, warm: WarmConfig,
+            seed: int, phase: int) -> None:
+    """One phase: `warm.epochs` passes over the batch, minibatches of `warm.batch_size` in a seeded order (the
+    same for every arm), Adam with the pre-training's learning rate and weight decays."""
+    import torch
+    from torch.nn import functional as F
+
+    from model.train import make_optimizer
+
+    decay = (train_config.embed_weight_decay if train_config.udg_weight_decay is None
+             else train_config.udg_weight_decay)
+    if warm.update == "model":
+        model.train()
+        optimizer = make_optimizer(model, train_config)
+        optimizer.add_param_group({"params": [table.weight], "weight_decay": decay})
+    elif warm.update == "embeddings":
+        model.eval()
+        optimizer = torch.optim.Adam([table.weight], lr=train_config.lr, weight_decay=decay)
+    else:
+        raise ValueError(f"warm update must be 'model' or 'embeddings', not {warm.update!r}")
+    generator = torch.Generator().manual_seed(1000 * seed + phase)
+    for _ in range(warm.epochs):
+        order = torch.randperm(len(samples), generator=generator).numpy()
+        for start in range(0, len(samples), warm.batch_size):
+            batch, index = _inputs(samples, order[start:start + warm.batch_size], split)
+            loss = F.binary_cross_entropy_with_logits(_logits(model, table, batch, index), batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int) -> dict:
+    """Cold start, then warm-up a, b, c on a copy of `model`: metrics on the rests after each phase, and how far
+    the new users' embeddings moved (mean L2 norm of the change since the cold start)."""
+    from torch import nn
+
+    model = copy.deepcopy(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(warm.update == "model")
+    table = nn.Embedding.from_pretrained(init.clone(), freeze=False)
+    phases = {"cold": evaluate_new_users(model, table, split.batches["rest"], split)}
+    moved = {"cold": 0.0}
+    for i, name in enumerate(BATCHES, start=1):
+        warm_up(model, table, split.batches[name], split, train_config, warm, seed, i)
+        phases[name] = evaluate_new_users(model, table, split.batches["rest"], split)
+        moved[name] = float((table.weight.detach() - init).norm(dim=1).mean())
+    return {"phases": phases, "embedding_shift": moved}
+
+
+def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train_config, meta_steps: int,
+             warm: WarmConfig) -> dict[str, dict]:
+    """Pre-train base+UDG and the generator on the active users, then run each arm; -> {arm: journal row}."""
+    from model.experiment import model_config, udg_preset
+    from model.meta import MetaConfig, train_meta
+    from model.train import train_model
+
+    started = time.perf_counter()
+    model, metrics = train_model(split.active, model_config(kind, udg_preset(kind)),
+                                 replace(train_config, seed=seed), progress=False)
+    generator, meta_info = train_meta(model, split.active, MetaConfig(steps=meta_steps, seed=seed), progress=False)
+    pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
+                "meta_final_loss": meta_info["final_loss"], "seconds": time.perf_counter() - started}
+    rows = {}
+    for arm in arms:
+        result = run_arm(model, initial_embeddings(arm, model, generator, split, seed), split, train_config,
+                         warm, seed)
+        rows[arm] = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
+    return rows
+
+
+def run_grid(split: ColdStartSplit, kinds: list[str], arms: list[str], seeds: int, train_config, meta_steps: int,
+             warm: WarmConfig, journal: RunJournal | None = None, train_missing: bool = True) -> list[dict]:
+    """Every (model, arm, seed), seed-major; finished rows come from the journal, a seed's missing arms are run
+    together (they share its pre-training)."""
+    rows = []
+    for seed in range(seeds):
+        for kind in kinds:
+            missing = [a for a in arms if not (journal and journal.get(kind, a, seed))]
+            rows += [journal.get(kind, a, seed) for a in arms if a not in missing]
+            if not missing or not train_missing:
+                continue
+            claimed = [a for a in missing if not journal or journal.claim(kind, a, seed)]
+            if journal and len(claimed) < len(missing):  # another process has this seed
+                for arm in claimed:
+                    journal.release(kind, arm, seed)
+                continue
+            try:
+                done = run_seed(split, kind, seed, claimed, train_config, meta_steps, warm)
+            except BaseException:
+                for arm in claimed:
+                    if journal:
+                        journal.release(kind, arm, seed)
+                raise
+            for arm in claimed:
+                if journal:
+                    journal.add(done[arm])
+                rows.append(done[arm])
+            cold = {a: done[a]["phases"]["cold"]["auc"] for a in claimed}
+            final = {a: done[a]["phases"]["c"]["auc"] for a in claimed}
+            log.info("%s seed %d: cold AUC %s, after c %s (%.0f s)", kind, seed, cold, final,
+                     done[claimed[0]]["pretrain"]["seconds"])
+    return rows
+
+
+# --- tables and the figure ---------------------------------------------------------------------------------
+def _pm(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def rela_impr(auc: float, reference: float) -> float:
+    """Relative AUC improvement (Table 5; RelaImpr of Meta-Embedding): (AUC - 0.5) / (AUC_ref - 0.5) - 1."""
+    return (auc - 0.5) / (reference - 0.5) - 1
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (model, arm, phase): AUC and log loss (mean ± std over seeds) and, paired by seed, the relative AUC
+    and log loss against the same seed's cold-start "w/o Meta" (random) arm, and the meta arm's AUC gain over
+    this arm."""
+    by = {(r["model"], r["variant"], r["seed"]): r for r in rows}
+    out = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        arms = [a for a in ARMS if any(r["model"] == kind and r["variant"] == a for r in rows)]
+        for arm in arms:
+            seeds = sorted(s for (k, a, s) in by if k == kind and a == arm)
+            for phase in PHASES:
+                auc = [by[(kind, arm, s)]["phases"][phase]["auc"] for s in seeds]
+                loss = [by[(kind, arm, s)]["phases"][phase]["log_loss"] for s in seeds]
+                paired = [s for s in seeds if (kind, "random", s) in by]
+                ref = {s: by[(kind, "random", s)]["phases"]["cold"] for s in paired}
+                meta = [s for s in seeds if (kind, "meta", s) in by]
+                line = {"model": kind, "arm": arm, "phase": phase, "seeds": len(seeds), "auc": _pm(auc),
+                        "log_loss": _pm(loss),
+                        "rel_auc": _pm([rela_impr(by[(kind, arm, s)]["phases"][phase]["auc"], ref[s]["auc"])
+                                        for s in paired]),
+                        "rel_log_loss": _pm([by[(kind, arm, s)]["phases"][phase]["log_loss"]
+                                             / ref[s]["log_loss"] - 1 for s in paired]),
+                        "meta_gain": _pm([by[(kind, "meta", s)]["phases"][phase]["auc"]
+                                          - by[(kind, arm, s)]["phases"][phase]["auc"] for s in meta]),
+                        "vs_random": _pm([by[(kind, arm, s)]["phases"][phase]["auc"]
+                                          - by[(kind, "random", s)]["phases"][phase]["auc"] for s in paired]),
+                        "meta_wins": sum(by[(kind, "meta", s)]["phases"][phase]["auc"]
+                                         > by[(kind, arm, s)]["phases"][phase]["auc"] for s in meta),
+                        "meta_paired": len(meta)}
+                out.append(line)
+    return out
+
+
+def _pct(pair) -> str:
+    return "—" if np.isnan(pair[0]) else f"{100 * pair[0]:+.2f}% ± {100 * pair[1]:.2f}"
+
+
+def _val(pair) -> str:
+    return "—" if np.isnan(pair[0]) else f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+
+def tables(summary: list[dict]) -> str:
+    """Table 5 (relative to cold-start w/o Meta), absolute metrics, and meta's paired gain over each baseline."""
+    lines = []
+    for kind in dict.fromkeys(s["model"] for s in summary):
+        mine = [s for s in summary if s["model"] == kind]
+        by = {(s["arm"], s["phase"]): s for s in mine}
+        arms = list(dict.fromkeys(s["arm"] for s in mine))
+        label = MODEL_LABELS.get(kind, kind)
+        seeds = "/".join(str(by[(a, 'cold')]["seeds"]) for a in arms)
+        lines += [f"#### {label}+UDG: relative to cold-start w/o Meta, paired by seed (as Table 5; seeds "
+                  f"{'/'.join(arms)} = {seeds})", "",
+                  "| target | arm | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+        for target, key in (("AUC (RelaImpr)", "rel_auc"), ("log loss", "rel_log_loss")):
+            for arm in arms:
+                lines.append(f"| {target} | {ARM_LABELS[arm]} | "
+                             + " | ".join(_pct(by[(arm, p)][key]) for p in PHASES) + " |")
+        lines += ["", f"#### {label}+UDG: AUC and log loss on the new users' held-out rest (mean ± std)", "",
+                  "| metric | arm | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+        for metric in ("auc", "log_loss"):
+            for arm in arms:
+                lines.append(f"| {metric.replace('_', ' ')} | {ARM_LABELS[arm]} | "
+                             + " | ".join(_val(by[(arm, p)][metric]) for p in PHASES) + " |")
+        others = [a for a in arms if a != "meta"]
+        if "meta" in arms and others:
+            lines += ["", f"#### {label}+UDG: AUC of Meta minus each baseline, paired by seed (mean ± std; seeds "
+                          "where Meta is higher)", "",
+                      "| baseline | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+            for arm in others:
+                cells = []
+                for p in PHASES:
+                    s = by[(arm, p)]
+                    mean, std = s["meta_gain"]
+                    cells.append(f"{mean:+.4f} ± {std:.4f} ({s['meta_wins']}/{s['meta_paired']})")
+                lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("RelaImpr = (AUC − 0.5) / (AUC of cold-start w/o Meta − 0.5) − 1; log loss relative = "
+                 "log loss / that of cold-start w/o Meta − 1; both per seed, then mean ± sample std.")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    """Figure 4: AUC and log loss per phase, one line per arm (mean ± std over seeds), and the AUC of every arm
+    minus the same seed's w/o Meta arm at that phase (paired: the seed-to-seed spread that all arms share
+    cancels); one column per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(s["model"] for s in summary))
+    fig, axes = plt.subplots(3, len(kinds), figsize=(4.4 * len(kinds), 9.0), squeeze=False)
+    for j, kind in enumerate(kinds):
+        arms = list(dict.fromkeys(s["arm"] for s in summary if s["model"] == kind))
+        line = {(s["arm"], s["phase"]): s for s in summary if s["model"] == kind}
+        for i, metric in enumerate(("auc", "log_loss", "vs_random")):
+            ax = axes[i][j]
+            for arm in arms:
+                points = [line[(arm, p)] for p in PHASES]
+                if metric == "vs_random" and (arm == "random" or "random" not in arms):
+                    continue
+                ax.errorbar(range(len(PHASES)), [p[metric][0] for p in points],
+                            yerr=[p[metric][1] for p in points], marker="o", capsize=3, label=ARM_LABELS[arm],
+                            color=ARM_COLORS[arm])
+            ax.set_xticks(range(len(PHASES)), ["cold-start", "warm-up a", "warm-up b", "warm-up c"])
+            ax.set_ylabel("AUC − w/o Meta AUC (paired)" if metric == "vs_random"
+                          else f"held-out {metric.replace('_', ' ')}")
+            if metric == "vs_random":
+                ax.axhline(0, color="grey", lw=0.8)
+            if i == 0:
+                ax.set_title(f"{MODEL_LABELS.get(kind, kind)}+UDG")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title.replace(": ", ":\n", 1), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+def protocol_from(args: argparse.Namespace, spec_name: str) -> Protocol:
+    base = PROTOCOLS.get(spec_name, Protocol())
+    band = tuple(int(x) for x in args.band.split(",")) if args.band else base.band
+    if len(band) != 2:
+        raise SystemExit(f"--band {args.band!r}: expected LO,HI")
+    return Protocol(k=args.k if args.k is not None else base.k, band=band,
+                    active_min=args.active_min if args.active_min is not None else base.active_min,
+                    new_user_frac=args.new_user_frac if args.new_user_frac is not None else base.new_user_frac)
+
+
+def run_coldstart(args: argparse.Namespace) -> str:
+    import torch
+
+    from model.commands import data_spec, load_data
+    from model.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    spec = data_spec(args)
+    protocol = protocol_from(args, spec.name)
+    spec = spec.with_overrides(**{"split.cold_user_frac": protocol.new_user_frac})
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update)
+    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal_path = out / "runs.jsonl"
+    if args.fresh and journal_path.exists():
+        journal_path.unlink()
+    setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": asdict(warm), "epochs": args.epochs,
+             "embed_wd": args.embed_wd, "meta_steps": args.meta_steps}
+    journal = RunJournal(journal_path, setup)
+    split_info = None
+    if args.summary_only:
+        rows = run_grid(None, kinds, arms, args.seeds, train_config, args.meta_steps, warm, journal,
+                        train_missing=False)
+    else:
+        try:
+            split = build_split(load_data(spec), protocol)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        split_info = split.info
+        log.info("cold-start protocol: %s", split.info)
+        rows = run_grid(split, kinds, arms, args.seeds, train_config, args.meta_steps, warm, journal)
+        journal.refresh()
+        mine = {(r["model"], r["variant"], r["seed"]) for r in rows}
+        rows += [journal.get(k, a, s) for s in range(args.seeds) for k in kinds for a in arms
+                 if (k, a, s) not in mine and journal.get(k, a, s) is not None]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        raise SystemExit(f"no finished runs for these models and arms in {journal_path}")
+    summary = summarise(rows)
+    title = f"{spec.name}: new users, K = {protocol.k}, band {protocol.band[0]}-{protocol.band[1]}, T = " \
+            f"{protocol.active_min}"
+    updated = "the model and the new users' UDG embeddings" if warm.update == "model" else \
+        "the new users' UDG embeddings only"
+    head = [f"### {title}", "",
+            f"Warm-up: {warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
+            f"; pre-training {args.epochs} epochs at most, meta generator {args.meta_steps} steps.", ""]
+    if split_info:
+        head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in split_info.items()), ""]
+    text = "\n".join(head) + tables(summary)
+    (out / "report.md").write_text(text + "\n")
+    plot(summary, out / "coldstart.png", title)
+    print(text)
+    print(f"\nwritten: {out / 'report.md'}, {out / 'coldstart.png'}")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from model.commands import add_data_arguments
+
+    add_data_arguments(parser)
+    group = parser.add_argument_group("protocol (defaults per data set: model/coldstart.py PROTOCOLS)")
+    group.add_argument("--k", type=int, default=None, help="events per warm-up batch (a, b, c)")
+    group.add_argument("--band", default=None, metavar="LO,HI", help="new users' event counts, inclusive")
+    group.add_argument("--active-min", type=int, default=None, metavar="T",
+                       help="pre-training users have at least T events")
+    group.add_argument("--new-user-frac", type=float, default=None,
+                       help="share of users held out of training (split.cold_user_frac); the band of them "
+                            "are the new users")
+    parser.add_argument("--models", default="pnn", help="comma-separated model kinds (each with its UDG preset)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="meta, random (w/o Meta), mean (known users)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--embed-wd", type=float, default=3e-3)
+    parser.add_argument("--meta-steps", type=int, default=1500)
+    parser.add_argument("--warm-batch-size", type=int, default=64)
+    parser.add_argument("--warm-epochs", type=int, default=1)
+    parser.add_argument("--warm-update", choices=["model", "embeddings"], default="model",
+                        help="model: the model and the new users' UDG embeddings (the paper); embeddings: "
+                             "those only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/coldstart")
+    parser.add_argument("--fresh", action="store_true", help="discard the journal of --out")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: tables and plot from the journal's finished runs")
