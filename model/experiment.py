@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
     "udg-official": {"udg": True, "gate_input": "official", "udg_dim": 128, "gate_output_layer": True},
 }
 
-# What `udg train --udg` ships for each base model, chosen on the validation splits (README, "Results"): the
+# What `udg train --udg` ships for each base model, chosen on the validation splits (docs/results.md): the
 # paper's gates won PNN's on MovieLens; the detached gates won every other model's on both data sets (DIEN's
 # MovieLens comparison has 2 seeds only).
 UDG_PRESET_BY_KIND = {"pnn": "udg", "deepfm": "udg-detach", "wide_deep": "udg-detach", "din": "udg-detach",

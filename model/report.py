@@ -217,7 +217,7 @@ MODEL_LABELS = {"pnn": "PNN", "deepfm": "DeepFM", "wide_deep": "Wide&Deep", "din
 
 
 def signed(value: float) -> str:
-    """+0.0012 / −0.0012, with a typographic minus (the README's tables use it)."""
+    """+0.0012 / −0.0012, with a typographic minus (the results tables use it)."""
     return f"{value:+.4f}".replace("-", "−")
 
 

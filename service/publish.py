@@ -17,7 +17,7 @@ being dropped (SET NX) — and a rerun after an interrupted run gives the same r
 also creates the data epoch (`udg:epoch`) the workers watch to detect a loss; every marker records the epoch
 it was written in, and a worker that detected a loss serves again once every serving version has a marker of
 the current epoch (service/control.py). Clicks received between the training snapshot and the loss are lost
-(they were only in Redis): that is what Redis persistence (AOF) is for, see README.
+(they were only in Redis): that is what Redis persistence (AOF) is for, see docs/serving.md.
 
 **The version's name** is its directory's name (what the service, the routing and `udg gc` use); a manifest
 naming another version (a copied folder) is refused: export it again under the new name.

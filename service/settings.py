@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     ort_threads: int = Field(1, ge=1, le=256)  # onnxruntime intra-op threads; workers * threads <= cores
     ort_providers: str = "CPUExecutionProvider"  # comma-separated onnxruntime providers, in preference order
     # On the CUDA provider, score through one captured CUDA graph per candidate bucket (3-4x lower latency
-    # than plain CUDA runs on an H100, see README); ignored on CPU.
+    # than plain CUDA runs on an H100, see docs/performance.md); ignored on CPU.
     cuda_graph: bool = True
     require_publish_marker: bool = True  # refuse to activate a version whose per-user state is not complete
     activation_retry_s: float = Field(1.0, gt=0)  # retry period while no version could be activated
