@@ -193,6 +193,11 @@ class FeatureSchema:
         return [f.name for f in self.user_fields]
 
     @property
+    def item_width(self) -> int:
+        """Tokens of one item row with every item field's slots concatenated (the item table's value)."""
+        return sum(f.width for f in self.item_fields)
+
+    @property
     def item_field_names(self) -> list[str]:
         return [f.name for f in self.item_fields]
 

@@ -21,6 +21,7 @@ Nothing here imports torch or pyarrow: the serving install validates requests ag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tomllib
@@ -290,8 +291,6 @@ class DatasetSpec(Strict):
         if self.generator is None:
             return Path(self.base_dir or ".")
         params = json.dumps(self.generator.params, sort_keys=True, default=str)
-        import hashlib
-
         digest = hashlib.sha256(params.encode()).hexdigest()[:12]
         return cache_dir() / "sources" / f"{self.generator.kind}-{digest}"
 

@@ -90,7 +90,8 @@ def model_train_args(spec: str = "synthetic", synthetic_users: int = 2000, epoch
             "--quiet"]
     from dataset.spec import load_spec
 
-    if load_spec(spec).generator is not None and load_spec(spec).generator.kind != "movielens-100k":
+    generator = load_spec(spec).generator
+    if generator is not None and generator.kind != "movielens-100k":
         argv += ["--synthetic-users", str(synthetic_users)]
     return argv + (list(SMALL_MODEL_ARGS) if small else [])
 

@@ -80,7 +80,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="pnn", help="pnn, deepfm, wide_deep, din, dien")
     group.add_argument("--preset", default=None, help="base, udg, udg-detach, udg-official (see model/experiment.py)")
     group.add_argument("--udg", action="store_true",
-                       help="wrap the base model with UDG, in the gate preset shipped for --model (see docs/results.md)")
+                       help="wrap the base model with UDG, in the gate preset shipped for --model (docs/results.md)")
     group.add_argument("--embed-dim", type=int, default=None)
     group.add_argument("--udg-dim", type=int, default=None)
     group.add_argument("--hidden", default=None, help="comma-separated MLP sizes, e.g. 200,80")

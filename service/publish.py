@@ -143,11 +143,6 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
     return PublishResult(version, n, seconds, marker, merged)
 
 
-def item_width(manifest: dict) -> int:
-    """Tokens per item row of the item table: every item field's width, concatenated."""
-    return sum(int(f["width"]) for f in manifest["features"]["item_fields"])
-
-
 def publish_item_table(path: Path, manifest: dict, redis_client, layout: RedisLayout) -> int:
     """The items of items.npz the version was not trained on (catalogue items: known features, unknown id)
     into the version's item table in Redis; -> how many."""
@@ -207,7 +202,7 @@ def publish_items(path: Path, file: Path, redis_client, layout: RedisLayout | No
     file = Path(file)
     table = read_columns(file, Table(path=str(file)), columns, {id_column})
     ids = [str(v) for v in table.column(id_column).to_pylist()]
-    rows = np.zeros((len(ids), sum(f.width for f in schema.item_fields)), np.int64)
+    rows = np.zeros((len(ids), schema.item_width), np.int64)
     offset = 0
     for field in schema.item_fields:
         tokens = field_tokens(file, by_name[field.name], table.column(by_name[field.name].source_column))

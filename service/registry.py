@@ -287,7 +287,7 @@ class ModelRegistry:
         if generation is None:
             generation = (await self.store.item_generations([model.version]))[0]
         artifact = model.artifact
-        width = sum(f.width for f in artifact.schema.item_fields)
+        width = artifact.schema.item_width
         if not width:
             model.items_generation = generation
             return
