@@ -444,7 +444,7 @@ def register(subparsers) -> None:
 
     from model.coldstart import add_arguments as add_coldstart_arguments
 
-    coldstart = subparsers.add_parser("coldstart", help="new users: cold start and warm-up a, b, c with meta, "
-                                                        "random and mean-row UDG embeddings (paper Table 5, Fig. 4)")
+    coldstart = add_parser("coldstart", help="new users: cold start and warm-up a, b, c with meta, "
+                                             "random and mean-row UDG embeddings (paper Table 5, Fig. 4)")
     add_coldstart_arguments(coldstart)
     coldstart.set_defaults(handler=cmd_coldstart)

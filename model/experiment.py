@@ -12,8 +12,10 @@ import fnmatch
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from model.base import ModelConfig
+if TYPE_CHECKING:  # model.base imports torch; this module must not (`udg` on the serving install reads it)
+    from model.base import ModelConfig
 
 # Model presets: "udg" = the paper's gates (Eq. 6, sigmoid); "udg-detach" = the same gates scaled by 2, whose
 # inputs do not back-propagate into the main embedding tables; "udg-official" = the authors' public code.
@@ -58,6 +60,8 @@ def udg_preset(kind: str) -> str:
 
 
 def model_config(kind: str, preset: str = "base", **overrides) -> ModelConfig:
+    from model.base import ModelConfig
+
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return replace(ModelConfig(kind=kind), **{**PRESETS[preset], **overrides})  # an option beats its preset
@@ -123,7 +127,12 @@ class Experiment:
 
 
 _ENTRY_KEYS = {"grid", "model", "variant", "spec", "set", "seeds", "out", "report", "model_options", *TRAIN_OPTIONS}
-_MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"kind", "udg"}
+
+
+def _model_fields() -> set[str]:
+    from model.base import ModelConfig
+
+    return {f.name for f in fields(ModelConfig)} - {"kind", "udg"}
 
 
 def _check_keys(where: str, table: dict, allowed: set[str]) -> None:
@@ -148,7 +157,8 @@ def _resolve(name: str, entry: dict, grids: dict, origin: str) -> Experiment:
     if merged["variant"] not in VARIANTS:
         raise ExperimentError(f"{where}: variant {merged['variant']!r}; choose from {list(VARIANTS)}")
     options = merged.get("model_options", {})
-    _check_keys(f"{where}: model_options", options, _MODEL_FIELDS)
+    if options:
+        _check_keys(f"{where}: model_options", options, _model_fields())
     if "hidden" in options:
         options = {**options, "hidden": tuple(options["hidden"])}
     return Experiment(name=name, model=merged["model"], variant=merged["variant"], spec=merged["spec"],

@@ -6,6 +6,8 @@ report.md from their journals byte for byte."""
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +57,36 @@ def test_cli_defaults_are_the_config_dataclass_defaults():
             checked += 1
     assert checked >= 20
     # The options that mean the same thing everywhere are sourced, not typed: --threads in every command.
-    for command in ("train", "evaluate", "meta", "gates", "report"):
+    for command in ("train", "evaluate", "meta", "gates", "report", "coldstart", "export"):
         threads = next(a for a in _subparser(parser, command)._actions if a.dest == "threads")
         assert threads.config_default[1:] == ("TrainConfig", "threads")
+
+
+def test_coldstart_defaults_are_the_dataclass_defaults():
+    """`udg coldstart` keeps literal defaults (they enter its journal's setup); they must equal the configs'."""
+    from model.coldstart import WarmConfig
+
+    args = build_parser().parse_args(["coldstart"])
+    assert (args.epochs, args.embed_wd, args.meta_steps) == (TrainConfig().epochs, TrainConfig().embed_weight_decay,
+                                                             MetaConfig().steps)
+    warm = WarmConfig()
+    assert (args.warm_batch_size, args.warm_epochs, args.warm_update) == (warm.batch_size, warm.epochs, warm.update)
+    assert args.threads is None
+
+
+def test_udg_parses_and_helps_without_torch():
+    """The serving install has no torch: `udg` must still build its parser and print every command's help."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from udg_cli import build_parser\n"
+            "parser = build_parser()\n"
+            "for command in ('serve', 'train', 'report', 'experiments', 'docs', 'coldstart', 'export'):\n"
+            "    try:\n"
+            "        parser.parse_args([command, '--help'])\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0, command\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(default: TrainConfig.epochs)" in done.stdout
 
 
 def test_meta_command_defaults_to_meta_config():
