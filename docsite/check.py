@@ -16,6 +16,8 @@ LINK = re.compile(r"(?<!\!)\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"
                   r"|!\[[^\]]*\]\((?P<image>[^)\s]+)\)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.M)
+PLACEHOLDERS = ("...", "…")
+INLINE_COMMAND = re.compile(r"`(udg [^`\n]+)`")
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 
 
@@ -76,23 +78,26 @@ def _words(line: str) -> list[str]:
 
 
 def quoted_commands(pages: list[Path]) -> list[tuple[Path, list[str]]]:
-    """Every `udg ...` command of the pages' code blocks (continuations joined, comments, env assignments and
-    what follows `--` dropped; `a && udg x; udg y` gives both), as its words."""
+    """Every `udg ...` command of the pages' code blocks and inline code (continuations joined, comments, env
+    assignments and what follows `--` or a `...` placeholder dropped; `a && udg x; udg y` gives both), as its
+    words."""
     found = []
     for page in pages:
-        for block in FENCE.findall(page.read_text()):
-            for line in block.replace("\\\n", " ").splitlines():
-                try:
-                    words = _words(line)
-                except ValueError:
-                    continue
-                segment: list[str] = []
-                for word in [*words, ";"]:
-                    if word and set(word) <= set(";&|<>()"):
-                        _add_command(found, page, segment)
-                        segment = []
-                    else:
-                        segment.append(word)
+        text = page.read_text()
+        lines = [line for block in FENCE.findall(text) for line in block.replace("\\\n", " ").splitlines()]
+        lines += INLINE_COMMAND.findall(FENCE.sub("", text))
+        for line in lines:
+            try:
+                words = _words(line)
+            except ValueError:
+                continue
+            segment: list[str] = []
+            for word in [*words, ";"]:
+                if word and set(word) <= set(";&|<>()"):
+                    _add_command(found, page, segment)
+                    segment = []
+                else:
+                    segment.append(word)
     return found
 
 
@@ -101,7 +106,10 @@ def _add_command(found: list, page: Path, words: list[str]) -> None:
         words = words[1:]
     if words and (words[0] == "udg" or words[0].endswith("/udg")):
         rest = words[1:]
-        found.append((page, rest[:rest.index("--")] if "--" in rest else rest))
+        rest = rest[:rest.index("--")] if "--" in rest else rest
+        for stop in PLACEHOLDERS:  # `udg models ...`: checked up to and with the placeholder
+            rest = rest[:rest.index(stop) + 1] if stop in rest else rest
+        found.append((page, rest))
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -120,6 +128,8 @@ def bad_commands(pages: list[Path], parser: argparse.ArgumentParser, root: Path 
         while rest and rest[0] in _subparsers(command):
             path.append(rest[0])
             command = _subparsers(command)[rest.pop(0)]
+        if rest and rest[0] in PLACEHOLDERS:
+            continue  # any subcommand of it
         if _subparsers(command):
             problems.append(f"{where} (no subcommand {rest[0] if rest else ''!r} of 'udg {' '.join(path)}')")
             continue
@@ -127,6 +137,8 @@ def bad_commands(pages: list[Path], parser: argparse.ArgumentParser, root: Path 
         options = {s for action in command._actions for s in action.option_strings} | {
             s for action in parser._actions for s in action.option_strings}
         for word in rest:
+            if word in PLACEHOLDERS:
+                break
             if word.startswith("--") and word.split("=", 1)[0] not in options:
                 problems.append(f"{where} (no option {word.split('=', 1)[0]} of 'udg {' '.join(path)}')")
     return problems

@@ -30,7 +30,7 @@ def test_readme_is_a_landing_page():
 def test_every_internal_link_and_quoted_command_resolves():
     docs = pages(ROOT) + [ROOT / "docs" / "api.md"]
     assert broken_links(docs) == []
-    assert len(quoted_commands(pages(ROOT))) >= 30
+    assert len(quoted_commands(pages(ROOT))) >= 100
     assert bad_commands(pages(ROOT), build_parser()) == []
 
 
@@ -40,13 +40,15 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     page.write_text("# A title\n\n[ok](#a-title) [gone](missing.md) [anchor](#nope) ![img](x.png) `[not](a.md)`\n\n"
                     "```bash\nREDIS_URL=x udg serve --model-repo m  # a comment\nudg train --epoch 3 && udg nope\n"
                     "udg gc --dry-run; udg report --experiments 'shop/*' --summary-only\n"
-                    "udg make-version --repo r -- --anything\n```\n")
+                    "udg make-version --repo r -- --anything\n```\n\n"
+                    "Inline: `udg models ...`, `udg report --model pnn`.\n")
     links = broken_links([page], tmp_path)
     assert [p.split(": ", 1)[1] for p in links] == ["missing.md (no such file)",
                                                     "#nope (no heading with this anchor on GitHub and the site alike)",
                                                     "x.png (no such file)"]
     commands = bad_commands([page], build_parser(), tmp_path)
-    assert len(commands) == 2
+    assert len(commands) == 3
+    assert "udg report --model pnn (no option --model of 'udg report')" in commands[2]
     assert "udg train --epoch 3 (no option --epoch of 'udg train')" in commands[0]
     assert "(no subcommand 'nope' of 'udg ')" in commands[1]
 
