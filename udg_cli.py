@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name == name:
+            if error.name == name or name.startswith(f"{error.name}."):  # the module or its package not installed
                 continue
             raise
         module.register(subparsers)
