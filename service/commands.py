@@ -43,7 +43,7 @@ def run_server(settings) -> None:
         uvicorn.run("service.main:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
                     loop="uvloop", http=protocol_factory(settings), timeout_keep_alive=settings.http_keep_alive_s,
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=settings.shutdown_timeout_s)
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
