@@ -3,7 +3,7 @@ running the whole time; instance A is restarted (SIGTERM, wait for its exit, sta
 proxy routes to it again), then B. Counts failed requests (the graceful drain of service/shutdown.py makes it
 0) and prints the figures as a table.
 
-    python -m loadtest.rolling_restart --repo MODEL_REPO --version v1 [--workers 1] [--drain-s 2] [--clients 4]
+    python -m loadtest.rolling_restart [--repo MODEL_REPO --version v1] [--workers 1] [--drain-s 2] [--clients 4]
 
 runs the drill twice, first without the drain (UDG_SHUTDOWN_DRAIN_S=0: the baseline), then with it, and prints
 both columns.
@@ -329,8 +329,11 @@ def figures_table(runs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", required=True, type=Path, help="model repository (e.g. runs/quickstart/model_repo)")
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="model repository holding --version (default: a small synthetic model in --workdir)")
     parser.add_argument("--version", default="v1")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/loadtest"),
+                        help="where the synthetic model is trained once (as `udg loadtest` does)")
     parser.add_argument("--redis-url", default=None, help="default: a private redis-server")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per instance")
     parser.add_argument("--drain-s", type=float, default=2.0, help="UDG_SHUTDOWN_DRAIN_S of the instances")
@@ -338,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the first run without a drain (UDG_SHUTDOWN_DRAIN_S=0)")
     args = parser.parse_args(argv)
+    from loadtest.stack import ensure_model
+
+    version_dir = ensure_model(args.repo, args.version, args.workdir)
     drains = [args.drain_s] if args.no_baseline else [0.0, args.drain_s]
-    runs = [drill(args.repo / args.version, args.redis_url, args.workers, d, args.clients) for d in drains]
+    runs = [drill(version_dir, args.redis_url, args.workers, d, args.clients) for d in drains]
     print(figures_table(runs))
     return 0 if runs[-1]["failed"] == 0 else 1
 
