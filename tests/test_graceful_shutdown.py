@@ -64,6 +64,7 @@ def test_readyz_is_503_while_draining_and_liveness_stays_200(client):
     assert client.get("/readyz").status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_server, model_repo, artifact,
                                                               workers):
