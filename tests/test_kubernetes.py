@@ -44,14 +44,23 @@ def kubectl() -> str:
     return path
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
-    result = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / request.param)], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    path = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
-    path.write_text(result.stdout)
-    return request.param, [d for d in yaml.safe_load_all(result.stdout) if d], path
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory) -> dict[str, tuple[list[dict], Path]]:
+    """overlay -> (its objects, the rendered file)."""
+    out = {}
+    for overlay in OVERLAYS:
+        result = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        path = tmp_path_factory.mktemp("k8s") / f"{overlay}.yaml"
+        path.write_text(result.stdout)
+        out[overlay] = ([d for d in yaml.safe_load_all(result.stdout) if d], path)
+    return out
+
+
+@pytest.fixture(params=OVERLAYS)
+def rendered(request, renders) -> tuple[str, list[dict], Path]:
+    return request.param, *renders[request.param]
 
 
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
@@ -280,11 +289,11 @@ def test_api_schema(rendered):
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_checkov_policy_scan(rendered, tmp_path):
-    _, _, path = rendered
+def test_checkov_policy_scan(renders, tmp_path):
     checkov = shutil.which("checkov") or str(Path(__import__("sys").executable).parent / "checkov")
     assert Path(checkov).exists(), "checkov not found: it is in the dev extra (pip install -e '.[dev]')"
-    result = subprocess.run([checkov, "-f", str(path), "--framework", "kubernetes", "--skip-download", "--quiet",
+    files = [arg for _, path in renders.values() for arg in ("-f", str(path))]  # both overlays, one run
+    result = subprocess.run([checkov, *files, "--framework", "kubernetes", "--skip-download", "--quiet",
                              "--compact", "-o", "json", "--skip-check", ",".join(ACCEPTED_SKIPS)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**__import__("os").environ, "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "ERROR"})
