@@ -6,7 +6,7 @@ proxy routes to it again), then B. Counts failed requests (the graceful drain of
     python -m loadtest.rolling_restart [--repo MODEL_REPO --version v1] [--workers 1] [--drain-s 2] [--clients 4]
 
 runs the drill twice, first without the drain (UDG_SHUTDOWN_DRAIN_S=0: the baseline), then with it, and prints
-both columns.
+both columns; `--json FILE` keeps the figures (docs/results/rolling_restart.json), `--table FILE` prints them again.
 
 It starts its own redis-server and publishes the version there (or uses --redis-url). The proxy is the part a
 Kubernetes Service plays: it forwards each TCP connection to the next backend whose /readyz answered 200 at its
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import random
 import signal
@@ -340,13 +341,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent load clients")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the first run without a drain (UDG_SHUTDOWN_DRAIN_S=0)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs here (a journal)")
+    parser.add_argument("--table", type=Path, default=None, metavar="JOURNAL",
+                        help="print the table of a journal written by --json, run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(figures_table(json.loads(args.table.read_text())["runs"]))
+        return 0
     from loadtest.stack import ensure_model
 
     version_dir = ensure_model(args.repo, args.version, args.workdir)
     drains = [args.drain_s] if args.no_baseline else [0.0, args.drain_s]
+    load_before = os.getloadavg()[0]
     runs = [drill(version_dir, args.redis_url, args.workers, d, args.clients) for d in drains]
     print(figures_table(runs))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": "python -m loadtest.rolling_restart " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+            "load_average_before_after": [load_before, os.getloadavg()[0]], "runs": runs}, indent=1) + "\n")
     return 0 if runs[-1]["failed"] == 0 else 1
 
 
