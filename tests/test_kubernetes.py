@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 SERVE_TARGET = {"cpu": "serve-cpu", "gpu": "serve-gpu"}
-KUBERNETES_VERSION = "1.30.0"  # the oldest API the manifests promise (sleep-free preStop, autoscaling/v2)
+KUBERNETES_VERSION = "1.30.0"  # the API version the objects are checked against (autoscaling/v2, policy/v1: >= 1.23)
 
 # checkov checks that do not fit this deployment, and why.
 ACCEPTED_SKIPS = {
