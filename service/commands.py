@@ -43,7 +43,7 @@ def run_server(settings) -> None:
         uvicorn.run("service.main:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
                     loop="uvloop", http=protocol_factory(settings), timeout_keep_alive=settings.http_keep_alive_s,
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=settings.shutdown_timeout_s)
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
@@ -215,6 +215,10 @@ SERVE_EPILOG = """HTTP limits, per worker process (environment; answers are the 
   UDG_MAX_BODY_BYTES=1048576         request body; larger: 413 body_too_large
   UDG_HTTP_DRAIN_BYTES=16777216      after an early answer (413, 431) the unread body is read and dropped
   UDG_HTTP_DRAIN_TIMEOUT_S=5         up to this much / this long, so clients get the answer, not a reset
+
+Graceful shutdown (service/shutdown.py):
+  UDG_SHUTDOWN_DRAIN_S=5             after SIGTERM: /readyz 503 this long while requests are still served
+  UDG_SHUTDOWN_TIMEOUT_S=10          then: stop accepting; in-flight requests get this long to complete
 """
 
 

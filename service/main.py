@@ -11,7 +11,7 @@ import logging
 
 from fastapi import FastAPI
 
-from service import errors, metrics
+from service import errors, metrics, shutdown
 from service.api import admin, events, health, openapi, score
 from service.api.deps import Services
 from service.control import Control
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Activation and every later version change: follow the routing document in Redis (control.py).
         follower = asyncio.create_task(control.follow())
         services.background.append(follower)
+        shutdown.install(settings.shutdown_drain_s, settings.shutdown_timeout_s)  # SIGTERM: drain, then stop
         try:
             yield
         finally:

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     http_drain_bytes: int = Field(16 << 20, ge=0, le=1 << 30)
     http_drain_timeout_s: float = Field(5.0, gt=0, le=120)
 
+    # --- graceful shutdown (service/shutdown.py) ----------------------------------------------------------
+    # After SIGTERM: /readyz answers 503 for shutdown_drain_s while requests are still served (load balancers
+    # stop sending), then the worker stops accepting and in-flight requests get shutdown_timeout_s to complete.
+    shutdown_drain_s: float = Field(5.0, ge=0, le=300)
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
+
     # --- state: loss detection, dedup, bounded growth (service/control.py, service/redis_layout.py) ------
     # The routing document is also kept in this file (written atomically on every change); a worker that
     # finds no document in Redis restores it from here (or from its memory) and bootstraps from

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import PlainTextResponse, Response
 
-from service import metrics
+from service import metrics, shutdown
 from service.api.deps import ServicesDep, json_ok
 from service.api.schemas import Liveness, Readiness
 from service.errors import HTTP_STATUSES, responses
@@ -46,6 +46,8 @@ async def readyz(services: ServicesDep):
     except FeatureStoreUnavailable as error:
         body["redis"] = "unavailable"
         body["reasons"].append(str(error))
+    if shutdown.draining():  # SIGTERM received: tell load balancers first, still serving (service/shutdown.py)
+        body["reasons"].append(shutdown.DRAIN.reason())
     ready = not body["reasons"]
     body["status"] = "ready" if ready else "not_ready"
     return json_ok(body, 200 if ready else 503)
