@@ -36,12 +36,14 @@ def run_server(settings) -> None:
         multiproc_dir = tempfile.mkdtemp(prefix="udg-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     from service.http_server import protocol_factory
+    from service.logs import log_config
 
     try:
         # httptools with the service's HTTP limits (head size and count, head/body timeouts, connection cap,
         # lingering close after an early answer): service/http_server.py.
         uvicorn.run("service.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
+                    workers=settings.workers, log_level=settings.log_level, access_log=False,  # ours: UDG_ACCESS_LOG
+                    log_config=log_config(settings.log_format, settings.log_level),
                     loop="uvloop", http=protocol_factory(settings), timeout_keep_alive=settings.http_keep_alive_s,
                     timeout_graceful_shutdown=10)
     finally:
@@ -50,10 +52,12 @@ def run_server(settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure
     from service.settings import Settings
 
     _apply_overrides(args)
     settings = Settings()
+    configure(settings.log_format, settings.log_level)
     log.info("serving %s version %s on %s:%d (%d worker(s), %d onnxruntime thread(s) each), Redis %s",
              settings.model_repo, settings.model_version or "<newest>", settings.host, settings.port,
              settings.workers, settings.ort_threads, settings.redis_url_for_logs())

@@ -39,6 +39,7 @@ import numpy as np
 from repository import MANIFEST_FILE, ModelRepository, is_version_name
 from service import metrics
 from service.feature_store import FeatureStore, FeatureStoreUnavailable
+from service.logs import MODEL_VERSION
 from service.redis_layout import TAG_META, RedisLayout
 
 log = logging.getLogger(__name__)
@@ -415,9 +416,11 @@ class ModelRegistry:
             yield None, arm
             return
         model.inflight += 1
+        token = MODEL_VERSION.set(model.version)  # log lines of this request name the version (service/logs.py)
         try:
             yield model, arm
         finally:
+            MODEL_VERSION.reset(token)
             model.inflight -= 1
             model.served += 1
 
