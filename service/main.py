@@ -11,7 +11,7 @@ import logging
 
 from fastapi import FastAPI
 
-from service import errors, metrics, tracing
+from service import errors, metrics, ratelog, tracing
 from service.api import admin, docs, events, health, openapi, score
 from service.api.deps import Services
 from service.control import Control
@@ -67,5 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     openapi.install(app, settings)
     docs.install(app)
     tracing.configure(settings)
+    ratelog.set_interval(settings.log_repeat_s)
     app.add_middleware(RequestContext, access_log=settings.access_log)
     return app

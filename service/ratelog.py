@@ -51,7 +51,7 @@ class RateLimitedLog:
             skipped = self._suppressed.pop(what, (0, level, ""))[0]
         extra = {"what": what}
         if skipped:
-            message += " (+%d similar in the last %.0f s, not logged)"
+            message += " (+%d similar in the last %.1f s, not logged)"
             args = (*args, skipped, now - last)
             extra.update(suppressed=skipped, suppressed_s=round(now - last, 3))
         self.logger.log(level, message, *args, exc_info=exc_info, extra=extra)
@@ -68,7 +68,7 @@ class RateLimitedLog:
                     del self._suppressed[what]
                     due.append((what, count, level, last_message, since))
         for what, count, level, last_message, since in due:
-            self.logger.log(level, "%d similar lines not logged in the last %.0f s; the last: %s", count, since,
+            self.logger.log(level, "%d similar lines not logged in the last %.1f s; the last: %s", count, since,
                             last_message, extra={"what": what, "suppressed": count, "suppressed_s": round(since, 3)})
         return len(due)
 
@@ -76,6 +76,12 @@ class RateLimitedLog:
         oldest = min(self._last, key=self._last.__getitem__)
         self._last.pop(oldest)
         self._suppressed.pop(oldest, None)
+
+
+def set_interval(every_s: float) -> None:
+    """The window of every rate-limited log of this process (UDG_LOG_REPEAT_S)."""
+    for instance in list(_INSTANCES):
+        instance.every_s = every_s
 
 
 def flush_all() -> int:

@@ -419,8 +419,11 @@ class ModelRegistry:
         token = MODEL_VERSION.set(model.version)  # log lines of this request name the version (service/logs.py)
         try:
             yield model, arm
-        finally:
+        except BaseException:
+            raise  # the version stays set for the error handler's log line; the request's task ends with it
+        else:
             MODEL_VERSION.reset(token)
+        finally:
             model.inflight -= 1
             model.served += 1
 

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     otel_service_name: str = "udg-ctr"
     trace_sample_ratio: float = Field(1.0, ge=0, le=1)  # share of traces kept (parent-based)
     readiness_period_s: float = Field(2.0, gt=0, le=60)  # udg_ready is refreshed this often per worker
+    log_repeat_s: float = Field(10.0, gt=0, le=3600)  # a repeated failure is logged once per this, with a count
 
     # --- HTTP limits, per worker process (service/http_server.py; answers are JSON errors) ----------------
     http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1 << 20)  # request line + headers; else 431

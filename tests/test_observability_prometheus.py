@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -27,6 +24,7 @@ import pytest
 import yaml
 
 from service.local_redis import free_port
+from tests.serve_process import start_service, stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
@@ -96,48 +94,6 @@ def test_dashboard_is_provisioned_in_compose():
 
 
 # --- live ------------------------------------------------------------------------------------------------
-
-def wait_until(check, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (httpx.TransportError, KeyError):
-            pass
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(poll_s)
-
-
-def start_service(redis_url: str, model_repo: Path, tmp_path: Path, workers: int = 2, **env_extra):
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(model_repo), "UDG_MODEL_VERSION": "v1",
-           "UDG_PORT": str(port), "UDG_WORKERS": str(workers), "UDG_ROUTING_FILE": str(tmp_path / "routing.json"),
-           "UDG_READINESS_PERIOD_S": "0.5", "UDG_ACTIVATION_RETRY_S": "0.2", "UDG_CONTROL_POLL_S": "0.5",
-           "UDG_REDIS_TIMEOUT_S": "0.3", **env_extra}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = (tmp_path / f"serve-{port}.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert server.poll() is None, Path(log.name).read_text()
-        return httpx.get(base + "/readyz", timeout=2).status_code == 200
-
-    wait_until(ready, 90, "udg serve ready")
-    return server, base, port, Path(log.name)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
 
 def prometheus_config(target: str, path: Path) -> Path:
     """The committed config with 1 s intervals, the committed rules file and its job aimed at `target`."""
