@@ -24,7 +24,7 @@ def wait_until(check, timeout_s: float, what: str, poll_s: float = 0.2):
             result = check()
             if result:
                 return result
-        except (httpx.TransportError, KeyError):
+        except (httpx.TransportError, KeyError, ValueError):  # not up yet, or a non-JSON answer while starting
             pass
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
         time.sleep(poll_s)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -113,7 +115,7 @@ class PrometheusApi:
 
     def query(self, expr: str) -> list[dict]:
         reply = self.http.get("/api/v1/query", params={"query": expr})
-        body = reply.json()
+        body = reply.json()  # not JSON while Prometheus starts: a ValueError, retried by wait_until
         assert reply.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
         return body["data"]["result"]
 
@@ -165,6 +167,15 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
             pids = wait_until(lambda: {s["metric"]["pid"] for s in api.query("udg_ready")} if len(
                 api.query("udg_ready")) == 2 else None, 20, "udg_ready of both workers")
             assert len(pids) == 2
+            # a worker killed: uvicorn starts another; the dead one's gauges leave /metrics (its counters stay)
+            os.kill(int(min(pids)), signal.SIGKILL)
+
+            def replaced():
+                live = {s["metric"]["pid"] for s in api.query("udg_ready")}
+                return live if len(live) == 2 and min(pids) not in live else None
+
+            wait_until(replaced, 40, "the killed worker replaced in the scrape")
+            assert scraped("sum(udg_http_responses_total)") >= 150
 
             # a Redis outage (503s, rate-limited lines), then Redis back without its data: state lost
             redis_server.process.kill()
