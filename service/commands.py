@@ -219,6 +219,13 @@ SERVE_EPILOG = """HTTP limits, per worker process (environment; answers are the 
   UDG_MAX_BODY_BYTES=1048576         request body; larger: 413 body_too_large
   UDG_HTTP_DRAIN_BYTES=16777216      after an early answer (413, 431) the unread body is read and dropped
   UDG_HTTP_DRAIN_TIMEOUT_S=5         up to this much / this long, so clients get the answer, not a reset
+
+Logs and traces (docs/observability.md):
+  UDG_LOG_FORMAT=auto                json | text | auto (text on a terminal, else JSON)
+  UDG_ACCESS_LOG=false               one line per request on logger udg.access
+  UDG_LOG_REPEAT_S=10                a repeated failure is logged once per this, with the count of the others
+  UDG_OTLP_ENDPOINT=                 OTLP/HTTP collector (http://host:4318): traces on (the `otel` extra)
+  UDG_TRACE_SAMPLE_RATIO=1.0         share of the traces kept
 """
 
 
