@@ -123,3 +123,33 @@ def test_rate_limited_log_flushes_the_count_of_an_ended_burst(caplog):
         assert limited.flush() == 1 and limited.flush() == 0
     records = caplog.records
     assert len(records) == 2 and records[1].suppressed == 2 and "the last: down: 3" in records[1].getMessage()
+
+
+def test_request_id_on_a_500_and_every_answer_counted_by_bounded_route(client, users, caplog, monkeypatch):
+    """In process: an unhandled bug's 500 still carries the request id (it is answered outside the layer),
+    its traceback is logged once per window, and answers are counted under a bounded route label."""
+    from service import errors
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    def count(route: str, status: int) -> float:  # the registry is per process: other tests count too
+        found = re.search(rf'udg_http_responses_total{{route="{route}",status="{status}"}} (\S+)',
+                          client.get("/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    before = count("/v1/score", 500)
+    monkeypatch.setattr(client.app.state.services.scorer, "score", broken)
+    monkeypatch.setattr(errors.BUGS, "every_s", 60.0)
+    body = {"user_id": str(users["user_ids"][0]), "candidates": ["1", "2"]}
+    with caplog.at_level(logging.ERROR, "service.errors"):
+        replies = [client.post("/v1/score", json=body, headers={"X-Request-ID": f"bug-{i}"}) for i in range(5)]
+    assert [r.status_code for r in replies] == [500] * 5
+    assert [r.headers["x-request-id"] for r in replies] == [f"bug-{i}" for i in range(5)]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "a bug" in str(tracebacks[0].exc_info[1])
+    assert client.get("/no/such/path").status_code == 404
+    assert client.post("/v1/admin/versions/v1/load").status_code in (401, 403)
+    assert count("/v1/score", 500) == before + 5 and count("other", 404) >= 1
+    metrics = client.get("/metrics").text
+    assert 'route="/v1/admin",status="40' in metrics and "/no/such/path" not in metrics
