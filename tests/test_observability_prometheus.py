@@ -85,10 +85,17 @@ def rule_expressions() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 def test_dashboard_is_provisioned_in_compose():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    mounts = " ".join(compose["grafana"]["volumes"])
-    assert "./ops/grafana/dashboards" in mounts and "./ops/grafana/provisioning" in mounts
-    assert "./ops/prometheus" in " ".join(compose["prometheus"]["volumes"])
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose missing: apt-get install docker-compose (.ci/run installs it)"
+    done = subprocess.run([binary, "--profile", "monitoring", "config"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    compose = yaml.safe_load(done.stdout)["services"]
+    assert compose["prometheus"]["image"].startswith("prom/prometheus:")
+    assert compose["grafana"]["image"].startswith("grafana/grafana:")
+    mounts = " ".join(str(v) for v in compose["grafana"]["volumes"])  # resolved: absolute host paths
+    assert str(OPS / "grafana/dashboards") in mounts and str(OPS / "grafana/provisioning") in mounts
+    assert str(OPS / "prometheus") in " ".join(str(v) for v in compose["prometheus"]["volumes"])
     datasource = yaml.safe_load((OPS / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uids = {target["datasource"]["uid"] for _, target in
             ((p, t) for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"])}
