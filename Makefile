@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so that pip takes the local CPU wheel on the project's machines instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,serve,loadtest,dev,docs
+EXTRAS ?= train,serve,loadtest,dev,docs,otel
 
 .PHONY: install serve-install run test lint clean-venv loadtest bench-compare docs
 
