@@ -117,8 +117,12 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
 
 
 @pytest.mark.slow
-def test_rolling_restart_behind_a_proxy_loses_no_request(published, redis_server, model_repo, tmp_path):
+def test_rolling_restart_behind_a_proxy_loses_no_request(published, redis_server, model_repo, tmp_path, monkeypatch):
     from loadtest.rolling_restart import drill, figures_table
+
+    # The drill counts requests lost to the restart; on a loaded CI machine a Redis call can stall past the
+    # 0.25 s default and answer 503 for reasons that have nothing to do with shutdown.
+    monkeypatch.setenv("UDG_REDIS_TIMEOUT_S", "2")
 
     figures = drill(model_repo / "v1", redis_server.url, workers=1, drain_s=DRAIN_S, clients=4,
                     log_path=tmp_path / "serve.log")
