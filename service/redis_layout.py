@@ -619,16 +619,20 @@ class RedisLayout:
         return {"length": int(client.xlen(self.warmup_stream)), "pending": int(group.get("pending", 0)),
                 "lag": group.get("lag")}
 
-    def read_warmup_state(self, client, version: str, user_id: str, identities: list[str]) -> WarmupState:
-        """The user's embeddings under `version`, which of `identities` were applied to them, the history and
-        the profile: one pipeline, one round trip (all four keys in the user's slot)."""
+    def read_warmup_states(self, client, version: str, user_ids: list[str],
+                           identities: list[list[str]]) -> list[WarmupState]:
+        """Per user: the embeddings under `version`, which of their `identities` were already applied to them,
+        the history and the profile. One pipeline for all users, one round trip (each user's four keys in
+        their own slot)."""
         pipe = client.pipeline(transaction=False)
-        pipe.get(self.embeddings(version, user_id))
-        pipe.execute_command("ZMSCORE", self.warmup_applied(version, user_id), *identities)
-        pipe.get(self.history(user_id))
-        pipe.get(self.profile(user_id))
-        embeddings, scores, history, profile = pipe.execute()
-        return WarmupState(embeddings, [s is not None for s in scores], history, profile)
+        for user_id, ids in zip(user_ids, identities, strict=True):
+            pipe.get(self.embeddings(version, user_id))
+            pipe.execute_command("ZMSCORE", self.warmup_applied(version, user_id), *ids)
+            pipe.get(self.history(user_id))
+            pipe.get(self.profile(user_id))
+        replies = pipe.execute()
+        return [WarmupState(replies[i], [s is not None for s in replies[i + 1]], replies[i + 2], replies[i + 3])
+                for i in range(0, len(replies), 4)]
 
     def write_warmed(self, client, version: str, user_id: str, expected: bytes | None, value: bytes,
                      identities: list[str], now_ms: int | None = None) -> bool:
@@ -643,6 +647,29 @@ class RedisLayout:
         except NoScriptError:
             client.script_load(WARMUP_CAS)
             return bool(client.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, *args))
+
+    def write_warmed_many(self, client, version: str, writes: list[tuple[str, bytes | None, bytes, list[str]]],
+                          now_ms: int | None = None) -> list[bool]:
+        """`write_warmed` for several users [(user, expected, value, identities)], one pipeline: each user's
+        compare-and-set is its own Lua call (its own slot). -> written, per user."""
+        from redis.exceptions import NoScriptError
+
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            for user_id, expected, value, identities in writes:
+                keys = [self.embeddings(version, user_id), self.warmup_applied(version, user_id)]
+                pipe.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, expected or b"", value, self.generated_ttl_s * 1000,
+                             now_ms, self.warmup_applied_keep, *identities)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                client.script_load(WARMUP_CAS)  # nothing ran: NOSCRIPT executes no part of the script
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return [bool(r) for r in results]
+        raise AssertionError("unreachable")
 
     # --- bulk: `udg publish` and `udg gc` (sync client) ---------------------------------------------------
     def write_batch(self, client, version: str, user_ids: list[str], user_vec: np.ndarray, udg_vec: np.ndarray,

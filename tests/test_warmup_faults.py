@@ -101,7 +101,7 @@ def test_sigkill_mid_batch_then_claimed_nothing_lost_nothing_twice(published, re
     layout.ensure_warmup_group(redis_client)
     sent = _stream_events(redis_client, artifact, users, n_users=300, per_user=4)
     total = sum(len(v) for v in sent.values())
-    worker = _start_worker(redis_server.url, model_repo, "doomed", "--count", str(total))
+    worker = _start_worker(redis_server.url, model_repo, "doomed", "--count", str(total), "--users-per-pass", "4")
     keys = [layout.embeddings(VERSION, user) for user in sent]
 
     def mid_batch() -> bool:

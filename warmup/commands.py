@@ -25,7 +25,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     client = sync_redis(settings.redis_url, timeout_s=max(5.0, args.block_ms / 1000 + 5))
     config = WarmupConfig(alpha=args.alpha, steps=args.steps, users=args.users, count=args.count,
                           block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, claim_every_s=args.claim_every_s,
-                          max_deliveries=args.max_deliveries)
+                          max_deliveries=args.max_deliveries, users_per_pass=args.users_per_pass)
     metrics = Metrics()
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -65,6 +65,8 @@ def register(subparsers) -> None:
                         help="claim entries pending this long on another (dead) consumer")
     parser.add_argument("--claim-every-s", type=float, default=5.0)
     parser.add_argument("--max-deliveries", type=int, default=5, help="an entry delivered more often is dropped")
+    parser.add_argument("--users-per-pass", type=int, default=64,
+                        help="users stepped together in one batched forward/backward and written in one pipeline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one worker per core scales out)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1:PORT")
     parser.add_argument("--exit-when-idle-s", type=float, default=None, help=argparse.SUPPRESS)

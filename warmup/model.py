@@ -121,16 +121,34 @@ class WarmupModel:
              labels: list[float], alpha: float, steps: int = 1) -> np.ndarray:
         """For each event in order (oldest first): `steps` gradient steps θ ← θ − α ∇ CE(θ) on the UDG embedding
         alone (model, gates, base user vector frozen), the event's behavior feature its history before it."""
-        user = torch.tensor(np.asarray(user_vec, np.float32).reshape(1, -1))
-        udg = torch.tensor(np.asarray(udg_vec, np.float32).reshape(1, -1))
-        item_idx = self.schema.items.lookup_many(items)
-        for history, item, label in zip(histories, item_idx, labels, strict=True):
-            history_t = self.encode_history(history)
-            item_t = torch.as_tensor([int(item)])
-            label_t = torch.as_tensor([float(label)])
+        return self.step_many([user_vec], [udg_vec], [histories], [items], [labels], alpha, steps)[0]
+
+    def step_many(self, user_vecs: list[np.ndarray], udg_vecs: list[np.ndarray], histories: list[list[list[str]]],
+                  items: list[list[str]], labels: list[list[float]], alpha: float, steps: int = 1) -> list[np.ndarray]:
+        """`step` for several users at once: their k-th events share one forward and backward pass (rows are
+        independent: the model is frozen and has no batch-coupled layer in eval mode, so each row's gradient is
+        its own user's), which is what makes a worker's events/s (one pass per event position, not per event)."""
+        n = len(user_vecs)
+        user = torch.tensor(np.stack([np.asarray(u, np.float32).reshape(-1) for u in user_vecs]))
+        udg = torch.tensor(np.stack([np.asarray(u, np.float32).reshape(-1) for u in udg_vecs]))
+        lengths = np.array([len(i) for i in items])
+        depth = int(lengths.max()) if n else 0
+        item_idx = np.zeros((n, depth), np.int64)
+        label = np.zeros((n, depth), np.float32)
+        history = np.full((n, depth, self.max_history), PAD, np.int64)
+        for row in range(n):
+            if lengths[row]:
+                item_idx[row, :lengths[row]] = self.schema.items.lookup_many(items[row])
+                label[row, :lengths[row]] = labels[row]
+                for k, past in enumerate(histories[row]):
+                    history[row, k] = self.encode_history(past)[0].numpy()
+        item_t, label_t, history_t = torch.as_tensor(item_idx), torch.as_tensor(label), torch.as_tensor(history)
+        for k in range(depth):
+            rows = torch.as_tensor(np.flatnonzero(lengths > k))
             for _ in range(steps):
-                udg.requires_grad_(True)
-                loss = F.binary_cross_entropy_with_logits(self.model.score(user, udg, history_t, item_t), label_t)
-                (grad,) = torch.autograd.grad(loss, udg)
-                udg = (udg - alpha * grad).detach()
-        return udg.numpy().astype(np.float32)
+                selected = udg[rows].requires_grad_(True)
+                logits = self.model.score(user[rows], selected, history_t[rows, k], item_t[rows, k])
+                loss = F.binary_cross_entropy_with_logits(logits, label_t[rows, k], reduction="sum")
+                (grad,) = torch.autograd.grad(loss, selected)
+                udg[rows] = selected.detach() - alpha * grad
+        return [udg[row:row + 1].numpy().astype(np.float32) for row in range(n)]

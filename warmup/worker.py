@@ -61,6 +61,7 @@ class WarmupConfig:
     max_deliveries: int = 5
     routing_poll_s: float = 1.0
     cas_attempts: int = 20
+    users_per_pass: int = 64  # users stepped together (one forward/backward per event position) and written
 
 
 class Metrics:
@@ -106,6 +107,23 @@ def parse_entry(entry_id: bytes, fields: dict) -> WarmEvent | None:
 
 def arrival_s(entry_id: bytes) -> float:
     return int(entry_id.split(b"-")[0]) / 1000.0
+
+
+@dataclass
+class WritePlan:
+    """One user's pending write under one version: from what was read, the events to apply."""
+
+    user_id: str
+    expected: bytes | None  # the value read (the compare-and-set's expectation)
+    origin: bytes
+    steps_before: int
+    user_vec: np.ndarray
+    udg_vec: np.ndarray
+    histories: list[list[str]]
+    known: list[WarmEvent]
+    unknown: int
+    identities: list[str]
+    value: bytes = b""
 
 
 class CasConflict(RuntimeError):
@@ -243,69 +261,110 @@ class WarmupWorker:
         if not self.models:
             self.metrics.count("no_version", valid)
         self.metrics.count("not_warmable", valid * len(self.refused))
-        done = list(malformed)
-        for user_id, user_events in events.items():
-            try:
-                for model in self.models.values():
-                    self.apply_user(model, user_id, user_events)
-            except CasConflict as error:
-                log.warning("%s", error)
-                continue
-            done += [e.entry_id for e in user_events]
+        failed: set[str] = set()
+        users = list(events)
+        for start in range(0, len(users), self.config.users_per_pass):
+            chunk = {u: events[u] for u in users[start:start + self.config.users_per_pass]}
+            for model in self.models.values():
+                failed |= self.apply_users(model, {u: e for u, e in chunk.items() if u not in failed})
+        done = list(malformed) + [e.entry_id for u, user_events in events.items() if u not in failed
+                                  for e in user_events]
         self.layout.ack_warmup_events(self.client, done)
         self.processed += len(done)
 
+    def apply_users(self, model: WarmupModel, events: dict[str, list[WarmEvent]]) -> set[str]:
+        """Every user's events (oldest first) on their embedding under `model.version`: one pipelined read,
+        the steps of all users in shared passes (`WarmupModel.step_many`), one pipelined compare-and-set;
+        a user whose value changed in between is redone alone (`apply_user`). -> users left pending."""
+        layout, version = self.layout, model.version
+        users = list(events)
+        states = layout.read_warmup_states(self.client, version, users, [[e.identity for e in events[u]]
+                                                                          for u in users])
+        plans = [plan for plan in (self.plan(model, u, events[u], state) for u, state in zip(users, states,
+                                                                                            strict=True)) if plan]
+        if not plans:
+            return set()
+        self.step_plans(model, plans)
+        written = layout.write_warmed_many(self.client, version, [(p.user_id, p.expected, p.value, p.identities)
+                                                                  for p in plans])
+        failed = set()
+        for plan, ok in zip(plans, written, strict=True):
+            if ok:
+                self.committed(model, plan)
+                continue
+            self.metrics.writes.labels("conflict").inc()
+            try:
+                self.apply_user(model, plan.user_id, events[plan.user_id])
+            except CasConflict as error:
+                log.warning("%s", error)
+                failed.add(plan.user_id)
+        return failed
+
     def apply_user(self, model: WarmupModel, user_id: str, events: list[WarmEvent]) -> None:
-        """The user's events (oldest first) on their embedding under `model.version`, compare-and-set."""
-        layout, metrics, version = self.layout, self.metrics, model.version
-        identities = [e.identity for e in events]
+        """One user's events under `model.version`, compare-and-set, re-read and redone on a conflict."""
+        layout = self.layout
         for _ in range(self.config.cas_attempts):
-            state = layout.read_warmup_state(self.client, version, user_id, identities)
-            todo = [e for e, done in zip(events, state.applied, strict=True) if not done]
-            duplicates = len(events) - len(todo)
-            if not todo:
-                metrics.count("duplicate", duplicates)
+            state = layout.read_warmup_states(self.client, model.version, [user_id],
+                                              [[e.identity for e in events]])[0]
+            plan = self.plan(model, user_id, events, state)
+            if plan is None:
                 return
-            unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
-            if state.embeddings is not None and unpacked is None:
-                metrics.count("bad_state", len(todo))  # another version's dims under this name: not touched
+            self.step_plans(model, [plan])
+            if layout.write_warmed(self.client, model.version, user_id, plan.expected, plan.value, plan.identities):
+                self.committed(model, plan)
                 return
-            origin = layout.embedding_origin(state.embeddings) or TAG_META
-            if origin == TAG_PUBLISHED and self.config.users != "all":
-                metrics.count("not_cold", len(todo))
-                metrics.count("duplicate", duplicates)
-                return
-            known = [e for e in todo if model.knows_item(e.item_id)]
-            if not known:  # nothing to learn from: the state is left as it is
-                metrics.count("unknown_item", len(todo))
-                metrics.count("duplicate", duplicates)
-                return
-            if unpacked is None:  # never scored yet: start from what the service would generate
-                profile = next((e.profile for e in reversed(todo) if e.profile), None)
-                stored = layout.unpack_profile(state.profile)
-                user_vec, udg_vec = model.generated_state(profile or stored)
-            else:
-                user_vec, udg_vec = unpacked[0], unpacked[1]
-            steps_before = layout.warmup_steps(state.embeddings)
-            histories = self.histories(layout.split_history(state.history, layout.history_cap), todo, known)
-            udg_vec = model.step(user_vec, udg_vec, histories, [e.item_id for e in known],
-                                 [1.0 if e.clicked else 0.0 for e in known], self.alpha(model), self.config.steps)
-            steps = steps_before + len(known) * self.config.steps
-            value = layout.pack_warmed(user_vec, udg_vec, steps, origin)
-            if layout.write_warmed(self.client, version, user_id, state.embeddings, value,
-                                   [e.identity for e in todo]):
-                metrics.writes.labels("written").inc()
-                metrics.count("applied", len(known))
-                metrics.count("unknown_item", len(todo) - len(known))
-                metrics.count("duplicate", duplicates)
-                metrics.steps.labels(version).inc(len(known) * self.config.steps)
-                now = time.time()
-                for event in known:
-                    metrics.staleness.observe(max(0.0, now - arrival_s(event.entry_id)))
-                return
-            metrics.writes.labels("conflict").inc()
-        raise CasConflict(f"user {user_id!r} under {version}: the embedding kept changing "
-                           f"({self.config.cas_attempts} compare-and-set conflicts); left pending")
+            self.metrics.writes.labels("conflict").inc()
+        raise CasConflict(f"user {user_id!r} under {model.version}: the embedding kept changing "
+                          f"({self.config.cas_attempts} compare-and-set conflicts); left pending")
+
+    def plan(self, model: WarmupModel, user_id: str, events: list[WarmEvent], state) -> WritePlan | None:
+        """What to learn from the user's not yet applied events, from the state read; None (counted) when
+        there is nothing to write."""
+        layout, metrics = self.layout, self.metrics
+        todo = [e for e, done in zip(events, state.applied, strict=True) if not done]
+        duplicates = len(events) - len(todo)
+        metrics.count("duplicate", duplicates)
+        if not todo:
+            return None
+        unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
+        if state.embeddings is not None and unpacked is None:
+            metrics.count("bad_state", len(todo))  # another version's dims under this name: not touched
+            return None
+        origin = layout.embedding_origin(state.embeddings) or TAG_META
+        if origin == TAG_PUBLISHED and self.config.users != "all":
+            metrics.count("not_cold", len(todo))
+            return None
+        known = [e for e in todo if model.knows_item(e.item_id)]
+        if not known:  # nothing to learn from: the state is left as it is
+            metrics.count("unknown_item", len(todo))
+            return None
+        if unpacked is None:  # never scored yet: start from what the service would generate
+            profile = next((e.profile for e in reversed(todo) if e.profile), None)
+            user_vec, udg_vec = model.generated_state(profile or layout.unpack_profile(state.profile))
+        else:
+            user_vec, udg_vec = unpacked[0], unpacked[1]
+        return WritePlan(user_id, state.embeddings, origin, layout.warmup_steps(state.embeddings), user_vec, udg_vec,
+                         self.histories(layout.split_history(state.history, layout.history_cap), todo, known),
+                         known, len(todo) - len(known), [e.identity for e in todo])
+
+    def step_plans(self, model: WarmupModel, plans: list[WritePlan]) -> None:
+        steps = self.config.steps
+        udgs = model.step_many([p.user_vec for p in plans], [p.udg_vec for p in plans], [p.histories for p in plans],
+                               [[e.item_id for e in p.known] for p in plans],
+                               [[1.0 if e.clicked else 0.0 for e in p.known] for p in plans], self.alpha(model), steps)
+        for plan, udg in zip(plans, udgs, strict=True):
+            plan.value = self.layout.pack_warmed(plan.user_vec, udg, plan.steps_before + len(plan.known) * steps,
+                                                 plan.origin)
+
+    def committed(self, model: WarmupModel, plan: WritePlan) -> None:
+        metrics = self.metrics
+        metrics.writes.labels("written").inc()
+        metrics.count("applied", len(plan.known))
+        metrics.count("unknown_item", plan.unknown)
+        metrics.steps.labels(model.version).inc(len(plan.known) * self.config.steps)
+        now = time.time()
+        for event in plan.known:
+            metrics.staleness.observe(max(0.0, now - arrival_s(event.entry_id)))
 
     @staticmethod
     def histories(stored: list[str], todo: list[WarmEvent], known: list[WarmEvent]) -> list[list[str]]:
