@@ -166,8 +166,8 @@ def offline_rule(warm, users: ReplayUsers, alpha: float, histories: str) -> dict
     for name in ("a", "b", "c"):
         batch = users.batches[name]
         samples = batch["samples"]
+        plans = []
         for number, rows in users.rows_of(name).items():
-            user_vec, udg_vec = state[number]["vecs"]
             items = list(batch["item_raw"][rows])
             labels = [float(samples.label[r] > 0.5) for r in rows]
             if histories == "served":
@@ -178,9 +178,11 @@ def offline_rule(warm, users: ReplayUsers, alpha: float, histories: str) -> dict
                         clicks.insert(0, item)
             else:
                 before = [raw_history(samples, r) for r in rows]
-                state[number]["clicks"] = []
-            udg_vec = warm.step(user_vec, udg_vec, before, items, labels, alpha)
-            state[number]["vecs"] = (user_vec, udg_vec)
+            plans.append((number, before, items, labels))
+        udgs = warm.step_many([state[p[0]]["vecs"][0] for p in plans], [state[p[0]]["vecs"][1] for p in plans],
+                              [p[1] for p in plans], [p[2] for p in plans], [p[3] for p in plans], alpha)
+        for (number, *_), udg_vec in zip(plans, udgs, strict=True):
+            state[number]["vecs"] = (state[number]["vecs"][0], udg_vec)
         phases[name] = evaluate()
     return phases
 
@@ -199,30 +201,43 @@ def train_like_coldstart(split, kind: str, seed: int, epochs: int, meta_steps: i
 
 
 # --- staleness and throughput -------------------------------------------------------------------------------
-def staleness(base: str, client, layout, users: ReplayUsers, rate: float, duration_s: float, tag: str) -> dict:
-    """Open-loop events at `rate`/s (one per request), then each one's POST-answer-to-write time."""
+def staleness(base: str, client, layout, users: ReplayUsers, rate: float, duration_s: float, tag: str,
+              senders: int = 4) -> dict:
+    """Open-loop events at `rate`/s in all (one event per request, `senders` threads each at rate/senders),
+    then each one's POST-answer-to-write time."""
+    import threading
+
     import httpx
 
     items = [i for i in users.batches["a"]["item_raw"][users.batches["a"]["rows"]]][:200]
     profiles = [u["profile"] for u in users.users.values()]
-    sent = []
-    interval = 1.0 / rate
+    sent, lock = [], threading.Lock()
+    interval = senders / rate
     started = time.perf_counter()
-    with httpx.Client(base_url=base, timeout=10) as http:
-        k = 0
-        while time.perf_counter() - started < duration_s:
-            due = started + k * interval
-            now = time.perf_counter()
-            if due > now:
-                time.sleep(due - now)
-            user = f"{tag}-u{k % 400}"
-            event_id = f"{tag}-{k}"
-            reply = http.post("/v1/events", json={"user_id": user, "item_id": items[k % len(items)],
-                                                  "clicked": k % 3 == 0, "ts": k, "event_id": event_id,
-                                                  "profile": profiles[k % len(profiles)]})
-            reply.raise_for_status()
-            sent.append((user, f"id\x1f{event_id}", time.time()))
-            k += 1
+
+    def send(lane: int) -> None:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            k = 0
+            while time.perf_counter() - started < duration_s:
+                due = started + k * interval
+                now = time.perf_counter()
+                if due > now:
+                    time.sleep(due - now)
+                n = k * senders + lane
+                user, event_id = f"{tag}-u{n % 400}", f"{tag}-{n}"
+                reply = http.post("/v1/events", json={"user_id": user, "item_id": items[n % len(items)],
+                                                      "clicked": n % 3 == 0, "ts": n, "event_id": event_id,
+                                                      "profile": profiles[n % len(profiles)]})
+                reply.raise_for_status()
+                with lock:
+                    sent.append((user, f"id\x1f{event_id}", time.time()))
+                k += 1
+
+    threads = [threading.Thread(target=send, args=(lane,)) for lane in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - started
     wait_drained(client, layout)
     pipe = client.pipeline(transaction=False)
@@ -315,6 +330,7 @@ def run(args) -> dict:
     journal["dropped_oov_events"] = users.dropped
     offline["rule_served_histories"] = offline_rule(warm, users, alpha, "served")
     offline["rule_data_histories"] = offline_rule(warm, users, alpha, "data")
+    offline["no_warmup_served_histories"] = offline_rule(warm, users, 0.0, "served")
     journal["offline"] = offline
 
     redis = start_redis()
@@ -369,6 +385,8 @@ def report(journal: dict) -> str:
             ("offline, same rule, served histories", offline["rule_served_histories"]),
             ("offline, same rule, data histories", offline["rule_data_histories"]),
             ("offline protocol `--warm-update embeddings` (Adam)", offline["protocol_embeddings_adam"])]
+    if "no_warmup_served_histories" in offline:  # the history alone: what the events give without warm-up
+        rows.insert(1, ("offline, no warm-up (α = 0), served histories", offline["no_warmup_served_histories"]))
     lines = [f"### Replay: {journal['spec']}, {journal['model'].upper()}+UDG, seed {journal['seed']} "
              f"(pre-training {journal['epochs']} epochs at most, meta {journal['meta_steps']} steps), "
              f"α = {journal['alpha']:g}, one step per event", "",
@@ -382,7 +400,16 @@ def report(journal: dict) -> str:
     for label, phases in rows:
         lines.append(f"| {label} | " + " | ".join(f"{phases[p]['log_loss']:.4f}" for p in PHASES) + " |")
     gap = max(abs(served[p]["auc"] - offline["rule_served_histories"][p]["auc"]) for p in PHASES)
-    lines += ["", f"Served vs the same rule computed offline with the same histories: max |ΔAUC| = {gap:.5f}.",
+    lines += ["", f"Served vs the same rule computed offline with the same histories: max |ΔAUC| = {gap:.5f}."]
+    gains = [("rule, data histories", offline["rule_data_histories"]),
+             ("protocol (Adam)", offline["protocol_embeddings_adam"])]
+    base = offline.get("no_warmup_served_histories")
+    cells = [f"{label}: " + ", ".join(f"{p} {phases[p]['auc'] - phases['cold']['auc']:+.4f}" for p in PHASES[1:])
+             for label, phases in gains]
+    if base:
+        cells.insert(0, "served: " + ", ".join(f"{p} {served[p]['auc'] - base[p]['auc']:+.4f}" for p in PHASES[1:])
+                     + " (against α = 0 with the same histories)")
+    lines += ["What the embedding updates add to the AUC: " + "; ".join(cells) + ".",
               "Warm-up steps reported by `/v1/score` (sum over new users) after each phase: "
               + ", ".join(f"{p} {journal['served_warmup_steps'][p]}" for p in PHASES) + "; worker drain time per "
               "batch: " + ", ".join(f"{p} {d['drain_s']:.1f} s ({d['events']} events)"

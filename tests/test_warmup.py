@@ -206,3 +206,28 @@ def test_a_version_without_its_checkpoint_is_not_warmed(redis_client, model_repo
     assert worker.metrics.events.labels("not_warmable")._value.get() == 1
     assert "old" in worker.refused and not worker.models
     assert redis_client.get(layout.embeddings("old", NEW)) is None
+
+
+def test_two_workers_split_the_stream_and_each_event_is_applied_once(published, redis_client, model_repo, artifact,
+                                                                       users):
+    import orjson
+
+    from service.control import ControlKeys, new_document
+    from service.redis_layout import RedisLayout
+
+    layout = RedisLayout()
+    redis_client.set(ControlKeys().routing, orjson.dumps(new_document(VERSION)))
+    layout.ensure_warmup_group(redis_client)
+    items, profile = _items(artifact, 5), _profile(users)
+    for k in range(40):  # 10 users x 4 events, interleaved
+        user = f"split-{k % 10}"
+        redis_client.xadd(layout.warmup_stream, layout.warmup_entry(user, items[k % 5], k % 2 == 0, f"id\x1f{k}", k,
+                                                                    profile))
+    first, second = _worker(redis_client, model_repo, count=7), _worker(redis_client, model_repo, count=7)
+    second.consumer = "test-worker-2"
+    while first.run_once() + second.run_once():
+        pass
+    assert first.processed > 0 and second.processed > 0 and first.processed + second.processed == 40
+    for u in range(10):
+        assert layout.warmup_steps(redis_client.get(layout.embeddings(VERSION, f"split-{u}"))) == 4
+    assert redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0
