@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
+from loadtest.stack import stop as stop_process
 from tests.conftest import VERSION
 
 torch = pytest.importorskip("torch")
@@ -76,16 +77,6 @@ def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.002):
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(poll_s)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.mark.slow
@@ -159,7 +150,7 @@ def test_worker_outlives_a_redis_restart(published, redis_server, redis_client, 
         assert worker.poll() is None
         client.close()
     finally:
-        _stop(worker)
+        stop_process(worker)  # SIGINT: `udg warmup` finishes its pass and exits
 
 
 def test_hot_swap_pending_events_go_to_the_new_version_with_its_own_model(redis_client, model_repo, artifact,

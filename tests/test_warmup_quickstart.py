@@ -3,25 +3,18 @@ warm-up steps the service reports."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from tests.test_service_cli import udg
+from tests.test_service_cli import run_quickstart
 
 pytest.importorskip("torch")
 
 
 @pytest.mark.slow
 def test_quickstart_demo_shows_scores_before_and_after_clicks(redis_client, redis_server, model_repo, tmp_path):
-    workdir = tmp_path / "quickstart"
-    workdir.mkdir()
-    (workdir / "checkpoint.pt").symlink_to(model_repo.parent / "checkpoint.pt")
-    env = {**os.environ, "REDIS_URL": redis_server.url}
-    result = udg("quickstart", "--workdir", str(workdir), "--port", "0", "--exit-after-demo", env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    out = result.stdout
+    out = run_quickstart(redis_server, model_repo, tmp_path / "quickstart")
     assert "udg warmup" in out
     steps = re.search(r"warm-up steps on this user's UDG embedding: (\d+) -> (\d+)", out)
     assert steps and steps.group(1) == "0" and int(steps.group(2)) == 12, out[-3000:]
