@@ -231,3 +231,16 @@ def test_two_workers_split_the_stream_and_each_event_is_applied_once(published, 
     for u in range(10):
         assert layout.warmup_steps(redis_client.get(layout.embeddings(VERSION, f"split-{u}"))) == 4
     assert redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0
+
+
+def test_no_routing_document_no_event_consumed(redis_client, model_repo, artifact):
+    from service.redis_layout import RedisLayout
+
+    layout = RedisLayout()
+    layout.ensure_warmup_group(redis_client)
+    redis_client.xadd(layout.warmup_stream, layout.warmup_entry(NEW, _items(artifact, 1)[0], True, "id\x1fz", 1,
+                                                                None))
+    worker = _worker(redis_client, model_repo)
+    assert worker.run_once() == 0 and not worker.models
+    group = redis_client.xinfo_groups(layout.warmup_stream)[0]
+    assert group["pending"] == 0 and group["last-delivered-id"] == b"0-0"  # still there for when a version is

@@ -5,7 +5,9 @@ under each serving version with a compare-and-set, every event applied once per 
 One pass (`WarmupWorker.run_once`):
 
 1. Follow the routing document (`udg:ctl:routing`, owned by service/control.py): the active version and the
-   split arms are the versions warmed; each is loaded from the model repository with its own weights
+   split arms are the versions warmed (no document yet, e.g. Redis restarted empty and no service has
+   restored it: the worker waits and reads nothing, so no event is consumed without being applied); each
+   is loaded from the model repository with its own weights
    (`warmup.model.WarmupModel`), and reloaded when its publish marker names another manifest. A version that
    cannot be warmed (no warmup.pt) is skipped: its events are acked for it and counted, never warmed with
    another version's model.
@@ -45,8 +47,7 @@ from service.redis_layout import TAG_META, TAG_PUBLISHED, RedisLayout
 from warmup.model import NotWarmable, WarmEvent, WarmupModel
 
 log = logging.getLogger(__name__)
-OUTCOMES = ("applied", "duplicate", "malformed", "unknown_item", "not_cold", "not_warmable", "bad_state", "dead",
-            "no_version")
+OUTCOMES = ("applied", "duplicate", "malformed", "unknown_item", "not_cold", "not_warmable", "bad_state", "dead")
 
 
 @dataclass
@@ -233,6 +234,9 @@ class WarmupWorker:
 
         self.ensure_group()
         self.refresh_versions()
+        if not self.models and not self.refused:  # no routing yet (or Redis restarted empty): keep the events
+            time.sleep(min(self.config.block_ms / 1000, self.config.routing_poll_s))
+            return 0
         try:
             entries = self.fetch()
         except ResponseError as error:
@@ -258,8 +262,6 @@ class WarmupWorker:
                 events.setdefault(event.user_id, []).append(event)
         valid = len(entries) - len(malformed)
         self.metrics.count("malformed", len(malformed))
-        if not self.models:
-            self.metrics.count("no_version", valid)
         self.metrics.count("not_warmable", valid * len(self.refused))
         failed: set[str] = set()
         users = list(events)
