@@ -286,6 +286,40 @@ def throughput(client, repo: Path, users: ReplayUsers, n_events: int, tag: str) 
     return results
 
 
+def events_cost(version_dir: Path, n: int, rounds: int = 2) -> dict:
+    """POST /v1/events latency with the warm-up stream off and on (the XADDs in the clicks' MULTI/EXEC), the
+    two alternating `rounds` times on a fresh Redis and service each: p50 and p99 per setting, pooled."""
+    import httpx
+
+    from loadtest.stack import publish_version, start_redis, start_service, stop
+
+    items = list(json.loads((Path(version_dir) / "manifest.json").read_text())["features"]["items"]["tokens"])[2:50]
+    latencies = {"off": [], "on": []}
+    for _ in range(rounds):
+        for setting in ("off", "on"):
+            redis = start_redis()
+            server = None
+            try:
+                publish_version(version_dir, redis.url)
+                server, base = start_service(version_dir, redis.url, workers=1,
+                                             extra_env={"UDG_WARMUP_STREAM": "true" if setting == "on" else "false"})
+                with httpx.Client(base_url=base, timeout=10) as http:
+                    for k in range(n + 100):
+                        started = time.perf_counter()
+                        event = {"user_id": f"c{k % 500}", "item_id": items[k % len(items)], "clicked": k % 2 == 0,
+                                 "ts": k}
+                        reply = http.post("/v1/events", json=event)
+                        elapsed = time.perf_counter() - started
+                        reply.raise_for_status()
+                        if k >= 100:  # the first requests warm the connection and the scripts up
+                            latencies[setting].append(elapsed)
+            finally:
+                stop(server)
+                redis.cleanup()
+    return {setting: {"requests": len(v), "p50_ms": float(np.percentile(v, 50) * 1000),
+                      "p99_ms": float(np.percentile(v, 99) * 1000)} for setting, v in latencies.items()}
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 def run(args) -> dict:
     import torch
@@ -446,10 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results/warmup")
     parser.add_argument("--name", default=None, help="journal name (default: SPEC-alphaA)")
     parser.add_argument("--summary-only", action="store_true", help="the report from the journal, running nothing")
+    parser.add_argument("--events-cost", type=int, default=0, metavar="N",
+                        help="only measure POST /v1/events with the stream off and on (N requests each, on the "
+                             "version --workdir's replay run exported) into events-cost.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.summary_only:
+    if args.events_cost:
+        cost = events_cost(Path(args.workdir) / "model_repo" / VERSION, args.events_cost)
+        cost["command"] = " ".join(["python -m loadtest.bench_warmup", *sys.argv[1:]] if argv is None else
+                                   ["python -m loadtest.bench_warmup", *argv])
+        (out / "events-cost.json").write_text(json.dumps(cost, indent=1) + "\n")
+    elif not args.summary_only:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         journal = run(args)
         journal["rate"] = args.rate
@@ -458,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     texts = [report(json.loads(path.read_text())) for path in sorted(out.glob("replay-*.json"))]
     if not texts:
         raise SystemExit(f"no replay-*.json journal in {out}")
+    cost_path = out / "events-cost.json"
+    if cost_path.exists():
+        cost = json.loads(cost_path.read_text())
+        texts.append("\n".join(["### POST /v1/events with the warm-up stream off and on", "",
+                                "| stream | requests | p50 ms | p99 ms |", "|---|---|---|---|",
+                                *(f"| {k} | {cost[k]['requests']} | {cost[k]['p50_ms']:.3f} | {cost[k]['p99_ms']:.3f} |"
+                                  for k in ("off", "on")), "",
+                                "One event per request, sequential, fresh Redis and service per round, the two "
+                                f"settings alternating. Command: `{cost['command']}`."]))
     text = "\n\n".join(texts)
     (out / "report.md").write_text(text + "\n")
     print(text)
