@@ -140,7 +140,7 @@ def test_worker_outlives_a_redis_restart(published, redis_server, redis_client, 
         time.sleep(1.5)
         redis_server.start()
         client = sync_redis(redis_server.url, timeout_s=5)
-        assert client.exists(layout.warmup_stream) == 0
+        assert client.xlen(layout.warmup_stream) == 0 and client.get(layout.marker(VERSION)) is None  # empty
         publish(model_repo / VERSION, client, progress=False)
         _routing(client, VERSION)
         sent = _stream_events(client, artifact, users, n_users=3, per_user=2, prefix="after")
