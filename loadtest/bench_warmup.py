@@ -118,14 +118,11 @@ def send_batch(base: str, users: ReplayUsers, name: str, tag: str, ts0: int) -> 
 
 
 def wait_drained(client, layout, timeout_s: float = 600) -> float:
-    """Until the group has delivered the stream's last entry and nothing is pending -> seconds waited."""
+    """Until the group has no lag and nothing pending -> seconds waited."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        info = client.xinfo_stream(layout.warmup_stream)
-        groups = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"]: g
-                  for g in client.xinfo_groups(layout.warmup_stream)}
-        group = groups.get(layout.warmup_group)
-        if group and group["pending"] == 0 and group["last-delivered-id"] == info["last-generated-id"]:
+        backlog = layout.warmup_backlog(client)
+        if backlog["pending"] == 0 and backlog["lag"] == 0:
             return time.monotonic() - started
         time.sleep(0.05)
     raise RuntimeError("the warm-up worker did not drain the stream in time")

@@ -244,3 +244,24 @@ def test_no_routing_document_no_event_consumed(redis_client, model_repo, artifac
     assert worker.run_once() == 0 and not worker.models
     group = redis_client.xinfo_groups(layout.warmup_stream)[0]
     assert group["pending"] == 0 and group["last-delivered-id"] == b"0-0"  # still there for when a version is
+
+
+def test_a_restarted_worker_resumes_its_own_pending_entries_at_once(published, redis_client, model_repo, artifact,
+                                                                     users):
+    import orjson
+
+    from service.control import ControlKeys, new_document
+    from service.redis_layout import RedisLayout
+
+    layout = RedisLayout()
+    redis_client.set(ControlKeys().routing, orjson.dumps(new_document(VERSION)))
+    layout.ensure_warmup_group(redis_client)
+    for k in range(3):
+        redis_client.xadd(layout.warmup_stream, layout.warmup_entry(NEW, _items(artifact, 3)[k], True, f"id\x1fr{k}",
+                                                                    k, _profile(users)))
+    assert len(layout.read_warmup_events(redis_client, "test-worker", 10, 10)) == 3  # read, then the worker died
+    worker = _worker(redis_client, model_repo)  # same consumer name; claiming others' entries is an hour away
+    worker.config.claim_idle_ms = 3_600_000
+    assert worker.run_once() == 3
+    assert layout.warmup_steps(redis_client.get(layout.embeddings(VERSION, NEW))) == 3
+    assert layout.warmup_backlog(redis_client) == {"length": 3, "pending": 0, "lag": 0}

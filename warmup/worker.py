@@ -149,6 +149,7 @@ class WarmupWorker:
         self._claimed_at = 0.0
         self._claim_start = "0-0"
         self._group_ready = False
+        self._own_done = False  # this consumer's own pending entries read back (after a restart)
         self.processed = 0
 
     # --- versions ---------------------------------------------------------------------------------------
@@ -205,8 +206,14 @@ class WarmupWorker:
             self._group_ready = True
 
     def fetch(self) -> list[tuple[bytes, dict]]:
-        """Idle pending entries first (every `claim_every_s`), else new ones."""
+        """This consumer's own pending entries first (a restarted worker of the same name resumes them at
+        once), then idle pending entries of others (every `claim_every_s`), else new ones."""
         config = self.config
+        if not self._own_done:
+            entries = self.layout.read_own_pending(self.client, self.consumer, config.count)
+            if entries:
+                return self.drop_dead(entries)
+            self._own_done = True
         if time.monotonic() - self._claimed_at >= config.claim_every_s:
             start, entries, _ = self.layout.claim_warmup_events(self.client, self.consumer, config.claim_idle_ms,
                                                                 config.count, self._claim_start)
@@ -242,6 +249,7 @@ class WarmupWorker:
         except ResponseError as error:
             if "NOGROUP" in str(error):  # the stream or group vanished (Redis restarted empty): recreate
                 self._group_ready = False
+                self._own_done = False
                 self._claim_start = "0-0"
                 return 0
             raise
