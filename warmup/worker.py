@@ -398,6 +398,7 @@ class WarmupWorker:
             except (RedisConnectionError, TimeoutError, OSError) as error:
                 log.warning("Redis unavailable (%s); retrying in %.1f s", error, backoff)
                 self._group_ready = False
+                self._own_done = False  # a persistent Redis kept this consumer's unacked entries: resume them
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
