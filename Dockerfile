@@ -38,6 +38,7 @@ COPY dataset ./dataset
 COPY pipeline ./pipeline
 COPY service ./service
 COPY loadtest ./loadtest
+COPY warmup ./warmup
 
 # serve-build: the serving virtualenv, built apart so the runtime image holds no source tree or build cache.
 FROM source AS serve-build

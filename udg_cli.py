@@ -13,7 +13,7 @@ import sys
 
 # Packages that contribute subcommands, in help order. A package missing from an install is skipped.
 COMMAND_MODULES = ("dataset.commands", "model.commands", "export.commands", "service.commands", "pipeline.commands",
-                   "loadtest.commands", "docsite.commands")
+                   "loadtest.commands", "docsite.commands", "warmup.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,16 @@ ONNX graphs; the rest of a version directory (read without torch by `export.runt
 - `items.npz`    the item table: item_ids <U [K] raw ids, and per item field `field_<name>` int64 [K, width]
     token indices: every item of the vocabulary (what `udg publish` writes to the version's item table in
     Redis, where `udg publish-items` adds items that arrive later).
+- `warmup.pt`    the checkpoint without its per-user and item tables (model + meta generator weights, config,
+    schema): the online warm-up (`udg warmup`) needs gradients, which the ONNX graphs do not give, and takes
+    them with the very weights these graphs were exported from (sha256 in the manifest like every file).
 - `manifest.json` everything else (see `build_manifest`): the feature schema with every field's vocabulary,
     dims, the graphs' I/O, sha256 of every file, and golden inputs/outputs computed with PyTorch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -47,6 +51,7 @@ from repository import (
     META_FILE,
     SCORER_FILE,
     USERS_FILE,
+    WARMUP_FILE,
     AtomicVersionWriter,
     describe_files,
 )
@@ -270,12 +275,17 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
         for name, arrays in ((USERS_FILE, users), (ITEMS_FILE, items)):
             with open(tmp / name, "wb") as handle:
                 np.savez(handle, **arrays)
+        if model.udg_dim:  # what `udg warmup` differentiates (model and generator: no user or item tables)
+            weights = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+            dataclasses.replace(checkpoint, state_dict=weights, known_users=None, item_catalogue={}).save(
+                tmp / WARMUP_FILE)
         scorer_diff = check_parity(tmp / SCORER_FILE, golden, "scorer", modules.scorer)
         meta_diff = check_parity(tmp / META_FILE, golden, "meta", modules.meta)
         manifest = build_manifest(version, checkpoint, modules, golden, len(users["user_ids"]),
                                   int(items["known"].sum()), int((~items["known"]).sum()))
         manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff}
-        manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE))
+        manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE)
+                                           + ((WARMUP_FILE,) if model.udg_dim else ()))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
     log.info("exported %s (%s%s) to %s", version, manifest["model"]["kind"], "+UDG" if manifest["model"]["udg"]
              else "", repo / version)

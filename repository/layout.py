@@ -8,6 +8,9 @@
         users.npz           per known user: what `udg publish` loads into Redis
         items.npz           the item table (item fields per item): what `udg publish` writes to the version's
                             item table in Redis
+        warmup.pt           the PyTorch model and meta generator the graphs were exported from (a checkpoint
+                            without the per-user and item tables): what `udg warmup` takes gradients with,
+                            so an embedding written under this version is computed by this version's model
       .<version>.tmp-*      a version being written (hidden: never listed)
 """
 
@@ -23,6 +26,7 @@ SCORER_FILE = "scorer.onnx"
 META_FILE = "meta.onnx"
 USERS_FILE = "users.npz"
 ITEMS_FILE = "items.npz"
+WARMUP_FILE = "warmup.pt"
 
 # Also a safe path component and a safe Redis key part: no '/', no leading '.', no ':' or braces.
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -89,6 +89,11 @@ class FeatureStore:
         in one round trip. Raises FeatureStoreUnavailable when nothing can be promised to have been stored."""
         return await self._run("append", self.layout.append_clicks(self.redis, batches))
 
+    async def append_events(self, batches: dict[str, tuple[list[Click], dict | None]],
+                            entries: list[dict]) -> dict[str, list[int]]:
+        """`append_clicks` plus the events into the warm-up stream, in one transaction (one round trip)."""
+        return await self._run("append", self.layout.append_events(self.redis, batches, entries))
+
     async def item_generations(self, versions: list[str]) -> list[int]:
         return await self._run("item_generations", self.layout.read_item_generations(self.redis, versions))
 

@@ -67,6 +67,50 @@ def _demo_requests(version_dir: Path) -> list[tuple[str, dict]]:
     ]
 
 
+def _warmup_demo(base: str, version_dir: Path, timeout_s: float = 60.0) -> None:
+    """A new user's scores, then a few clicks (and skips) through POST /v1/events, then — once `udg warmup` has
+    taken its steps on their UDG embedding — the same request again."""
+    request = _demo_requests(version_dir)[1][1]
+    user = "quickstart-warm-user"
+    body = {"user_id": user, "candidates": request["candidates"][:4], "profile": request["profile"]}
+    status, answer = _http("POST", f"{base}/v1/score", body)
+    if status != 200:
+        print(f"# warm-up demo skipped: HTTP {status} {answer[:200]!r}")
+        return
+    before = json.loads(answer)
+    clicked, skipped = body["candidates"][:2], body["candidates"][2:4]
+    events = [{"user_id": user, "item_id": item, "clicked": item in clicked, "ts": 1_000 + i}
+              for i, item in enumerate(clicked * 3 + skipped * 3)]
+    print(f"# a new user clicks {clicked} three times each and skips {skipped} three times each "
+          f"(POST {base}/v1/events/batch: {len(events)} events); `udg warmup` takes a step per event")
+    _http("POST", f"{base}/v1/events/batch", {"events": events})
+    deadline, after = time.monotonic() + timeout_s, before
+    while time.monotonic() < deadline:
+        status, answer = _http("POST", f"{base}/v1/score", body)
+        after = json.loads(answer) if status == 200 else after
+        if after.get("warmup_steps", 0) >= len(events):
+            break
+        time.sleep(0.2)
+    print(f"# warm-up steps on this user's UDG embedding: {before.get('warmup_steps', 0)} -> "
+          f"{after.get('warmup_steps', 0)}")
+    print(f"# {'candidate':<24} {'before':>9} {'after':>9} {'change':>9}")
+    for item, old, new in zip(body["candidates"], before["scores"], after["scores"], strict=True):
+        mark = "clicked" if item in clicked else "skipped"
+        print(f"# {item:<24} {old:9.4f} {new:9.4f} {new - old:+9.4f}  ({mark})")
+    print()
+
+
+def _start_warmup(env: dict) -> subprocess.Popen | None:
+    """`udg warmup` beside the service (a training install has torch; the serving install does not)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("# (no torch in this install: `udg warmup` not started, clicks only feed the behavior history)")
+        return None
+    return subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--block-ms", "200",
+                             "--consumer", "quickstart"], env=env, cwd=str(Path(__file__).resolve().parents[1]))
+
+
 def run_quickstart(args: argparse.Namespace) -> int:
     from pipeline import VersionPlan, make_version
     from service.local_redis import free_port, resolve_redis
@@ -90,6 +134,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
     print(f"[2/3] serve: udg serve --model-repo {repo} --version {args.version} --port {port}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env,
                               cwd=str(Path(__file__).resolve().parents[1]))
+    print("      and the online warm-up worker: udg warmup (docs/warmup.md)", flush=True)
+    warmup = _start_warmup(env)
     stop = {"now": False}
 
     def _signal(signum, frame):
@@ -122,6 +168,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
             print(f"# -> HTTP {status}")
             print(answer.decode())
             print()
+        if warmup is not None:
+            _warmup_demo(base, version_dir)
         sys.stdout.flush()
         if args.exit_after_demo:
             return 0
@@ -132,6 +180,13 @@ def run_quickstart(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if warmup is not None and warmup.poll() is None:
+            warmup.terminate()
+            try:
+                warmup.wait(10)
+            except subprocess.TimeoutExpired:
+                warmup.kill()
+                warmup.wait()
         if server.poll() is None:
             server.send_signal(signal.SIGINT)
             try:

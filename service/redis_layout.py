@@ -28,6 +28,15 @@ slot and one MGET / one Lua call can touch them all):
                                       int32 little-endian token indices of every item field, concatenated
                                       (written by `udg publish` from items.npz and by `udg publish-items`)
     udg:i:<version>:generation STRING a counter bumped by every write of the item table: workers reload it
+    udg:w:<version>:{<uid>}   ZSET    event identities the warm-up worker has applied to the user's embeddings
+                                      under this version, scored by when (ms); written in the same Lua call as
+                                      the embeddings (WARMUP_CAS), at most `warmup_applied_keep` kept
+    udg:warmup:events         STREAM  every accepted event (click or not), XADDed in the same MULTI/EXEC as the
+                                      click append; read by `udg warmup` through the consumer group
+                                      `warmup` (approximately bounded: MAXLEN ~ `warmup_stream_maxlen`)
+
+A warmed embedding (`udg warmup`) is the same vectors + uint32 warm-up steps + the origin byte (P or M) +
+b"W": 5 bytes longer than a published or generated one, so each format is told by its length and last byte.
 
 Why this split. Embeddings live in different spaces per model version, so they are namespaced by version
 and two versions coexist during a swap or an A/B split. The click history and the profile are facts about
@@ -80,10 +89,12 @@ SEP = "\x1f"
 SEP_BYTES = SEP.encode()
 LIVE_TAG = b"\x1e"  # ends a history entry written by an event (a live click), not by a publish
 TAG_PUBLISHED, TAG_META = b"P", b"M"
+TAG_WARMED = b"W"  # ends a warmed value: [vectors | uint32 steps | origin tag | W]
+WARM_TRAILER = 6
 DEDUP_WINDOW_S = 7 * 24 * 3600  # defaults of Settings.dedup_window_s / dedup_cap
 DEDUP_CAP = 5000
 APPENDED, DUPLICATE, REFUSED = 1, 0, -1  # per-click flags of APPEND_CLICKS
-VERSIONED_KINDS = ("e", "i")  # key kinds namespaced by model version: what `delete_version` removes
+VERSIONED_KINDS = ("e", "i", "w")  # key kinds namespaced by model version: what `delete_version` removes
 _EMPTY_PROFILE = b"{}"
 
 # Atomic append of clicks to one user's history (+ retry deduplication, + optional profile).
@@ -165,6 +176,40 @@ end
 return merged
 """
 
+# The warm-up worker's compare-and-set of one user's embeddings under one version, with the identities of the
+# events it applied, atomically: written only if the value is still exactly what the worker read (so a
+# republish, a cold-start write-back or another worker's newer update in between is never overwritten; the
+# worker re-reads and recomputes). KEYS: embeddings, applied set. ARGV: expected value ("" = absent), new
+# value, TTL ms for a value created from nothing, now ms, applied identities kept, then identities.
+# A value that existed keeps its TTL (a generated state's, or none for a published one). -> 1 written, 0 not.
+WARMUP_CAS = r"""
+local current = redis.call("GET", KEYS[1])
+if (current or "") ~= ARGV[1] then return 0 end
+if current then
+  redis.call("SET", KEYS[1], ARGV[2], "KEEPTTL")
+else
+  redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
+end
+for i = 6, #ARGV do redis.call("ZADD", KEYS[2], ARGV[4], ARGV[i]) end
+local keep = tonumber(ARGV[5])
+local n = redis.call("ZCARD", KEYS[2])
+if n > keep then redis.call("ZREMRANGEBYRANK", KEYS[2], 0, n - keep - 1) end
+local ttl = redis.call("PTTL", KEYS[1])
+if ttl > 0 then redis.call("PEXPIRE", KEYS[2], ttl) else redis.call("PERSIST", KEYS[2]) end
+return 1
+"""
+_WARMUP_CAS_SHA = hashlib.sha1(WARMUP_CAS.encode()).hexdigest()
+
+
+@dataclass
+class WarmupState:
+    """What the warm-up worker reads of one user under one version (one pipeline)."""
+
+    embeddings: bytes | None
+    applied: list[bool]  # per asked identity: already applied to these embeddings
+    history: bytes | None
+    profile: bytes | None
+
 
 @dataclass
 class UserState:
@@ -201,7 +246,8 @@ class RedisLayout:
 
     def __init__(self, prefix: str = "udg", history_cap: int = 200, dedup_window_s: float = DEDUP_WINDOW_S,
                  dedup_cap: int = DEDUP_CAP, generated_ttl_s: int = 30 * 24 * 3600, generated_cap: int = 100_000,
-                 generated_window_s: int = 3600):
+                 generated_window_s: int = 3600, warmup_stream_maxlen: int = 1_000_000,
+                 warmup_applied_keep: int = 1000):
         self.prefix = prefix
         self.history_cap = history_cap  # clicks kept per user by `append_clicks`
         self.dedup_window_ms = int(dedup_window_s * 1000)
@@ -209,11 +255,14 @@ class RedisLayout:
         self.generated_ttl_s = int(generated_ttl_s)
         self.generated_cap = generated_cap
         self.generated_window_s = int(generated_window_s)
+        self.warmup_stream_maxlen = int(warmup_stream_maxlen)  # approximate (MAXLEN ~): trimmed per macro node
+        self.warmup_applied_keep = int(warmup_applied_keep)
 
     @classmethod
     def from_settings(cls, settings) -> RedisLayout:
         return cls(settings.key_prefix, settings.history_cap, settings.dedup_window_s, settings.dedup_cap,
-                   settings.generated_ttl_s, settings.generated_cap, settings.generated_window_s)
+                   settings.generated_ttl_s, settings.generated_cap, settings.generated_window_s,
+                   settings.warmup_stream_maxlen)
 
     def __repr__(self) -> str:
         return f"RedisLayout(prefix={self.prefix!r}, history_cap={self.history_cap})"
@@ -250,6 +299,18 @@ class RedisLayout:
     def item_generation(self, version: str) -> str:
         return f"{self.prefix}:i:{version}:generation"
 
+    def warmup_applied(self, version: str, user_id: str) -> str:
+        return f"{self.prefix}:w:{version}:{{{user_id}}}"
+
+    @property
+    def warmup_stream(self) -> str:
+        return f"{self.prefix}:warmup:events"
+
+    @property
+    def warmup_group(self) -> str:
+        """The consumer group of `udg warmup` on `warmup_stream` (its name, not a key)."""
+        return "warmup"
+
     def embeddings_pattern(self, version: str) -> str:
         """SCAN pattern of a version's embeddings (version names hold no ':' or glob characters)."""
         return f"{self.prefix}:e:{version}:*"
@@ -281,11 +342,34 @@ class RedisLayout:
     def unpack_embeddings(raw: bytes | None, user_dim: int,
                           udg_dim: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
         """-> (user_vec [1, user_dim], udg_vec [1, udg_dim], made_by_meta) or None if absent or malformed."""
-        if raw is None or len(raw) != 4 * (user_dim + udg_dim) + 1:
+        size = 4 * (user_dim + udg_dim) + 1
+        if raw is None or len(raw) not in (size, size - 1 + WARM_TRAILER):
             return None
         values = np.frombuffer(raw, dtype="<f4", count=user_dim + udg_dim)
-        return (values[:user_dim].reshape(1, user_dim), values[user_dim:].reshape(1, udg_dim),
-                raw[-1:] == TAG_META)
+        origin = raw[-1:] if len(raw) == size else raw[-2:-1] if raw[-1:] == TAG_WARMED else None
+        if origin is None:
+            return None
+        return (values[:user_dim].reshape(1, user_dim), values[user_dim:].reshape(1, udg_dim), origin == TAG_META)
+
+    @staticmethod
+    def pack_warmed(user_vec: np.ndarray, udg_vec: np.ndarray, steps: int, origin: bytes) -> bytes:
+        """A warmed value: the vectors, the warm-up steps taken so far, the origin (P published, M generated)."""
+        vectors = np.concatenate([np.asarray(user_vec, "<f4").reshape(-1), np.asarray(udg_vec, "<f4").reshape(-1)])
+        return vectors.tobytes() + int(steps).to_bytes(4, "little") + origin[:1] + TAG_WARMED
+
+    @staticmethod
+    def warmup_steps(raw: bytes | None) -> int:
+        """Warm-up steps a stored value has had (0 for a published or generated one, or none)."""
+        if not raw or len(raw) <= WARM_TRAILER or raw[-1:] != TAG_WARMED:
+            return 0
+        return int.from_bytes(raw[-WARM_TRAILER:-2], "little")
+
+    @staticmethod
+    def embedding_origin(raw: bytes | None) -> bytes | None:
+        """P (published from training) or M (meta generator) for any stored format; None when absent."""
+        if not raw:
+            return None
+        return raw[-2:-1] if raw[-1:] == TAG_WARMED and len(raw) > WARM_TRAILER else raw[-1:]
 
     @staticmethod
     def pack_item_tokens(tokens: np.ndarray) -> bytes:
@@ -424,6 +508,37 @@ class RedisLayout:
             return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def warmup_entry(user_id: str, item_id: str, clicked: bool, identity: str, ts, profile: dict | None) -> dict:
+        """One event as a stream entry of `warmup_stream` (what `udg warmup` parses)."""
+        return {"u": user_id, "i": item_id, "c": "1" if clicked else "0", "id": identity,
+                "t": "" if ts is None else str(ts), "p": RedisLayout.pack_profile(profile) if profile else b""}
+
+    async def append_events(self, redis, batches: dict[str, tuple[list[Click], dict | None]],
+                            entries: list[dict]) -> dict[str, list[int]]:
+        """`append_clicks` and the events' XADDs to the warm-up stream in ONE round trip, one MULTI/EXEC: the
+        clicks are stored and the events streamed together, or neither (single node; on a Cluster the stream
+        lives in another slot). A NOSCRIPT (new or restarted Redis) fails only the EVALSHAs inside the
+        transaction: the XADDs went through, so only the clicks are rerun (`append_clicks`). -> as
+        `append_clicks`."""
+        from redis.exceptions import NoScriptError
+
+        users = list(batches)
+        now_ms = int(time.time() * 1000)
+        calls = [self._click_call(user_id, *batches[user_id], now_ms) for user_id in users]
+        pipe = redis.pipeline(transaction=True)
+        for keys, args in calls:
+            pipe.evalsha(_APPEND_CLICKS_SHA, len(keys), *keys, *args)
+        for entry in entries:
+            pipe.xadd(self.warmup_stream, entry, maxlen=self.warmup_stream_maxlen, approximate=True)
+        results = (await pipe.execute(raise_on_error=False))[:len(calls)]
+        if any(isinstance(r, NoScriptError) for r in results):
+            return await self.append_clicks(redis, batches)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
+
     async def read_state(self, redis, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
         """The epoch and the publish markers of `versions`: ONE MGET (what a worker checks every poll)."""
         values = await redis.mget(self.epoch, *[self.marker(v) for v in versions])
@@ -448,6 +563,113 @@ class RedisLayout:
             if tokens is not None:
                 table[item.decode("utf-8", "surrogateescape")] = tokens
         return table
+
+    # --- the warm-up worker (sync client) --------------------------------------------------------------------
+    def ensure_warmup_group(self, client) -> bool:
+        """Create the consumer group (and the stream) if absent, reading from the stream's start: an event
+        streamed before any worker existed is not lost. -> created."""
+        from redis.exceptions import ResponseError
+
+        try:
+            client.xgroup_create(self.warmup_stream, self.warmup_group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+            return False
+        return True
+
+    def read_warmup_events(self, client, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, dict]]:
+        """New entries for `consumer` (XREADGROUP >): [(entry id, fields)]. They stay pending until acked."""
+        reply = client.xreadgroup(self.warmup_group, consumer, {self.warmup_stream: ">"}, count=count,
+                                  block=block_ms)
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
+
+    def read_own_pending(self, client, consumer: str, count: int) -> list[tuple[bytes, dict]]:
+        """This consumer's own pending entries (XREADGROUP 0): what a restarted worker of the same name left."""
+        reply = client.xreadgroup(self.warmup_group, consumer, {self.warmup_stream: "0"}, count=count)
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
+
+    def claim_warmup_events(self, client, consumer: str, min_idle_ms: int, count: int,
+                            start: str = "0-0") -> tuple[str, list[tuple[bytes, dict]], list[bytes]]:
+        """XAUTOCLAIM: entries pending longer than `min_idle_ms` (their consumer is dead or stuck) become this
+        consumer's. -> (next start, claimed entries, ids of entries deleted from the stream meanwhile)."""
+        reply = client.xautoclaim(self.warmup_stream, self.warmup_group, consumer, min_idle_ms, start, count=count)
+        next_start, entries = reply[0], reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        next_start = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
+        return next_start, [(entry_id, fields) for entry_id, fields in entries if fields], list(deleted)
+
+    def warmup_deliveries(self, client, entry_ids: list[bytes]) -> dict[bytes, int]:
+        """How many times each pending entry has been delivered (XPENDING, one call per id range)."""
+        if not entry_ids:
+            return {}
+        ids = sorted(entry_ids, key=lambda e: tuple(int(x) for x in e.split(b"-")))
+        rows = client.xpending_range(self.warmup_stream, self.warmup_group, min=ids[0], max=ids[-1],
+                                     count=len(ids) * 4 + 16)
+        wanted = set(entry_ids)
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows if row["message_id"] in wanted}
+
+    def ack_warmup_events(self, client, entry_ids: list[bytes]) -> int:
+        return int(client.xack(self.warmup_stream, self.warmup_group, *entry_ids)) if entry_ids else 0
+
+    def warmup_backlog(self, client) -> dict:
+        """The group's lag and pending count, and the stream's length (what an operator watches)."""
+        groups = {g["name"]: g for g in client.xinfo_groups(self.warmup_stream)}
+        group = groups.get(self.warmup_group.encode()) or groups.get(self.warmup_group) or {}
+        return {"length": int(client.xlen(self.warmup_stream)), "pending": int(group.get("pending", 0)),
+                "lag": group.get("lag")}
+
+    def read_warmup_states(self, client, version: str, user_ids: list[str],
+                           identities: list[list[str]]) -> list[WarmupState]:
+        """Per user: the embeddings under `version`, which of their `identities` were already applied to them,
+        the history and the profile. One pipeline for all users, one round trip (each user's four keys in
+        their own slot)."""
+        pipe = client.pipeline(transaction=False)
+        for user_id, ids in zip(user_ids, identities, strict=True):
+            pipe.get(self.embeddings(version, user_id))
+            pipe.execute_command("ZMSCORE", self.warmup_applied(version, user_id), *ids)
+            pipe.get(self.history(user_id))
+            pipe.get(self.profile(user_id))
+        replies = pipe.execute()
+        return [WarmupState(replies[i], [s is not None for s in replies[i + 1]], replies[i + 2], replies[i + 3])
+                for i in range(0, len(replies), 4)]
+
+    def write_warmed(self, client, version: str, user_id: str, expected: bytes | None, value: bytes,
+                     identities: list[str], now_ms: int | None = None) -> bool:
+        """Compare-and-set of the user's embeddings (WARMUP_CAS) with the applied identities. -> written."""
+        from redis.exceptions import NoScriptError
+
+        keys = [self.embeddings(version, user_id), self.warmup_applied(version, user_id)]
+        args = [expected or b"", value, self.generated_ttl_s * 1000,
+                int(time.time() * 1000) if now_ms is None else now_ms, self.warmup_applied_keep, *identities]
+        try:
+            return bool(client.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, *args))
+        except NoScriptError:
+            client.script_load(WARMUP_CAS)
+            return bool(client.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, *args))
+
+    def write_warmed_many(self, client, version: str, writes: list[tuple[str, bytes | None, bytes, list[str]]],
+                          now_ms: int | None = None) -> list[bool]:
+        """`write_warmed` for several users [(user, expected, value, identities)], one pipeline: each user's
+        compare-and-set is its own Lua call (its own slot). -> written, per user."""
+        from redis.exceptions import NoScriptError
+
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            for user_id, expected, value, identities in writes:
+                keys = [self.embeddings(version, user_id), self.warmup_applied(version, user_id)]
+                pipe.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, expected or b"", value, self.generated_ttl_s * 1000,
+                             now_ms, self.warmup_applied_keep, *identities)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                client.script_load(WARMUP_CAS)  # nothing ran: NOSCRIPT executes no part of the script
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return [bool(r) for r in results]
+        raise AssertionError("unreachable")
 
     # --- bulk: `udg publish` and `udg gc` (sync client) ---------------------------------------------------
     def write_batch(self, client, version: str, user_ids: list[str], user_vec: np.ndarray, udg_vec: np.ndarray,

@@ -24,6 +24,8 @@ Decisions recorded here:
   once per user per tenth of the TTL in this worker). At most `UDG_GENERATED_CAP` new users per
   `UDG_GENERATED_WINDOW_S` are written back; beyond, they are scored the same and not written
   (`udg_generated_users{outcome}`).
+- `warmup_steps` in the response: the gradient steps `udg warmup` has taken on the user's UDG embedding under
+  this version from their events (0: as published or generated; docs/warmup.md).
 - `cold_start` in the response is true when the user's embeddings came from the meta generator (in this
   request or an earlier, written-back one) rather than from training.
 """
@@ -179,6 +181,7 @@ class Scorer:
             "scores": probabilities,
             "ranking": ranking,
             "unknown_candidates": unknown_ids,
+            "warmup_steps": 0 if unpacked is None else layout.warmup_steps(state.embeddings),
         }
 
     def _cold_start(self, model: ServingModel, request: ScoreRequest, stored_profile: bytes | None):

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     generated_ttl_s: int = Field(30 * 24 * 3600, ge=60)  # TTL of written-back cold-start state, refreshed on use
     generated_cap: int = Field(100_000, ge=0)  # new generated users written back per window (beyond: not written)
     generated_window_s: int = Field(3600, ge=1)
+    # --- online warm-up (`udg warmup`, docs/warmup.md) ---------------------------------------------------
+    warmup_stream: bool = True  # POST /v1/events also XADDs every accepted event to the warm-up stream
+    warmup_stream_maxlen: int = Field(1_000_000, ge=1000)  # MAXLEN ~ of the stream: events kept for the workers
 
     @field_validator("admin_token", mode="before")
     @classmethod

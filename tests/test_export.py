@@ -208,13 +208,13 @@ def test_meta_without_generator_uses_mean_udg_row(zoo):
 def test_artifact_files(zoo):
     model, checkpoint, path, artifact = zoo.get("pnn", True)
     assert sorted(p.name for p in path.iterdir()) == ["items.npz", "manifest.json", "meta.onnx", "scorer.onnx",
-                                                      "users.npz"]
+                                                      "users.npz", "warmup.pt"]
     manifest = json.loads((path / "manifest.json").read_text())
     for key in ("version", "model", "dims", "vocab", "features", "graphs", "exporter", "files", "metrics",
                 "exported_at", "golden"):
         assert key in manifest
     assert manifest["format"] == "udg-artifact/2"
-    assert sorted(manifest["files"]) == ["items.npz", "meta.onnx", "scorer.onnx", "users.npz"]
+    assert sorted(manifest["files"]) == ["items.npz", "meta.onnx", "scorer.onnx", "users.npz", "warmup.pt"]
     schema = checkpoint.schema.to_json()
     schema.pop("item_table")  # items.npz holds it
     assert manifest["features"] == schema

@@ -24,14 +24,19 @@ def test_udg_publish_command(redis_client, redis_server, model_repo):
     assert redis_client.exists("udg:published:v1")
 
 
-def test_udg_quickstart_reusing_a_checkpoint(redis_client, redis_server, model_repo, tmp_path):
-    workdir = tmp_path / "quickstart"
+def run_quickstart(redis_server, model_repo, workdir: Path) -> str:
+    """`udg quickstart --exit-after-demo` reusing the session's checkpoint -> its standard output."""
     workdir.mkdir()
     (workdir / "checkpoint.pt").symlink_to(model_repo.parent / "checkpoint.pt")
     env = {**os.environ, "REDIS_URL": redis_server.url}
     result = udg("quickstart", "--workdir", str(workdir), "--port", "0", "--exit-after-demo", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    out = result.stdout
+    return result.stdout
+
+
+def test_udg_quickstart_reusing_a_checkpoint(redis_client, redis_server, model_repo, tmp_path):
+    workdir = tmp_path / "quickstart"
+    out = run_quickstart(redis_server, model_repo, workdir)
     assert "training: reusing" in out and "export: " in out and "published v1" in out and "[2/3] serve" in out
     assert out.count("curl -s -X POST") == 2 and out.count("# -> HTTP 200") == 2
     assert '"cold_start":true' in out and '"unknown_candidates":["never-seen-item"]' in out

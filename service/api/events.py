@@ -13,6 +13,9 @@ score request. Within a batch each user's clicks are ordered by `ts` (events wit
 order) before being appended, most recent first. A profile is checked against the serving versions' profile
 fields (the active one and any split arm): a field none of them has is a 422 naming it, before anything is
 stored.
+
+Every accepted event (clicked or not) also goes to the warm-up stream, in the same MULTI/EXEC as the clicks
+(`RedisLayout.append_events`), for `udg warmup` (docs/warmup.md); `UDG_WARMUP_STREAM=false` turns that off.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def check_profiles(services: Services, events: list[Event], prefix: str) -> None
                                    field=where)
 
 
+def stream_entries(services: Services, events: list[Event], event_ids: list[str | None]) -> list[dict]:
+    """The events as warm-up stream entries (clicks and not: both are labels for `udg warmup`), per user in
+    the order their clicks are appended (by ts, events without ts after, in arrival order); [] when the
+    stream is off."""
+    if not services.settings.warmup_stream:
+        return []
+    layout = services.store.layout
+    order = sorted(range(len(events)), key=lambda p: (events[p].user_id, events[p].ts is None, events[p].ts or 0, p))
+    return [layout.warmup_entry(events[p].user_id, events[p].item_id, events[p].clicked,
+                                Click(events[p].item_id, events[p].ts, event_ids[p]).identity, events[p].ts,
+                                events[p].profile) for p in order]
+
+
 async def store_events(services: Services, events: list[Event]) -> dict:
     per_user: dict[str, tuple[list[tuple[int, Click]], dict | None]] = {}
     event_ids: list[str | None] = []
@@ -72,13 +88,17 @@ async def store_events(services: Services, events: list[Event]) -> dict:
             ignored += 1
         per_user[event.user_id] = (clicks, event.profile or profile)
     batches, positions = {}, {}
+    entries = stream_entries(services, events, event_ids)
     for user_id, (clicks, profile) in per_user.items():
         if not clicks and not profile:
             continue
         clicks.sort(key=lambda pc: (pc[1].ts is None, pc[1].ts or 0, pc[0]))
         batches[user_id] = ([c for _, c in clicks], profile)
         positions[user_id] = [p for p, _ in clicks]
-    flags = await services.store.append_clicks(batches) if batches else {}
+    if entries:
+        flags = await services.store.append_events(batches, entries)
+    else:
+        flags = await services.store.append_clicks(batches) if batches else {}
     counts = {APPENDED: 0, DUPLICATE: 0, REFUSED: 0}
     refused = []
     for user_id, user_flags in flags.items():

@@ -107,6 +107,8 @@ class ScoreResponse(Open):
     scores: list[float] = Field(description="click probability per candidate, in request order")
     ranking: list[str] = Field(description="candidate ids by score, best first (top_k of them with top_k)")
     unknown_candidates: list[str] = Field(description="ids the version never saw (scored through the OOV row)")
+    warmup_steps: int = Field(0, description="gradient steps the online warm-up took on the user's UDG embedding "
+                              "under this version from their events (0: as published or generated)")
 
 
 class EventsResponse(Open):
