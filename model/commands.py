@@ -112,8 +112,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embed-wd", type=float, default=3e-3, help="L2 weight decay on embedding tables")
     group.add_argument("--patience", type=int, default=3)
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--threads", type=int, default=2)
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default 2; under torchrun the node's cores shared among its ranks)")
     group.add_argument("--device", default="cpu", help='torch device to train on, e.g. "cuda"')
+    group.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
+                       help="under torchrun: the DDP backend (default nccl on CUDA, gloo on CPU; docs/training.md)")
 
 
 def train_config_from(args: argparse.Namespace):
@@ -132,19 +135,25 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
     import torch
 
     from model.checkpoint import Checkpoint, MetaState
+    from model.distributed import Distributed
     from model.meta import MetaConfig, cold_start_metrics, train_meta
     from model.train import train_model
 
+    dist = Distributed.from_environment(getattr(args, "dist_backend", None), args.device)
+    args.threads, args.device = dist.threads(args.threads), dist.device(args.device)
     torch.set_num_threads(args.threads)
     spec = data_spec(args)
+    dist.materialise_first(spec)
     data = load_data(spec)
     model_config = model_config_from(args)
     train_config = train_config_from(args)
     log.info("training %s%s on %s (%d train events)", model_config.kind, "+UDG" if model_config.udg else "",
              spec.name, len(data.splits["train"]))
-    model, metrics = train_model(data, model_config, train_config, progress=not args.quiet)
+    model, metrics = train_model(data, model_config, train_config, progress=not args.quiet and dist.is_main,
+                                 dist=dist)
     meta = None
-    if model_config.udg and not args.no_meta:
+    # The meta generator and the checkpoint on rank 0 alone; the other ranks wait for the file at the barrier.
+    if dist.is_main and model_config.udg and not args.no_meta:
         generator, info = train_meta(model, data, MetaConfig(steps=args.meta_steps, seed=args.seed),
                                      progress=not args.quiet)
         if len(data.splits["cold"]):
@@ -154,8 +163,12 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
             }
         meta = MetaState(generator.state_dict(), info)
     out = Path(args.out)
-    Checkpoint.from_training(model, model_config, train_config, data, metrics, meta).save(out)
+    if dist.is_main:
+        Checkpoint.from_training(model, model_config, train_config, data, metrics, meta).save(out)
+    dist.barrier()
+    dist.close()
     metrics["meta"] = dict(meta.info) if meta else {}
+    metrics["rank"] = dist.rank
     return out, metrics
 
 
@@ -171,7 +184,8 @@ def print_training_summary(path: Path, metrics: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     path, metrics = run_training(args)
-    print_training_summary(path, metrics)
+    if metrics["rank"] == 0:
+        print_training_summary(path, metrics)
     return 0
 
 
