@@ -84,6 +84,31 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     assert ddp.meta_generator() is not None
 
 
+@pytest.mark.slow
+def test_the_multi_node_command_trains_what_one_node_trains(tmp_path):
+    """The documented multi-node launch (c10d rendezvous, --nnodes 2), as two "nodes" on this host, each with
+    its own data cache: it trains exactly what `--nproc_per_node 2` trains, and only global rank 0 writes."""
+    from model.checkpoint import Checkpoint
+
+    one_node = tmp_path / "one-node" / "checkpoint.pt"
+    _train([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "udg_cli"], one_node,
+           _env(tmp_path / "a"))
+    out = tmp_path / "two-nodes" / "checkpoint.pt"
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "udg-test"]
+    nodes = [subprocess.Popen([str(TORCHRUN), *rendezvous, "-m", "udg_cli", *TRAIN_ARGS, "--threads", "1",
+                               "--out", str(out)], cwd=ROOT, env=_env(tmp_path / f"node{n}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sum(stdout.count("checkpoint:") for stdout, _ in outputs) == 1
+    reference, multi = Checkpoint.load(one_node), Checkpoint.load(out)
+    assert multi.metrics["distributed"]["world"] == 2
+    for split in ("valid", "test"):
+        assert multi.metrics[split]["auc"] == pytest.approx(reference.metrics[split]["auc"], abs=1e-9)
+        assert multi.metrics[split]["log_loss"] == pytest.approx(reference.metrics[split]["log_loss"], abs=1e-9)
+
+
 def _spawned_rank(rank: int, world: int, port: int, results: str) -> None:
     """One rank of a spawned job: the environment torchrun would set, then the same `train_model` call."""
     from model.base import ModelConfig
