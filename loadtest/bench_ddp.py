@@ -55,9 +55,11 @@ def train_run(name: str, launcher: list[str], threads: int, users: int, folder: 
     out = folder / name / "checkpoint.pt"
     command = [*launcher, "-m", "udg_cli", "train", *_spec_args(users), "--udg", "--no-meta", "--epochs", "2",
                "--patience", "9", "--batch-size", "1024", "--threads", str(threads), "--quiet", "--out", str(out)]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant: torchrun's ranks too
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     metrics = Checkpoint.load(out).metrics
@@ -66,7 +68,7 @@ def train_run(name: str, launcher: list[str], threads: int, users: int, folder: 
                   if "train events" in line)
     return {"name": name, "threads_per_rank": threads, "ranks": 2 if "torchrun" in launcher[0] else 1,
             "train_events": events, "seconds_per_epoch": metrics["seconds_per_epoch"],
-            "events_per_s": events / metrics["seconds_per_epoch"], "wall_s": wall,
+            "events_per_s": events / metrics["seconds_per_epoch"], "wall_s": wall, "cpu_s": cpu,
             "valid_auc": metrics["valid"]["auc"], "valid_log_loss": metrics["valid"]["log_loss"]}
 
 
@@ -172,13 +174,13 @@ def _step_times(data, vocab: int, dist, steps: int, batch_size: int, sparse: boo
         net.register_comm_hook(None, counting_hook)
     world = max(dist.world, 1)
     generator = torch.Generator().manual_seed(0)
-    times = []
+    times, cpu_times = [], []
     for step, (batch, size, weight) in enumerate(rank_batches(data.splits["train"], batch_size, generator, dist)):
         if step >= steps + 2:
             break
         if step == 2:
             sent["bytes"] = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss, _ = shard_loss(net(batch), batch["label"], size, weight, 1.0, world)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -187,9 +189,11 @@ def _step_times(data, vocab: int, dist, steps: int, batch_size: int, sparse: boo
             optimizer.step()
         if step >= 2:  # the first steps allocate Adam's moments and DDP's buckets
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
     parameters = sum(p.numel() for p in model.parameters())
     sent_per_step = sent["bytes"] / len(times) + (dense_bytes if dist.active else 0)
     return {"vocab": vocab, "parameters": parameters, "step_ms": 1000 * statistics.median(times),
+            "cpu_ms": 1000 * statistics.median(cpu_times),
             "allreduce_mib_per_step": sent_per_step / 2**20 if dist.active else 0.0,
             "peak_rss_mib": _peak_rss_mib()}
 
@@ -240,7 +244,9 @@ def table_sweep(users: int, vocabs: list[int], steps: int, folder: Path) -> list
                                         nprocs=2)
             two[kind] = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
         rows.append({"vocab": vocab, "parameters": one["parameters"], "one_step_ms": one["step_ms"],
-                     "two_step_ms": max(r["step_ms"] for r in two["dense"]),
+                     "one_cpu_ms": one["cpu_ms"], "two_step_ms": max(r["step_ms"] for r in two["dense"]),
+                     "two_cpu_ms": max(r["cpu_ms"] for r in two["dense"]),
+                     "sparse_cpu_ms": max(r["cpu_ms"] for r in two["sparse"]),
                      "allreduce_mib_per_step": two["dense"][0]["allreduce_mib_per_step"],
                      "sparse_step_ms": max(r["step_ms"] for r in two["sparse"]),
                      "sparse_allreduce_mib_per_step": max(r["allreduce_mib_per_step"] for r in two["sparse"]),
@@ -265,11 +271,12 @@ def format_tables(journal: dict) -> str:
              "1. udg train, PNN+UDG, 2 epochs, global batch 1024 "
              f"({journal['throughput'][0]['train_events']:,} training events)", "",
              "| run | ranks | threads/rank | train events/s | vs 1 process 2 threads | s/epoch | wall s | "
-             "valid AUC | valid log loss |", "|---|---|---|---|---|---|---|---|---|"]
+             "CPU s (all ranks) | valid AUC | valid log loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = journal["throughput"][0]["events_per_s"]
     for r in journal["throughput"]:
         lines.append(f"| {r['name']} | {r['ranks']} | {r['threads_per_rank']} | {r['events_per_s']:,.0f} | "
                      f"{r['events_per_s'] / base:.2f}x | {r['seconds_per_epoch']:.2f} | {r['wall_s']:.1f} | "
+                     f"{r.get('cpu_s', float('nan')):.1f} | "
                      f"{r['valid_auc']:.4f} | {r['valid_log_loss']:.4f} |")
     lines += ["", "2. every rank reads the whole log: `prepare` alone", "",
               "| processes at once | wall s (with imports) | prepare s each | peak RSS growth in prepare, each (MiB) | "
@@ -278,12 +285,15 @@ def format_tables(journal: dict) -> str:
         lines.append(f"| {r['processes']} | {r['wall_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['seconds_each'])} | "
                      f"{', '.join(f'{m:.0f}' for m in r['prepare_rss_mib_each'])} | {r['events']:,} |")
     lines += ["", "3. replicated tables: one training step (global batch 1024) vs user vocabulary", "",
-              "| user vocabulary | parameters | 1 process step ms | 2 ranks step ms | all-reduce MiB/step | "
-              "2 ranks, sparse user tables: step ms | sparse: MiB/step (rank 0) | peak RSS 1 process (MiB) | "
+              "Step time as wall ms / CPU ms of the process (CPU time is what the step costs; wall time what this "
+              "loaded machine gave it). 2 ranks: the slower rank.", "",
+              "| user vocabulary | parameters | 1 process step | 2 ranks step | all-reduce MiB/step | "
+              "2 ranks, sparse user tables: step | sparse: MiB/step | peak RSS 1 process (MiB) | "
               "peak RSS per rank (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in journal["tables"]:
-        lines.append(f"| {r['vocab']:,} | {r['parameters']:,} | {r['one_step_ms']:.1f} | {r['two_step_ms']:.1f} | "
-                     f"{r['allreduce_mib_per_step']:.1f} | {r['sparse_step_ms']:.1f} | "
+        lines.append(f"| {r['vocab']:,} | {r['parameters']:,} | {r['one_step_ms']:.0f} / {r['one_cpu_ms']:.0f} | "
+                     f"{r['two_step_ms']:.0f} / {r['two_cpu_ms']:.0f} | "
+                     f"{r['allreduce_mib_per_step']:.1f} | {r['sparse_step_ms']:.0f} / {r['sparse_cpu_ms']:.0f} | "
                      f"{r['sparse_allreduce_mib_per_step']:.1f} | {r['one_peak_rss_mib']:.0f} | "
                      f"{r['rank_peak_rss_mib']:.0f} |")
     a = journal["arithmetic"]
