@@ -200,10 +200,9 @@ def _step_times(data, vocab: int, dist, steps: int, batch_size: int, sparse: boo
 
 def _spawned_rank(rank: int, world: int, port: int, users: int, vocab: int, steps: int, sparse: bool,
                   out: str) -> None:
-    from model.distributed import Distributed
+    from model.distributed import Distributed, spawn_environment
 
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(spawn_environment(rank, world, port))
     torch.set_num_threads(1)
     dist = Distributed.from_environment()
     result = _step_times(_bench_data(users), vocab, dist, steps, 1024, sparse)

@@ -170,3 +170,10 @@ class Distributed:
 
 
 SINGLE = Distributed()
+
+
+def spawn_environment(rank: int, world: int, port: int) -> dict[str, str]:
+    """The variables torchrun sets for one rank of a one-node job on `port`: what a process started by
+    `torch.multiprocessing.spawn` puts into `os.environ` before `Distributed.from_environment()`."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.distributed import SINGLE, Distributed
+from model.distributed import SINGLE, Distributed, spawn_environment
 from model.train import batches, rank_batches
 from service.local_redis import free_port
 from tests.tiny import tiny_prepared
@@ -114,8 +114,7 @@ def _spawned_rank(rank: int, world: int, port: int, results: str) -> None:
     from model.base import ModelConfig
     from model.train import TrainConfig, train_model
 
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(spawn_environment(rank, world, port))
     torch.set_num_threads(1)
     dist = Distributed.from_environment()
     data = tiny_prepared(users=150, items=40, events_per_user=20)
@@ -190,3 +189,31 @@ def test_nccl_without_cuda_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="nccl needs CUDA"):
         Distributed.from_environment("nccl")
+
+
+def _every_kind_rank(rank: int, world: int, port: int, results: str) -> None:
+    from model.experiment import model_config, udg_preset
+    from model.train import TrainConfig, train_model
+    from model.zoo import BASE_MODELS
+
+    os.environ.update(spawn_environment(rank, world, port))
+    torch.set_num_threads(1)
+    dist = Distributed.from_environment()
+    data = tiny_prepared(users=60, items=30, events_per_user=10, max_history=5)
+    aucs = {}
+    for kind in sorted(BASE_MODELS):
+        _, metrics = train_model(data, model_config(kind, udg_preset(kind)), TrainConfig(epochs=1, batch_size=64),
+                                 progress=False, dist=dist)
+        aucs[kind] = metrics["valid"]["auc"]
+    Path(f"{results}.{rank}").write_text(json.dumps(aucs))
+    dist.close()
+
+
+@pytest.mark.slow
+def test_every_model_kind_trains_under_ddp(tmp_path):
+    """Every base model +UDG (DIEN's auxiliary loss included) takes part in every all-reduce with all its
+    parameters, and the ranks agree on the metrics they compute from the gathered predictions."""
+    results = tmp_path / "aucs"
+    torch.multiprocessing.spawn(_every_kind_rank, args=(2, free_port(), str(results)), nprocs=2, join=True)
+    ranks = [json.loads(Path(f"{results}.{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] and set(ranks[0]) == {"pnn", "deepfm", "wide_deep", "din", "dien"}
