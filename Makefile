@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so that pip takes the local CPU wheel on the project's machines instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,serve,loadtest,dev
+EXTRAS ?= train,serve,loadtest,dev,docs,otel
 
-.PHONY: install serve-install run test lint clean-venv loadtest bench-compare
+.PHONY: install serve-install run test lint clean-venv loadtest bench-compare docs
 
 $(BIN)/udg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ loadtest: install
 # Service vs in-process floor/ceiling vs a naive FastAPI+PyTorch baseline at N=500: one table (a few minutes).
 bench-compare: install
 	$(BIN)/udg bench compare --json results/bench_compare.json
+
+# The documentation site (mkdocs-material, offline: no web fonts, no CDN) into site/, after checking that the
+# generated pages are fresh and every link and quoted command resolves.
+docs: install
+	$(BIN)/udg docs build --check
+	$(BIN)/udg docs check
+	$(BIN)/mkdocs build --strict
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,7 +13,7 @@ import sys
 
 # Packages that contribute subcommands, in help order. A package missing from an install is skipped.
 COMMAND_MODULES = ("dataset.commands", "model.commands", "export.commands", "service.commands", "pipeline.commands",
-                   "loadtest.commands")
+                   "loadtest.commands", "docsite.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name == name:
+            if error.name == name or name.startswith(f"{error.name}."):  # the module or its package not installed
                 continue
             raise
         module.register(subparsers)

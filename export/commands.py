@@ -11,12 +11,11 @@ from pathlib import Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from export.onnx_export import export_artifact
+    from model.commands import set_threads
     from repository import read_manifest
 
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force)
     manifest = read_manifest(path)
     print(f"version {manifest['version']}: {path}")
@@ -49,12 +48,14 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from model.commands import add_threads_argument
+
     export = subparsers.add_parser("export", help="checkpoint -> MODEL_REPO/VERSION/ (ONNX graphs + manifest)")
     export.add_argument("checkpoint")
     export.add_argument("--version", required=True, help="version directory name, e.g. 2024-06-01a or v3")
     export.add_argument("--out", required=True, help="model repository directory (MODEL_REPO)")
     export.add_argument("--force", action="store_true", help="replace an existing version (atomically)")
-    export.add_argument("--threads", type=int, default=2)
+    add_threads_argument(export)
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="reopen the written version with export.runtime (default: on)")
     export.set_defaults(handler=cmd_export)

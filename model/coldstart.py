@@ -445,12 +445,10 @@ def protocol_from(args: argparse.Namespace, spec_name: str) -> Protocol:
 
 
 def run_coldstart(args: argparse.Namespace) -> str:
-    import torch
-
-    from model.commands import data_spec, load_data
+    from model.commands import data_spec, load_data, set_threads
     from model.train import TrainConfig
 
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     spec = data_spec(args)
     protocol = protocol_from(args, spec.name)
     spec = spec.with_overrides(**{"split.cold_user_frac": protocol.new_user_frac})
@@ -508,7 +506,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from model.commands import add_data_arguments
+    from model.commands import add_data_arguments, add_threads_argument
 
     add_data_arguments(parser)
     group = parser.add_argument_group("protocol (defaults per data set: model/coldstart.py PROTOCOLS)")
@@ -530,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-update", choices=["model", "embeddings"], default="model",
                         help="model: the model and the new users' UDG embeddings (the paper); embeddings: "
                              "those only")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser)
     parser.add_argument("--out", default="results/coldstart")
     parser.add_argument("--fresh", action="store_true", help="discard the journal of --out")
     parser.add_argument("--summary-only", action="store_true",

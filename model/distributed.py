@@ -87,13 +87,13 @@ class Distributed:
         """Each rank its own GPU: "cuda" -> "cuda:LOCAL_RANK"; other devices unchanged."""
         return f"cuda:{self.local_rank}" if self.active and requested == "cuda" else requested
 
-    def threads(self, requested: int | None) -> int:
-        """Torch threads of this process: `requested`, else 2 for one process (the machines' cores) and
-        the cores shared out among the ranks of this node under torchrun (at least 1)."""
+    def threads(self, requested: int | None, default: int = 0) -> int:
+        """Torch threads of this process: `requested` (the command line's), else `default` for one process
+        (0: torch's own) and, under torchrun, the node's cores shared out among its ranks (at least 1)."""
         if requested:
             return requested
         if not self.active:
-            return 2
+            return default
         return max(1, (os.cpu_count() or 1) // self.local_world)
 
     def materialise_first(self, spec) -> None:

@@ -8,70 +8,60 @@ import logging
 import os
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from model.experiment import GATED_VARIANTS, VARIANTS, udg_preset, variant_config
+
 log = logging.getLogger(__name__)
 
 METRICS = ("log_loss", "auc", "rmse", "rig")
-VARIANT_PRESETS = {"base": "base", "udg": "udg", "udg-detach": "udg-detach", "udg-official": "udg-official",
-                   "double": "base"}
-VARIANT_LABELS = {"base": "base", "udg": "+UDG", "udg-detach": "+UDG (detached 2·sigmoid gates)",
-                  "udg-official": "+UDG (official gates)", "double": "2x embedding"}
+VARIANT_LABELS = {name: variant.label for name, variant in VARIANTS.items()}
 
 
-def variant_config(kind: str, variant: str):
-    from model.experiment import model_config
-
-    config = model_config(kind, VARIANT_PRESETS[variant])
-    return replace(config, embed_dim=config.embed_dim * 2) if variant == "double" else config
-
-
-def run_grid(data, kinds: list[str], variants: list[str], seeds: int, train_config,
+def run_grid(data, pairs: list[tuple[str, str]], seeds: int, train_config,
              journal: RunJournal | None = None, train_missing: bool = True) -> list[dict]:
-    """Train every (model, variant, seed); runs already in the journal are reused, new ones appended to it.
-    With train_missing=False only the journal's runs are returned (a summary of a grid still running)."""
-    import torch  # noqa: F401  (the training stack)
-
-    from model.train import train_model
-
+    """Train every (model, variant) of `pairs` for every seed; runs already in the journal are reused, new ones
+    appended to it. With train_missing=False only the journal's runs are returned (a summary of a grid still
+    running, or of a committed journal: then neither data nor torch is needed)."""
     rows = []
     # Seed-major: a grid stopped part-way leaves complete, paired seeds for every (model, variant).
     for seed in range(seeds):
-        for kind in kinds:
-            for variant in variants:
-                done = journal.get(kind, variant, seed) if journal else None
-                if done is not None:
-                    rows.append(done)
-                    continue
-                if not train_missing:
-                    continue
-                if journal and not journal.claim(kind, variant, seed):
-                    log.info("%s/%s seed %d: finished or being trained by another process", kind, variant, seed)
-                    continue
-                started = time.perf_counter()
-                try:
-                    _, metrics = train_model(data, variant_config(kind, variant),
-                                             replace(train_config, seed=seed), progress=False)
-                except BaseException:
-                    if journal:
-                        journal.release(kind, variant, seed)
-                    raise
-                row = {"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
-                       "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
-                       "valid": metrics["valid"], "test": metrics["test"]}
+        for kind, variant in pairs:
+            done = journal.get(kind, variant, seed) if journal else None
+            if done is not None:
+                rows.append(done)
+                continue
+            if not train_missing:
+                continue
+            if journal and not journal.claim(kind, variant, seed):
+                log.info("%s/%s seed %d: finished or being trained by another process", kind, variant, seed)
+                continue
+            from model.train import train_model
+
+            started = time.perf_counter()
+            try:
+                _, metrics = train_model(data, variant_config(kind, variant), replace(train_config, seed=seed),
+                                         progress=False)
+            except BaseException:
                 if journal:
-                    journal.add(row)
-                rows.append(row)
-                log.info("%s/%s seed %d: valid auc %.4f test auc %.4f (%.0f s)", kind, variant, seed,
-                         metrics["valid"]["auc"], metrics["test"]["auc"], time.perf_counter() - started)
+                    journal.release(kind, variant, seed)
+                raise
+            row = {"model": kind, "variant": variant, "seed": seed, "parameters": metrics["parameters"],
+                   "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
+                   "valid": metrics["valid"], "test": metrics["test"]}
+            if journal:
+                journal.add(row)
+            rows.append(row)
+            log.info("%s/%s seed %d: valid auc %.4f test auc %.4f (%.0f s)", kind, variant, seed,
+                     metrics["valid"]["auc"], metrics["test"]["auc"], time.perf_counter() - started)
     if journal and train_missing:
         # Runs other processes finished meanwhile belong in this summary too.
         journal.refresh()
         mine = {(r["model"], r["variant"], r["seed"]) for r in rows}
-        rows += [journal.get(k, v, s) for s in range(seeds) for k in kinds for v in variants
+        rows += [journal.get(k, v, s) for s in range(seeds) for k, v in pairs
                  if (k, v, s) not in mine and journal.get(k, v, s) is not None]
     return rows
 
@@ -261,15 +251,10 @@ def comparison(summary: list[dict], paper: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-GATED_VARIANTS = ("udg", "udg-detach", "udg-official")
-
-
 def gate_choice(summary: list[dict]) -> str:
     """One line per model with two or more gated variants: each one's paired Δ test AUC (Δ valid AUC), the
     variant with the best Δ valid AUC and its Δ test AUC, the 2x embedding's Δ test AUC, and the preset that
     `udg train --udg` ships for the kind. Empty when no model has a choice to make."""
-    from model.experiment import udg_preset
-
     gain = signed_gain
     by = {(line["model"], line["variant"]): line for line in summary}
     kinds = [k for k in dict.fromkeys(line["model"] for line in summary)
@@ -330,45 +315,150 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_report(args: argparse.Namespace) -> None:
-    import torch
+@dataclass
+class Grid:
+    """One report: the (model, variant) pairs trained on one spec with one set of training options, their
+    seeds, and the folder that holds the run journal, the table and the plot."""
 
-    from model.commands import data_spec, load_data
-    from model.train import TrainConfig
+    name: str
+    spec: object  # dataset.spec.DatasetSpec
+    pairs: list[tuple[str, str]]
+    seeds: int
+    train: dict  # every model.experiment.TRAIN_OPTIONS, resolved
+    out: Path
+    report_name: str = "report.md"
 
-    torch.set_num_threads(args.threads)
-    spec = data_spec(args)
-    data = load_data(spec)
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANT_PRESETS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANT_PRESETS)}")
-    if "base" not in variants:
-        variants.insert(0, "base")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads,
-                               device=args.device)
-    journal_path = out / "runs.jsonl"
-    if args.fresh and journal_path.exists():
-        journal_path.unlink()
-    setup = {"data": spec.fingerprint(), "epochs": args.epochs, "embed_wd": args.embed_wd}
-    if args.device != "cpu":  # other numerics (and kernels): pair runs within one device only
-        setup["device"] = args.device
-    journal = RunJournal(journal_path, setup)
-    rows = run_grid(data, kinds, variants, args.seeds, train_config, journal, train_missing=not args.summary_only)
-    if not rows:
-        raise SystemExit(f"no finished runs for these models and variants in {journal_path}")
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(kind for kind, _ in self.pairs))
+
+    def setup(self) -> dict:
+        """What a journal line must match to be reused: the data and the options that change the numbers."""
+        from model.experiment import train_defaults
+
+        setup = {"data": self.spec.fingerprint(), "epochs": self.train["epochs"], "embed_wd": self.train["embed_wd"]}
+        if self.train["device"] != "cpu":  # other numerics (and kernels): pair runs within one device only
+            setup["device"] = self.train["device"]
+        defaults = train_defaults()
+        setup.update({k: self.train[k] for k in ("batch_size", "lr", "patience") if self.train[k] != defaults[k]})
+        return setup
+
+    def train_config(self):
+        from model.train import TrainConfig
+
+        options = {("embed_weight_decay" if k == "embed_wd" else k): v for k, v in self.train.items()}
+        return TrainConfig(**options)
+
+    def journal(self) -> RunJournal:
+        return RunJournal(self.out / "runs.jsonl", self.setup())
+
+    def rows(self) -> list[dict]:
+        """The journal's finished runs of this grid (no data, no training)."""
+        return run_grid(None, self.pairs, self.seeds, None, self.journal(), train_missing=False)
+
+
+def render(grid: Grid, rows: list[dict]) -> str:
+    """report.md of a grid: the metrics table, the comparison (with the paper's figures on MovieLens) and,
+    when a model has two gated variants, the gate chosen on validation."""
     summary = summarise(rows)
-    title = f"{spec.name}: {', '.join(kinds)}"
-    (out / "runs.json").write_text(json.dumps({"data": spec.fingerprint(), "rows": rows}, indent=1, default=float))
-    paper = PAPER_MOVIELENS_AUC if spec.name == "movielens-100k" else None
+    title = f"{grid.spec.name}: {', '.join(grid.kinds)}"
+    paper = PAPER_MOVIELENS_AUC if grid.spec.name == "movielens-100k" else None
     table = markdown(summary, title) + "\n\n" + comparison(summary, paper)
     choice = gate_choice(summary)
     if choice:
         table += "\n\nGate variant chosen on validation (paired Δ against the base, mean ± std):\n\n" + choice
-    (out / "report.md").write_text(table + "\n")
-    plot(summary, out / "auc.png", title)
+    return table
+
+
+def grid_from_experiments(experiments) -> list[Grid]:
+    """The grids of named experiments, each with its resolved spec and training options."""
+    from model.commands import spec_from
+    from model.experiment import train_defaults
+
+    grids: dict[str, list] = {}
+    for experiment in experiments:
+        grids.setdefault(experiment.grid or experiment.name, []).append(experiment)
+    defaults = train_defaults()
+    result = []
+    for name, members in grids.items():
+        first = members[0]
+        shared = [(e.spec, e.spec_overrides, e.seeds, e.out, e.report, e.train, e.model_options) for e in members]
+        if any(s != shared[0] for s in shared[1:]):
+            raise SystemExit(f"grid {name!r}: its experiments differ in spec, seeds, output or training options")
+        if first.model_options:
+            raise SystemExit(f"grid {name!r}: model_options are for `udg train --experiment`, not report grids")
+        result.append(Grid(name=name, spec=spec_from(first.spec, list(first.spec_overrides)),
+                           pairs=[(e.model, e.variant) for e in members], seeds=first.seeds,
+                           train={**defaults, **first.train}, out=Path(first.out or f"results/{name}"),
+                           report_name=first.report))
+    return result
+
+
+def grids_from_args(args: argparse.Namespace) -> list[Grid]:
+    """`--experiments` names grids from the experiments file; else --spec/--models/--variants make one. Options
+    given on the command line override the grid's."""
+    from model.commands import data_spec
+    from model.experiment import DEFAULT_SEEDS, ExperimentError, select_experiments, train_defaults
+
+    given = {k: getattr(args, k) for k in ("epochs", "embed_wd", "threads", "device") if getattr(args, k) is not None}
+    if args.experiments:
+        clash = [f"--{k}" for k in ("models", "variants", "spec") if getattr(args, k) not in (None, [])]
+        if clash or args.set:
+            raise SystemExit(f"--experiments names the grid; drop {clash + (['--set'] if args.set else [])}")
+        try:
+            grids = grid_from_experiments(select_experiments(args.experiments))
+        except ExperimentError as error:
+            raise SystemExit(str(error)) from None
+        for grid in grids:
+            grid.train.update(given)
+            grid.seeds = args.seeds if args.seeds is not None else grid.seeds
+            grid.out = Path(args.out) if args.out else grid.out
+        if args.out and len(grids) > 1:
+            raise SystemExit("--out with several grids would write them into one folder")
+        return grids
+    kinds = [k.strip() for k in (args.models or "pnn").split(",") if k.strip()]
+    variants = [v.strip() for v in (args.variants or "base,udg,double").split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "base" not in variants:
+        variants.insert(0, "base")
+    spec = data_spec(args)
+    return [Grid(name=spec.name, spec=spec, pairs=[(k, v) for k in kinds for v in variants],
+                 seeds=args.seeds if args.seeds is not None else DEFAULT_SEEDS, train={**train_defaults(), **given},
+                 out=Path(args.out or "results/report"))]
+
+
+def report_grid(grid: Grid, fresh: bool = False, summary_only: bool = False) -> str:
+    """Train what the grid's journal lacks (unless summary_only), then write its table and plot."""
+    grid.out.mkdir(parents=True, exist_ok=True)
+    journal_path = grid.out / "runs.jsonl"
+    if fresh and journal_path.exists():
+        journal_path.unlink()
+    if summary_only:
+        rows = grid.rows()
+    else:
+        import torch
+
+        from model.commands import load_data
+
+        if grid.train["threads"]:
+            torch.set_num_threads(grid.train["threads"])
+        rows = run_grid(load_data(grid.spec), grid.pairs, grid.seeds, grid.train_config(), grid.journal())
+    if not rows:
+        raise SystemExit(f"no finished runs for these models and variants in {journal_path}")
+    table = render(grid, rows)
+    report = grid.out / grid.report_name
+    (grid.out / "runs.json").write_text(json.dumps({"data": grid.spec.fingerprint(), "rows": rows}, indent=1,
+                                                   default=float))
+    report.write_text(table + "\n")
+    plot_path = report.with_name("auc.png" if grid.report_name == "report.md" else f"{report.stem}.png")
+    plot(summarise(rows), plot_path, f"{grid.spec.name}: {', '.join(grid.kinds)}")
     print(table)
-    print(f"\nwritten: {out / 'report.md'}, {out / 'auc.png'}, {out / 'runs.json'}")
+    print(f"\nwritten: {report}, {plot_path}, {grid.out / 'runs.json'}")
+    return table
+
+
+def run_report(args: argparse.Namespace) -> None:
+    for grid in grids_from_args(args):
+        report_grid(grid, fresh=args.fresh, summary_only=args.summary_only)

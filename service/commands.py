@@ -36,24 +36,28 @@ def run_server(settings) -> None:
         multiproc_dir = tempfile.mkdtemp(prefix="udg-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     from service.http_server import protocol_factory
+    from service.logs import log_config
 
     try:
         # httptools with the service's HTTP limits (head size and count, head/body timeouts, connection cap,
         # lingering close after an early answer): service/http_server.py.
         uvicorn.run("service.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
+                    workers=settings.workers, log_level=settings.log_level, access_log=False,  # ours: UDG_ACCESS_LOG
+                    log_config=log_config(settings.log_format, settings.log_level),
                     loop="uvloop", http=protocol_factory(settings), timeout_keep_alive=settings.http_keep_alive_s,
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=settings.shutdown_timeout_s)
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure
     from service.settings import Settings
 
     _apply_overrides(args)
     settings = Settings()
+    configure(settings.log_format, settings.log_level)
     log.info("serving %s version %s on %s:%d (%d worker(s), %d onnxruntime thread(s) each), Redis %s",
              settings.model_repo, settings.model_version or "<newest>", settings.host, settings.port,
              settings.workers, settings.ort_threads, settings.redis_url_for_logs())
@@ -215,6 +219,17 @@ SERVE_EPILOG = """HTTP limits, per worker process (environment; answers are the 
   UDG_MAX_BODY_BYTES=1048576         request body; larger: 413 body_too_large
   UDG_HTTP_DRAIN_BYTES=16777216      after an early answer (413, 431) the unread body is read and dropped
   UDG_HTTP_DRAIN_TIMEOUT_S=5         up to this much / this long, so clients get the answer, not a reset
+
+Graceful shutdown (service/shutdown.py):
+  UDG_SHUTDOWN_DRAIN_S=5             after SIGTERM: /readyz 503 this long while requests are still served
+  UDG_SHUTDOWN_TIMEOUT_S=10          then: stop accepting; in-flight requests get this long to complete
+
+Logs and traces (docs/observability.md):
+  UDG_LOG_FORMAT=auto                json | text | auto (text on a terminal, else JSON)
+  UDG_ACCESS_LOG=false               one line per request on logger udg.access
+  UDG_LOG_REPEAT_S=10                a repeated failure is logged once per this, with the count of the others
+  UDG_OTLP_ENDPOINT=                 OTLP/HTTP collector (http://host:4318): traces on (the `otel` extra)
+  UDG_TRACE_SAMPLE_RATIO=1.0         share of the traces kept
 """
 
 

@@ -19,10 +19,12 @@ from starlette.responses import Response
 
 from service import metrics
 from service.feature_store import FeatureStoreUnavailable
+from service.logs import REQUEST_ID
 from service.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 REDIS_FAILURES = RateLimitedLog(log)  # one line per 10 s, with the count of the others
+BUGS = RateLimitedLog(log)
 
 
 class ErrorBody(BaseModel):
@@ -182,7 +184,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # One traceback per route and exception type per 10 s: a bug hit by every request must not flood.
+        BUGS.error(f"internal {request.url.path} {type(error).__name__}", "unhandled error on %s %s",
+                   request.method, request.url.path, exc_info=error)
         metrics.ERRORS.labels("internal").inc()
+        request_id = REQUEST_ID.get()  # answered outside the request-id layer: it adds no header here
         return json_response(500, {"error": "internal", "message": "internal error (logged)", "field": None,
-                                   "details": []})
+                                   "details": []}, {"X-Request-ID": request_id} if request_id else None)

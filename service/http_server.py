@@ -14,6 +14,7 @@ idle connections and tasks together. This subclass adds, per worker process:
   a connection that never sent a byte is closed without an answer.
 - **connection cap**: beyond `max_connections` open connections, a request is answered 503 `overloaded`
   (`Retry-After`, `Connection: close`) without reaching the app.
+- **draining** (after SIGTERM, service/shutdown.py): every response carries `Connection: close`.
 - **lingering close**: an answer sent before the request body ended (an over-limit body's 413, a 431) does not
   reset the connection: the server half-closes, reads and discards what the client still sends (at most
   `drain_bytes`, for at most `drain_timeout_s`), then closes; standard clients (urllib, httpx, requests, curl)
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.shutdown import draining
 
 log = logging.getLogger("udg.http")
 
@@ -266,7 +269,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.app = app
         if self.cycle is not None:
             self.cycle.transport = _CycleTransport(self, self.transport)
-            if self._over_cap:
+            if self._over_cap or draining():  # draining: kept-alive clients reconnect, to another instance
                 self.cycle.keep_alive = False
         self._arm(self.limits.body_timeout_s, self._body_timeout)
 

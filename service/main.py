@@ -11,13 +11,14 @@ import logging
 
 from fastapi import FastAPI
 
-from service import errors, metrics
-from service.api import admin, events, health, openapi, score
+from service import errors, metrics, ratelog, shutdown, tracing
+from service.api import admin, docs, events, health, openapi, score
 from service.api.deps import Services
 from service.control import Control
 from service.feature_store import FeatureStore, create_redis
 from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry
+from service.request_context import RequestContext
 from service.scoring import Scorer
 from service.settings import Settings, get_settings
 
@@ -32,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = create_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_pool_size,
                              settings.redis_ca_certs)
         store = FeatureStore(redis, RedisLayout.from_settings(settings),
-                             observe=metrics.observe_redis)
+                             observe=tracing.redis_observer(metrics.observe_redis))
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
                                  settings.require_publish_marker, cuda_graph=settings.cuda_graph)
         control = Control(settings, registry, redis)
@@ -42,21 +43,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Activation and every later version change: follow the routing document in Redis (control.py).
         follower = asyncio.create_task(control.follow())
         services.background.append(follower)
+        shutdown.install(settings.shutdown_drain_s, settings.shutdown_timeout_s)  # SIGTERM: drain, then stop
+        readiness = asyncio.create_task(health.publish_readiness(services, settings.readiness_period_s))
+        services.background.append(readiness)
         try:
             yield
         finally:
+            readiness.cancel()
             await control.stop(follower)
             await control.forget()
             await services.scorer.drain()
             await registry.drain()
             registry.close()
             await store.close()
+            tracing.shutdown()
 
-    app = FastAPI(title="UDG CTR scoring", version="1", lifespan=lifespan)
+    # /docs and /redoc are served from assets installed with the package (service/api/docs.py), never a CDN.
+    app = FastAPI(title="UDG CTR scoring", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     errors.install(app)
     app.include_router(score.router)
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     openapi.install(app, settings)
+    docs.install(app)
+    tracing.configure(settings)
+    ratelog.set_interval(settings.log_repeat_s)
+    app.add_middleware(RequestContext, access_log=settings.access_log)
     return app

@@ -5,12 +5,18 @@ Per-stage timers (`udg_stage_seconds{stage=…}`) split a score request into: `p
 call), `respond` (ranking + JSON). Their sum against `udg_request_seconds` shows the framework's share.
 
 With several uvicorn workers, `udg serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start, and
-`/metrics` aggregates every worker's values (prometheus_client multiprocess mode).
+`/metrics` aggregates every worker's values (prometheus_client multiprocess mode): one scrape of a process
+gives all its workers' counters and histograms summed, and the per-worker gauges (`udg_ready`,
+`udg_worker_in_sync`, `udg_state_lost`, ...) once per live worker with a `pid` label. A worker that died
+leaves its gauge files behind; `render()` drops those of processes that no longer exist, so a dead worker's
+last values do not hold an alert (ops/prometheus/ scrapes every replica; docs/observability.md).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -72,6 +78,15 @@ LOAD_SECONDS = Histogram("udg_version_load_seconds", "Load + verify + warm-up ti
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 _VERSION_CHILDREN: dict = {}
 
+# --- operations: readiness, every HTTP answer, observed click-through per arm ------------------------------
+READY = Gauge("udg_ready", "1 while this worker would answer /readyz with 200 (a version active, Redis "
+              "reachable, no state lost); refreshed every few seconds", multiprocess_mode="liveall")
+HTTP_RESPONSES = Counter("udg_http_responses", "Every HTTP answer of the app by route and status code "
+                         "(the denominator of the error ratio)", ["route", "status"])
+ARM_EVENTS = Counter("udg_arm_events", "Impressions (events) by the version and arm serving their user now, "
+                     "and whether they were clicks: clicked / all is the arm's observed CTR",
+                     ["model_version", "arm", "clicked"])
+
 
 def observe_version(version: str, arm: str, seconds: float, mean_score: float) -> None:
     children = _VERSION_CHILDREN.get((version, arm))
@@ -88,11 +103,49 @@ def observe_redis(op: str, seconds: float) -> None:
     REDIS_SECONDS.labels(op).observe(seconds)
 
 
+def count_arm_events(select, events) -> None:
+    """Each event under the version and arm that `select(user_id)` (the routing's choice) serves its user."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for event in events:
+        model, arm = select(event.user_id)
+        if model is not None:
+            key = (model.version, arm, "true" if event.clicked else "false")
+            counts[key] = counts.get(key, 0) + 1
+    for key, count in counts.items():
+        ARM_EVENTS.labels(*key).inc(count)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w*_(\d+)\.db$")
+
+
+def forget_dead_workers(directory: str) -> list[int]:
+    """Remove the live-gauge files of worker processes that no longer exist; -> their pids."""
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        match = _LIVE_GAUGE_FILE.search(path)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:  # alive, another user's
+            pass
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text: this process's registry, or all workers' in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         from prometheus_client import multiprocess
 
+        forget_dead_workers(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

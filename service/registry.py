@@ -39,6 +39,7 @@ import numpy as np
 from repository import MANIFEST_FILE, ModelRepository, is_version_name
 from service import metrics
 from service.feature_store import FeatureStore, FeatureStoreUnavailable
+from service.logs import MODEL_VERSION
 from service.redis_layout import TAG_META, RedisLayout
 
 log = logging.getLogger(__name__)
@@ -415,8 +416,13 @@ class ModelRegistry:
             yield None, arm
             return
         model.inflight += 1
+        token = MODEL_VERSION.set(model.version)  # log lines of this request name the version (service/logs.py)
         try:
             yield model, arm
+        except BaseException:
+            raise  # the version stays set for the error handler's log line; the request's task ends with it
+        else:
+            MODEL_VERSION.reset(token)
         finally:
             model.inflight -= 1
             model.served += 1

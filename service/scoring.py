@@ -37,7 +37,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service.api.schemas import ScoreRequest
 from service.errors import InvalidField, ServiceUnavailable
 from service.feature_store import FeatureStore, FeatureStoreUnavailable
@@ -51,23 +51,29 @@ STAGES = ("parse", "redis", "cold_start", "encode", "model", "respond")
 
 
 class StageTimer:
-    """Accumulates per-stage seconds of one request; flushed into udg_stage_seconds at the end."""
+    """Accumulates per-stage seconds of one request; flushed into udg_stage_seconds at the end (and, with
+    tracing on, the sequence of marks becomes the request's stage spans: service/tracing.py)."""
 
-    __slots__ = ("last", "spent")
+    __slots__ = ("last", "spent", "marks")
 
     def __init__(self, started: float):
         self.last = started
         self.spent: dict[str, float] = {}
+        self.marks = [("start", started)] if tracing.ENABLED else None
 
     def mark(self, stage: str) -> None:
         now = time.perf_counter()
         self.spent[stage] = self.spent.get(stage, 0.0) + now - self.last
         self.last = now
+        if self.marks is not None:
+            self.marks.append((stage, now))
 
     def flush(self) -> None:
         children = _stage_children()
         for stage, seconds in self.spent.items():
             children[stage].observe(seconds)
+        if self.marks is not None:
+            tracing.stage_spans(self.marks)
 
 
 _CHILDREN: dict = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -62,7 +63,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     log_level: str = "info"
-    access_log: bool = False  # uvicorn's access log costs ~50 us per request
+    access_log: bool = False  # one line per request on logger udg.access (service/request_context.py)
+
+    # --- observability (docs/observability.md) ---------------------------------------------------------
+    # auto: text when stderr is a terminal, else JSON (containers); json; text (service/logs.py)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector, e.g. http://otel-collector:4318; unset: no tracing
+    otel_service_name: str = "udg-ctr"
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1)  # share of traces kept (parent-based)
+    readiness_period_s: float = Field(2.0, gt=0, le=60)  # udg_ready is refreshed this often per worker
+    log_repeat_s: float = Field(10.0, gt=0, le=3600)  # a repeated failure is logged once per this, with a count
 
     # --- HTTP limits, per worker process (service/http_server.py; answers are JSON errors) ----------------
     http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1 << 20)  # request line + headers; else 431
@@ -75,6 +85,12 @@ class Settings(BaseSettings):
     # that clients which send the whole body before reading get the answer instead of a connection reset.
     http_drain_bytes: int = Field(16 << 20, ge=0, le=1 << 30)
     http_drain_timeout_s: float = Field(5.0, gt=0, le=120)
+
+    # --- graceful shutdown (service/shutdown.py) ----------------------------------------------------------
+    # After SIGTERM: /readyz answers 503 for shutdown_drain_s while requests are still served (load balancers
+    # stop sending), then the worker stops accepting and in-flight requests get shutdown_timeout_s to complete.
+    shutdown_drain_s: float = Field(5.0, ge=0, le=300)
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
 
     # --- state: loss detection, dedup, bounded growth (service/control.py, service/redis_layout.py) ------
     # The routing document is also kept in this file (written atomically on every change); a worker that

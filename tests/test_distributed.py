@@ -175,7 +175,8 @@ def test_without_torchrun_it_is_one_process(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     state = Distributed.from_environment()
     assert state == SINGLE and not state.active and state.is_main
-    assert state.threads(None) == 2 and state.threads(3) == 3 and state.device("cuda") == "cuda"
+    assert state.threads(None) == 0 and state.threads(None, 2) == 2 and state.threads(3) == 3
+    assert state.device("cuda") == "cuda"
     rows = np.arange(10)
     assert state.shard(rows) is rows and state.sum([1.0, 2.0]) == [1.0, 2.0]
     state.barrier()  # a no-op without a process group

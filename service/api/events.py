@@ -90,6 +90,7 @@ async def store_events(services: Services, events: list[Event]) -> dict:
     metrics.EVENTS.labels("duplicate").inc(counts[DUPLICATE])
     metrics.EVENTS.labels("refused").inc(counts[REFUSED])
     metrics.EVENTS.labels("not_clicked").inc(ignored)
+    metrics.count_arm_events(services.registry.routing.select, events)
     return {"accepted": len(events), "appended": counts[APPENDED], "duplicates": counts[DUPLICATE],
             "not_clicked": ignored, "refused": sorted(refused), "event_ids": event_ids}
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from starlette.responses import PlainTextResponse, Response
 
-from service import metrics
+from service import metrics, shutdown
 from service.api.deps import ServicesDep, json_ok
 from service.api.schemas import Liveness, Readiness
 from service.errors import HTTP_STATUSES, responses
@@ -24,6 +26,12 @@ async def healthz():
             responses={**responses(*HTTP_STATUSES), 200: {"model": Readiness, "description": "Ready"},
                        503: {"model": Readiness, "description": "Not ready: `reasons` says why"}})
 async def readyz(services: ServicesDep):
+    body = await readiness(services)
+    return json_ok(body, 200 if body["status"] == "ready" else 503)
+
+
+async def readiness(services) -> dict:
+    """The /readyz body; `status` is "ready" or "not_ready" (then `reasons` says why)."""
     active = services.registry.active
     registry = services.registry
     body = {"model_version": active.version if active else None, "redis": "ok", "reasons": []}
@@ -46,9 +54,25 @@ async def readyz(services: ServicesDep):
     except FeatureStoreUnavailable as error:
         body["redis"] = "unavailable"
         body["reasons"].append(str(error))
-    ready = not body["reasons"]
-    body["status"] = "ready" if ready else "not_ready"
-    return json_ok(body, 200 if ready else 503)
+    if shutdown.draining():  # SIGTERM received: tell load balancers first, still serving (service/shutdown.py)
+        body["reasons"].append(shutdown.DRAIN.reason())
+    body["status"] = "not_ready" if body["reasons"] else "ready"
+    return body
+
+
+async def publish_readiness(services, period_s: float) -> None:
+    """This worker's udg_ready gauge, refreshed every `period_s` from the same check as /readyz (the task
+    also writes the counts of rate-limited log lines whose burst ended)."""
+    from service import ratelog
+
+    while True:
+        try:
+            body = await readiness(services)
+            metrics.READY.set(1 if body["status"] == "ready" else 0)
+        except Exception:  # never let the gauge loop die; a failed check is "not ready"
+            metrics.READY.set(0)
+        ratelog.flush_all()
+        await asyncio.sleep(period_s)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,

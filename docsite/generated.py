@@ -1,0 +1,148 @@
+"""Generated documentation: nothing here is typed by hand, and `udg docs build --check` fails when a committed
+copy is stale.
+
+- Each report grid of `experiments/experiments.toml` whose folder is under docs/results/ has its report.md
+  rendered from its run journal (`model.report.render`), as `udg report --experiments GRID --summary-only`
+  writes it.
+- A page section between `<!-- generated: include FILE table=N [rows=A,B] -->` and `<!-- end generated -->`
+  is the N-th markdown table of FILE (a generated report), optionally only the rows whose first cell is one
+  of A, B.
+- docs/api.md is rendered from the service's OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = re.compile(r"(<!-- generated: (?P<directive>.+?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+
+class DocsError(ValueError):
+    """A directive that does not resolve; the message names the page and the directive."""
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The hand-written pages: README.md and every markdown page under docs/ except generated reports."""
+    found = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return [p for p in found if p.exists() and not _is_report(p, root) and p.name != "api.md"]
+
+
+def _is_report(path: Path, root: Path) -> bool:
+    return path.parent != root / "docs" and path.name.startswith("report") and "results" in path.parts
+
+
+def markdown_tables(text: str) -> list[list[str]]:
+    """The markdown tables of a text, each as its lines (header, rule, rows)."""
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return [t for t in tables if len(t) >= 2 and set(t[1].replace("|", "").strip()) <= set("-: ")]
+
+
+def render_directive(directive: str, root: Path = ROOT, files: dict[Path, str] | None = None) -> str:
+    """The body of one generated section. `files` holds freshly generated texts that override the disk."""
+    words = shlex.split(directive)
+    if not words or words[0] != "include" or len(words) < 3:
+        raise DocsError(f"expected 'include FILE table=N [rows=A,B]', got {directive!r}")
+    path = root / words[1]
+    options = dict(word.split("=", 1) for word in words[2:])
+    unknown = set(options) - {"table", "rows"}
+    if unknown:
+        raise DocsError(f"{directive!r}: unknown option(s) {sorted(unknown)}")
+    text = (files or {}).get(path)
+    if text is None:
+        if not path.exists():
+            raise DocsError(f"{directive!r}: {words[1]} does not exist")
+        text = path.read_text()
+    tables = markdown_tables(text)
+    index = int(options.get("table", "1"))
+    if not 1 <= index <= len(tables):
+        raise DocsError(f"{directive!r}: {words[1]} has {len(tables)} table(s)")
+    table = tables[index - 1]
+    if "rows" in options:
+        keep = {r.strip() for r in options["rows"].split(",")}
+        body = [line for line in table[2:] if line.split("|")[1].strip() in keep]
+        missing = keep - {line.split("|")[1].strip() for line in body}
+        if missing:
+            raise DocsError(f"{directive!r}: no row {sorted(missing)} in table {index} of {words[1]}")
+        table = table[:2] + body
+    return "\n".join(table) + "\n"
+
+
+def render_page(text: str, root: Path = ROOT, files: dict[Path, str] | None = None, where: str = "") -> str:
+    def replace(match: re.Match) -> str:
+        try:
+            body = render_directive(match["directive"], root, files)
+        except DocsError as error:
+            raise DocsError(f"{where}: {error}") from None
+        return match.group(1) + body + match.group(4)
+
+    return SECTION.sub(replace, text)
+
+
+def report_files(root: Path = ROOT) -> dict[Path, str]:
+    """report.md of every committed grid, rendered from its journal (imports the training side)."""
+    import os
+
+    from model.experiment import load_experiments
+    from model.report import grid_from_experiments, render
+
+    experiments = [e for e in load_experiments().values() if (e.out or "").startswith("docs/results/")]
+    here = os.getcwd()
+    os.chdir(root)  # the experiments' folders are relative to the repository
+    try:
+        return {root / grid.out / grid.report_name: render(grid, grid.rows()) + "\n"
+                for grid in grid_from_experiments(experiments)}
+    finally:
+        os.chdir(here)
+
+
+def api_page() -> str:
+    from docsite.api import render_openapi
+    from service.main import create_app
+
+    return render_openapi(create_app().openapi())
+
+
+def build(root: Path = ROOT, api: bool = True) -> dict[Path, str]:
+    """Every generated file and page with generated sections, as it should be committed."""
+    files = report_files(root)
+    for page in pages(root):
+        text = page.read_text()
+        if SECTION.search(text):
+            files[page] = render_page(text, root, files, where=str(page.relative_to(root)))
+    if api:
+        files[root / "docs" / "api.md"] = api_page()
+    return files
+
+
+def stale_coldstart(root: Path = ROOT) -> list[Path]:
+    """Cold-start reports whose tables differ from those rendered from their journals. (Their head line on
+    the users and events needs the data, so only the tables, which end the file, are compared.)"""
+    import json
+
+    from model.coldstart import summarise, tables
+
+    old = []
+    for journal in sorted((root / "docs" / "results" / "coldstart").glob("*/runs.jsonl")):
+        entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        setup = entries[-1]["setup"]  # the journal's current setup; lines of another setup do not count
+        rows = {(e["row"]["model"], e["row"]["variant"], e["row"]["seed"]): e["row"] for e in entries
+                if e["setup"] == setup}
+        report = journal.with_name("report.md")
+        if not report.exists() or not report.read_text().endswith(tables(summarise(list(rows.values()))) + "\n"):
+            old.append(report)
+    return old
+
+
+def stale(files: dict[Path, str]) -> list[Path]:
+    return [path for path, text in files.items() if not path.exists() or path.read_text() != text]
