@@ -7,6 +7,7 @@ install.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -201,6 +202,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     config_option(group, "--seed", type=int, help="weights, shuffling, dropout", source=(*TRAIN_CONFIG, "seed"))
     add_threads_argument(group)
     config_option(group, "--device", help='torch device to train on, e.g. "cuda"', source=(*TRAIN_CONFIG, "device"))
+    group.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
+                       help="under torchrun: the DDP backend (default nccl on CUDA, gloo on CPU; docs/training.md)")
 
 
 def add_threads_argument(group) -> None:
@@ -229,6 +232,7 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
     import torch
 
     from model.checkpoint import Checkpoint, MetaState
+    from model.distributed import Distributed
     from model.meta import MetaConfig, cold_start_metrics, train_meta
     from model.train import train_model
 
@@ -237,16 +241,23 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
         args.spec = args.spec or chosen.spec
         args.set = list(chosen.spec_overrides) + args.set
     spec = data_spec(args)
+    train_config = train_config_from(args)
+    # Under torchrun: this rank's place in the job, its GPU and its share of the node's cores (docs/training.md).
+    dist = Distributed.from_environment(getattr(args, "dist_backend", None), train_config.device)
+    train_config = dataclasses.replace(train_config, device=dist.device(train_config.device),
+                                       threads=dist.threads(args.threads, train_config.threads))
+    dist.materialise_first(spec)
     data = load_data(spec)
     model_config = model_config_from(args)
-    train_config = train_config_from(args)
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
     log.info("training %s%s on %s (%d train events)", model_config.kind, "+UDG" if model_config.udg else "",
              spec.name, len(data.splits["train"]))
-    model, metrics = train_model(data, model_config, train_config, progress=not args.quiet)
+    model, metrics = train_model(data, model_config, train_config, progress=not args.quiet and dist.is_main,
+                                 dist=dist)
     meta = None
-    if model_config.udg and not args.no_meta:
+    # The meta generator and the checkpoint on rank 0 alone; the other ranks wait for the file at the barrier.
+    if dist.is_main and model_config.udg and not args.no_meta:
         meta_config = MetaConfig(seed=train_config.seed, **({"steps": args.meta_steps} if args.meta_steps else {}))
         generator, info = train_meta(model, data, meta_config, progress=not args.quiet)
         if len(data.splits["cold"]):
@@ -256,8 +267,12 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
             }
         meta = MetaState(generator.state_dict(), info)
     out = Path(args.out)
-    Checkpoint.from_training(model, model_config, train_config, data, metrics, meta).save(out)
+    if dist.is_main:
+        Checkpoint.from_training(model, model_config, train_config, data, metrics, meta).save(out)
+    dist.barrier()
+    dist.close()
     metrics["meta"] = dict(meta.info) if meta else {}
+    metrics["rank"] = dist.rank
     return out, metrics
 
 
@@ -273,7 +288,8 @@ def print_training_summary(path: Path, metrics: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     path, metrics = run_training(args)
-    print_training_summary(path, metrics)
+    if metrics["rank"] == 0:
+        print_training_summary(path, metrics)
     return 0
 
 

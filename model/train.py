@@ -1,7 +1,13 @@
 """Training and evaluation: Adam, early stopping on validation AUC.
 
 Batches are gathered from the split's columns one at a time (`Samples.batch`): no split's histories or
-profiles are ever materialised whole, so memory grows with the events, not with events x max_history."""
+profiles are ever materialised whole, so memory grows with the events, not with events x max_history.
+
+Under torchrun (`model.distributed`) every rank draws the same seeded permutation, gathers only its part of
+each global batch of `batch_size` events, and scales its loss so that DDP's gradient average is the gradient
+of the global batch's mean loss: the same optimisation as one process, up to floating-point order and the
+per-rank random user-id dropout. Evaluation is sharded and its predictions all-gathered, so every rank
+computes the same metrics and takes the same early-stopping decision."""
 
 from __future__ import annotations
 
@@ -14,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from dataset.prepared import PreparedData, Samples
 from model.base import ModelConfig
+from model.distributed import SINGLE, Distributed
 from model.metrics import all_metrics
 from model.zoo import build_model, count_parameters
 
@@ -68,6 +76,21 @@ def batches(samples: Samples, batch_size: int, generator: torch.Generator | None
         yield to_tensors(samples, order[start:start + batch_size], device)
 
 
+def rank_batches(samples: Samples, batch_size: int, generator: torch.Generator, dist: Distributed,
+                 device: str | torch.device = "cpu"):
+    """This rank's part of each global batch that `batches` draws with the same generator, as (batch,
+    events in the global batch, weight). Where a last global batch has fewer events than there are ranks,
+    a rank with none gets one event at weight 0, so that every rank still takes part in the all-reduce."""
+    n = len(samples)
+    order = torch.randperm(n, generator=generator).numpy()
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        mine, weight = dist.shard(rows), 1.0
+        if not len(mine):
+            mine, weight = rows[:1], 0.0
+        yield to_tensors(samples, mine, device), len(rows), weight
+
+
 @torch.no_grad()
 def predict(model: nn.Module, samples: Samples, batch_size: int = 8192) -> np.ndarray:
     model.eval()
@@ -76,8 +99,23 @@ def predict(model: nn.Module, samples: Samples, batch_size: int = 8192) -> np.nd
     return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def evaluate(model: nn.Module, samples: Samples) -> dict[str, float]:
-    return all_metrics(samples.label, predict(model, samples))
+def evaluate(model: nn.Module, samples: Samples, dist: Distributed = SINGLE) -> dict[str, float]:
+    """Metrics of the whole split; under DDP each rank predicts its part and every rank gets all of them."""
+    if not dist.active:
+        return all_metrics(samples.label, predict(model, samples))
+    local = predict(model, samples.subset(dist.shard_rows(len(samples))))
+    return all_metrics(samples.label, dist.gather_rows(local, len(samples)))
+
+
+def shard_loss(out: dict[str, torch.Tensor], label: torch.Tensor, global_size: int, weight: float,
+               aux_loss_weight: float, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's loss, scaled so that DDP's average over `world` ranks is the global batch's mean loss,
+    and its un-averaged sum (for the epoch's train loss)."""
+    total = F.binary_cross_entropy_with_logits(out["logit"], label, reduction="sum")
+    if "aux_loss" in out:  # a mean over this rank's events: weighted by their share of the global batch
+        total = total + aux_loss_weight * out["aux_loss"] * len(label)
+    total = total * weight
+    return total * (world / global_size), total.detach()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -104,12 +142,18 @@ class FitResult:
     seconds_per_epoch: float
 
 
-def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: bool = True) -> FitResult:
-    """Train with early stopping on validation AUC; returns the model restored to its best epoch."""
+def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: bool = True,
+        dist: Distributed = SINGLE) -> FitResult:
+    """Train with early stopping on validation AUC; returns the model restored to its best epoch.
+
+    `config.batch_size` is the global batch: under DDP each rank computes batch_size / world of it."""
     if config.threads:
         torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(config.device)
+    net = dist.wrap(model)
+    if dist.active:  # the weights are rank 0's now; user-id dropout draws its own events' masks per rank
+        torch.manual_seed(config.seed + dist.rank)
     train = data.splits["train"]
     optimizer = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -119,22 +163,31 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
         model.train()
         started = time.perf_counter()
         total, count = 0.0, 0
-        steps = tqdm(batches(train, config.batch_size, generator, config.device), desc=f"epoch {epoch}",
-                     leave=False, total=(len(train) + config.batch_size - 1) // config.batch_size,
-                     disable=not progress)
-        for batch in steps:
-            out = model(batch)
-            loss = loss_fn(out["logit"], batch["label"])
-            if "aux_loss" in out:
-                loss = loss + config.aux_loss_weight * out["aux_loss"]
+        if dist.active:
+            epoch_batches = rank_batches(train, config.batch_size, generator, dist, config.device)
+        else:
+            epoch_batches = ((batch, len(batch["label"]), 1.0)
+                             for batch in batches(train, config.batch_size, generator, config.device))
+        steps = tqdm(epoch_batches, desc=f"epoch {epoch}", leave=False,
+                     total=(len(train) + config.batch_size - 1) // config.batch_size, disable=not progress)
+        for batch, global_size, weight in steps:
+            out = net(batch)
+            if dist.active:
+                loss, batch_total = shard_loss(out, batch["label"], global_size, weight, config.aux_loss_weight,
+                                               dist.world)
+            else:
+                loss = loss_fn(out["logit"], batch["label"])
+                if "aux_loss" in out:
+                    loss = loss + config.aux_loss_weight * out["aux_loss"]
+                batch_total = loss.detach() * len(batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.detach() * len(batch["label"])  # a tensor: no device sync per step
-            count += len(batch["label"])
+            total += batch_total  # a tensor: no device sync per step
+            count += len(batch["label"]) * weight
         epoch_seconds.append(time.perf_counter() - started)
-        valid = evaluate(model, data.splits["valid"])
-        total = float(total)
+        valid = evaluate(model, data.splits["valid"], dist)
+        total, count = dist.sum([float(total), float(count)])
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), **{f"valid_{k}": v
                                                                                  for k, v in valid.items()}})
         log.debug("epoch %d loss %.4f valid auc %.4f", epoch, total / max(count, 1), valid["auc"])
@@ -146,22 +199,25 @@ def fit(model: nn.Module, data: PreparedData, config: TrainConfig, progress: boo
                 break
     model.load_state_dict(best_state)
     model.eval()
-    valid = evaluate(model, data.splits["valid"])
+    valid = evaluate(model, data.splits["valid"], dist)
     return FitResult(model, best_epoch, valid, history, float(np.mean(epoch_seconds)))
 
 
 def train_model(data: PreparedData, model_config: ModelConfig, train_config: TrainConfig,
-                progress: bool = True) -> tuple[nn.Module, dict]:
-    """Seeded build + fit + test evaluation; returns the model and a metrics dict."""
+                progress: bool = True, dist: Distributed = SINGLE) -> tuple[nn.Module, dict]:
+    """Seeded build + fit + test evaluation; returns the model and a metrics dict (the same on every rank)."""
     seed_everything(train_config.seed)
     model = build_model(model_config, data.schema)
-    result = fit(model, data, train_config, progress=progress)
+    result = fit(model, data, train_config, progress=progress, dist=dist)
     metrics = {
         "best_epoch": result.best_epoch,
         "seconds_per_epoch": result.seconds_per_epoch,
         "parameters": count_parameters(model),
         "valid": result.valid,
-        "test": evaluate(model, data.splits["test"]),
+        "test": evaluate(model, data.splits["test"], dist),
         "history": result.history,
     }
+    if dist.active:
+        metrics["distributed"] = {"world": dist.world, "backend": dist.backend,
+                                  "rank_batch": -(-train_config.batch_size // dist.world)}
     return model.cpu(), metrics
