@@ -9,6 +9,9 @@ ONNX graphs; the rest of a version directory (read without torch by `export.runt
             candidate_<field> [N, width] int64 per item field (the candidates' feature tokens)
     output  probabilities [N] f32. N and L are dynamic; the user side (batch 1) is broadcast in the graph,
             and the user halves of the split first layers (model.layers.SplitLinear) run once per call.
+- `scorer_multi.onnx` the scorer for several users per call (the service's opt-in micro-batcher): user_vec
+    [U, user_dim], udg_vec [U, udg_dim], history [U, L] and candidate_user [N] int64 (each candidate's user
+    row) besides the scorer's candidate inputs -> probabilities [N]; same values as one call per user.
 - `meta.onnx`    profile [B, user fields] int64 -> user_vec [B, user_dim] and, for UDG models, udg_vec
     [B, udg_dim] (see `model.serving`; manifest `meta.udg_source` says where udg_vec comes from).
 - `users.npz`    per known user (np.load(..., allow_pickle=False) works: no object arrays):
@@ -45,6 +48,7 @@ from repository import (
     ITEMS_FILE,
     MANIFEST_FILE,
     META_FILE,
+    MULTI_SCORER_FILE,
     SCORER_FILE,
     USERS_FILE,
     AtomicVersionWriter,
@@ -193,13 +197,35 @@ def golden_cases(modules: ServingModules, schema: FeatureSchema, users: dict[str
         args = [torch.as_tensor(feeds[name]) for name in modules.scorer.input_names]
         cases.append({"inputs": {k: v.tolist() for k, v in feeds.items()},
                       "outputs": {"probabilities": scorer(*args).numpy().tolist()}})
+    golden = {"scorer_multi": [multi_case(modules, cases)]} if modules.multi_scorer is not None else {}
     meta_profile = np.concatenate([profile, np.full((1, fields), OOV, np.int64)]).astype(np.int64)
     outs = meta(torch.as_tensor(meta_profile))
     outs = outs if isinstance(outs, tuple) else (outs,)
     meta_case = {"inputs": {"profile": meta_profile.tolist()},
                  "outputs": {name: o.numpy().tolist() for name, o in zip(modules.meta.output_names, outs,
                                                                          strict=True)}}
-    return {"atol": GOLDEN_ATOL, "scorer": cases, "meta": [meta_case]}
+    return {"atol": GOLDEN_ATOL, "scorer": cases, "meta": [meta_case], **golden}
+
+
+@torch.no_grad()
+def multi_case(modules: ServingModules, cases: list[dict]) -> dict:
+    """The one-user golden cases as ONE multi-user call (histories PAD-filled to the longest), PyTorch outputs."""
+    graph = modules.multi_scorer
+    length = max(len(c["inputs"]["history"][0]) for c in cases)
+    feeds: dict[str, list] = {"history": [], "candidate_user": []}
+    for user, case in enumerate(cases):
+        i = case["inputs"]
+        feeds["history"].append(list(i["history"][0]) + [PAD] * (length - len(i["history"][0])))
+        feeds["candidate_user"] += [user] * len(i["candidates"])
+        for name in ("user_vec", "udg_vec"):
+            if name in i:
+                feeds.setdefault(name, []).append(i[name][0])
+        for name, value in i.items():
+            if name.startswith("candidate"):
+                feeds.setdefault(name, []).extend(value)
+    args = [torch.as_tensor(np.asarray(feeds[spec.name], np.float32 if spec.dtype == "float32" else np.int64))
+            for spec in graph.inputs]
+    return {"inputs": feeds, "outputs": {"probabilities": graph.module(*args).numpy().tolist()}}
 
 
 def check_parity(path: Path, golden: dict, which: str, graph: ServingGraph) -> float:
@@ -240,7 +266,9 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
             "items": {"size": len(schema.items), "known": n_items, "catalogue": n_catalogue, "file": ITEMS_FILE},
             "users": {"size": len(schema.users), "known": n_users, "file": USERS_FILE},
         },
-        "graphs": {"scorer": modules.scorer.io_json(SCORER_FILE), "meta": modules.meta.io_json(META_FILE)},
+        "graphs": {"scorer": modules.scorer.io_json(SCORER_FILE), "meta": modules.meta.io_json(META_FILE),
+                   **({"scorer_multi": modules.multi_scorer.io_json(MULTI_SCORER_FILE)}
+                      if modules.multi_scorer is not None else {})},
         "meta": {**modules.meta_info, **(checkpoint.meta.info if checkpoint.meta else {})},
         "metrics": checkpoint.metrics,
         "dataset": {"name": checkpoint.spec.name, "spec": checkpoint.spec.fingerprint()},
@@ -267,15 +295,22 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
     with AtomicVersionWriter(repo, version, overwrite) as tmp:
         (tmp / SCORER_FILE).write_bytes(export_graph(modules.scorer))
         (tmp / META_FILE).write_bytes(export_graph(modules.meta))
+        files = (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE)
+        if modules.multi_scorer is not None:
+            (tmp / MULTI_SCORER_FILE).write_bytes(export_graph(modules.multi_scorer))
+            files += (MULTI_SCORER_FILE,)
         for name, arrays in ((USERS_FILE, users), (ITEMS_FILE, items)):
             with open(tmp / name, "wb") as handle:
                 np.savez(handle, **arrays)
         scorer_diff = check_parity(tmp / SCORER_FILE, golden, "scorer", modules.scorer)
         meta_diff = check_parity(tmp / META_FILE, golden, "meta", modules.meta)
+        multi_diff = (check_parity(tmp / MULTI_SCORER_FILE, golden, "scorer_multi", modules.multi_scorer)
+                      if modules.multi_scorer is not None else None)
         manifest = build_manifest(version, checkpoint, modules, golden, len(users["user_ids"]),
                                   int(items["known"].sum()), int((~items["known"]).sum()))
-        manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff}
-        manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE))
+        manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff,
+                                     "scorer_multi_max_abs_diff": multi_diff}
+        manifest["files"] = describe_files(tmp, files)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
     log.info("exported %s (%s%s) to %s", version, manifest["model"]["kind"], "+UDG" if manifest["model"]["udg"]
              else "", repo / version)

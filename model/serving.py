@@ -7,6 +7,10 @@ it has UDG gates; the service feeds the graphs by the names given here.
   candidate_<field> [N, width] per item field) -> probabilities [N]. The user side is one row broadcast over
   the N candidates inside the graph; the candidates' field tokens are inputs, so an item that arrived after
   training is scored with its known features.
+- scorer_multi: the scorer for U users at once (cross-request batching): user_vec [U, user_dim], udg_vec
+  [U, udg_dim] (UDG only), history [U, L], candidate_user [N] (each candidate's row in the user inputs),
+  candidates [N], candidate_<field> [N, width] -> probabilities [N]. Each candidate is scored with its user's
+  rows (gathered in the graph), by `model.score` itself: the same values as U one-user calls.
 - meta: profile [B, user fields] -> user_vec [B, user_dim] (an unseen user's base embedding: the OOV id row
   plus the profile rows) and, for UDG models, udg_vec [B, udg_dim] (the meta generator's, Eq. 11, or — for a
   checkpoint without one — the mean UDG row of the known users).
@@ -137,6 +141,25 @@ class ScorerModule(nn.Module):
         return logit if side is None else logit + side
 
 
+class MultiUserScorerModule(nn.Module):
+    """(user_vec [U], [udg_vec [U]], history [U, L], candidate_user [N], candidates [N], *fields) -> [N]: each
+    candidate scored against the user rows it is tagged with (gathered in the graph, then `model.score`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.udg = model.udg_dim > 0
+
+    def forward(self, *inputs):
+        if self.udg:
+            user_vec, udg_vec, history, candidate_user, candidates, *fields = inputs
+            udg_vec = udg_vec.index_select(0, candidate_user)
+        else:
+            (user_vec, history, candidate_user, candidates, *fields), udg_vec = inputs, None
+        user_vec, history = user_vec.index_select(0, candidate_user), history.index_select(0, candidate_user)
+        return torch.sigmoid(self.model.score(user_vec, udg_vec, history, Items(candidates, list(fields))))
+
+
 class MetaModule(nn.Module):
     """profile [B, fields] -> user_vec [B, user_dim] and, for UDG models, udg_vec [B, udg_dim]."""
 
@@ -165,6 +188,7 @@ class ServingModules:
     meta: ServingGraph
     dims: dict
     meta_info: dict  # where an unseen user's UDG embedding comes from
+    multi_scorer: ServingGraph | None = None
 
     @property
     def udg(self) -> bool:
@@ -197,6 +221,28 @@ def scorer_graph(model: nn.Module, schema: FeatureSchema, per_candidate: bool = 
                         [TensorSpec("probabilities", "float32", ["candidates"])], tuple(example), dynamic)
 
 
+def multi_scorer_graph(model: nn.Module, schema: FeatureSchema, users: int = 2, n: int = 5,
+                       history_len: int = 4) -> ServingGraph:
+    """The multi-user scorer with example inputs of U >= 2 users, N >= 2 candidates and L >= 2 history."""
+    one = scorer_graph(model, schema, n=n, history_len=history_len)
+    example, inputs = [], []
+    dynamic = {"candidates": {0: "candidates"}, "probabilities": {0: "candidates"},
+               "candidate_user": {0: "candidates"}}
+    for spec, value in zip(one.inputs, one.example, strict=True):
+        if spec.name in ("user_vec", "udg_vec", "history"):
+            value = torch.cat([value, value.flip(-1)])  # U = 2 distinct rows
+            spec = TensorSpec(spec.name, spec.dtype, ["users", *spec.shape[1:]])
+            dynamic[spec.name] = {0: "users", **({1: "history_len"} if spec.name == "history" else {})}
+        elif spec.name != "candidates":
+            dynamic[spec.name] = {0: "candidates"}
+        if spec.name == "candidates":
+            example.append(torch.arange(n, dtype=torch.long).remainder(users))
+            inputs.append(TensorSpec("candidate_user", "int64", ["candidates"]))
+        example.append(value)
+        inputs.append(spec)
+    return ServingGraph(MultiUserScorerModule(model).eval(), inputs, one.outputs, tuple(example), dynamic)
+
+
 def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Module | None = None,
                     known_user_index: torch.Tensor | None = None) -> ServingModules:
     """The scorer and meta modules of a trained model (eval mode), with their I/O metadata."""
@@ -227,4 +273,4 @@ def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Modul
                         {"profile": {0: "batch"}, **{s.name: {0: "batch"} for s in meta_outputs}})
     dims = {"user_dim": base.user_dim, "udg_dim": udg_dim, "embed_dim": model.config.embed_dim,
             "max_history": schema.max_history, "profile_fields": fields}
-    return ServingModules(scorer_graph(model, schema), meta, dims, info)
+    return ServingModules(scorer_graph(model, schema), meta, dims, info, multi_scorer_graph(model, schema))

@@ -29,6 +29,7 @@ from repository.layout import (
     ITEMS_FILE,
     MANIFEST_FILE,
     META_FILE,
+    MULTI_SCORER_FILE,
     SCORER_FILE,
     USERS_FILE,
     VERSION_PATTERN,
@@ -42,7 +43,7 @@ from repository.writer import AtomicVersionWriter
 
 __all__ = [
     "ARTIFACT_FORMAT", "ITEMS_FILE", "MANIFEST_FILE", "META_FILE", "SCORER_FILE", "USERS_FILE", "VERSION_PATTERN",
-    "VERSION_RULE",
+    "VERSION_RULE", "MULTI_SCORER_FILE",
     "ArtifactError", "AtomicVersionWriter", "InvalidVersionName", "Manifest", "ModelRepository",
     "check_version_name", "describe_files", "is_version_name", "list_versions", "manifest_sha256",
     "manifest_summary", "read_manifest", "sha256_file", "verify_files",

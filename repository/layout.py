@@ -20,6 +20,7 @@ from repository.errors import InvalidVersionName
 ARTIFACT_FORMAT = "udg-artifact/2"  # bump when a reader of the old format could misread the new one
 MANIFEST_FILE = "manifest.json"
 SCORER_FILE = "scorer.onnx"
+MULTI_SCORER_FILE = "scorer_multi.onnx"  # several users per call (the micro-batcher's); optional
 META_FILE = "meta.onnx"
 USERS_FILE = "users.npz"
 ITEMS_FILE = "items.npz"
