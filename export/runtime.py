@@ -4,7 +4,7 @@ API (what `service/` codes against; keep these names):
 
     from export.runtime import open_artifact, ArtifactError
 
-    art = open_artifact("MODEL_REPO/v3", providers=None, threads=1)
+    art = open_artifact("MODEL_REPO/v3", providers=None, threads=1)   # precision="int8": scorer.int8.onnx
         # verifies sha256 + size of every file in the manifest (a corrupted or truncated file raises
         # ArtifactError naming the file), builds the sessions, and checks the golden outputs.
         # providers=None: TensorRT (if tensorrt=True) > CUDA > CPU, whichever this onnxruntime build and
@@ -383,10 +383,19 @@ def _check(got, expected, atol: float, file: Path) -> float:
 
 def open_artifact(path, providers: list | None = None, threads: int = 1, *, verify: bool = True,
                   tensorrt: bool = False, cuda_graph: bool = False, device_id: int = 0,
-                  spin: bool | None = None, verify_users: bool = True) -> Artifact:
+                  spin: bool | None = None, verify_users: bool = True, precision: str = "fp32") -> Artifact:
     """Verify and open MODEL_REPO/<version>; see the module docstring."""
     path = Path(path)
     manifest = read_manifest(path)
+    if precision not in ("fp32", "int8"):
+        raise ArtifactError(f"precision must be 'fp32' or 'int8', not {precision!r}")
+    if precision == "int8":
+        int8 = manifest["graphs"].get("scorer_int8")
+        if int8 is None:
+            raise ArtifactError(f"{path}: no int8 scorer in this version (export it with --int8)")
+        # The int8 graph scores in place of the fp32 one; its golden bound is its own (quantisation error).
+        manifest = {**manifest, "graphs": {**manifest["graphs"], "scorer": int8},
+                    "golden": {**manifest["golden"], "atol": int8["atol"]}}
     if verify:
         verify_files(path, manifest, skip=() if verify_users else (USERS_FILE,))
     chosen, reason = choose_providers(providers, tensorrt, device_id)

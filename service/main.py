@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = FeatureStore(redis, RedisLayout.from_settings(settings),
                              observe=metrics.observe_redis)
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
-                                 settings.require_publish_marker, cuda_graph=settings.cuda_graph)
+                                 settings.require_publish_marker, cuda_graph=settings.cuda_graph,
+                                 precision=settings.scorer_precision)
         control = Control(settings, registry, redis)
         services = Services(settings, store, registry, Scorer(store, batcher=MicroBatcher.from_settings(settings)),
                             control)

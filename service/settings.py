@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     # On the CUDA provider, score through one captured CUDA graph per candidate bucket (3-4x lower latency
     # than plain CUDA runs on an H100, see docs/performance.md); ignored on CPU.
     cuda_graph: bool = True
+    # "int8": score with each version's int8 graph (`udg export --int8`; validation AUC in docs/performance.md)
+    scorer_precision: Literal["fp32", "int8"] = "fp32"
     # Cross-request batching (service/batching.py), off by default: concurrent score requests of a version
     # run as one multi-user call, each waiting at most this long for others (ms); 0 batches only what
     # arrived while the loop was busy. The cap runs a batch at once when it holds that many candidates.

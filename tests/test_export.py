@@ -200,6 +200,27 @@ def test_multi_user_graph_scores_each_user_as_a_call_of_their_own(zoo, kind, udg
         assert float(np.max(np.abs(got - torch_probs(model, *request[:4])))) <= ATOL
 
 
+def test_int8_scorer_is_optional_close_to_fp32_and_opened_on_request(zoo, tmp_path):
+    """`--int8` adds scorer.int8.onnx (checksummed, its own golden bound); precision="int8" scores with it,
+    close to the fp32 graph; a version without one is refused for int8, and fp32 stays the default."""
+    model, checkpoint, fp32_path, fp32 = zoo.get("pnn", True)
+    path = export_model(checkpoint, "int8", tmp_path, model=model, int8=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "scorer.int8.onnx" in manifest["files"] and manifest["graphs"]["scorer_int8"]["atol"] > ATOL
+    assert 0 < manifest["export_parity"]["scorer_int8_max_abs_diff"] <= manifest["graphs"]["scorer_int8"]["atol"]
+    int8 = open_artifact(path, threads=1, precision="int8")
+    users, row, user_vec, udg_vec = known_user(int8, True)
+    candidates = np.arange(2, int8.schema.items.known_size, dtype=np.int64)
+    history = users["history_idx"][row]
+    got, reference = int8.score(user_vec, udg_vec, history, candidates), fp32.score(user_vec, udg_vec, history,
+                                                                                 candidates)
+    assert 0 < float(np.max(np.abs(got - reference))) <= 2e-2
+    assert np.corrcoef(got, reference)[0, 1] > 0.9  # a tiny 1-epoch model: scores spread little
+    with pytest.raises(ArtifactError, match="no int8 scorer"):
+        open_artifact(fp32_path, threads=1, precision="int8")
+    assert "scorer.int8.onnx" not in json.loads((fp32_path / "manifest.json").read_text())["files"]
+
+
 @pytest.mark.parametrize("kind", list(BASE_MODELS))
 def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
     """onnxruntime's CUDA provider has no int64 Pad: such a node runs on the CPU with copies around it, and
