@@ -63,7 +63,7 @@ def make_inputs(artifact, n: int, count: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     users = artifact.load_users()
-    items = [t for t in artifact.manifest["vocab"]["items"]["index"] if not t.startswith("<")]
+    items = list(artifact.schema.items.tokens[2:])  # the vocabulary's items (rows 0 and 1: PAD and OOV)
     rng = np.random.default_rng(seed)
     rows = np.flatnonzero(users["history_len"] > 0)
     rows = rows if len(rows) else np.arange(len(users["user_ids"]))

@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip variants and AUC")
     parser.add_argument("--kinds", default=None,
                         help=f"per-kind table for tiny +UDG models of these kinds ({','.join(ALL_KINDS)} or all)")
+    parser.add_argument("--kinds-from", default=None,
+                        help="with --kinds: load DIR/<kind>.pt instead of training (trained, saved there if missing)")
     parser.add_argument("--json", default=None, help="write the journal (every figure of the tables) here")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick))
     if kinds:
         sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
-        summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats)
+        summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats, kinds_from=args.kinds_from)
     summary["machine_after"] = machine_state()
     report(summary)
     if args.json:
@@ -385,7 +387,7 @@ def export_graph_bytes(model, schema, plain: bool = False) -> bytes:
 
 
 def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], repeats: int,
-                data_spec=None) -> list[dict]:
+                data_spec=None, kinds_from: str | None = None) -> list[dict]:
     """Per kind: train a tiny +UDG model (`train_tiny`, with max(thread_counts) torch threads), export its
     serving graph and the plain one, then time both and PyTorch eager on the same requests at each N and
     thread count. Rows: {"kind", "n", "threads", "kflop_per_candidate", "sgemm_gflops", engine: summary}."""
@@ -399,8 +401,17 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
     for kind in kinds:
         torch.set_num_threads(max(thread_counts))
         start = time.perf_counter()
-        model, checkpoint = train_tiny(kind, data)
-        log.info("%s+UDG: %d parameters, valid AUC %.4f, trained in %.0f s", kind, checkpoint.metrics["parameters"],
+        saved = Path(kinds_from) / f"{kind}.pt" if kinds_from else None
+        if saved is not None and saved.exists():
+            from model.checkpoint import Checkpoint
+
+            checkpoint = Checkpoint.load(saved)
+            model = checkpoint.build_model().eval()
+        else:
+            model, checkpoint = train_tiny(kind, data)
+            if saved is not None:
+                checkpoint.save(saved)
+        log.info("%s+UDG: %d parameters, valid AUC %.4f, ready in %.0f s", kind, checkpoint.metrics["parameters"],
                  checkpoint.metrics["valid"]["auc"], time.perf_counter() - start)
         requests = Requests(model, data.schema)
         flops, _ = flops_per_candidate(requests.eager_module, requests.torch_args)
