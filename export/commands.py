@@ -16,7 +16,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from repository import read_manifest
 
     set_threads(args)
-    path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force)
+    path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force, int8=args.int8)
     manifest = read_manifest(path)
     print(f"version {manifest['version']}: {path}")
     for name, info in manifest["files"].items():
@@ -44,6 +44,8 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         argv.append("--quick")
     if args.json:
         argv += ["--json", args.json]
+    if args.report:
+        argv = ["--report", args.report]
     return bench_main(argv)
 
 
@@ -56,6 +58,8 @@ def register(subparsers) -> None:
     export.add_argument("--out", required=True, help="model repository directory (MODEL_REPO)")
     export.add_argument("--force", action="store_true", help="replace an existing version (atomically)")
     add_threads_argument(export)
+    export.add_argument("--int8", action="store_true",
+                        help="also write scorer.int8.onnx (int8 weight matmuls; served with UDG_SCORER_PRECISION=int8)")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="reopen the written version with export.runtime (default: on)")
     export.set_defaults(handler=cmd_export)
@@ -72,5 +76,6 @@ def register(subparsers) -> None:
     model.add_argument("--threads", default="1,2")
     model.add_argument("--repeats", type=int, default=200)
     model.add_argument("--quick", action="store_true", help="fewer repeats, skip the variants")
-    model.add_argument("--json", default=None, help="also write the results here")
+    model.add_argument("--json", default=None, help="also write the results here (the journal)")
+    model.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     model.set_defaults(handler=cmd_bench_model)

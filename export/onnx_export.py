@@ -9,6 +9,13 @@ ONNX graphs; the rest of a version directory (read without torch by `export.runt
             candidate_<field> [N, width] int64 per item field (the candidates' feature tokens)
     output  probabilities [N] f32. N and L are dynamic; the user side (batch 1) is broadcast in the graph,
             and the user halves of the split first layers (model.layers.SplitLinear) run once per call.
+- `scorer_multi.onnx` the scorer for several users per call (the service's opt-in micro-batcher): user_vec
+    [U, user_dim], udg_vec [U, udg_dim], history [U, L] and candidate_user [N] int64 (each candidate's user
+    row) besides the scorer's candidate inputs -> probabilities [N]; same values as one call per user.
+- `scorer.int8.onnx` (with `int8=True`, `udg export --int8`) the scorer with int8 weight matmuls
+    (export/quantize.py), same I/O; opened instead of scorer.onnx with `open_artifact(..., precision="int8")`
+    (service: `UDG_SCORER_PRECISION=int8`). Not parity-checked against PyTorch: its golden bound is INT8_ATOL,
+    and its acceptance is validation AUC (`udg bench model` reports it beside the fp32 graph's).
 - `meta.onnx`    profile [B, user fields] int64 -> user_vec [B, user_dim] and, for UDG models, udg_vec
     [B, udg_dim] (see `model.serving`; manifest `meta.udg_source` says where udg_vec comes from).
 - `users.npz`    per known user (np.load(..., allow_pickle=False) works: no object arrays):
@@ -46,9 +53,11 @@ from model.checkpoint import Checkpoint
 from model.serving import ServingGraph, ServingModules, candidate_input, scorer_graph, serving_modules
 from repository import (
     ARTIFACT_FORMAT,
+    INT8_SCORER_FILE,
     ITEMS_FILE,
     MANIFEST_FILE,
     META_FILE,
+    MULTI_SCORER_FILE,
     SCORER_FILE,
     USERS_FILE,
     WARMUP_FILE,
@@ -60,6 +69,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 GOLDEN_ATOL = 1e-4  # what `open_artifact` accepts (CPU/GPU kernels differ in the last bits)
+INT8_ATOL = 2e-2  # the int8 scorer's bound on the golden probabilities (a sanity bound; AUC is its acceptance)
 
 
 def _export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
@@ -198,17 +208,39 @@ def golden_cases(modules: ServingModules, schema: FeatureSchema, users: dict[str
         args = [torch.as_tensor(feeds[name]) for name in modules.scorer.input_names]
         cases.append({"inputs": {k: v.tolist() for k, v in feeds.items()},
                       "outputs": {"probabilities": scorer(*args).numpy().tolist()}})
+    golden = {"scorer_multi": [multi_case(modules, cases)]} if modules.multi_scorer is not None else {}
     meta_profile = np.concatenate([profile, np.full((1, fields), OOV, np.int64)]).astype(np.int64)
     outs = meta(torch.as_tensor(meta_profile))
     outs = outs if isinstance(outs, tuple) else (outs,)
     meta_case = {"inputs": {"profile": meta_profile.tolist()},
                  "outputs": {name: o.numpy().tolist() for name, o in zip(modules.meta.output_names, outs,
                                                                          strict=True)}}
-    return {"atol": GOLDEN_ATOL, "scorer": cases, "meta": [meta_case]}
+    return {"atol": GOLDEN_ATOL, "scorer": cases, "meta": [meta_case], **golden}
 
 
-def check_parity(path: Path, golden: dict, which: str, graph: ServingGraph) -> float:
-    """Max abs difference between onnxruntime (CPU) and the PyTorch golden outputs; raises above tolerance."""
+@torch.no_grad()
+def multi_case(modules: ServingModules, cases: list[dict]) -> dict:
+    """The one-user golden cases as ONE multi-user call (histories PAD-filled to the longest), PyTorch outputs."""
+    graph = modules.multi_scorer
+    length = max(len(c["inputs"]["history"][0]) for c in cases)
+    feeds: dict[str, list] = {"history": [], "candidate_user": []}
+    for user, case in enumerate(cases):
+        i = case["inputs"]
+        feeds["history"].append(list(i["history"][0]) + [PAD] * (length - len(i["history"][0])))
+        feeds["candidate_user"] += [user] * len(i["candidates"])
+        for name in ("user_vec", "udg_vec"):
+            if name in i:
+                feeds.setdefault(name, []).append(i[name][0])
+        for name, value in i.items():
+            if name.startswith("candidate"):
+                feeds.setdefault(name, []).extend(value)
+    args = [torch.as_tensor(np.asarray(feeds[spec.name], np.float32 if spec.dtype == "float32" else np.int64))
+            for spec in graph.inputs]
+    return {"inputs": feeds, "outputs": {"probabilities": graph.module(*args).numpy().tolist()}}
+
+
+def check_parity(path: Path, golden: dict, which: str, graph: ServingGraph, limit: float = 1e-5) -> float:
+    """Max abs difference between onnxruntime (CPU) and the PyTorch golden outputs; raises above `limit`."""
     import onnxruntime as ort
 
     dtypes = {spec.name: np.int64 if spec.dtype == "int64" else np.float32 for spec in graph.inputs}
@@ -219,8 +251,8 @@ def check_parity(path: Path, golden: dict, which: str, graph: ServingGraph) -> f
         outputs = session.run(list(case["outputs"]), feeds)
         for name, got in zip(case["outputs"], outputs, strict=True):
             worst = max(worst, float(np.max(np.abs(got - np.asarray(case["outputs"][name], np.float32)))))
-    if worst > 1e-5:
-        raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {worst:.3g} (> 1e-5)")
+    if worst > limit:
+        raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {worst:.3g} (> {limit:g})")
     return worst
 
 
@@ -245,7 +277,9 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
             "items": {"size": len(schema.items), "known": n_items, "catalogue": n_catalogue, "file": ITEMS_FILE},
             "users": {"size": len(schema.users), "known": n_users, "file": USERS_FILE},
         },
-        "graphs": {"scorer": modules.scorer.io_json(SCORER_FILE), "meta": modules.meta.io_json(META_FILE)},
+        "graphs": {"scorer": modules.scorer.io_json(SCORER_FILE), "meta": modules.meta.io_json(META_FILE),
+                   **({"scorer_multi": modules.multi_scorer.io_json(MULTI_SCORER_FILE)}
+                      if modules.multi_scorer is not None else {})},
         "meta": {**modules.meta_info, **(checkpoint.meta.info if checkpoint.meta else {})},
         "metrics": checkpoint.metrics,
         "dataset": {"name": checkpoint.spec.name, "spec": checkpoint.spec.fingerprint()},
@@ -253,13 +287,14 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
     }
 
 
-def export_artifact(checkpoint: Path, version: str, repo: Path, overwrite: bool = False) -> Path:
-    """Checkpoint file -> MODEL_REPO/<version>/ (scorer.onnx, meta.onnx, users.npz, items.npz, manifest.json)."""
-    return export_model(Checkpoint.load(Path(checkpoint)), version, repo, overwrite)
+def export_artifact(checkpoint: Path, version: str, repo: Path, overwrite: bool = False, int8: bool = False) -> Path:
+    """Checkpoint file -> MODEL_REPO/<version>/ (scorer.onnx, scorer_multi.onnx, meta.onnx, users.npz, items.npz,
+    manifest.json; scorer.int8.onnx too with `int8`)."""
+    return export_model(Checkpoint.load(Path(checkpoint)), version, repo, overwrite, int8=int8)
 
 
 def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bool = False,
-                 model: nn.Module | None = None) -> Path:
+                 model: nn.Module | None = None, int8: bool = False) -> Path:
     """Like `export_artifact` from an in-memory checkpoint (and, optionally, its already built model)."""
     model = (model or checkpoint.build_model()).eval()
     repo = Path(repo)
@@ -272,6 +307,10 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
     with AtomicVersionWriter(repo, version, overwrite) as tmp:
         (tmp / SCORER_FILE).write_bytes(export_graph(modules.scorer))
         (tmp / META_FILE).write_bytes(export_graph(modules.meta))
+        files = (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE)
+        if modules.multi_scorer is not None:
+            (tmp / MULTI_SCORER_FILE).write_bytes(export_graph(modules.multi_scorer))
+            files += (MULTI_SCORER_FILE,)
         for name, arrays in ((USERS_FILE, users), (ITEMS_FILE, items)):
             with open(tmp / name, "wb") as handle:
                 np.savez(handle, **arrays)
@@ -280,12 +319,23 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
             dataclasses.replace(checkpoint, state_dict=weights, known_users=None, item_catalogue={}).save(
                 tmp / WARMUP_FILE)
         scorer_diff = check_parity(tmp / SCORER_FILE, golden, "scorer", modules.scorer)
+        int8_diff = None
+        if int8:  # same I/O as scorer.onnx; its golden bound is INT8_ATOL (quantisation error), not parity
+            from export.quantize import int8_scorer
+
+            (tmp / INT8_SCORER_FILE).write_bytes(int8_scorer((tmp / SCORER_FILE).read_bytes(), tmp))
+            files += (INT8_SCORER_FILE,)
+            int8_diff = check_parity(tmp / INT8_SCORER_FILE, golden, "scorer", modules.scorer, limit=INT8_ATOL)
         meta_diff = check_parity(tmp / META_FILE, golden, "meta", modules.meta)
+        multi_diff = (check_parity(tmp / MULTI_SCORER_FILE, golden, "scorer_multi", modules.multi_scorer)
+                      if modules.multi_scorer is not None else None)
         manifest = build_manifest(version, checkpoint, modules, golden, len(users["user_ids"]),
                                   int(items["known"].sum()), int((~items["known"]).sum()))
-        manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff}
-        manifest["files"] = describe_files(tmp, (SCORER_FILE, META_FILE, USERS_FILE, ITEMS_FILE)
-                                           + ((WARMUP_FILE,) if model.udg_dim else ()))
+        manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff,
+                                     "scorer_multi_max_abs_diff": multi_diff, "scorer_int8_max_abs_diff": int8_diff}
+        if int8:
+            manifest["graphs"]["scorer_int8"] = {**modules.scorer.io_json(INT8_SCORER_FILE), "atol": INT8_ATOL}
+        manifest["files"] = describe_files(tmp, files + ((WARMUP_FILE,) if model.udg_dim else ()))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
     log.info("exported %s (%s%s) to %s", version, manifest["model"]["kind"], "+UDG" if manifest["model"]["udg"]
              else "", repo / version)

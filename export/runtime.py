@@ -4,7 +4,7 @@ API (what `service/` codes against; keep these names):
 
     from export.runtime import open_artifact, ArtifactError
 
-    art = open_artifact("MODEL_REPO/v3", providers=None, threads=1)
+    art = open_artifact("MODEL_REPO/v3", providers=None, threads=1)   # precision="int8": scorer.int8.onnx
         # verifies sha256 + size of every file in the manifest (a corrupted or truncated file raises
         # ArtifactError naming the file), builds the sessions, and checks the golden outputs.
         # providers=None: TensorRT (if tensorrt=True) > CUDA > CPU, whichever this onnxruntime build and
@@ -23,6 +23,10 @@ API (what `service/` codes against; keep these names):
         # user_vec [user_dim] or [1, user_dim] f32; udg_vec likewise (None / ignored without UDG);
         # history_idx int64 [L] or [1, L], PAD (0) filled, most recent first, may be empty (L = 0);
         # candidate_idx int64 [N]; fields default to the item table's. Out-of-range indices -> OOV.
+    art.can_batch                                # True when the version has the multi-user graph
+    probs_list = art.score_many([(user_vec, udg_vec, history_idx, candidate_idx, fields), ...])
+        # several users in ONE ort call (scorer_multi.onnx): a list of float32 [N_i], the same values as
+        # one `score` per user; fields may be None (the item table's)
     user_vec, udg_vec = art.cold_start(profile_idx)  # f32 [user_dim], f32 [udg_dim] (None without UDG)
         # an unseen user's base embedding (OOV id row + profile rows) and UDG embedding (meta generator)
     users = art.load_users()   # dict of numpy arrays from users.npz (for `udg publish`)
@@ -31,6 +35,9 @@ On CUDA, `score` uses IO binding (inputs copied once, output bound on the device
 `cuda_graph=True` a CUDA-graph path: candidates are padded to a bucket size (`CUDA_GRAPH_BUCKETS`) and the
 history to max_history, each bucket captured once in its own graph (run option `gpu_graph_id`), inputs
 updated in place. Requests larger than the largest bucket, or a failed capture, take the plain path.
+
+`score_many` runs the multi-user graph with a plain run (IO binding on CUDA); CUDA graphs per (users,
+candidates) bucket would be its next step on a GPU and are not built here.
 
 `Artifact` is thread-safe for `score` / `cold_start` on the plain path (onnxruntime's `run` is); the
 CUDA-graph path serialises calls per bucket with a lock (captured buffers are shared).
@@ -110,7 +117,7 @@ class Artifact:
     """One opened, verified model version. Create with `open_artifact`."""
 
     def __init__(self, path: Path, manifest: dict, scorer, meta, provider: str, device_id: int = 0,
-                 cuda_graph_session=None):
+                 cuda_graph_session=None, multi_scorer=None):
         self.path = Path(path)
         self.manifest = manifest
         self.version: str = manifest["version"]
@@ -134,6 +141,8 @@ class Artifact:
         self._meta_outputs = [spec["name"] for spec in manifest["graphs"]["meta"]["outputs"]]
         self._cuda_graph = cuda_graph_session
         self._buckets: dict[int, _Bucket] = {}
+        self._multi = multi_scorer
+        self.can_batch: bool = multi_scorer is not None
 
     def _load_item_tables(self, manifest: dict) -> dict[str, np.ndarray]:
         """Per item field: tokens [len(items) vocabulary rows, width] from items.npz (rows PAD/OOV empty)."""
@@ -232,12 +241,34 @@ class Artifact:
             return self._score_io_binding(feeds)
         return self._scorer.run(None, feeds)[0]
 
-    def _score_io_binding(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        binding = self._scorer.io_binding()
+    def score_many(self, requests: list[tuple]) -> list[np.ndarray]:
+        """[(user_vec, udg_vec, history_idx, candidate_idx, fields or None), ...] -> probabilities per request,
+        all users in ONE call of the multi-user graph (histories PAD-filled to the longest)."""
+        if self._multi is None:
+            raise ArtifactError(f"version {self.version} has no multi-user scorer graph (exported before it)")
+        each = [self.feeds(*request) for request in requests]
+        sizes = [f["candidates"].shape[0] for f in each]
+        length = max(f["history"].shape[1] for f in each)
+        history = np.full((len(each), length), self.pad_index, dtype=np.int64)
+        for row, f in enumerate(each):
+            history[row, :f["history"].shape[1]] = f["history"][0]
+        feeds = {"history": history, "candidate_user": np.repeat(np.arange(len(each), dtype=np.int64), sizes)}
+        for name in each[0]:
+            if name != "history":
+                feeds[name] = np.ascontiguousarray(np.concatenate([f[name] for f in each]))
+        if sum(sizes) == 0:
+            return [np.zeros(0, np.float32) for _ in each]
+        probabilities = (self._score_io_binding(feeds, self._multi) if self.on_gpu
+                         else self._multi.run(None, feeds)[0])
+        return np.split(probabilities, np.cumsum(sizes)[:-1])
+
+    def _score_io_binding(self, feeds: dict[str, np.ndarray], session=None) -> np.ndarray:
+        session = session or self._scorer
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("probabilities", "cuda", self.device_id)
-        self._scorer.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def _bucket(self, n: int) -> _Bucket:
@@ -312,6 +343,13 @@ class Artifact:
             fields = {k: v for k, v in i.items() if k.startswith("candidate_")}
             got = self.score(i["user_vec"], i.get("udg_vec"), i["history"], i["candidates"], fields)
             worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, self.path / SCORER_FILE))
+        for case in golden.get("scorer_multi", []) if self._multi is not None else []:
+            dtypes = {spec["name"]: np.float32 if spec["dtype"] == "float32" else np.int64
+                      for spec in self.manifest["graphs"]["scorer_multi"]["inputs"]}
+            feeds = {k: np.asarray(v, dtype=dtypes[k]) for k, v in case["inputs"].items()}
+            got = self._multi.run(None, feeds)[0]
+            file = self.path / self.manifest["graphs"]["scorer_multi"]["file"]
+            worst = max(worst, _check(got, case["outputs"]["probabilities"], atol, file))
         for case in golden["meta"]:
             feeds = {"profile": np.asarray(case["inputs"]["profile"], dtype=np.int64)}
             outs = self._meta.run(list(case["outputs"]), feeds)
@@ -330,6 +368,9 @@ class Artifact:
         for n in sizes:
             for _ in range(2):
                 self.score(user, udg, history, np.full(n, 2, np.int64))
+        if self._multi is not None:  # the micro-batcher's graph, so that its first batch pays no warm-up either
+            for n in sizes[:2]:
+                self.score_many([(user, udg, history, np.full(n, 2, np.int64), None)] * 2)
 
 
 def _check(got, expected, atol: float, file: Path) -> float:
@@ -345,10 +386,19 @@ def _check(got, expected, atol: float, file: Path) -> float:
 
 def open_artifact(path, providers: list | None = None, threads: int = 1, *, verify: bool = True,
                   tensorrt: bool = False, cuda_graph: bool = False, device_id: int = 0,
-                  spin: bool | None = None, verify_users: bool = True) -> Artifact:
+                  spin: bool | None = None, verify_users: bool = True, precision: str = "fp32") -> Artifact:
     """Verify and open MODEL_REPO/<version>; see the module docstring."""
     path = Path(path)
     manifest = read_manifest(path)
+    if precision not in ("fp32", "int8"):
+        raise ArtifactError(f"precision must be 'fp32' or 'int8', not {precision!r}")
+    if precision == "int8":
+        int8 = manifest["graphs"].get("scorer_int8")
+        if int8 is None:
+            raise ArtifactError(f"{path}: no int8 scorer in this version (export it with --int8)")
+        # The int8 graph scores in place of the fp32 one; its golden bound is its own (quantisation error).
+        manifest = {**manifest, "graphs": {**manifest["graphs"], "scorer": int8},
+                    "golden": {**manifest["golden"], "atol": int8["atol"]}}
     if verify:
         verify_files(path, manifest, skip=() if verify_users else (USERS_FILE,))
     chosen, reason = choose_providers(providers, tensorrt, device_id)
@@ -367,7 +417,9 @@ def open_artifact(path, providers: list | None = None, threads: int = 1, *, veri
             log.warning("CUDA graphs unavailable for %s: %s", path, error)
     log.info("artifact %s: onnxruntime %s, %d intra-op thread(s) (%s)%s", manifest["version"], active, threads,
              reason, ", CUDA graphs on" if graph_session is not None else "")
-    artifact = Artifact(path, manifest, scorer, meta, active, device_id, graph_session)
+    multi = manifest["graphs"].get("scorer_multi")
+    multi_session = _session(path / multi["file"], chosen, threads, spin) if multi else None
+    artifact = Artifact(path, manifest, scorer, meta, active, device_id, graph_session, multi_session)
     if verify:
         artifact.check_golden()
     return artifact

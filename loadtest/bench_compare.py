@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per worker (service default 1)")
     parser.add_argument("--bodies", type=int, default=64, help="distinct (user, candidate list) requests cycled")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--json", default=None, help="also write the raw results here (the journal)")
+    parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     parser.add_argument("--ceiling-worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -62,7 +63,7 @@ def make_inputs(artifact, n: int, count: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     users = artifact.load_users()
-    items = [t for t in artifact.manifest["vocab"]["items"]["index"] if not t.startswith("<")]
+    items = list(artifact.schema.items.tokens[2:])  # the vocabulary's items (rows 0 and 1: PAD and OOV)
     rng = np.random.default_rng(seed)
     rows = np.flatnonzero(users["history_len"] > 0)
     rows = rows if len(rows) else np.arange(len(users["user_ids"]))
@@ -279,6 +280,11 @@ def start_naive(checkpoint: Path, redis_url: str, workers: int, log_path: Path) 
 def run(args: argparse.Namespace) -> int:
     if args.ceiling_worker:
         return ceiling_worker(args)
+    if getattr(args, "report", None):
+        results = json.loads(Path(args.report).read_text())
+        results["ceiling"] = {int(k): v for k, v in results["ceiling"].items()}  # JSON keys are strings
+        print(format_table(results))
+        return 0
     from export.runtime import open_artifact
     from loadtest import stack
 

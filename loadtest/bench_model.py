@@ -1,25 +1,28 @@
 """Scoring-graph micro-benchmark: onnxruntime vs PyTorch eager, one user and N candidates per call.
 
     .venv/bin/python -m loadtest.bench_model [CHECKPOINT] [--sizes 1,100,500,1000,5000] [--threads 1,2]
-    .venv/bin/python -m loadtest.bench_model --kinds all [--sizes 100,1000] [--threads 1,2]
+    .venv/bin/python -m loadtest.bench_model --kinds all [--sizes 100,1000] [--threads 1,2] [--json J]
+    .venv/bin/python -m loadtest.bench_model --report J     # the tables again, from a journal written by --json
     udg bench model [CHECKPOINT]
 
 Prints, in one run (so the numbers are comparable):
-  1. per-call latency median / p99 and candidates/s for each N, onnxruntime (fp32 fused graph) vs PyTorch
-     eager (`model.score` + sigmoid under inference_mode), 1 and 2 threads, with the ratio ort/torch;
+  1. per-call latency median / p99 and candidates/s for each N, onnxruntime (the exported serving graph,
+     `model.serving.ScorerModule`) vs PyTorch eager (`model.score` + sigmoid under inference_mode: the model as
+     trained), 1 and 2 threads, with the ratio ort/torch;
   2. an sgemm baseline (torch.mm 1024^3, same thread counts) and the graph's achieved GFLOP/s, from the
      FLOPs per candidate counted on the model's layers (torch.utils.flop_counter at two N, differenced);
-  3. what broadcasting the user side saves: the same graph with the user side expanded to N rows first
-     (every user-side layer, incl. the user halves of the split first gate/MLP layers, run per candidate);
-  4. quantised variants (onnxruntime dynamic int8; fp16 where the converter is installed): speed-up and
-     validation AUC next to the fp32 graph's.
+  3. variants: `ort-plain` (the graph `model.score` exports as it is: no one-user algebra, no stacked gate
+     layers), `ort-per-cand` (the user side expanded to N rows first: every user-side layer run per
+     candidate), int8 (onnxruntime dynamic quantisation of every weight matmul, Gemm nodes rewritten as MatMul
+     first) and fp16 where the converter is installed: speed-up and validation AUC next to the fp32 graph's.
 Without CHECKPOINT a tiny UDG-PNN is trained on synthetic data first.
 
 With --kinds (a comma list of model kinds, or "all"), a per-kind table: for each kind a tiny +UDG model
 (model_config(kind, "udg"), trained as the default tiny model is; DIEN for one epoch only) is exported to
-ONNX and timed, ORT vs PyTorch eager, at each N of --sizes (default there 100,1000) and each thread count.
---kinds without CHECKPOINT prints only that table; with one, sections 1-4 for the checkpoint come first.
-Not a test: it only prints tables.
+ONNX and timed, ORT (serving graph, and the plain graph) vs PyTorch eager, at each N of --sizes (default there
+100,1000) and each thread count, with kFLOP per candidate and the serving graph's GFLOP/s.
+--kinds without CHECKPOINT prints only that table; with one, sections 1-3 for the checkpoint come first.
+Not a test: it only prints tables (and the journal with --json).
 """
 
 from __future__ import annotations
@@ -62,15 +65,17 @@ def time_calls(fn, n_calls: int, budget_s: float = 3.0) -> list[float]:
     return times
 
 
-def sgemm_gflops(threads: int, size: int = 1024, repeats: int = 10) -> float:
+def sgemm_gflops(threads: int, size: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """torch.mm size^3: {"best": GFLOP/s of the fastest of `repeats`, "median": of their median}. On a loaded
+    machine the median is the one to compare a graph's median with."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     for _ in range(3):
         torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
+    times = [_timed(lambda: torch.mm(a, b)) for _ in range(repeats)]
+    return {"best": 2 * size ** 3 / min(times) / 1e9, "median": 2 * size ** 3 / statistics.median(times) / 1e9}
 
 
 def _timed(fn) -> float:
@@ -107,14 +112,10 @@ def ort_session(blob_or_path, threads: int):
 def quantized_variants(blob: bytes, workdir: Path) -> dict[str, bytes]:
     """{"int8": ..., "fp16": ...} for whichever converters this install has."""
     out = {}
-    source = workdir / "scorer.onnx"
-    source.write_bytes(blob)
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from export.quantize import int8_scorer
 
-        target = workdir / "scorer.int8.onnx"
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        out["int8"] = target.read_bytes()
+        out["int8"] = int8_scorer(blob, workdir)
     except Exception as error:  # pragma: no cover - depends on the install
         log.warning("int8 quantisation unavailable: %s", error)
     try:
@@ -189,6 +190,7 @@ class Requests:
         self.model = model
         self.udg = model.udg_dim > 0
         self.graph = scorer_graph(model, schema)
+        self.eager_module = scorer_graph(model, schema, plain=True).module  # model.score + sigmoid
         self.names = self.graph.input_names
         self.rng = np.random.default_rng(seed)
         self.n_items = schema.items.known_size
@@ -210,7 +212,7 @@ class Requests:
         return {name: t.numpy() for name, t in zip(self.names, targs, strict=True)}
 
     def eager(self, targs: tuple):
-        return self.graph.module(*targs)
+        return self.eager_module(*targs)
 
 
 def calls_for(n: int, repeats: int) -> int:
@@ -272,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip variants and AUC")
     parser.add_argument("--kinds", default=None,
                         help=f"per-kind table for tiny +UDG models of these kinds ({','.join(ALL_KINDS)} or all)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--kinds-from", default=None,
+                        help="with --kinds: load DIR/<kind>.pt instead of training (trained, saved there if missing)")
+    parser.add_argument("--json", default=None, help="write the journal (every figure of the tables) here")
+    parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return 0
 
     try:
         kinds = parse_kinds(args.kinds) if args.kinds else []
@@ -282,102 +290,141 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     thread_counts = [int(t) for t in args.threads.split(",")]
     repeats = 30 if args.quick else args.repeats
-    summary: dict = {}
+    summary: dict = {"machine": machine_state()}
     if args.checkpoint or not kinds:
         sizes = [int(s) for s in (args.sizes or DEFAULT_SIZES).split(",")]
-        summary = bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick)
+        summary.update(bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick))
     if kinds:
         sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
-        rows = bench_kinds(kinds, sizes, thread_counts, repeats)
-        print_kind_table(rows)
-        summary["kinds"] = [summarise_row(row) for row in rows]
+        summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats, kinds_from=args.kinds_from)
+    summary["machine_after"] = machine_state()
+    report(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0
+
+
+def machine_state() -> dict:
+    """CPU count and the 1-minute load average (the machine may be shared)."""
+    import os
+
+    return {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def report(summary: dict) -> None:
+    """Every table of a run, from its journal (what --json writes)."""
+    before, after = summary.get("machine"), summary.get("machine_after")
+    if before and after:
+        print(f"machine: {before['cpus']} CPUs, 1-min load average {before['load_1min']} before, "
+              f"{after['load_1min']} after")
+    if summary.get("rows"):
+        print_tables(summary)
+        if summary.get("variants"):
+            print_variant_auc(summary["variants"])
+    if summary.get("kinds"):
+        print_kind_table(summary["kinds"])
 
 
 def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[int], repeats: int,
                  quick: bool) -> dict:
-    """Sections 1-4 for one model (CHECKPOINT or the default tiny UDG-PNN); returns the JSON summary."""
+    """Sections 1-3 for one model (CHECKPOINT or the default tiny UDG-PNN); returns the journal's part."""
     import onnxruntime as ort
     import torch
 
     from export.onnx_export import export_scorer
-    from model.serving import scorer_graph
 
     model, checkpoint_obj, valid = load_or_train(checkpoint)
     model.eval()
     schema = checkpoint_obj.schema
     udg = model.udg_dim > 0
     config = checkpoint_obj.model_config
-    print(f"model: {config.kind}{'+UDG' if udg else ''}  embed_dim={config.embed_dim} hidden={list(config.hidden)} "
-          f"udg_dim={config.udg_dim if udg else 0} gate_hidden={config.gate_hidden if udg else 0}  "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}")
+    title = (f"{config.kind}{'+UDG' if udg else ''}  embed_dim={config.embed_dim} hidden={list(config.hidden)} "
+             f"udg_dim={config.udg_dim if udg else 0} gate_hidden={config.gate_hidden if udg else 0}  "
+             f"torch {torch.__version__}, onnxruntime {ort.__version__}")
+    print(f"model: {title}")
 
     requests = Requests(model, schema)
-    graph = requests.graph.module
-    per_candidate_graph = scorer_graph(model, schema, per_candidate=True).module
-    flops, per_request = flops_per_candidate(graph, requests.torch_args)
-    flops_naive, _ = flops_per_candidate(per_candidate_graph, requests.torch_args)
-    print(f"FLOPs per candidate (matmul-like ops): {flops / 1e3:.1f} k broadcast graph, {flops_naive / 1e3:.1f} k "
-          f"with the user side per candidate; per request once: {per_request / 1e3:.1f} k")
+    from model.serving import scorer_graph
+
+    flops, per_request = flops_per_candidate(requests.eager_module, requests.torch_args)
+    flops_naive, _ = flops_per_candidate(scorer_graph(model, schema, per_candidate=True).module, requests.torch_args)
 
     blob = export_scorer(model, schema)
-    naive_blob = export_scorer(model, schema, per_candidate=True)
-    variants: dict[str, bytes] = {}
+    blobs = {"ort": blob}
     if not quick:
+        blobs["ort-plain"] = export_graph_bytes(model, schema, plain=True)
+        blobs["ort-per-cand"] = export_scorer(model, schema, per_candidate=True)
         with tempfile.TemporaryDirectory() as tmp:
-            variants = quantized_variants(blob, Path(tmp))
+            blobs.update({f"ort-{name}": v for name, v in quantized_variants(blob, Path(tmp)).items()})
 
-    results: dict = {"flops_per_candidate": flops, "flops_per_candidate_per_candidate_graph": flops_naive,
-                     "sgemm_gflops": {}, "rows": [], "variants": []}
+    results: dict = {"model": title, "flops_per_candidate": flops, "flops_per_request": per_request,
+                     "flops_per_candidate_per_candidate_graph": flops_naive, "sgemm_gflops": {}, "rows": [],
+                     "variants": []}
     inputs = {n: requests.torch_args(n) for n in sizes}
     for threads in thread_counts:
-        results["sgemm_gflops"][threads] = sgemm_gflops(threads)
+        results["sgemm_gflops"][str(threads)] = sgemm_gflops(threads)
         torch.set_num_threads(threads)
-        sessions = {"ort": ort_session(blob, threads)}
-        if not quick:
-            sessions["ort-per-cand"] = ort_session(naive_blob, threads)
-            for name, variant in variants.items():
-                sessions[f"ort-{name}"] = ort_session(variant, threads)
+        sessions = {name: ort_session(b, threads) for name, b in blobs.items()}
         for n in sizes:
             row = {"threads": threads, "n": n, **time_engines(requests, sessions, inputs[n], calls_for(n, repeats))}
-            results["rows"].append(row)
+            results["rows"].append(summarise_row(row))
     torch.set_num_threads(max(thread_counts))
-
-    print_tables(results, sizes, thread_counts, flops)
     if valid is not None and not quick and len(valid):
-        print_variant_auc(results, blob, variants, model, valid, udg, torch, schema.item_table)
-    return {**results, "rows": [summarise_row(row) for row in results["rows"]]}
+        for name, variant in blobs.items():
+            if name in ("ort", "ort-int8", "ort-fp16"):
+                session = ort_session(variant, 1)
+                value = validation_auc(lambda f, session=session: session.run(None, f)[0], model, valid, udg,
+                                       schema.item_table)
+                results["variants"].append({"name": name, "auc": value, "events": len(valid)})
+    return results
+
+
+def export_graph_bytes(model, schema, plain: bool = False) -> bytes:
+    from export.onnx_export import export_graph
+    from model.serving import scorer_graph
+
+    return export_graph(scorer_graph(model, schema, plain=plain))
 
 
 def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], repeats: int,
-                data_spec=None) -> list[dict]:
+                data_spec=None, kinds_from: str | None = None) -> list[dict]:
     """Per kind: train a tiny +UDG model (`train_tiny`, with max(thread_counts) torch threads), export its
-    scorer graph, then time ORT and PyTorch eager on the same requests at each N and thread count.
-    Rows: {"kind", "n", "threads", "torch": [s], "ort": [s]}."""
+    serving graph and the plain one, then time both and PyTorch eager on the same requests at each N and
+    thread count. Rows: {"kind", "n", "threads", "kflop_per_candidate", "sgemm_gflops", engine: summary}."""
     import torch
 
     from dataset.ingest import prepare
-    from export.onnx_export import export_scorer
 
     data = prepare(data_spec) if data_spec is not None else tiny_data()
     rows = []
+    sgemm = {threads: sgemm_gflops(threads)["median"] for threads in thread_counts}
     for kind in kinds:
         torch.set_num_threads(max(thread_counts))
         start = time.perf_counter()
-        model, checkpoint = train_tiny(kind, data)
-        log.info("%s+UDG: %d parameters, valid AUC %.4f, trained in %.0f s", kind, checkpoint.metrics["parameters"],
+        saved = Path(kinds_from) / f"{kind}.pt" if kinds_from else None
+        if saved is not None and saved.exists():
+            from model.checkpoint import Checkpoint
+
+            checkpoint = Checkpoint.load(saved)
+            model = checkpoint.build_model().eval()
+        else:
+            model, checkpoint = train_tiny(kind, data)
+            if saved is not None:
+                checkpoint.save(saved)
+        log.info("%s+UDG: %d parameters, valid AUC %.4f, ready in %.0f s", kind, checkpoint.metrics["parameters"],
                  checkpoint.metrics["valid"]["auc"], time.perf_counter() - start)
-        blob = export_scorer(model, data.schema)
         requests = Requests(model, data.schema)
-        sessions = {threads: ort_session(blob, threads) for threads in thread_counts}
+        flops, _ = flops_per_candidate(requests.eager_module, requests.torch_args)
+        blobs = {"ort": export_graph_bytes(model, data.schema), "ort-plain": export_graph_bytes(model, data.schema,
+                                                                                                 plain=True)}
+        sessions = {threads: {name: ort_session(b, threads) for name, b in blobs.items()} for threads in thread_counts}
         for n in sizes:
             targs = requests.torch_args(n)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                timed = time_engines(requests, {"ort": sessions[threads]}, targs, calls_for(n, repeats))
-                rows.append({"kind": kind, "n": n, "threads": threads, **timed})
+                timed = time_engines(requests, sessions[threads], targs, calls_for(n, repeats))
+                rows.append(summarise_row({"kind": kind, "n": n, "threads": threads, "kflop_per_candidate": flops / 1e3,
+                                           "sgemm_gflops": sgemm[threads], **timed}))
     torch.set_num_threads(max(thread_counts))
     return rows
 
@@ -391,70 +438,71 @@ def summarise(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 99) * 1e3, "calls": len(times)}
 
 
-def print_tables(results: dict, sizes, thread_counts, flops: float) -> None:
+def print_tables(results: dict) -> None:
     rows = results["rows"]
+    flops = results["flops_per_candidate"]
     sgemm = results["sgemm_gflops"]
-    print("\nsgemm baseline (torch.mm 1024x1024x1024, best of 10): " +
-          ", ".join(f"{t} thread{'s' if t > 1 else ''}: {g:.1f} GFLOP/s" for t, g in sgemm.items()))
+    print(f"\nFLOPs per candidate (matmul-like ops of model.score): {flops / 1e3:.1f} k "
+          f"({results['flops_per_candidate_per_candidate_graph'] / 1e3:.1f} k with the user side per candidate); "
+          f"per request once: {results['flops_per_request'] / 1e3:.1f} k")
+    print("sgemm baseline (torch.mm 1024x1024x1024, 10 runs): " +
+          ", ".join(f"{t} thread{'s' if int(t) > 1 else ''}: {g['median']:.1f} GFLOP/s median, {g['best']:.1f} best"
+                    for t, g in sgemm.items()))
     print("\n| threads | N | PyTorch median µs | p99 µs | ORT median µs | p99 µs | ORT cand/s | ORT/torch | "
-          "ORT GFLOP/s | % sgemm |")
+          "ORT GFLOP/s | % sgemm (median) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         t, o = row["torch"], row["ort"]
-        tm, om = statistics.median(t), statistics.median(o)
+        tm, om = t["median_ms"] / 1e3, o["median_ms"] / 1e3
         gflops = flops * row["n"] / om / 1e9
-        print(f"| {row['threads']} | {row['n']} | {tm * 1e6:,.0f} | {percentile(t, 99) * 1e6:,.0f} | {om * 1e6:,.0f} | "
-              f"{percentile(o, 99) * 1e6:,.0f} | {row['n'] / om:,.0f} | {om / tm:.2f} | {gflops:.1f} | "
-              f"{100 * gflops / sgemm[row['threads']]:.0f}% |")
+        print(f"| {row['threads']} | {row['n']} | {tm * 1e6:,.0f} | {t['p99_ms'] * 1e3:,.0f} | {om * 1e6:,.0f} | "
+              f"{o['p99_ms'] * 1e3:,.0f} | {row['n'] / om:,.0f} | {om / tm:.2f} | {gflops:.1f} | "
+              f"{100 * gflops / sgemm[str(row['threads'])]['median']:.0f}% |")
     extra = [k for k in rows[0] if k.startswith("ort-")]
     if extra:
-        print("\nVariants, median µs (speed-up vs the fp32 fused graph):")
-        print("| threads | N | ORT fp32 | " + " | ".join(extra) + " |")
+        print("\nVariants, median µs (in brackets: variant ÷ serving graph; > 1: the serving graph is faster):")
+        print("| threads | N | ORT serving graph | " + " | ".join(extra) + " |")
         print("|---:|---:|---:|" + "---:|" * len(extra))
         for row in rows:
-            om = statistics.median(row["ort"])
-            cells = [f"{statistics.median(row[k]) * 1e6:,.0f} ({om / statistics.median(row[k]):.2f}x)" for k in extra]
-            print(f"| {row['threads']} | {row['n']} | {om * 1e6:,.0f} | " + " | ".join(cells) + " |")
-    print("\nTargets (issue 3):")
-    for threads in thread_counts:
-        for n, limit in ((1, 0.25), (1000, 0.7)):
-            row = next((r for r in rows if r["threads"] == threads and r["n"] == n), None)
-            if row:
-                ratio = statistics.median(row["ort"]) / statistics.median(row["torch"])
-                print(f"  {threads} thr N={n}: ORT/torch {ratio:.2f} (target <= {limit}) "
-                      f"{'OK' if ratio <= limit else 'MISSED'}")
-        for row in rows:
-            if row["threads"] == threads and row["n"] >= 1000:
-                gflops = flops * row["n"] / statistics.median(row["ort"]) / 1e9
-                share = gflops / sgemm[threads]
-                print(f"  {threads} thr N={row['n']}: {gflops:.1f} GFLOP/s = {100 * share:.0f}% of sgemm "
-                      f"(target >= 50%) {'OK' if share >= 0.5 else 'MISSED'}")
+            om = row["ort"]["median_ms"]
+            cells = [f"{row[k]['median_ms'] * 1e3:,.0f} ({row[k]['median_ms'] / om:.2f}x)" for k in extra]
+            print(f"| {row['threads']} | {row['n']} | {om * 1e3:,.0f} | " + " | ".join(cells) + " |")
+    print("\nTargets:")
+    for row in rows:
+        ratio = row["ort"]["median_ms"] / row["torch"]["median_ms"]
+        if row["n"] in (100, 1000):
+            print(f"  {row['threads']} thr N={row['n']}: ORT/torch {ratio:.2f} (target <= 1) "
+                  f"{'OK' if ratio <= 1 else 'MISSED'}")
+    for row in rows:
+        if row["threads"] == 1 and row["n"] >= 500:
+            gflops = flops * row["n"] / (row["ort"]["median_ms"] / 1e3) / 1e9
+            share = gflops / sgemm["1"]["median"]
+            print(f"  1 thr N={row['n']}: {gflops:.1f} GFLOP/s = {100 * share:.0f}% of the 1-thread sgemm median "
+                  f"(target >= 60%) {'OK' if share >= 0.6 else 'MISSED'}")
 
 
 def print_kind_table(rows: list[dict]) -> None:
-    print("\nPer model kind (tiny +UDG, one user and N candidates per call; ORT fp32 graph vs PyTorch eager):")
-    print("| kind | N | threads | ort median ms | ort p99 | torch median ms | torch p99 | ort/torch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\nPer model kind (tiny +UDG, one user and N candidates per call; ORT serving graph and plain graph vs "
+          "PyTorch eager model.score):")
+    print("| kind | N | threads | ort median ms | ort p99 | torch median ms | torch p99 | ort/torch | ort plain ms | "
+          "plain/serving | kFLOP/cand | ort GFLOP/s | % of sgemm |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        o, t = row["ort"], row["torch"]
-        om, tm = statistics.median(o), statistics.median(t)
-        print(f"| {row['kind']} | {row['n']} | {row['threads']} | {om * 1e3:.3f} | {percentile(o, 99) * 1e3:.3f} | "
-              f"{tm * 1e3:.3f} | {percentile(t, 99) * 1e3:.3f} | {om / tm:.2f} |")
+        o, t, plain = row["ort"], row["torch"], row["ort-plain"]
+        gflops = row["kflop_per_candidate"] * 1e3 * row["n"] / (o["median_ms"] / 1e3) / 1e9
+        print(f"| {row['kind']} | {row['n']} | {row['threads']} | {o['median_ms']:.3f} | {o['p99_ms']:.3f} | "
+              f"{t['median_ms']:.3f} | {t['p99_ms']:.3f} | {o['median_ms'] / t['median_ms']:.2f} | "
+              f"{plain['median_ms']:.3f} | {plain['median_ms'] / o['median_ms']:.2f} | "
+              f"{row['kflop_per_candidate']:.1f} | {gflops:.1f} | {100 * gflops / row['sgemm_gflops']:.0f} |")
 
 
-def print_variant_auc(results, blob, variants, model, valid, udg, torch, tables: dict) -> None:
-    print(f"\nValidation AUC ({len(valid)} events, one call per event):")
-    print("| graph | AUC | Δ vs fp32 |")
+def print_variant_auc(variants: list[dict]) -> None:
+    print(f"\nValidation AUC ({variants[0]['events']} events, one call per event, 1 thread):")
+    print("| graph | AUC | Δ vs fp32 serving graph |")
     print("|---|---:|---:|")
-    session = ort_session(blob, 1)
-    reference = validation_auc(lambda f: session.run(None, f)[0], model, valid, udg, tables)
-    print(f"| ORT fp32 | {reference:.4f} | — |")
-    results["variants"].append({"name": "fp32", "auc": reference})
-    for name, variant in variants.items():
-        session = ort_session(variant, 1)
-        value = validation_auc(lambda f, session=session: session.run(None, f)[0], model, valid, udg, tables)
-        results["variants"].append({"name": name, "auc": value})
-        print(f"| ORT {name} | {value:.4f} | {value - reference:+.4f} |")
+    reference = next(v["auc"] for v in variants if v["name"] == "ort")
+    for v in variants:
+        print(f"| {v['name']} | {v['auc']:.4f} | {v['auc'] - reference:+.4f} |")
 
 
 if __name__ == "__main__":

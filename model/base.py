@@ -146,6 +146,8 @@ class BaseCTR(nn.Module):
         """Item field `index` of items whose token indices are `tokens` [..., width] -> mean row [..., d]."""
         d = self.config.embed_dim
         width = tokens.shape[-1]
+        if width == 1:  # a single-valued field: the mean of one row is that row (0 for PAD), no reduction
+            return self.item_field_embs[index](tokens[..., 0]) * (tokens[..., :1] != PAD).to(torch.float32)
         pooled = masked_mean(self.item_field_embs[index](tokens).reshape(-1, width, d),
                              (tokens != PAD).reshape(-1, width))
         return pooled.reshape(*tokens.shape[:-1], d)
@@ -180,9 +182,19 @@ class BaseCTR(nn.Module):
         """h^(0) of Eq. 3 for every candidate -> [N, mlp input dim]."""
         raise NotImplementedError
 
+    def mlp_input_one_user(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        """`mlp_input` for ONE user (user side of batch 1) and N candidates, as serving graphs compute it; a
+        model whose middle layer has cheaper one-user algebra overrides it (same values)."""
+        return self.mlp_input(user_vec, history, items)
+
     def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """A logit added to the MLP's (FM or wide part); None for models without one."""
         return None
+
+    def side_logit_one_user(self, user_vec: torch.Tensor, history: torch.Tensor,
+                            items: Items) -> torch.Tensor | None:
+        """`side_logit` for one user and N candidates, as serving graphs compute it (same values)."""
+        return self.side_logit(user_vec, history, items)
 
     def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """Extra training loss (DIEN's interest-extractor loss); None for most models."""

@@ -37,6 +37,21 @@ class LocalActivationUnit(nn.Module):
         hidden = torch.relu(pre) - self.negative_slope * torch.relu(-pre)
         return self.out(hidden).squeeze(-1)
 
+    def one_user(self, clicked: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """`forward` for one user's clicks `clicked` [L, D] and N candidates [N, D] -> weights [N, L], with
+        every (candidate, click) pair's first layer as ONE GEMM: W·[h, c, h-c, h*c] + b =
+        c·(W_c - W_d + diag(h) W_p)ᵀ + (W_h + W_d)·h + b, whose per-click matrices and biases [D, L*H], [L*H]
+        depend on the user only."""
+        w_h, w_c, w_d, w_p = self.first.weight.split(self.item_dim, dim=1)  # each [H, D]
+        length, hidden = clicked.shape[0], w_p.shape[0]
+        per_click = clicked.unsqueeze(-1) * w_p.t().unsqueeze(0) + (w_c - w_d).t().unsqueeze(0)  # [L, D, H]
+        weight = per_click.permute(1, 0, 2).reshape(self.item_dim, length * hidden)  # [D, L*H]
+        bias = (clicked @ (w_h + w_d).t() + self.first.bias).reshape(1, length * hidden)
+        pre = torch.addmm(bias, candidate, weight)  # [N, L*H]
+        # PReLU over whole rows, its slope tiled over the L clicks (long contiguous spans run faster)
+        activated = torch.nn.functional.prelu(pre, self.negative_slope.repeat(length))
+        return self.out(activated.reshape(-1, hidden)).reshape(candidate.shape[0], length)
+
 
 class DIN(BaseCTR):
     """Middle layer (Eq. 2): f_mid = sum over clicked items of activation(h, c) * h, padding weighted 0.
@@ -62,3 +77,13 @@ class DIN(BaseCTR):
     def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         candidate = self.item_fields(items).flatten(-2)  # [N, item_dim]
         return broadcast_cat([self.interest(history, candidate), candidate, user_vec])
+
+    def mlp_input_one_user(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        """`mlp_input` for one user: the activation unit as one GEMM over all (candidate, click) pairs
+        (`LocalActivationUnit.one_user`), and the pooling as a matmul against the masked clicks."""
+        candidate = self.item_fields(items).flatten(-2)  # [N, item_dim]
+        fields, mask = self.history_fields(history)
+        clicked = fields.flatten(-2)[0]  # [L, item_dim]
+        weights = self.attention.one_user(clicked, candidate)  # [N, L]
+        interest = weights @ (clicked * mask[0].unsqueeze(-1).to(clicked.dtype))  # padding clicks weigh 0
+        return broadcast_cat([interest, candidate, user_vec])

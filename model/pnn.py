@@ -19,6 +19,22 @@ class PNN(BaseCTR):
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
+        # One user, N candidates: candidate fields come first in `fields`, so the pairs (i, j), i < j, in
+        # triu order are the candidate-dependent ones (i < n_c: candidate x candidate, then candidate x user)
+        # followed by the user x user ones, which depend on the user only.
+        n_c = self.item_field_count
+        cc_rows, cc_cols = torch.triu_indices(n_c, n_c, offset=1)
+        uu_rows, uu_cols = torch.triu_indices(n_fields - n_c, n_fields - n_c, offset=1)
+        self.register_buffer("cc_rows", cc_rows, persistent=False)
+        self.register_buffer("cc_cols", cc_cols, persistent=False)
+        self.register_buffer("uu_rows", uu_rows, persistent=False)
+        self.register_buffer("uu_cols", uu_cols, persistent=False)
+        n_u = n_fields - n_c
+        position = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(cc_rows, cc_cols, strict=True))}
+        position.update({(i, n_c + j): len(cc_rows) + i * n_u + j for i in range(n_c) for j in range(n_u)})
+        order = [position[(int(i), int(j))] for i, j in zip(rows, cols, strict=True) if i < n_c]
+        self.register_buffer("candidate_pair_order", None if order == sorted(order) else torch.tensor(order),
+                             persistent=False)
         self.build_mlp(n_fields * config.embed_dim + len(rows))
 
     def fields(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
@@ -33,3 +49,20 @@ class PNN(BaseCTR):
         fields = self.fields(user_vec, history, items)
         products = (fields[:, self.pair_rows] * fields[:, self.pair_cols]).sum(-1)
         return torch.cat([fields.flatten(1), products], dim=-1)
+
+    def mlp_input_one_user(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        """`mlp_input` for one user: the candidate x user inner products as one matmul against the user's
+        fields, the user x user products once per call (same values, same layout)."""
+        d = self.config.embed_dim
+        candidate = self.item_fields(items)  # [N, n_c, d]
+        user_side = torch.cat([user_vec, self.behavior(history)], dim=-1)  # [1, n_u * d]
+        user_fields = user_side.reshape(-1, d)  # [n_u, d]
+        parts = []
+        if len(self.cc_rows):
+            parts.append((candidate[:, self.cc_rows] * candidate[:, self.cc_cols]).sum(-1))
+        parts.append(torch.matmul(candidate, user_fields.t()).flatten(1))  # [N, n_c * n_u]
+        products = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if self.candidate_pair_order is not None:
+            products = products[:, self.candidate_pair_order]
+        user_products = (user_fields[self.uu_rows] * user_fields[self.uu_cols]).sum(-1).unsqueeze(0)
+        return broadcast_cat([candidate.flatten(1), user_side, products, user_products])

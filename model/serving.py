@@ -7,6 +7,10 @@ it has UDG gates; the service feeds the graphs by the names given here.
   candidate_<field> [N, width] per item field) -> probabilities [N]. The user side is one row broadcast over
   the N candidates inside the graph; the candidates' field tokens are inputs, so an item that arrived after
   training is scored with its known features.
+- scorer_multi: the scorer for U users at once (cross-request batching): user_vec [U, user_dim], udg_vec
+  [U, udg_dim] (UDG only), history [U, L], candidate_user [N] (each candidate's row in the user inputs),
+  candidates [N], candidate_<field> [N, width] -> probabilities [N]. Each candidate is scored with its user's
+  rows (gathered in the graph), by `model.score` itself: the same values as U one-user calls.
 - meta: profile [B, user fields] -> user_vec [B, user_dim] (an unseen user's base embedding: the OOV id row
   plus the profile rows) and, for UDG models, udg_vec [B, udg_dim] (the meta generator's, Eq. 11, or — for a
   checkpoint without one — the mean UDG row of the known users).
@@ -59,28 +63,100 @@ def candidate_input(field_name: str) -> str:
     return f"candidate_{field_name}"
 
 
+class StackedGates(nn.Module):
+    """Every gating network of a UDG model, for serving: their first layers share the input, so they run as
+    ONE GEMM (weights concatenated here, the result split after); the second and third layers stay apart.
+
+    Same math as `UDG.gate_values` (a snapshot of the trained weights, taken at export)."""
+
+    def __init__(self, udg: nn.Module):
+        super().__init__()
+        gates = list(udg.gates)
+        self.hidden = [gate.first.user.out_features for gate in gates]
+        self.register_buffer("user_weight_t", torch.cat([g.first.user.weight for g in gates]).t().contiguous())
+        self.register_buffer("user_bias", torch.cat([g.first.user.bias for g in gates]))
+        with_candidate = gates[0].first.candidate is not None
+        self.register_buffer("candidate_weight_t", torch.cat([g.first.candidate.weight for g in gates]).t()
+                             .contiguous() if with_candidate else None)
+        self.seconds = nn.ModuleList(gate.second for gate in gates)
+        self.thirds = nn.ModuleList(gate.third for gate in gates)
+        self.scales = [gate.scale for gate in gates]
+
+    def forward(self, candidate: torch.Tensor | None, user: torch.Tensor) -> list[torch.Tensor]:
+        user_part = torch.addmm(self.user_bias, user, self.user_weight_t)  # [1, sum(hidden)], once per call
+        if self.candidate_weight_t is None:
+            first = torch.relu(user_part)
+        else:  # one Gemm with the user part as its bias (+ Relu: onnxruntime fuses it into the Gemm)
+            first = torch.relu(torch.addmm(user_part, candidate, self.candidate_weight_t))
+        gates = []
+        for part, second, third, scale in zip(first.split(self.hidden, dim=-1), self.seconds, self.thirds,
+                                              self.scales, strict=True):
+            gate = torch.sigmoid(third(torch.relu(second(part))))
+            gates.append(gate if scale == 1.0 else scale * gate)
+        return gates
+
+
 class ScorerModule(nn.Module):
     """(user_vec, [udg_vec], history, candidates, *candidate fields) -> probabilities [N].
 
-    `per_candidate=True` expands the user side to N rows first: everything user-side then runs once per
-    candidate. It exists only to measure what the broadcast saves (loadtest/bench_model.py).
+    The serving form of `model.score` for one user (batch-1 user side, broadcast over the N candidates): the
+    base model's `mlp_input_one_user` (PNN: candidate x user products as one matmul, user x user products
+    once) and, for UDG, the gating networks' first layers as one GEMM (`StackedGates`). `plain=True` runs
+    `model.score` itself, and `per_candidate=True` (implies plain) expands the user side to N rows first:
+    everything user-side then runs once per candidate. Both exist to measure what the serving form saves
+    (loadtest/bench_model.py); tests/test_export.py checks the serving form equals `model.score`.
     """
 
-    def __init__(self, model: nn.Module, per_candidate: bool = False):
+    def __init__(self, model: nn.Module, per_candidate: bool = False, plain: bool = False):
         super().__init__()
         self.model = model
         self.udg = model.udg_dim > 0
         self.per_candidate = per_candidate
+        self.plain = plain or per_candidate
+        self.stacked_gates = StackedGates(model) if self.udg and not self.plain else None
 
     def forward(self, *inputs):
         if self.udg:
             user_vec, udg_vec, history, candidates, *fields = inputs
         else:
             (user_vec, history, candidates, *fields), udg_vec = inputs, None
+        items = Items(candidates, list(fields))
         if self.per_candidate:
             n = candidates.shape[0]
             user_vec, history = user_vec.expand(n, -1), history.expand(n, -1)
             udg_vec = None if udg_vec is None else udg_vec.expand(n, -1)
+        if self.plain:
+            return torch.sigmoid(self.model.score(user_vec, udg_vec, history, items))
+        return torch.sigmoid(self.one_user_logit(user_vec, udg_vec, history, items))
+
+    def one_user_logit(self, user_vec, udg_vec, history, items: Items) -> torch.Tensor:
+        base = self.model.base_model
+        h0 = base.mlp_input_one_user(user_vec, history, items)
+        if self.udg:
+            gates = self.stacked_gates(*self.model.gate_inputs(user_vec, udg_vec, history, items))
+            logit = base.mlp(h0, gates)  # [N or 1, width] gates broadcast in the Mul (no Expand copy)
+        else:
+            logit = base.mlp(h0)
+        side = base.side_logit_one_user(user_vec, history, items)
+        return logit if side is None else logit + side
+
+
+class MultiUserScorerModule(nn.Module):
+    """(user_vec [U], [udg_vec [U]], history [U, L], candidate_user [N], candidates [N], *fields) -> [N]: each
+    candidate scored against the user rows it is tagged with (gathered in the graph, then `model.score`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.udg = model.udg_dim > 0
+
+    def forward(self, *inputs):
+        if self.udg:
+            user_vec, udg_vec, history, candidate_user, candidates, *fields = inputs
+            udg_vec = udg_vec.index_select(0, candidate_user)
+        else:
+            (user_vec, history, candidate_user, candidates, *fields), udg_vec = inputs, None
+        user_vec, history = user_vec.index_select(0, candidate_user), history.index_select(0, candidate_user)
         return torch.sigmoid(self.model.score(user_vec, udg_vec, history, Items(candidates, list(fields))))
 
 
@@ -112,6 +188,7 @@ class ServingModules:
     meta: ServingGraph
     dims: dict
     meta_info: dict  # where an unseen user's UDG embedding comes from
+    multi_scorer: ServingGraph | None = None
 
     @property
     def udg(self) -> bool:
@@ -119,7 +196,7 @@ class ServingModules:
 
 
 def scorer_graph(model: nn.Module, schema: FeatureSchema, per_candidate: bool = False, n: int = 3,
-                 history_len: int = 4) -> ServingGraph:
+                 history_len: int = 4, plain: bool = False) -> ServingGraph:
     """The scorer with example inputs of batch 1, N >= 2 candidates and L >= 2 history (size-0/1 dims would
     be specialised by the exporter)."""
     base = model.base_model
@@ -140,8 +217,30 @@ def scorer_graph(model: nn.Module, schema: FeatureSchema, per_candidate: bool = 
         example.append(tokens)
         inputs.append(TensorSpec(name, "int64", ["candidates", spec.width]))
         dynamic[name] = {0: "candidates"}
-    return ServingGraph(ScorerModule(model, per_candidate).eval(), inputs,
+    return ServingGraph(ScorerModule(model, per_candidate, plain).eval(), inputs,
                         [TensorSpec("probabilities", "float32", ["candidates"])], tuple(example), dynamic)
+
+
+def multi_scorer_graph(model: nn.Module, schema: FeatureSchema, users: int = 2, n: int = 5,
+                       history_len: int = 4) -> ServingGraph:
+    """The multi-user scorer with example inputs of U >= 2 users, N >= 2 candidates and L >= 2 history."""
+    one = scorer_graph(model, schema, n=n, history_len=history_len)
+    example, inputs = [], []
+    dynamic = {"candidates": {0: "candidates"}, "probabilities": {0: "candidates"},
+               "candidate_user": {0: "candidates"}}
+    for spec, value in zip(one.inputs, one.example, strict=True):
+        if spec.name in ("user_vec", "udg_vec", "history"):
+            value = torch.cat([value, value.flip(-1)])  # U = 2 distinct rows
+            spec = TensorSpec(spec.name, spec.dtype, ["users", *spec.shape[1:]])
+            dynamic[spec.name] = {0: "users", **({1: "history_len"} if spec.name == "history" else {})}
+        elif spec.name != "candidates":
+            dynamic[spec.name] = {0: "candidates"}
+        if spec.name == "candidates":
+            example.append(torch.arange(n, dtype=torch.long).remainder(users))
+            inputs.append(TensorSpec("candidate_user", "int64", ["candidates"]))
+        example.append(value)
+        inputs.append(spec)
+    return ServingGraph(MultiUserScorerModule(model).eval(), inputs, one.outputs, tuple(example), dynamic)
 
 
 def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Module | None = None,
@@ -174,4 +273,4 @@ def serving_modules(model: nn.Module, schema: FeatureSchema, generator: nn.Modul
                         {"profile": {0: "batch"}, **{s.name: {0: "batch"} for s in meta_outputs}})
     dims = {"user_dim": base.user_dim, "udg_dim": udg_dim, "embed_dim": model.config.embed_dim,
             "max_history": schema.max_history, "profile_fields": fields}
-    return ServingModules(scorer_graph(model, schema), meta, dims, info)
+    return ServingModules(scorer_graph(model, schema), meta, dims, info, multi_scorer_graph(model, schema))

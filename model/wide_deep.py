@@ -82,6 +82,30 @@ class WideDeep(BaseCTR):
         bucket = torch.remainder(items.ids.unsqueeze(-1) * ITEM_CROSS_PRIME + history, self.hash_buckets)  # [N, L]
         return masked_mean(self.item_cross_weight(bucket), (history != PAD).expand_as(bucket)).squeeze(-1)
 
+    def side_logit_one_user(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        """`side_logit` for one user: the history's mask and share of each crossed value once; the means over
+        the history as matmuls against them (no reduction over a middle axis)."""
+        mask = (history[0] != PAD).to(torch.float32)  # [L]
+        click_weights = mask / mask.sum().clamp(min=1.0)
+        bucket = torch.remainder(items.ids.unsqueeze(-1) * ITEM_CROSS_PRIME + history, self.hash_buckets)  # [N, L]
+        # torch.gather (onnx GatherElements) on the flat table: ~15x faster in onnxruntime than its Gather
+        # for 50k single-float rows
+        weights = torch.gather(self.item_cross_weight.weight.reshape(1, -1), 1, bucket.reshape(1, -1))
+        item_cross = (weights.reshape(bucket.shape) @ click_weights.unsqueeze(-1)).squeeze(-1)
+        field_cross = torch.zeros(items.ids.shape, dtype=torch.float32, device=items.ids.device)
+        for position, weight in enumerate(self.field_cross_weights):
+            values = items.fields[self.crossed[position]]  # [N, width]
+            if values.shape[-1] == 1:
+                rows = weight(values[:, 0]) * (values[:, :1] != PAD).to(torch.float32)  # [N, V]
+            else:
+                rows = (weight(values) * (values != PAD).unsqueeze(-1).float()).sum(1)
+            share = self.clicked_value_share(position, history).t()  # [V, 1]
+            field_cross = field_cross + (rows @ share).squeeze(-1)
+        fields = field_first_order(self.field_weights, items)
+        behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
+        user = self.user_weight(user_vec).squeeze(-1)
+        return self.item_weight(items.ids).squeeze(-1) + fields + (user + behavior) + field_cross + item_cross
+
     def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         fields = field_first_order(self.field_weights, items)
         behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)

@@ -26,9 +26,11 @@ from repository.errors import ArtifactError, InvalidVersionName
 from repository.files import describe_files, sha256_file, verify_files
 from repository.layout import (
     ARTIFACT_FORMAT,
+    INT8_SCORER_FILE,
     ITEMS_FILE,
     MANIFEST_FILE,
     META_FILE,
+    MULTI_SCORER_FILE,
     SCORER_FILE,
     USERS_FILE,
     VERSION_PATTERN,
@@ -43,7 +45,7 @@ from repository.writer import AtomicVersionWriter
 
 __all__ = [
     "ARTIFACT_FORMAT", "ITEMS_FILE", "MANIFEST_FILE", "META_FILE", "SCORER_FILE", "USERS_FILE", "VERSION_PATTERN",
-    "VERSION_RULE", "WARMUP_FILE",
+    "VERSION_RULE", "WARMUP_FILE", "MULTI_SCORER_FILE", "INT8_SCORER_FILE",
     "ArtifactError", "AtomicVersionWriter", "InvalidVersionName", "Manifest", "ModelRepository",
     "check_version_name", "describe_files", "is_version_name", "list_versions", "manifest_sha256",
     "manifest_summary", "read_manifest", "sha256_file", "verify_files",

@@ -23,6 +23,8 @@ from repository.errors import InvalidVersionName
 ARTIFACT_FORMAT = "udg-artifact/2"  # bump when a reader of the old format could misread the new one
 MANIFEST_FILE = "manifest.json"
 SCORER_FILE = "scorer.onnx"
+INT8_SCORER_FILE = "scorer.int8.onnx"  # optional (`udg export --int8`): the int8 scorer
+MULTI_SCORER_FILE = "scorer_multi.onnx"  # several users per call (the micro-batcher's); optional
 META_FILE = "meta.onnx"
 USERS_FILE = "users.npz"
 ITEMS_FILE = "items.npz"

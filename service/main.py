@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from service import errors, metrics, ratelog, shutdown, tracing
 from service.api import admin, docs, events, health, openapi, score
 from service.api.deps import Services
+from service.batching import MicroBatcher
 from service.control import Control
 from service.feature_store import FeatureStore, create_redis
 from service.redis_layout import RedisLayout
@@ -35,9 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = FeatureStore(redis, RedisLayout.from_settings(settings),
                              observe=tracing.redis_observer(metrics.observe_redis))
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
-                                 settings.require_publish_marker, cuda_graph=settings.cuda_graph)
+                                 settings.require_publish_marker, cuda_graph=settings.cuda_graph,
+                                 precision=settings.scorer_precision)
         control = Control(settings, registry, redis)
-        services = Services(settings, store, registry, Scorer(store), control)
+        services = Services(settings, store, registry, Scorer(store, batcher=MicroBatcher.from_settings(settings)),
+                            control)
         app.state.services = services
         log.info("feature store %s, model repository %s", settings.redis_url_for_logs(), settings.model_repo)
         # Activation and every later version change: follow the routing document in Redis (control.py).

@@ -175,6 +175,7 @@ class ModelRegistry:
     threads: int = 1
     require_marker: bool = True
     cuda_graph: bool = True  # only where the CUDA provider is active
+    precision: str = "fp32"  # "int8": each version's scorer.int8.onnx (a version without one is refused)
     models: dict[str, ServingModel] = field(default_factory=dict)  # ready in this worker
     failed: dict[str, Failure] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
@@ -218,7 +219,7 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             artifact = open_artifact(path, providers=self.providers, threads=self.threads, verify_users=False,
-                                     cuda_graph=self.cuda_graph)
+                                     cuda_graph=self.cuda_graph, precision=self.precision)
             if artifact.version != version:
                 raise VersionRefused(version, f"its manifest names version {artifact.version!r}")
             artifact.warmup()

@@ -41,6 +41,7 @@ import numpy as np
 
 from service import metrics, tracing
 from service.api.schemas import ScoreRequest
+from service.batching import MicroBatcher
 from service.errors import InvalidField, ServiceUnavailable
 from service.feature_store import FeatureStore, FeatureStoreUnavailable
 from service.ratelog import RateLimitedLog
@@ -113,9 +114,10 @@ def check_profile(model: ServingModel, profile: dict[str, str] | None) -> None:
 
 
 class Scorer:
-    def __init__(self, store: FeatureStore, write_back: bool = True):
+    def __init__(self, store: FeatureStore, write_back: bool = True, batcher: MicroBatcher | None = None):
         self.store = store
         self.write_back = write_back
+        self.batcher = batcher  # None: one model call per request
         self._tasks: set[asyncio.Task] = set()
         self._refreshed: dict[tuple[str, str], float] = {}  # (version, user) -> monotonic time of the refresh
 
@@ -154,7 +156,10 @@ class Scorer:
         fields = artifact.candidate_fields(candidate_idx, candidates, new_items)
         timer.mark("encode")
 
-        probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx, fields)
+        if self.batcher is None:
+            probabilities = artifact.score(user_vec, udg_vec, history, candidate_idx, fields)
+        else:
+            probabilities = await self.batcher.score(artifact, user_vec, udg_vec, history, candidate_idx, fields)
         timer.mark("model")
 
         n = len(candidates)

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     # On the CUDA provider, score through one captured CUDA graph per candidate bucket (3-4x lower latency
     # than plain CUDA runs on an H100, see docs/performance.md); ignored on CPU.
     cuda_graph: bool = True
+    # "int8": score with each version's int8 graph (`udg export --int8`; validation AUC in docs/performance.md)
+    scorer_precision: Literal["fp32", "int8"] = "fp32"
+    # Cross-request batching (service/batching.py), off by default: concurrent score requests of a version
+    # run as one multi-user call, each waiting at most this long for others (ms); 0 batches only what
+    # arrived while the loop was busy. The cap runs a batch at once when it holds that many candidates.
+    batch_wait_ms: float | None = Field(None, ge=0, le=100)
+    batch_max_candidates: int = Field(8192, ge=1, le=1_000_000)
     require_publish_marker: bool = True  # refuse to activate a version whose per-user state is not complete
     activation_retry_s: float = Field(1.0, gt=0)  # retry period while no version could be activated
 

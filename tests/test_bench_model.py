@@ -50,4 +50,10 @@ def test_kinds_table(monkeypatch, capsys, tmp_path):
     summary = json.loads(out.read_text())
     assert "rows" not in summary  # no CHECKPOINT: only the per-kind section ran
     assert [(r["kind"], r["n"]) for r in summary["kinds"]] == [(k, n) for k in KINDS for n in SIZES]
-    assert all(r[engine]["calls"] >= 20 for r in summary["kinds"] for engine in ("ort", "torch"))
+    assert all(r[engine]["calls"] >= 20 for r in summary["kinds"] for engine in ("ort", "ort-plain", "torch"))
+    assert all(r["kflop_per_candidate"] > 0 and r["sgemm_gflops"] > 0 for r in summary["kinds"])
+
+    # The journal alone reprints the same table (what docs/performance.md quotes).
+    assert bench_model.main(["--report", str(out)]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert again == lines

@@ -175,6 +175,52 @@ def test_new_item_with_known_features_scores_like_pytorch(zoo, kind, udg):
     check_new_items_by_features(model, artifact, udg)
 
 
+@pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
+def test_multi_user_graph_scores_each_user_as_a_call_of_their_own(zoo, kind, udg):
+    """Several users' candidates in one call of scorer_multi.onnx (each candidate tagged with its user) give
+    the one-user scores: users with full, empty and partial histories, different N, an unknown id."""
+    model, _, _, artifact = zoo.get(kind, udg)
+    assert artifact.can_batch
+    users = artifact.load_users()
+    rows = np.argsort(-users["history_len"])[:3]
+    item_tokens = artifact.schema.items.tokens[2:]
+    rng = np.random.default_rng(1)
+    requests = []
+    for k, (row, n, cut) in enumerate(zip(rows, (7, 1, 40), (None, 0, 3), strict=True)):
+        raw = [item_tokens[i] for i in rng.integers(0, len(item_tokens), n)]
+        raw[0] = "no-such-item" if k == 2 else raw[0]
+        history = users["history_idx"][row][:cut]
+        requests.append((users["user_vec"][row], users["udg_vec"][row] if udg else None, history,
+                         artifact.encode_items(raw)[0], None))
+    batched = artifact.score_many(requests)
+    for request, got in zip(requests, batched, strict=True):
+        alone = artifact.score(*request)
+        assert got.shape == alone.shape
+        assert float(np.max(np.abs(got - alone))) <= 1e-6
+        assert float(np.max(np.abs(got - torch_probs(model, *request[:4])))) <= ATOL
+
+
+def test_int8_scorer_is_optional_close_to_fp32_and_opened_on_request(zoo, tmp_path):
+    """`--int8` adds scorer.int8.onnx (checksummed, its own golden bound); precision="int8" scores with it,
+    close to the fp32 graph; a version without one is refused for int8, and fp32 stays the default."""
+    model, checkpoint, fp32_path, fp32 = zoo.get("pnn", True)
+    path = export_model(checkpoint, "int8", tmp_path, model=model, int8=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "scorer.int8.onnx" in manifest["files"] and manifest["graphs"]["scorer_int8"]["atol"] > ATOL
+    assert 0 < manifest["export_parity"]["scorer_int8_max_abs_diff"] <= manifest["graphs"]["scorer_int8"]["atol"]
+    int8 = open_artifact(path, threads=1, precision="int8")
+    users, row, user_vec, udg_vec = known_user(int8, True)
+    candidates = np.arange(2, int8.schema.items.known_size, dtype=np.int64)
+    history = users["history_idx"][row]
+    got, reference = int8.score(user_vec, udg_vec, history, candidates), fp32.score(user_vec, udg_vec, history,
+                                                                                 candidates)
+    assert 0 < float(np.max(np.abs(got - reference))) <= 2e-2
+    assert np.corrcoef(got, reference)[0, 1] > 0.9  # a tiny 1-epoch model: scores spread little
+    with pytest.raises(ArtifactError, match="no int8 scorer"):
+        open_artifact(fp32_path, threads=1, precision="int8")
+    assert "scorer.int8.onnx" not in json.loads((fp32_path / "manifest.json").read_text())["files"]
+
+
 @pytest.mark.parametrize("kind", list(BASE_MODELS))
 def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
     """onnxruntime's CUDA provider has no int64 Pad: such a node runs on the CPU with copies around it, and
@@ -208,13 +254,14 @@ def test_meta_without_generator_uses_mean_udg_row(zoo):
 def test_artifact_files(zoo):
     model, checkpoint, path, artifact = zoo.get("pnn", True)
     assert sorted(p.name for p in path.iterdir()) == ["items.npz", "manifest.json", "meta.onnx", "scorer.onnx",
-                                                      "users.npz", "warmup.pt"]
+                                                      "scorer_multi.onnx", "users.npz", "warmup.pt"]
     manifest = json.loads((path / "manifest.json").read_text())
     for key in ("version", "model", "dims", "vocab", "features", "graphs", "exporter", "files", "metrics",
                 "exported_at", "golden"):
         assert key in manifest
     assert manifest["format"] == "udg-artifact/2"
-    assert sorted(manifest["files"]) == ["items.npz", "meta.onnx", "scorer.onnx", "users.npz", "warmup.pt"]
+    assert sorted(manifest["files"]) == ["items.npz", "meta.onnx", "scorer.onnx", "scorer_multi.onnx", "users.npz",
+                                         "warmup.pt"]
     schema = checkpoint.schema.to_json()
     schema.pop("item_table")  # items.npz holds it
     assert manifest["features"] == schema

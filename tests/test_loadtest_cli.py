@@ -6,6 +6,7 @@ it is marked `slow` but runs in `make test`."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -206,3 +207,19 @@ def test_bench_compare_load_generator_and_table():
     assert "- service req/s >= 75% of the model-only ceiling (conc 16): 0.80 — met" in table
     assert "- service p99 <= 3x the floor's p99 (conc 1): 1.50 — met" in table
     assert "CPU-based: service >= 75% of the ceiling on idle CPUs (conc 16): 0.76 — met" in table
+
+
+def test_bench_compare_reprints_a_journal(tmp_path, capsys):
+    """`udg bench compare --report JOURNAL`: the journal --json wrote (integer keys now strings) -> the same table."""
+    from loadtest.bench_compare import add_arguments, format_table, run, summarise
+
+    cell = {**summarise([0.002] * 100, 0.25), "cpu_ms_per_request": 2.0, "client_cpu_ms_per_request": 0.1}
+    results = {"candidates": 500, "cpus": 2, "ort_threads": 1, "duration_s": 8, "load": {"before": [1.0],
+               "after": [1.5]}, "floor": summarise([0.0013] * 100, 0.13),
+               "ceiling": {2: {"rps": 1000.0, "cpu_ms_per_call": 1.3}}, "cells": {"2/1": {"service": cell}}}
+    journal = tmp_path / "compare.json"
+    journal.write_text(json.dumps(results, default=str))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--report", str(journal)])) == 0
+    assert capsys.readouterr().out.strip() == format_table(results).strip()
