@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from service.redis_layout import Click, RedisLayout, UserState
+from service.redis_layout import Click, NotReplicated, RedisLayout, UserState, slot_tags
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -15,25 +15,10 @@ class FeatureStoreUnavailable(RuntimeError):
 
 
 def create_redis(url: str, timeout_s: float, pool_size: int, ca_certs: str | None = None):
-    """An asyncio Redis client: hiredis parser (if installed), bounded pool, per-call timeout.
+    """The service's asyncio client for REDIS_URL (one node or a cluster): see `service.redis_client`."""
+    from service.redis_client import async_client
 
-    Retries: one immediate retry on a connection error only (a pooled connection that the server or a proxy
-    closed while idle must not turn into a 503), none on a timeout — a slow Redis is answered 503 within
-    `timeout_s` and the caller retries; hidden retries would multiply the time to that answer. The pool
-    reconnects by itself on the next call once Redis is back.
-    """
-    import redis.asyncio as aredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry,
-                  health_check_interval=0, max_connections=pool_size, timeout=timeout_s)
-    if ca_certs and url.startswith("rediss://"):
-        kwargs["ssl_ca_certs"] = ca_certs
-    pool = aredis.BlockingConnectionPool.from_url(url, **kwargs)
-    return aredis.Redis(connection_pool=pool)
+    return async_client(url, timeout_s, pool_size, ca_certs)
 
 
 class FeatureStore:
@@ -45,7 +30,11 @@ class FeatureStore:
 
         self.redis = redis
         self.layout = layout or RedisLayout()
-        self._errors = (RedisError, OSError, TimeoutError)
+        from redis.exceptions import RedisClusterException
+
+        # RedisClusterException: e.g. no node known for a slot in the middle of a failover
+        self._errors = (RedisError, RedisClusterException, OSError, TimeoutError, NotReplicated)
+        slot_tags()  # the per-slot sentinel names, computed once per process here rather than on a request
         self._observe = observe or (lambda op, seconds: None)
         # The data epoch this worker serves under (set by service.control): every fetch reads it in the same
         # MGET, and a fetch that sees another one calls `on_epoch_mismatch` before anything is scored.
@@ -83,6 +72,11 @@ class FeatureStore:
     async def state(self, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
         """The data epoch and the publish markers of `versions` (one MGET)."""
         return await self._run("state", self.layout.read_state(self.redis, versions))
+
+    async def sentinels(self) -> dict[int, bytes | None]:
+        """The epoch sentinels of one hash slot per node (what a wipe of one cluster node loses)."""
+        layout = self.layout
+        return await self._run("sentinels", layout.read_sentinels(self.redis, layout.sentinel_sample(self.redis)))
 
     async def append_clicks(self, batches: dict[str, tuple[list[Click], dict | None]]) -> dict[str, list[int]]:
         """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate,
