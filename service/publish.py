@@ -14,15 +14,17 @@ What is written, per user of `users.npz` (read with `allow_pickle=False`):
 (fresh, or restarted empty / wiped) MERGES histories: a user's live clicks already there (received since the
 loss, tagged as live entries) stay on top and the published snapshot goes below them, instead of the snapshot
 being dropped (SET NX) — and a rerun after an interrupted run gives the same result. The first such publish
-also creates the data epoch (`udg:epoch`) the workers watch to detect a loss; every marker records the epoch
-it was written in, and a worker that detected a loss serves again once every serving version has a marker of
-the current epoch (service/control.py). Clicks received between the training snapshot and the loss are lost
-(they were only in Redis): that is what Redis persistence (AOF) is for, see docs/serving.md.
+also creates the data epoch (`udg:{ctl}:epoch`, copied into every hash slot) the workers watch to detect a
+loss (a publish that finds a slot's copy missing — a wiped cluster node — renews it and merges the same way);
+every marker records the epoch it was written in, and a worker that detected a loss serves again once every
+serving version has a marker of the current epoch (service/control.py). Clicks received between the training
+snapshot and the loss are lost (they were only in Redis): that is what Redis persistence (AOF) is for, see
+docs/serving.md.
 
 **The version's name** is its directory's name (what the service, the routing and `udg gc` use); a manifest
 naming another version (a copied folder) is refused: export it again under the new name.
 
-Idempotent: a rerun writes the same values. The completion marker `udg:published:V` is deleted first and set
+Idempotent: a rerun writes the same values. The completion marker `udg:{ctl}:published:V` is deleted first and set
 last (with the manifest's sha256 and the user count), so an interrupted publish leaves the version
 unactivatable (the service refuses a version without a matching marker) until a rerun completes.
 Pipelined: `chunk` users per round trip (`RedisLayout.write_batch`: two commands per chunk on one node, see

@@ -2,10 +2,13 @@
 every value, holds the scripts, and issues every command that touches per-user or per-version data — the
 request path's reads and writes (asyncio client) and the bulk writes and deletes of `udg publish` / `udg gc`
 (sync client). Nothing else builds these keys or packs these values. (The control plane's keys — routing
-document, heartbeats — are `service.control.ControlKeys`.)
+document, heartbeats — are `service.control.ControlKeys`, built with `control()`.)
 
-Key layout (prefix `udg` by default; `{uid}` is a Redis Cluster hash tag, so all of a user's keys share a
-slot and one MGET / one Lua call can touch them all):
+Key layout, format 2 (`LAYOUT_FORMAT`; prefix `udg` by default). Redis Cluster hash tags decide which keys
+share a slot: `{uid}` puts all of a user's keys, and the copy of the data epoch the user's request checks, in
+one slot, so one MGET / one Lua call touches them all; `{ctl}` puts every control and version-wide key in ONE
+slot, so a worker's poll reads the epoch and all markers in one MGET. On one Redis the braces are just bytes:
+the same layout serves both.
 
     udg:e:<version>:{<uid>}   STRING  per version: float32 little-endian [user_vec | udg_vec] + 1 source byte
                                       (b"P" published from training, b"M" made by the meta generator)
@@ -19,15 +22,22 @@ slot and one MGET / one Lua call can touch them all):
                                       their ARRIVAL time (ms): retry deduplication, trimmed by arrival age
     udg:d:{<uid>}             ZSET    legacy (before udg:x): identities scored by event ts; still consulted,
                                       never written, until its own 7-day TTL removes it
-    udg:epoch                 STRING  the data epoch: created (SET NX) by the first `udg publish` into a Redis
+    udg:{ctl}:epoch           STRING  the data epoch: created (SET NX) by the first `udg publish` into a Redis
                                       that has none; workers remember it and a change or disappearance means
                                       the state was lost (service/control.py)
+    udg:epoch:{<tag>}         STRING  the epoch's copy in one hash slot, for each of the 16,384 slots (`slot_tags`:
+                                      the tag of slot s is the smallest number whose slot is s; ~2 MB in all).
+                                      A wiped cluster node loses only its slots' keys, these copies with them
     udg:ctl:generated:<n>     STRING  cold-start write-backs in generation window n (the cap on new users)
-    udg:published:<version>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, …)
+    udg:{ctl}:published:<v>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, epoch,
+                                      layout format, …)
     udg:i:<version>:items     HASH    the version's item table for items it was not trained on: item id ->
                                       int32 little-endian token indices of every item field, concatenated
-                                      (written by `udg publish` from items.npz and by `udg publish-items`)
-    udg:i:<version>:generation STRING a counter bumped by every write of the item table: workers reload it
+                                      (written by `udg publish` from items.npz and by `udg publish-items`);
+                                      one key, so one node: read whole when a worker loads the version and
+                                      cached in its memory, never on the request path
+    udg:{ctl}:i:<v>:generation STRING a counter bumped by every write of the item table: workers reload it
+                                      (read with the other versions' counters in one MGET per poll)
 
 Why this split. Embeddings live in different spaces per model version, so they are namespaced by version
 and two versions coexist during a swap or an A/B split. The click history and the profile are facts about
@@ -63,8 +73,9 @@ meta generator, not written (udg_generated_users{outcome="capped"}).
 
 Bulk writes are pipelined: one round trip per chunk of users, as two commands (an MSET of the embeddings and
 one Lua call that does SET NX per shared key), which keeps the client's per-command cost out of the way (3
-commands per user through redis-py ran at ~8k users/s here, client-bound). These multi-key commands assume one
-Redis node (on a Cluster, keys would have to be grouped by slot first); the per-user ones are cluster-safe.
+commands per user through redis-py ran at ~8k users/s here, client-bound). On a Redis Cluster a multi-key
+command must stay in one slot, so the same commands are issued per hash slot of the chunk and redis-py's
+cluster pipeline sends each node its share (one round trip per node); docs/cluster.md measures the cost.
 """
 
 from __future__ import annotations
