@@ -70,12 +70,12 @@ def event_latency(url: str, wait_replicas: int, n: int = 2000) -> dict:
     return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3), "n": len(seconds)}
 
 
-def backend_run(name: str, url: str, client, memory_nodes, repo: Path, version: str, users: dict, chunk: int) -> dict:
+def backend_run(name: str, url: str, client, repo: Path, version: str, users: dict, chunk: int) -> dict:
     from service.publish import publish, redis_used_memory
 
-    base = sum(redis_used_memory(node) for node in memory_nodes)
+    base = redis_used_memory(client)  # summed over the primaries on a cluster
     result = publish(repo / version, client, chunk=chunk, users=users, progress=False)
-    used = sum(redis_used_memory(node) for node in memory_nodes) - base
+    used = redis_used_memory(client) - base
     row = {"backend": name, "users": result.users, "publish_s": round(result.seconds, 2),
            "users_per_s": round(result.users / result.seconds), "bytes_per_user": round(used / result.users),
            "events_no_wait": event_latency(url, 0)}
@@ -109,20 +109,19 @@ def cluster_main(args, repo: Path, version: str, users: dict, dims: dict) -> int
 
     from service.local_redis import LocalCluster, RedisServer, free_port, redis_server_binary
     from service.publish import sync_redis
-    from service.redis_client import primaries
 
     binary = redis_server_binary()
     rows = []
     server = RedisServer(binary, free_port()).start()
     try:
         client = sync_redis(server.url, timeout_s=120)
-        rows.append(backend_run("single", server.url, client, [client], repo, version, users, args.chunk))
+        rows.append(backend_run("single", server.url, client, repo, version, users, args.chunk))
     finally:
         server.cleanup()
     cluster = LocalCluster(binary).start()
     try:
         client = sync_redis(cluster.url, timeout_s=120)
-        rows.append(backend_run("cluster", cluster.url, client, primaries(client), repo, version, users, args.chunk))
+        rows.append(backend_run("cluster", cluster.url, client, repo, version, users, args.chunk))
     finally:
         cluster.cleanup()
     journal = {"users": args.users, "dims": {k: dims[k] for k in ("user_dim", "udg_dim", "max_history")},

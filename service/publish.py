@@ -166,7 +166,10 @@ def publish_item_table(path: Path, manifest: dict, redis_client, layout: RedisLa
 
 
 def redis_used_memory(redis_client) -> int:
-    return int(redis_client.info("memory")["used_memory"])
+    """used_memory of the node, or summed over a cluster's primaries (its replicas hold as much again)."""
+    from service.redis_client import primaries
+
+    return sum(int(node.info("memory")["used_memory"]) for node in primaries(redis_client))
 
 
 def sync_redis(url: str, timeout_s: float = 30.0, ca_certs: str | None = None):

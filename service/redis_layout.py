@@ -132,6 +132,16 @@ def slot_tags() -> tuple[str, ...]:
     return tuple(tags)
 
 
+def slot_target(client, slot: int) -> dict:
+    """Routing of a bulk command whose keys are all in `slot`: none on one node; on a cluster the slot's
+    primary named up front, which spares redis-py's pipeline a key lookup per command (for EVAL a COMMAND
+    GETKEYS round trip each). Bulk work only: a slot that moves meanwhile fails the command, and the publish
+    is rerun (it is idempotent)."""
+    from service.redis_client import is_cluster
+
+    return {"target_nodes": client.nodes_manager.get_node_from_slot(slot)} if is_cluster(client) else {}
+
+
 class NotReplicated(RuntimeError):
     """A write stored on the primary was not acknowledged by the wanted replicas in time (WAIT): not durable
     against a failover, so the caller answers 503 and the client retries (deduplicated)."""
@@ -573,7 +583,7 @@ class RedisLayout:
         merge = merge_histories and not overwrite_shared
         pipe = client.pipeline(transaction=False)
         queued, merge_at = 0, []
-        for rows in self._slot_groups(client, user_ids):
+        for rows, target in self._slot_groups(client, user_ids):
             embeddings, shared, merged = [], [], []
             for row in rows:
                 user_id = user_ids[row]
@@ -584,33 +594,35 @@ class RedisLayout:
                 profile = self.pack_profile(profiles[row])
                 if profile != _EMPTY_PROFILE:
                     shared += (self.profile(user_id), profile)
-            pipe.execute_command("MSET", *embeddings)
+            pipe.execute_command("MSET", *embeddings, **target)
             queued += 1
             if shared:
                 if overwrite_shared:
-                    pipe.execute_command("MSET", *shared)
+                    pipe.execute_command("MSET", *shared, **target)
                 else:
-                    pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2])
+                    pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2],
+                                         **target)
                 queued += 1
             if merged:
                 pipe.execute_command("EVAL", MERGE_HISTORIES, len(merged) // 2, *merged[0::2], self.history_cap,
-                                     *merged[1::2])
+                                     *merged[1::2], **target)
                 merge_at.append(queued)
                 queued += 1
         results = pipe.execute()
         return sum(int(results[i]) for i in merge_at)
 
-    def _slot_groups(self, client, user_ids: list[str]) -> list[list[int]]:
-        """Rows of a chunk that one multi-key command may cover: all of them on one node; per hash slot on a
-        cluster (its pipeline then sends each node's commands in one round trip, the nodes in parallel)."""
+    def _slot_groups(self, client, user_ids: list[str]) -> list[tuple[list[int], dict]]:
+        """Rows of a chunk that one multi-key command may cover, with the routing of their commands: all of
+        them on one node; per hash slot on a cluster (its pipeline then sends each node's commands in one
+        round trip, the nodes in parallel)."""
         from service.redis_client import is_cluster
 
         if not is_cluster(client):
-            return [list(range(len(user_ids)))]
+            return [(list(range(len(user_ids))), {})]
         groups: dict[int, list[int]] = {}
         for row, user_id in enumerate(user_ids):
             groups.setdefault(key_slot(self.history(user_id).encode()), []).append(row)
-        return list(groups.values())
+        return [(rows, slot_target(client, slot)) for slot, rows in groups.items()]
 
     def any_marker(self, client) -> bool:
         """Whether Redis holds the completion marker of any version (SCAN of the marker names only)."""
@@ -627,7 +639,7 @@ class RedisLayout:
         value = f"{uuid.uuid4().hex[:12]}@{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by {by}"
         created = bool(client.set(self.epoch, value, nx=True))
         epoch = value if created else client.get(self.epoch).decode()
-        stale = self.stale_sentinels(client, epoch)
+        stale = SLOTS if created else self.stale_sentinels(client, epoch)
         if stale and not created:
             client.set(self.epoch, value)
             epoch, created = value, True
@@ -639,14 +651,14 @@ class RedisLayout:
         """How many hash slots' sentinels do not hold `epoch` (a pipeline of GETs: one round trip per node)."""
         pipe = client.pipeline(transaction=False)
         for slot in range(SLOTS):
-            pipe.get(self.slot_sentinel(slot))
+            pipe.execute_command("GET", self.slot_sentinel(slot), **slot_target(client, slot))
         expected = epoch.encode()
         return sum(value != expected for value in pipe.execute())
 
     def write_sentinels(self, client, epoch: str) -> None:
         pipe = client.pipeline(transaction=False)
         for slot in range(SLOTS):
-            pipe.set(self.slot_sentinel(slot), epoch)
+            pipe.execute_command("SET", self.slot_sentinel(slot), epoch, **slot_target(client, slot))
         pipe.execute()
 
     def write_items(self, client, version: str, item_ids: list[str], tokens: np.ndarray, chunk: int = 5000) -> int:
