@@ -123,6 +123,18 @@ def test_a_wiped_cluster_node_is_detected_reported_and_recovered_by_republish(
     assert after["scores"] == before["scores"]
 
 
+@on_cluster
+def test_events_wait_for_replicas_or_answer_503(make_client, published, redis_client):
+    """UDG_EVENTS_WAIT_REPLICAS: 1 (each shard has one replica) is answered 200 once a replica has the event;
+    2 cannot be met, so the event is 503 naming the shortfall (stored on the primary: the retry is a duplicate)."""
+    body = {"user_id": "wait-user", "item_id": "i1", "clicked": True, "event_id": "w1"}
+    assert make_client(events_wait_replicas=1).post("/v1/events", json=body).json()["appended"] == 1
+    strict = make_client(events_wait_replicas=2, events_wait_timeout_ms=50)
+    reply = strict.post("/v1/events", json={**body, "event_id": "w2"})
+    assert reply.status_code == 503 and "1 of 2 replica(s)" in reply.json()["message"], reply.text
+    assert LAYOUT.split_history(redis_client.get(LAYOUT.history("wait-user")), 10) == ["i1", "i1"]
+
+
 # --- failover under load -----------------------------------------------------------------------------------
 def _wait_ready(http: httpx.Client, server: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
@@ -223,6 +235,18 @@ def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowled
               f"score, {sum(1 for f in failures if f[1] == 'event')} event), kinds {kinds}; failover "
               f"{failed_over_at - killed_at:.2f} s, replica back {replica_at - killed_at:.2f} s; last score failure "
               f"+{last_score_failure - killed_at:.2f} s, last event failure +{last_event_failure - killed_at:.2f} s")
+        if os.environ.get("UDG_FAILOVER_JOURNAL"):  # the figures docs/cluster.md quotes
+            import json
+
+            Path(os.environ["UDG_FAILOVER_JOURNAL"]).write_text(json.dumps({
+                "requests": len(log), "failed": len(failures),
+                "failed_score": sum(1 for f in failures if f[1] == "score"),
+                "failed_event": sum(1 for f in failures if f[1] == "event"), "statuses": sorted(statuses),
+                "kinds": sorted(k for k in kinds if k), "acknowledged_events": len(acknowledged),
+                "failover_s": round(failed_over_at - killed_at, 2), "replica_back_s": round(replica_at - killed_at, 2),
+                "last_score_failure_s": round(last_score_failure - killed_at, 2),
+                "last_event_failure_s": round(last_event_failure - killed_at, 2), "node_timeout_ms": 1000,
+                "wait": "UDG_EVENTS_WAIT_REPLICAS=1, UDG_EVENTS_WAIT_TIMEOUT_MS=200"}, indent=2) + "\n")
         assert statuses <= {503} and None not in kinds, failures[:5]
         assert all(t >= killed_at for t, *_ in failures)
         assert last_score_failure <= failed_over_at + 2.0
