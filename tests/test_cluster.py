@@ -136,10 +136,10 @@ def test_events_wait_for_replicas_or_answer_503(make_client, published, redis_cl
 
 
 # --- failover under load -----------------------------------------------------------------------------------
-def _wait_ready(http: httpx.Client, server: subprocess.Popen, timeout_s: float = 60) -> None:
+def _wait_ready(http: httpx.Client, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        assert server.poll() is None, server.stdout.read().decode()
+        assert server.poll() is None, log.read_text()
         try:
             if http.get("/readyz").status_code == 200:
                 return
@@ -167,11 +167,12 @@ def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowled
                VERSION, "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_EVENTS_WAIT_REPLICAS": "1",
                "UDG_EVENTS_WAIT_TIMEOUT_MS": "200", "UDG_ROUTING_FILE": str(tmp_path / "routing.json")}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        server_log = tmp_path / "serve.log"
         server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                  stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=10) as http:
-            _wait_ready(http, server)
+            _wait_ready(http, server, log=server_log)
         known = users["user_ids"].tolist()
         candidates = artifact.schema.items.tokens[2:22]
         log: list[tuple[float, str, int, str | None]] = []  # (time, kind, status, error kind)
@@ -247,7 +248,7 @@ def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowled
                 "last_score_failure_s": round(last_score_failure - killed_at, 2),
                 "last_event_failure_s": round(last_event_failure - killed_at, 2), "node_timeout_ms": 1000,
                 "wait": "UDG_EVENTS_WAIT_REPLICAS=1, UDG_EVENTS_WAIT_TIMEOUT_MS=200"}, indent=2) + "\n")
-        assert statuses <= {503} and None not in kinds, failures[:5]
+        assert statuses <= {503} and None not in kinds, (failures[:5], server_log.read_text()[-6000:])
         assert all(t >= killed_at for t, *_ in failures)
         assert last_score_failure <= failed_over_at + 2.0
         assert last_event_failure <= replica_at + 2.0
