@@ -136,7 +136,7 @@ class Control:
 
         try:
             return await awaitable
-        except (RedisError, OSError, TimeoutError) as error:
+        except (RedisError, OSError, TimeoutError, RuntimeError) as error:  # RuntimeError: see FeatureStore
             raise FeatureStoreUnavailable(f"Redis {what} failed: {type(error).__name__}: {error}") from error
 
     async def read_raw(self) -> bytes | None:

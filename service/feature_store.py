@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from service.redis_layout import Click, NotReplicated, RedisLayout, UserState, slot_tags
+from service.redis_layout import Click, RedisLayout, UserState, slot_tags
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -32,8 +32,11 @@ class FeatureStore:
         self.layout = layout or RedisLayout()
         from redis.exceptions import RedisClusterException
 
-        # RedisClusterException: e.g. no node known for a slot in the middle of a failover
-        self._errors = (RedisError, RedisClusterException, OSError, TimeoutError, NotReplicated)
+        # RedisClusterException: e.g. no node known for a slot in the middle of a failover. RuntimeError: when a
+        # cluster node dies, redis-py closes that node's connections while other requests still write on them,
+        # and the event loop refuses the write ("unable to perform operation on <TCPTransport closed=True>");
+        # it is the same outage (seen in the failover test), and NotReplicated is one too.
+        self._errors = (RedisError, RedisClusterException, OSError, TimeoutError, RuntimeError)
         slot_tags()  # the per-slot sentinel names, computed once per process here rather than on a request
         self._observe = observe or (lambda op, seconds: None)
         # The data epoch this worker serves under (set by service.control): every fetch reads it in the same
