@@ -64,7 +64,7 @@ from pathlib import Path
 import orjson
 
 from service import metrics
-from service.feature_store import FeatureStoreUnavailable
+from service.feature_store import FeatureStoreUnavailable, raised_in_client
 from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry, VersionRefused
 
@@ -136,7 +136,9 @@ class Control:
 
         try:
             return await awaitable
-        except (RedisError, OSError, TimeoutError, RuntimeError) as error:  # RuntimeError: see FeatureStore
+        except Exception as error:
+            if not isinstance(error, (RedisError, OSError, TimeoutError)) and not raised_in_client(error):
+                raise
             raise FeatureStoreUnavailable(f"Redis {what} failed: {type(error).__name__}: {error}") from error
 
     async def read_raw(self) -> bytes | None:

@@ -5,9 +5,10 @@ with the service's rules: every Redis failure is `FeatureStoreUnavailable` (answ
 
 from __future__ import annotations
 
+import os
 import time
 
-from service.redis_layout import Click, RedisLayout, UserState, slot_tags
+from service.redis_layout import Click, NotReplicated, RedisLayout, UserState, slot_tags
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -21,6 +22,20 @@ def create_redis(url: str, timeout_s: float, pool_size: int, ca_certs: str | Non
     return async_client(url, timeout_s, pool_size, ca_certs)
 
 
+def raised_in_client(error: BaseException) -> bool:
+    """Whether `error` came from inside redis-py (a frame of the `redis` package on its traceback). When a cluster
+    node dies, redis-py closes that node's connections while other requests are still writing on them, and the
+    write fails with an AttributeError (its writer already None) or the event loop's RuntimeError ("unable to
+    perform operation on <TCPTransport closed=True>"), not a RedisError: the same outage, answered 503 (the
+    failover test saw both as 500s). A bug in this project's own code has no such frame and stays a 500."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if f"{os.sep}redis{os.sep}" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 class FeatureStore:
     """Async access to per-user state through `layout`. Every failure of Redis surfaces as
     `FeatureStoreUnavailable`; `observe(op, seconds)` sees the duration of every call."""
@@ -32,11 +47,8 @@ class FeatureStore:
         self.layout = layout or RedisLayout()
         from redis.exceptions import RedisClusterException
 
-        # RedisClusterException: e.g. no node known for a slot in the middle of a failover. RuntimeError: when a
-        # cluster node dies, redis-py closes that node's connections while other requests still write on them,
-        # and the event loop refuses the write ("unable to perform operation on <TCPTransport closed=True>");
-        # it is the same outage (seen in the failover test), and NotReplicated is one too.
-        self._errors = (RedisError, RedisClusterException, OSError, TimeoutError, RuntimeError)
+        # RedisClusterException: e.g. no node known for a slot in the middle of a failover
+        self._errors = (RedisError, RedisClusterException, OSError, TimeoutError, NotReplicated)
         slot_tags()  # the per-slot sentinel names, computed once per process here rather than on a request
         self._observe = observe or (lambda op, seconds: None)
         # The data epoch this worker serves under (set by service.control): every fetch reads it in the same
@@ -49,7 +61,9 @@ class FeatureStore:
         started = time.perf_counter()
         try:
             return await awaitable
-        except self._errors as error:
+        except Exception as error:
+            if not isinstance(error, self._errors) and not raised_in_client(error):
+                raise
             raise FeatureStoreUnavailable(f"Redis {op} failed: {type(error).__name__}: {error}") from error
         finally:
             self._observe(op, time.perf_counter() - started)
