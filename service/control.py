@@ -386,8 +386,13 @@ class Control:
             await self.redis.delete(self.keys.worker(self.worker_id))
 
     async def workers(self) -> list[dict]:
+        from service.redis_client import is_cluster
+
+        # The heartbeats are in the control slot: on a cluster, scan only its node (not every primary).
+        where = {"target_nodes": self.redis.get_node_from_key(self.keys.routing)} if is_cluster(self.redis) else {}
+
         async def scan():
-            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)]
+            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000, **where)]
 
         keys = await self._call("SCAN workers", scan())
         values = await self._call("MGET workers", self.redis.mget(keys)) if keys else []
