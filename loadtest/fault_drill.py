@@ -134,7 +134,7 @@ def drill(version_dir: Path, unseen: int = 2000, generated_cap: int = 500, log_p
         client = sync_redis(redis.url, timeout_s=5)
         live = [{"user_id": known, "item_id": f"i{j}", "clicked": True, "ts": 100 + j} for j in (3, 4)]
         http.post("/v1/events/batch", json={"events": live}).raise_for_status()
-        routing = json.loads(client.get("udg:ctl:routing") or b"{}")
+        routing = json.loads(client.get("udg:{ctl}:routing") or b"{}")
         figures["routing_active"] = routing.get("active")
         started = time.monotonic()
         publish(version_dir, client, progress=False)

@@ -1,12 +1,14 @@
 """Workers agree through Redis: the routing document, change notifications, worker heartbeats, and `udg gc`.
 
-Keys (prefix `udg` by default):
+Keys (prefix `udg` by default; `{ctl}` is the hash tag that keeps every control key, the data epoch and the
+publish markers in ONE slot of a Redis Cluster, so each read below is one command on one node):
 
-    udg:ctl:routing          STRING  the routing document (JSON), the one source of truth of every worker:
+    udg:{ctl}:routing        STRING  the routing document (JSON), the one source of truth of every worker:
                                      {generation, active, split: {version: percent} | null, loaded: [...],
                                       history: [{active, split}, ...] (for rollback), updated_at, action}
-    udg:ctl:changed          CHANNEL  a message (the new generation) after every change
-    udg:ctl:worker:<id>      STRING  heartbeat of one worker (JSON: applied generation and when, versions ready
+    udg:{ctl}:changed        CHANNEL  a message (the new generation) after every change (a classic PUBLISH:
+                                     on a cluster it reaches subscribers on every node)
+    udg:{ctl}:worker:<id>    STRING  heartbeat of one worker (JSON: applied generation and when, versions ready
                                      and failed, what it serves), with a TTL: `udg gc` keeps what any live
                                      worker holds; admin calls wait on these to report propagation
 
@@ -25,7 +27,7 @@ else from the routing file, whichever has the higher generation — and bootstra
 (default: the newest version of the repository) only when neither exists: the first start of a deployment.
 So an admin-activated v2 stays active after Redis restarts empty; it is not silently replaced by v1.
 
-**Lost state is detected, reported, and not served.** The data epoch `udg:epoch` is created by the first
+**Lost state is detected, reported, and not served.** The data epoch `udg:{ctl}:epoch` is created by the first
 `udg publish` into a Redis without one (or, for a deployment published before epochs existed, by a worker
 that finds its serving versions' markers and no epoch). Every poll (`UDG_CONTROL_POLL_S`, and at once after
 a reconnect) each worker reads, in ONE MGET, the epoch and the publish markers of the versions it serves.
@@ -38,6 +40,13 @@ artifact (i.e. it was republished): `/readyz` is 503 with the reason, `udg_state
 `state_lost` instead of cold-start scores for users whose state is gone, and the routing is not
 re-bootstrapped. Events are still accepted (the republish merges them under the snapshot, service/publish.py).
 It recovers by itself, without a restart, on the first poll after the republish.
+
+**A cluster loses state one node at a time.** A wiped primary of a Redis Cluster loses only its own slots'
+keys, and the epoch (in the control slot) may well survive it. So every hash slot holds a sentinel copy of
+the epoch (`udg:epoch:{<tag>}`, written by `udg publish`): a score request reads its user's slot's sentinel
+in its one MGET, and every poll reads the sentinel of one slot per primary (`RedisLayout.sentinel_sample`).
+A sentinel missing or different is a loss like the epoch's, reported the same way; the republish renews the
+epoch and rewrites every sentinel, and recovery also waits for the sampled sentinels to match.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from pathlib import Path
 import orjson
 
 from service import metrics
-from service.feature_store import FeatureStoreUnavailable
+from service.feature_store import FeatureStoreUnavailable, raised_in_client
 from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry, VersionRefused
 
@@ -75,15 +84,16 @@ return 1
 class ControlKeys:
     def __init__(self, prefix: str = "udg"):
         self.prefix = prefix
-        self.routing = f"{prefix}:ctl:routing"
-        self.channel = f"{prefix}:ctl:changed"
+        self._layout = RedisLayout(prefix)
+        self.routing = self._layout.control("routing")
+        self.channel = self._layout.control("changed")
 
     def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:ctl:worker:{worker_id}"
+        return self._layout.control(f"worker:{worker_id}")
 
     @property
     def worker_pattern(self) -> str:
-        return f"{self.prefix}:ctl:worker:*"
+        return self._layout.control("worker:*")
 
 
 class Conflict(RuntimeError):
@@ -126,7 +136,9 @@ class Control:
 
         try:
             return await awaitable
-        except (RedisError, OSError, TimeoutError) as error:
+        except Exception as error:
+            if not isinstance(error, (RedisError, OSError, TimeoutError)) and not raised_in_client(error):
+                raise
             raise FeatureStoreUnavailable(f"Redis {what} failed: {type(error).__name__}: {error}") from error
 
     async def read_raw(self) -> bytes | None:
@@ -255,8 +267,9 @@ class Control:
         log.error("STATE LOST: %s; score requests are refused (503 state_lost) until then", registry.state_lost)
 
     def _epoch_mismatch(self, seen: bytes | None) -> None:
-        """A score request's MGET saw another epoch (or none): mark the loss at once, before it is scored."""
-        self._mark_lost("the data epoch vanished" if seen is None else
+        """A score request's MGET saw another epoch (or none) in its user's hash slot: mark the loss at once,
+        before it is scored."""
+        self._mark_lost("the data epoch's copy in a user's hash slot vanished" if seen is None else
                         f"the data epoch changed ({self.epoch} -> {seen.decode(errors='replace')})")
 
     async def check_state(self) -> None:
@@ -266,6 +279,8 @@ class Control:
         models = {m.version: m for m in registry.serving_models()}
         raw, markers = await registry.store.state(sorted(models))
         epoch = raw.decode() if raw else None
+        # Sentinels of the epoch in one hash slot per node that differ from it: that node lost its keys.
+        stale = sorted(s for s, v in (await registry.store.sentinels()).items() if v != raw) if raw else []
         if self.epoch is None and registry.state_lost is None:
             if epoch is None and models and all(markers):  # published before epochs existed: start one now
                 value = f"{uuid.uuid4().hex[:12]}@{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by " \
@@ -277,7 +292,10 @@ class Control:
         if registry.state_lost is None and epoch != self.epoch:
             self._mark_lost("the data epoch vanished" if epoch is None else
                             f"the data epoch changed ({self.epoch} -> {epoch})")
-        if registry.state_lost is not None and epoch is not None and all(
+        if registry.state_lost is None and stale and models:
+            self._mark_lost(f"the data epoch's copy in hash slot(s) {stale} vanished (the node holding them lost "
+                            "its keys)")
+        if registry.state_lost is not None and epoch is not None and not stale and all(
                 marker is not None and marker.get("epoch") == epoch and
                 marker.get("manifest_sha256") == models[version].manifest_sha256
                 for version, marker in zip(sorted(models), markers, strict=True)):
@@ -291,15 +309,14 @@ class Control:
         """The follower task: subscribe, sync on every message and every poll period, reconnect on errors.
         Ends when `stop()` is called (it does not rely on cancellation alone: redis-py's pub/sub read can
         swallow a CancelledError that lands inside it, which would leave shutdown waiting forever)."""
-        import redis.asyncio as aredis
+        from service.redis_client import listener as pubsub_client
 
         settings = self.settings
+        attempt = 0
         while not self._stopping:
-            listener = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
-                                             socket_timeout=None, health_check_interval=0,
-                                             **({"ssl_ca_certs": settings.redis_ca_certs}
-                                                if settings.redis_ca_certs and
-                                                settings.redis_url.startswith("rediss://") else {}))
+            # On a cluster: one node's connection (a PUBLISH reaches every node); the next node after a failure.
+            listener = pubsub_client(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_certs,
+                                     main=self.redis, attempt=attempt)
             pubsub = listener.pubsub(ignore_subscribe_messages=True)
             self._listener = listener
             try:
@@ -323,6 +340,7 @@ class Control:
                 if self.registry.active is None:
                     self.registry.last_error = self.follow_error
                 log.debug("routing follower: %s", self.follow_error)
+                attempt += 1
                 await asyncio.sleep(settings.activation_retry_s)
             finally:
                 self.listening = False
@@ -368,8 +386,13 @@ class Control:
             await self.redis.delete(self.keys.worker(self.worker_id))
 
     async def workers(self) -> list[dict]:
+        from service.redis_client import is_cluster
+
+        # The heartbeats are in the control slot: on a cluster, scan only its node (not every primary).
+        where = {"target_nodes": self.redis.get_node_from_key(self.keys.routing)} if is_cluster(self.redis) else {}
+
         async def scan():
-            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000)]
+            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000, **where)]
 
         keys = await self._call("SCAN workers", scan())
         values = await self._call("MGET workers", self.redis.mget(keys)) if keys else []

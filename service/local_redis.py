@@ -107,3 +107,106 @@ def resolve_redis() -> tuple[str, RedisServer | None, str]:
     server = RedisServer(redis_server_binary(), free_port()).start()
     atexit.register(server.cleanup)
     return server.url, server, f"a private redis-server ({server.binary}) on port {server.port}"
+
+
+@dataclass
+class LocalCluster:
+    """A local Redis Cluster of `masters` primaries with `replicas` replicas each (redis-server children with
+    `--cluster-enabled yes` on free ports, joined by `redis-cli --cluster create`), for tests and benchmarks.
+    `node_timeout_ms` is how long a primary may be unreachable before its replica is promoted."""
+
+    binary: str
+    masters: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 1000
+    servers: list[RedisServer] | None = None
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self, timeout_s: float = 60.0) -> LocalCluster:
+        cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.binary), "redis-cli")
+        extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
+                 str(self.node_timeout_ms))
+        self.servers = []
+        try:
+            for _ in range(self.masters * (1 + self.replicas)):
+                # an explicit bus port: the default (port + 10000) fails for ports above 55535
+                self.servers.append(RedisServer(self.binary, free_port(), (*extra, "--cluster-port",
+                                                                           str(free_port()))).start())
+            subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                            "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                           check=True, capture_output=True, timeout=timeout_s)
+            self.wait_ok(timeout_s)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def node(self, server: RedisServer, timeout_s: float = 2.0):
+        import redis
+
+        return redis.Redis(port=server.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok, knows every node, and every replica is in sync."""
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if all(self._settled(server) for server in self.running()):
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local cluster did not settle within {timeout_s} s")
+            time.sleep(0.1)
+
+    def _settled(self, server: RedisServer) -> bool:
+        client = self.node(server)
+        try:
+            info = client.cluster("info")
+            if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < len(self.servers):
+                return False
+            replication = client.info("replication")
+            return replication["role"] == "master" or replication.get("master_link_status") == "up"
+        finally:
+            client.close()
+
+    def running(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.process is not None and s.process.poll() is None]
+
+    def primaries(self) -> list[RedisServer]:
+        out = []
+        for server in self.running():
+            client = self.node(server)
+            try:
+                if client.info("replication")["role"] == "master":
+                    out.append(server)
+            finally:
+                client.close()
+        return out
+
+    def primary_of_slot(self, slot: int) -> RedisServer:
+        """The server that owns `slot` now (as a running node's CLUSTER SLOTS tells)."""
+        client = self.node(self.running()[0])
+        try:
+            ranges = client.execute_command("CLUSTER SLOTS")
+        finally:
+            client.close()
+        ports = {s.port: s for s in self.servers}
+        for lo, hi, primary, *_ in ranges if isinstance(ranges, list) else []:
+            if lo <= slot <= hi:
+                return ports[int(primary[1])]
+        raise LookupError(f"no primary serves slot {slot}")
+
+    def kill(self, server: RedisServer) -> None:
+        """SIGKILL: the node dies at once, as on a crash (no shutdown save, no goodbye to the cluster)."""
+        server.process.kill()
+        server.process.wait(5)
+
+    def cleanup(self) -> None:
+        for server in self.servers or []:
+            server.cleanup()

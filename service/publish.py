@@ -14,19 +14,21 @@ What is written, per user of `users.npz` (read with `allow_pickle=False`):
 (fresh, or restarted empty / wiped) MERGES histories: a user's live clicks already there (received since the
 loss, tagged as live entries) stay on top and the published snapshot goes below them, instead of the snapshot
 being dropped (SET NX) — and a rerun after an interrupted run gives the same result. The first such publish
-also creates the data epoch (`udg:epoch`) the workers watch to detect a loss; every marker records the epoch
-it was written in, and a worker that detected a loss serves again once every serving version has a marker of
-the current epoch (service/control.py). Clicks received between the training snapshot and the loss are lost
-(they were only in Redis): that is what Redis persistence (AOF) is for, see docs/serving.md.
+also creates the data epoch (`udg:{ctl}:epoch`, copied into every hash slot) the workers watch to detect a
+loss (a publish that finds a slot's copy missing — a wiped cluster node — renews it and merges the same way);
+every marker records the epoch it was written in, and a worker that detected a loss serves again once every
+serving version has a marker of the current epoch (service/control.py). Clicks received between the training
+snapshot and the loss are lost (they were only in Redis): that is what Redis persistence (AOF) is for, see
+docs/serving.md.
 
 **The version's name** is its directory's name (what the service, the routing and `udg gc` use); a manifest
 naming another version (a copied folder) is refused: export it again under the new name.
 
-Idempotent: a rerun writes the same values. The completion marker `udg:published:V` is deleted first and set
+Idempotent: a rerun writes the same values. The completion marker `udg:{ctl}:published:V` is deleted first and set
 last (with the manifest's sha256 and the user count), so an interrupted publish leaves the version
 unactivatable (the service refuses a version without a matching marker) until a rerun completes.
-Pipelined: `chunk` users per round trip (`RedisLayout.write_batch`: two commands per chunk, see there why;
-one Redis node, not a Cluster).
+Pipelined: `chunk` users per round trip (`RedisLayout.write_batch`: two commands per chunk on one node, see
+there why; on a Redis Cluster the commands are per hash slot and the pipeline sends each node its part).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from repository import MANIFEST_FILE, USERS_FILE, ArtifactError, manifest_sha256, read_manifest
-from service.redis_layout import LIVE_TAG, SEP, RedisLayout
+from service.redis_layout import LAYOUT_FORMAT, LIVE_TAG, SEP, RedisLayout
 
 log = logging.getLogger(__name__)
 USERS_ARRAYS = ("user_ids", "user_vec", "udg_vec", "history", "history_len", "profile", "profile_fields")
@@ -118,10 +120,12 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
     fields = [str(f) for f in arrays["profile_fields"].tolist()]
     n = len(arrays["user_ids"])
     started = time.perf_counter()
-    merge = not overwrite_shared and not layout.any_marker(redis_client)  # before our own marker is cleared
-    epoch, _ = layout.ensure_epoch(redis_client, f"publish {version}")
-    merged = 0
+    had_marker = layout.any_marker(redis_client)  # before our own marker is cleared
+    # Renewed: a part of the store (a wiped cluster node) lost its state although markers survived elsewhere.
     layout.clear_marker(redis_client, version)
+    epoch, renewed = layout.ensure_epoch(redis_client, f"publish {version}")
+    merge = not overwrite_shared and (not had_marker or renewed)
+    merged = 0
     bar = tqdm(total=n, unit="users", desc=f"publish {version}", disable=not progress, unit_scale=True)
     for lo, hi in _chunks(arrays, chunk):
         # users.npz rows -> raw ids, histories cut to their length, {field: value} profiles ("" = missing)
@@ -136,7 +140,8 @@ def publish(path: Path, redis_client, layout: RedisLayout | None = None, chunk: 
     seconds = time.perf_counter() - started
     marker = {"version": version, "users": n, "manifest_sha256": manifest_sha, "user_dim": user_dim,
               "udg_dim": udg_dim, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "seconds": round(seconds, 3), "epoch": epoch, "merged_histories": merged}
+              "seconds": round(seconds, 3), "epoch": epoch, "merged_histories": merged,
+              "layout": LAYOUT_FORMAT}
     marker["items"] = publish_item_table(path, manifest, redis_client, layout)
     layout.write_marker(redis_client, version, marker)
     log.info("published %s: %d users in %.1f s", version, n, seconds)
@@ -161,17 +166,17 @@ def publish_item_table(path: Path, manifest: dict, redis_client, layout: RedisLa
 
 
 def redis_used_memory(redis_client) -> int:
-    return int(redis_client.info("memory")["used_memory"])
+    """used_memory of the node, or summed over a cluster's primaries (its replicas hold as much again)."""
+    from service.redis_client import primaries
+
+    return sum(int(node.info("memory")["used_memory"]) for node in primaries(redis_client))
 
 
 def sync_redis(url: str, timeout_s: float = 30.0, ca_certs: str | None = None):
-    """A plain (blocking) redis-py client for bulk work."""
-    import redis
+    """A plain (blocking) redis-py client for bulk work: one node or a cluster (`service.redis_client`)."""
+    from service.redis_client import sync_client
 
-    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 10.0))
-    if ca_certs and url.startswith("rediss://"):
-        kwargs["ssl_ca_certs"] = ca_certs
-    return redis.Redis.from_url(url, **kwargs)
+    return sync_client(url, timeout_s, ca_certs)
 
 
 @dataclass

@@ -2,10 +2,13 @@
 every value, holds the scripts, and issues every command that touches per-user or per-version data — the
 request path's reads and writes (asyncio client) and the bulk writes and deletes of `udg publish` / `udg gc`
 (sync client). Nothing else builds these keys or packs these values. (The control plane's keys — routing
-document, heartbeats — are `service.control.ControlKeys`.)
+document, heartbeats — are `service.control.ControlKeys`, built with `control()`.)
 
-Key layout (prefix `udg` by default; `{uid}` is a Redis Cluster hash tag, so all of a user's keys share a
-slot and one MGET / one Lua call can touch them all):
+Key layout, format 2 (`LAYOUT_FORMAT`; prefix `udg` by default). Redis Cluster hash tags decide which keys
+share a slot: `{uid}` puts all of a user's keys, and the copy of the data epoch the user's request checks, in
+one slot, so one MGET / one Lua call touches them all; `{ctl}` puts every control and version-wide key in ONE
+slot, so a worker's poll reads the epoch and all markers in one MGET. On one Redis the braces are just bytes:
+the same layout serves both.
 
     udg:e:<version>:{<uid>}   STRING  per version: float32 little-endian [user_vec | udg_vec] + 1 source byte
                                       (b"P" published from training, b"M" made by the meta generator)
@@ -19,21 +22,29 @@ slot and one MGET / one Lua call can touch them all):
                                       their ARRIVAL time (ms): retry deduplication, trimmed by arrival age
     udg:d:{<uid>}             ZSET    legacy (before udg:x): identities scored by event ts; still consulted,
                                       never written, until its own 7-day TTL removes it
-    udg:epoch                 STRING  the data epoch: created (SET NX) by the first `udg publish` into a Redis
+    udg:{ctl}:epoch           STRING  the data epoch: created (SET NX) by the first `udg publish` into a Redis
                                       that has none; workers remember it and a change or disappearance means
                                       the state was lost (service/control.py)
+    udg:epoch:{<tag>}         STRING  the epoch's copy in one hash slot, for each of the 16,384 slots (`slot_tags`:
+                                      the tag of slot s is the smallest number whose slot is s; ~2 MB in all).
+                                      A wiped cluster node loses only its slots' keys, these copies with them
     udg:ctl:generated:<n>     STRING  cold-start write-backs in generation window n (the cap on new users)
-    udg:published:<version>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, …)
+    udg:{ctl}:published:<v>   STRING  completion marker of `udg publish` (JSON: users, manifest sha256, epoch,
+                                      layout format, …)
     udg:i:<version>:items     HASH    the version's item table for items it was not trained on: item id ->
                                       int32 little-endian token indices of every item field, concatenated
-                                      (written by `udg publish` from items.npz and by `udg publish-items`)
-    udg:i:<version>:generation STRING a counter bumped by every write of the item table: workers reload it
+                                      (written by `udg publish` from items.npz and by `udg publish-items`);
+                                      one key, so one node: read whole when a worker loads the version and
+                                      cached in its memory, never on the request path
+    udg:{ctl}:i:<v>:generation STRING a counter bumped by every write of the item table: workers reload it
+                                      (read with the other versions' counters in one MGET per poll)
     udg:w:<version>:{<uid>}   ZSET    event identities the warm-up worker has applied to the user's embeddings
                                       under this version, scored by when (ms); written in the same Lua call as
                                       the embeddings (WARMUP_CAS), at most `warmup_applied_keep` kept
     udg:warmup:events         STREAM  every accepted event (click or not), XADDed in the same MULTI/EXEC as the
-                                      click append; read by `udg warmup` through the consumer group
-                                      `warmup` (approximately bounded: MAXLEN ~ `warmup_stream_maxlen`)
+                                      click append (one node, no WAIT), else right after it (`append_events`);
+                                      read by `udg warmup` through the consumer group `warmup`
+                                      (approximately bounded: MAXLEN ~ `warmup_stream_maxlen`)
 
 A warmed embedding (`udg warmup`) is the same vectors + uint32 warm-up steps + the origin byte (P or M) +
 b"W": 5 bytes longer than a published or generated one, so each format is told by its length and last byte.
@@ -72,12 +83,15 @@ meta generator, not written (udg_generated_users{outcome="capped"}).
 
 Bulk writes are pipelined: one round trip per chunk of users, as two commands (an MSET of the embeddings and
 one Lua call that does SET NX per shared key), which keeps the client's per-command cost out of the way (3
-commands per user through redis-py ran at ~8k users/s here, client-bound). These multi-key commands assume one
-Redis node (on a Cluster, keys would have to be grouped by slot first); the per-user ones are cluster-safe.
+commands per user through redis-py ran at ~8k users/s here, client-bound). On a Redis Cluster a multi-key
+command must stay in one slot, so the same commands are issued per hash slot of the chunk and redis-py's
+cluster pipeline sends each node its share (one round trip per node); docs/cluster.md measures the cost.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -96,6 +110,53 @@ DEDUP_CAP = 5000
 APPENDED, DUPLICATE, REFUSED = 1, 0, -1  # per-click flags of APPEND_CLICKS
 VERSIONED_KINDS = ("e", "i", "w")  # key kinds namespaced by model version: what `delete_version` removes
 _EMPTY_PROFILE = b"{}"
+# Bumped when key names or value formats change incompatibly: recorded in every publish marker. Format 2 moved
+# the version-wide and control keys into one hash slot (`{ctl}`) and added the per-slot epoch sentinels; data
+# published under format 1 is not read by format 2 (its markers are not found): republish every version.
+LAYOUT_FORMAT = 2
+CONTROL_TAG = "{ctl}"  # the hash tag of every control and version-wide key: one slot, one node of a cluster
+SLOTS = 16384  # Redis Cluster hash slots
+
+
+def key_slot(key: bytes) -> int:
+    """The hash slot of a key, by Redis Cluster's rule (CRC16 of the first non-empty {tag}, else the key)."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1:end]
+    return binascii.crc_hqx(key, 0) % SLOTS
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """For every hash slot s, a short hash tag whose slot is s (the smallest decimal number that lands there):
+    the epoch sentinel of slot s is the key `<prefix>:epoch:{<tag>}`."""
+    tags: list[str | None] = [None] * SLOTS
+    missing, n = SLOTS, 0
+    while missing:
+        tag = str(n)
+        slot = binascii.crc_hqx(tag.encode(), 0) % SLOTS
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(tags)
+
+
+def slot_target(client, slot: int) -> dict:
+    """Routing of a bulk command whose keys are all in `slot`: none on one node; on a cluster the slot's
+    primary named up front, which spares redis-py's pipeline a key lookup per command (for EVAL a COMMAND
+    GETKEYS round trip each). Bulk work only: a slot that moves meanwhile fails the command, and the publish
+    is rerun (it is idempotent)."""
+    from service.redis_client import is_cluster
+
+    return {"target_nodes": client.nodes_manager.get_node_from_slot(slot)} if is_cluster(client) else {}
+
+
+class NotReplicated(RuntimeError):
+    """A write stored on the primary was not acknowledged by the wanted replicas in time (WAIT): not durable
+    against a failover, so the caller answers 503 and the client retries (deduplicated)."""
 
 # Atomic append of clicks to one user's history (+ retry deduplication, + optional profile).
 # KEYS: history, dedup, profile, legacy dedup. ARGV: cap, dedup_window_ms, dedup_cap, now_ms,
@@ -246,8 +307,8 @@ class RedisLayout:
 
     def __init__(self, prefix: str = "udg", history_cap: int = 200, dedup_window_s: float = DEDUP_WINDOW_S,
                  dedup_cap: int = DEDUP_CAP, generated_ttl_s: int = 30 * 24 * 3600, generated_cap: int = 100_000,
-                 generated_window_s: int = 3600, warmup_stream_maxlen: int = 1_000_000,
-                 warmup_applied_keep: int = 1000):
+                 generated_window_s: int = 3600, wait_replicas: int = 0, wait_timeout_ms: int = 100,
+                 warmup_stream_maxlen: int = 1_000_000, warmup_applied_keep: int = 1000):
         self.prefix = prefix
         self.history_cap = history_cap  # clicks kept per user by `append_clicks`
         self.dedup_window_ms = int(dedup_window_s * 1000)
@@ -255,6 +316,8 @@ class RedisLayout:
         self.generated_ttl_s = int(generated_ttl_s)
         self.generated_cap = generated_cap
         self.generated_window_s = int(generated_window_s)
+        self.wait_replicas = int(wait_replicas)  # append_clicks: WAIT for this many replicas (0: no WAIT)
+        self.wait_timeout_ms = int(wait_timeout_ms)
         self.warmup_stream_maxlen = int(warmup_stream_maxlen)  # approximate (MAXLEN ~): trimmed per macro node
         self.warmup_applied_keep = int(warmup_applied_keep)
 
@@ -262,7 +325,8 @@ class RedisLayout:
     def from_settings(cls, settings) -> RedisLayout:
         return cls(settings.key_prefix, settings.history_cap, settings.dedup_window_s, settings.dedup_cap,
                    settings.generated_ttl_s, settings.generated_cap, settings.generated_window_s,
-                   settings.warmup_stream_maxlen)
+                   settings.events_wait_replicas, settings.events_wait_timeout_ms,
+                   warmup_stream_maxlen=settings.warmup_stream_maxlen)
 
     def __repr__(self) -> str:
         return f"RedisLayout(prefix={self.prefix!r}, history_cap={self.history_cap})"
@@ -285,19 +349,30 @@ class RedisLayout:
 
     @property
     def epoch(self) -> str:
-        return f"{self.prefix}:epoch"
+        return f"{self.prefix}:{CONTROL_TAG}:epoch"
+
+    def control(self, name: str) -> str:
+        """A control key (routing document, heartbeats, …): all in the control slot."""
+        return f"{self.prefix}:{CONTROL_TAG}:{name}"
+
+    def epoch_sentinel(self, user_id: str) -> str:
+        """The copy of the data epoch in the hash slot of this user's keys (read in the user's MGET)."""
+        return self.slot_sentinel(key_slot(self.history(user_id).encode()))
+
+    def slot_sentinel(self, slot: int) -> str:
+        return f"{self.prefix}:epoch:{{{slot_tags()[slot]}}}"
 
     def generated_counter(self, window: int) -> str:
         return f"{self.prefix}:ctl:generated:{window}"
 
     def marker(self, version: str) -> str:
-        return f"{self.prefix}:published:{version}"
+        return f"{self.prefix}:{CONTROL_TAG}:published:{version}"
 
     def item_table(self, version: str) -> str:
         return f"{self.prefix}:i:{version}:items"
 
     def item_generation(self, version: str) -> str:
-        return f"{self.prefix}:i:{version}:generation"
+        return f"{self.prefix}:{CONTROL_TAG}:i:{version}:generation"
 
     def warmup_applied(self, version: str, user_id: str) -> str:
         return f"{self.prefix}:w:{version}:{{{user_id}}}"
@@ -426,12 +501,11 @@ class RedisLayout:
 
     # --- the request path (asyncio client) ------------------------------------------------------------------
     async def fetch(self, redis, version: str, user_id: str, with_epoch: bool = False) -> UserState:
-        """Embeddings under `version`, history and profile (+ the data epoch): ONE command (MGET), one round
-        trip. The epoch lives in another hash slot: single node only (on a Cluster, leave with_epoch off and
-        the follower's poll is the only detector)."""
+        """Embeddings under `version`, history and profile (+ the data epoch, as the sentinel copy in the
+        user's own hash slot): ONE command (MGET) of keys in one slot, one round trip on a cluster too."""
         keys = [self.embeddings(version, user_id), self.history(user_id), self.profile(user_id)]
         if with_epoch:
-            keys.append(self.epoch)
+            keys.append(self.epoch_sentinel(user_id))
         return UserState(*await redis.mget(*keys))
 
     async def write_generated(self, redis, version: str, user_id: str, packed: bytes, profile: dict | None,
@@ -476,8 +550,10 @@ class RedisLayout:
         """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate /
         -1 refused (dedup window full). A click without ts nor event id must have been given one (events.py).
 
-        One user: one EVALSHA. Several: one pipeline of EVALSHA. Either way one round trip, plus a SCRIPT LOAD
-        and a rerun the first time (a new or restarted Redis answers NOSCRIPT, having run nothing).
+        One user: one EVALSHA. Several: one pipeline of EVALSHA. Either way one round trip (on a cluster, one per
+        node, in parallel), plus a SCRIPT LOAD and a rerun the first time (a new or restarted Redis answers
+        NOSCRIPT, having run nothing). With `wait_replicas`, the pipeline ends with a WAIT on each node written
+        (same connection, so it covers these writes); fewer acknowledgements than wanted raise NotReplicated.
         """
         from redis.exceptions import NoScriptError
 
@@ -485,7 +561,7 @@ class RedisLayout:
         now_ms = int(time.time() * 1000)
         calls = [self._click_call(user_id, *batches[user_id], now_ms) for user_id in users]
         for attempt in (0, 1):
-            if len(calls) == 1:
+            if len(calls) == 1 and not self.wait_replicas:
                 keys, args = calls[0]
                 try:
                     results = [await redis.evalsha(_APPEND_CLICKS_SHA, len(keys), *keys, *args)]
@@ -496,8 +572,10 @@ class RedisLayout:
                     continue
             else:
                 pipe = redis.pipeline(transaction=False)
-                for keys, args in calls:
-                    pipe.evalsha(_APPEND_CLICKS_SHA, len(keys), *keys, *args)
+                for keys, args in calls:  # (a cluster pipeline refuses .evalsha(), not the command)
+                    pipe.execute_command("EVALSHA", _APPEND_CLICKS_SHA, len(keys), *keys, *args)
+                if self.wait_replicas:
+                    self._queue_wait(redis, pipe, [keys[0] for keys, _ in calls])
                 results = await pipe.execute(raise_on_error=False)
                 if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                     await redis.script_load(APPEND_CLICKS)
@@ -505,6 +583,12 @@ class RedisLayout:
                 for result in results:
                     if isinstance(result, Exception):
                         raise result
+                results, acks = results[:len(calls)], results[len(calls):]
+                if acks and min(int(a) for a in acks) < self.wait_replicas:
+                    raise NotReplicated(f"the events were stored on the primary but only {min(int(a) for a in acks)}"
+                                        f" of {self.wait_replicas} replica(s) acknowledged them within "
+                                        f"{self.wait_timeout_ms} ms (UDG_EVENTS_WAIT_REPLICAS); retry: the retry "
+                                        "is deduplicated")
             return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
         raise AssertionError("unreachable")
 
@@ -516,13 +600,27 @@ class RedisLayout:
 
     async def append_events(self, redis, batches: dict[str, tuple[list[Click], dict | None]],
                             entries: list[dict]) -> dict[str, list[int]]:
-        """`append_clicks` and the events' XADDs to the warm-up stream in ONE round trip, one MULTI/EXEC: the
-        clicks are stored and the events streamed together, or neither (single node; on a Cluster the stream
-        lives in another slot). A NOSCRIPT (new or restarted Redis) fails only the EVALSHAs inside the
-        transaction: the XADDs went through, so only the clicks are rerun (`append_clicks`). -> as
-        `append_clicks`."""
+        """`append_clicks` plus the events' XADDs to the warm-up stream. -> as `append_clicks`.
+
+        On one node without WAIT: ONE round trip, one MULTI/EXEC, so the clicks are stored and the events
+        streamed together, or neither. A NOSCRIPT (new or restarted Redis) fails only the EVALSHAs inside the
+        transaction: the XADDs went through, so only the clicks are rerun (`append_clicks`).
+        On a cluster (the stream is in another slot than the users' keys, and a transaction spans one slot) or
+        with WAIT (which a transaction cannot hold): the clicks first, as `append_clicks`, then the XADDs. A
+        failure between the two answers 503; the client's retry is deduplicated for the clicks and streams the
+        events again, and the warm-up worker applies each event identity once (`warmup_applied`)."""
         from redis.exceptions import NoScriptError
 
+        from service.redis_client import is_cluster
+
+        if self.wait_replicas or is_cluster(redis):
+            flags = await self.append_clicks(redis, batches)
+            if entries:
+                pipe = redis.pipeline(transaction=False)
+                for entry in entries:
+                    pipe.xadd(self.warmup_stream, entry, maxlen=self.warmup_stream_maxlen, approximate=True)
+                await pipe.execute()
+            return flags
         users = list(batches)
         now_ms = int(time.time() * 1000)
         calls = [self._click_call(user_id, *batches[user_id], now_ms) for user_id in users]
@@ -539,10 +637,47 @@ class RedisLayout:
                 raise result
         return {user_id: [int(f) for f in flags] for user_id, flags in zip(users, results, strict=True)}
 
+    def _queue_wait(self, redis, pipe, keys: list[str]) -> None:
+        """WAIT on the connection(s) that carry the writes: one node's, or each written cluster node's."""
+        from service.redis_client import is_cluster
+
+        args = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        if not is_cluster(redis):
+            pipe.execute_command(*args)
+            return
+        nodes = {}
+        for key in keys:
+            node = redis.get_node_from_key(key)
+            nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command(*args, target_nodes=node)
+
     async def read_state(self, redis, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
         """The epoch and the publish markers of `versions`: ONE MGET (what a worker checks every poll)."""
         values = await redis.mget(self.epoch, *[self.marker(v) for v in versions])
         return values[0], [self.unpack_marker(v) for v in values[1:]]
+
+    @staticmethod
+    def sentinel_sample(redis) -> list[int]:
+        """The hash slots whose sentinels a worker's poll reads: the first slot of each primary of a cluster
+        (a wiped node loses the sentinels of all its slots, so one per node detects it without traffic to
+        it); slot 0 on one node (where the epoch itself already tells)."""
+        from service.redis_client import is_cluster
+
+        if not is_cluster(redis):
+            return [0]
+        first: dict[str, int] = {}
+        for slot, nodes in sorted(redis.nodes_manager.slots_cache.items()):
+            if nodes:
+                first.setdefault(nodes[0].name, slot)
+        return sorted(first.values())
+
+    async def read_sentinels(self, redis, slots: list[int]) -> dict[int, bytes | None]:
+        """The epoch sentinels of `slots` (one pipeline: a round trip per node, in parallel)."""
+        pipe = redis.pipeline(transaction=False)
+        for slot in slots:
+            pipe.get(self.slot_sentinel(slot))
+        return dict(zip(slots, await pipe.execute(), strict=True))
 
     async def read_marker(self, redis, version: str) -> dict | None:
         return self.unpack_marker(await redis.get(self.marker(version)))
@@ -682,40 +817,86 @@ class RedisLayout:
         of a history already there (received since) stay on top and the published snapshot goes below them
         (MERGE_HISTORIES) instead of being dropped. An empty history or profile writes nothing. -> histories merged."""
         packed = self.pack_embedding_rows(user_vec, udg_vec)
-        embeddings, shared, merged = [], [], []
         merge = merge_histories and not overwrite_shared
-        for row, user_id in enumerate(user_ids):
-            embeddings += (self.embeddings(version, user_id), packed[row].tobytes())
-            if histories[row]:
-                (merged if merge else shared).extend((self.history(user_id), self.join_history(histories[row])))
-            profile = self.pack_profile(profiles[row])
-            if profile != _EMPTY_PROFILE:
-                shared += (self.profile(user_id), profile)
         pipe = client.pipeline(transaction=False)
-        pipe.execute_command("MSET", *embeddings)
-        if shared:
-            if overwrite_shared:
-                pipe.execute_command("MSET", *shared)
-            else:
-                pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2])
-        if merged:
-            pipe.execute_command("EVAL", MERGE_HISTORIES, len(merged) // 2, *merged[0::2], self.history_cap,
-                                 *merged[1::2])
+        queued, merge_at = 0, []
+        for rows, target in self._slot_groups(client, user_ids):
+            embeddings, shared, merged = [], [], []
+            for row in rows:
+                user_id = user_ids[row]
+                embeddings += (self.embeddings(version, user_id), packed[row].tobytes())
+                if histories[row]:
+                    (merged if merge else shared).extend((self.history(user_id),
+                                                          self.join_history(histories[row])))
+                profile = self.pack_profile(profiles[row])
+                if profile != _EMPTY_PROFILE:
+                    shared += (self.profile(user_id), profile)
+            pipe.execute_command("MSET", *embeddings, **target)
+            queued += 1
+            if shared:
+                if overwrite_shared:
+                    pipe.execute_command("MSET", *shared, **target)
+                else:
+                    pipe.execute_command("EVAL", SET_NX_ALL, len(shared) // 2, *shared[0::2], *shared[1::2],
+                                         **target)
+                queued += 1
+            if merged:
+                pipe.execute_command("EVAL", MERGE_HISTORIES, len(merged) // 2, *merged[0::2], self.history_cap,
+                                     *merged[1::2], **target)
+                merge_at.append(queued)
+                queued += 1
         results = pipe.execute()
-        return int(results[-1]) if merged else 0
+        return sum(int(results[i]) for i in merge_at)
+
+    def _slot_groups(self, client, user_ids: list[str]) -> list[tuple[list[int], dict]]:
+        """Rows of a chunk that one multi-key command may cover, with the routing of their commands: all of
+        them on one node; per hash slot on a cluster (its pipeline then sends each node's commands in one
+        round trip, the nodes in parallel)."""
+        from service.redis_client import is_cluster
+
+        if not is_cluster(client):
+            return [(list(range(len(user_ids))), {})]
+        groups: dict[int, list[int]] = {}
+        for row, user_id in enumerate(user_ids):
+            groups.setdefault(key_slot(self.history(user_id).encode()), []).append(row)
+        return [(rows, slot_target(client, slot)) for slot, rows in groups.items()]
 
     def any_marker(self, client) -> bool:
         """Whether Redis holds the completion marker of any version (SCAN of the marker names only)."""
         return next(iter(client.scan_iter(match=self.marker("") + "*", count=10_000)), None) is not None
 
     def ensure_epoch(self, client, by: str) -> tuple[str, bool]:
-        """The data epoch, created now if Redis has none -> (epoch, created). Created means this Redis held no
-        published state (fresh, or wiped): whatever per-user state it holds arrived since."""
+        """The data epoch, created now if Redis has none, renewed if any hash slot's sentinel copy of it is
+        missing or different (that slot's node lost its keys: a wiped cluster node, or data of an older
+        layout) -> (epoch, created or renewed). Created or renewed means part or all of the store held no
+        published state: whatever per-user state it holds there arrived since. Every slot's sentinel then
+        holds the epoch."""
         import uuid
 
         value = f"{uuid.uuid4().hex[:12]}@{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by {by}"
         created = bool(client.set(self.epoch, value, nx=True))
-        return (value if created else client.get(self.epoch).decode()), created
+        epoch = value if created else client.get(self.epoch).decode()
+        stale = SLOTS if created else self.stale_sentinels(client, epoch)
+        if stale and not created:
+            client.set(self.epoch, value)
+            epoch, created = value, True
+        if stale:
+            self.write_sentinels(client, epoch)
+        return epoch, created
+
+    def stale_sentinels(self, client, epoch: str) -> int:
+        """How many hash slots' sentinels do not hold `epoch` (a pipeline of GETs: one round trip per node)."""
+        pipe = client.pipeline(transaction=False)
+        for slot in range(SLOTS):
+            pipe.execute_command("GET", self.slot_sentinel(slot), **slot_target(client, slot))
+        expected = epoch.encode()
+        return sum(value != expected for value in pipe.execute())
+
+    def write_sentinels(self, client, epoch: str) -> None:
+        pipe = client.pipeline(transaction=False)
+        for slot in range(SLOTS):
+            pipe.execute_command("SET", self.slot_sentinel(slot), epoch, **slot_target(client, slot))
+        pipe.execute()
 
     def write_items(self, client, version: str, item_ids: list[str], tokens: np.ndarray, chunk: int = 5000) -> int:
         """Item rows (tokens [n, total width]) into the version's item table, pipelined in chunks, then one bump
@@ -732,7 +913,7 @@ class RedisLayout:
         client.set(self.marker(version), self.pack_marker(marker))
 
     def clear_marker(self, client, version: str) -> None:
-        client.delete(self.marker(version))
+        client.execute_command("DEL", self.marker(version))  # one key: straight to its node (no cluster split)
 
     def stored_versions(self, client) -> dict[str, dict | None]:
         """Every version with a marker or a namespace in Redis -> its marker (None: no complete publish)."""
@@ -759,4 +940,4 @@ class RedisLayout:
                     pending = []
         if pending:
             deleted += client.unlink(*pending)
-        return deleted
+        return deleted + int(client.unlink(self.item_generation(version)))

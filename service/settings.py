@@ -5,7 +5,9 @@ e.g. `UDG_MODEL_REPO`, `UDG_MODEL_VERSION`, `UDG_MAX_CANDIDATES`, `UDG_ORT_THREA
 
 `REDIS_URL` takes every form redis-py understands: `redis://[:password@]host:port/db`,
 `redis://user:password@host:port/db` (ACL users), `rediss://…` (TLS; `UDG_REDIS_CA_CERTS` names a CA bundle
-when the server's certificate is not signed by a system CA), `unix:///path/redis.sock`.
+when the server's certificate is not signed by a system CA), `unix:///path/redis.sock`, and a Redis Cluster:
+`redis+cluster://[user:password@]host:port[,host:port…]` (`rediss+cluster://` over TLS; the nodes listed are
+seeds, see service/redis_client.py and docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ class Settings(BaseSettings):
     generated_ttl_s: int = Field(30 * 24 * 3600, ge=60)  # TTL of written-back cold-start state, refreshed on use
     generated_cap: int = Field(100_000, ge=0)  # new generated users written back per window (beyond: not written)
     generated_window_s: int = Field(3600, ge=1)
+    # Durability of events: after storing a click batch, WAIT until this many replicas acknowledged it (at most
+    # events_wait_timeout_ms), else answer 503 (a retry is deduplicated). 0: no WAIT (asynchronous replication;
+    # an event answered 200 can be lost if its primary dies before replicating it). docs/cluster.md has the cost.
+    events_wait_replicas: int = Field(0, ge=0, le=16)
+    events_wait_timeout_ms: int = Field(100, ge=1, le=60_000)
     # --- online warm-up (`udg warmup`, docs/warmup.md) ---------------------------------------------------
     warmup_stream: bool = True  # POST /v1/events also XADDs every accepted event to the warm-up stream
     warmup_stream_maxlen: int = Field(1_000_000, ge=1000)  # MAXLEN ~ of the stream: events kept for the workers
@@ -143,8 +150,9 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        from service.redis_client import parse_redis_url
+
+        parse_redis_url(value)  # ValueError names what is wrong
         return value
 
     @property
@@ -160,6 +168,9 @@ def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
+    if "," in parts.netloc:  # a cluster's node list: no single host:port to rebuild
+        nodes = parts.netloc.rsplit("@", 1)[1]
+        return url.replace(parts.netloc, f"{parts.username or ''}:***@{nodes}", 1)
     user = parts.username or ""
     host = parts.hostname or ""
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")

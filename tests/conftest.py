@@ -1,5 +1,9 @@
 """Shared fixtures: a real redis-server on a free port per session (flushed between tests), a tiny trained
-and exported UDG model in a session-scoped model repository, and a service app wired to both."""
+and exported UDG model in a session-scoped model repository, and a service app wired to both.
+
+Tests (or modules, with `pytestmark`) marked `@pytest.mark.backends` run twice where they use `redis_server`:
+against one redis-server and against a local Redis Cluster (3 primaries + 3 replicas, started once per
+session when first needed); `redis_server.url` is then a `redis+cluster://` URL."""
 
 from __future__ import annotations
 
@@ -12,26 +16,53 @@ REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
 VERSION = "v1"
 
 
+def _redis_binary() -> str:
+    if Path(REDIS_BINARY).exists():
+        return REDIS_BINARY
+    from service.local_redis import redis_server_binary
+
+    return redis_server_binary()
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("backends") and "redis_server" in metafunc.fixturenames:
+        metafunc.parametrize("redis_server", ["single", "cluster"], indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def redis_server():
+def redis_cluster():
+    """A local Redis Cluster: 3 primaries + 3 replicas, a primary failed over after 1 s unreachable."""
+    from service.local_redis import LocalCluster
+
+    cluster = LocalCluster(_redis_binary(), node_timeout_ms=1000).start()
+    yield cluster
+    cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def single_redis():
     from service.local_redis import RedisServer, free_port
 
-    binary = REDIS_BINARY if Path(REDIS_BINARY).exists() else None
-    if binary is None:
-        from service.local_redis import redis_server_binary
-
-        binary = redis_server_binary()
-    server = RedisServer(binary, free_port()).start()
+    server = RedisServer(_redis_binary(), free_port()).start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server(request):
+    """One redis-server (default), or the local cluster where a `backends` test asks for it."""
+    return request.getfixturevalue("redis_cluster" if getattr(request, "param", "single") == "cluster"
+                                   else "single_redis")
 
 
 @pytest.fixture
 def redis_client(redis_server):
     """A sync client on a flushed database; restarts the server first if a test left it stopped."""
+    from service.local_redis import RedisServer
     from service.publish import sync_redis
 
-    if redis_server.process is None or redis_server.process.poll() is not None:
+    if isinstance(redis_server, RedisServer) and (redis_server.process is None or
+                                                   redis_server.process.poll() is not None):
         redis_server.start()
     client = sync_redis(redis_server.url, timeout_s=5)
     client.flushall()

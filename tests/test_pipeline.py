@@ -91,5 +91,5 @@ def test_udg_make_version_for_real(tmp_path, redis_server, redis_client):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "repo" / "v1" / "manifest.json").is_file()
-    marker = json.loads(redis_client.get("udg:published:v1"))
+    marker = json.loads(redis_client.get("udg:{ctl}:published:v1"))
     assert marker["version"] == "v1" and marker["users"] > 0

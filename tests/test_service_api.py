@@ -29,6 +29,7 @@ def user_row(users, with_history: bool = True) -> int:
     return int(np.argmax(users["history_len"])) if with_history else int(np.argmin(users["history_len"]))
 
 
+@pytest.mark.backends
 def test_published_user_scores_equal_in_process_onnx(client, artifact, users):
     row = user_row(users)
     user_id = str(users["user_ids"][row])
@@ -55,6 +56,7 @@ def test_full_ranking_without_top_k_and_request_order(client, artifact, users):
     assert [by_id[c] for c in body["ranking"]] == sorted(body["scores"], reverse=True)
 
 
+@pytest.mark.backends
 def test_unseen_user_with_profile_gets_meta_embedding_written_back(client, redis_client, artifact):
     profile = {"cohort": "a1", "sex": "F", "segment": "o3"}
     assert (artifact.encode_profile(profile) > artifact.oov_index).all()  # values the model knows
@@ -101,6 +103,7 @@ def test_stored_profile_is_used_for_cold_start(client, redis_client, artifact):
     np.testing.assert_allclose(body["scores"], expected, atol=1e-6)
 
 
+@pytest.mark.backends
 def test_event_changes_the_next_score(client, redis_client, artifact, users):
     row = user_row(users, with_history=False)
     user_id = str(users["user_ids"][row])
@@ -124,6 +127,7 @@ def test_event_changes_the_next_score(client, redis_client, artifact, users):
     assert LAYOUT.split_history(redis_client.get(LAYOUT.history(user_id)), 10**4) == history
 
 
+@pytest.mark.backends
 def test_event_batch_orders_by_ts_and_creates_unknown_users(client, redis_client, artifact):
     items = known_items(artifact, 3)
     events = [{"user_id": "fresh", "item_id": items[0], "clicked": True, "ts": 30},
@@ -149,6 +153,7 @@ def test_history_is_bounded(make_client, published, redis_client, artifact):
     assert LAYOUT.split_history(redis_client.get(LAYOUT.history("heavy")), 10**4) == items[::-1][:5]
 
 
+@pytest.mark.backends
 def test_health_ready_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")

@@ -21,7 +21,7 @@ def test_udg_publish_command(redis_client, redis_server, model_repo):
     result = udg("publish", str(model_repo / "v1"), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     assert "published version v1" in result.stdout and "used_memory" in result.stdout
-    assert redis_client.exists("udg:published:v1")
+    assert redis_client.exists("udg:{ctl}:published:v1")
 
 
 def run_quickstart(redis_server, model_repo, workdir: Path) -> str:

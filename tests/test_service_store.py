@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import orjson
 import pytest
 
 from service.feature_store import FeatureStore, create_redis
 from service.publish import PublishError, publish
-from service.redis_layout import SEP, TAG_META, TAG_PUBLISHED, Click, RedisLayout
+from service.redis_client import primaries
+from service.redis_layout import LAYOUT_FORMAT, SEP, TAG_META, TAG_PUBLISHED, Click, RedisLayout, key_slot
 
 LAYOUT = RedisLayout()
+
+pytestmark = pytest.mark.backends  # every test here runs on one Redis and on a Redis Cluster
 
 
 def run(coroutine_factory, url: str, history_cap: int = 200):
@@ -45,8 +49,12 @@ def test_byte_format_is_pinned():
     layout = RedisLayout("udg")
     assert layout.embeddings("v1", "u:1") == "udg:e:v1:{u:1}" and layout.history("u:1") == "udg:h:{u:1}"
     assert layout.profile("u:1") == "udg:p:{u:1}" and layout.dedup("u:1") == "udg:x:{u:1}"
-    assert layout.legacy_dedup("u:1") == "udg:d:{u:1}" and layout.epoch == "udg:epoch"
-    assert layout.marker("v1") == "udg:published:v1" and layout.embeddings_pattern("v1") == "udg:e:v1:*"
+    assert layout.legacy_dedup("u:1") == "udg:d:{u:1}" and layout.embeddings_pattern("v1") == "udg:e:v1:*"
+    # layout format 2: the epoch, the markers and the item-table generations in the control slot {ctl}
+    assert LAYOUT_FORMAT == 2 and layout.epoch == "udg:{ctl}:epoch" and layout.marker("v1") == "udg:{ctl}:published:v1"
+    assert layout.item_generation("v1") == "udg:{ctl}:i:v1:generation" and layout.item_table("v1") == "udg:i:v1:items"
+    assert layout.slot_sentinel(0) == "udg:epoch:{3560}" and key_slot(b"udg:epoch:{3560}") == 0
+    assert key_slot(layout.epoch_sentinel("u:1").encode()) == key_slot(layout.history("u:1").encode())
     assert RedisLayout("t").history("u") == "t:h:{u}"
     packed = layout.pack_embeddings(np.array([1.0, -2.0], np.float32), np.array([0.5], np.float32))
     assert packed == bytes.fromhex("0000803f" "000000c0" "0000003f") + b"P"
@@ -70,12 +78,25 @@ def test_publish_writes_layout_marker_and_fetches_in_one_command(redis_client, r
     assert marker and b"manifest_sha256" in marker
     row = int(np.argmax(users["history_len"]))
     uid = str(users["user_ids"][row])
-    redis_client.config_resetstat()
-    state = run(lambda store: store.fetch("v1", uid), redis_server.url)
-    stats = redis_client.info("commandstats")
-    connection = ("cmdstat_config", "cmdstat_info", "cmdstat_hello", "cmdstat_client")  # handshake, this test
-    assert {k for k in stats if not k.startswith(connection)} == {"cmdstat_mget"}
-    assert stats["cmdstat_mget"]["calls"] == 1
+    epoch = orjson.loads(marker)["epoch"].encode()
+
+    nodes = primaries(redis_client)
+
+    async def fetch_checking_epoch(store):
+        await store.ping()  # a cluster client reads the slot map on its first command: not counted below
+        for node in nodes:
+            node.config_resetstat()
+        store.expected_epoch = epoch  # the epoch's copy in the user's slot comes back in the same MGET
+        return await store.fetch("v1", uid)
+
+    state = run(fetch_checking_epoch, redis_server.url)
+    assert state.epoch == epoch
+    # one MGET, on one node (on a cluster: every key in the user's slot), nothing else but the handshake
+    connection = ("cmdstat_config", "cmdstat_info", "cmdstat_hello", "cmdstat_client", "cmdstat_command",
+                  "cmdstat_cluster")  # handshake (a cluster client also reads the slot map), this test
+    stats = [{k: v for k, v in node.info("commandstats").items() if not k.startswith(connection)} for node in nodes]
+    assert sorted(stat.get("cmdstat_mget", {}).get("calls", 0) for stat in stats)[-2:] == [0, 1][-len(nodes):]
+    assert [set(stat) for stat in stats if stat] == [{"cmdstat_mget"}]
     u, g, meta = LAYOUT.unpack_embeddings(state.embeddings, users["user_vec"].shape[1], users["udg_vec"].shape[1])
     assert not meta and state.embeddings.endswith(TAG_PUBLISHED)
     np.testing.assert_array_equal(u[0], users["user_vec"][row])

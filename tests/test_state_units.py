@@ -30,6 +30,7 @@ def _append(url, layout, batches):
     return asyncio.run(go())
 
 
+@pytest.mark.backends
 def test_dedup_cap_refuses_and_old_ts_stays_remembered(redis_client, redis_server):
     layout = RedisLayout(dedup_cap=3)
     assert _append(redis_server.url, layout, {"u": ([Click("a", 1), Click("b", 2), Click("c", 3)], None)}) == \
@@ -43,6 +44,7 @@ def test_dedup_cap_refuses_and_old_ts_stays_remembered(redis_client, redis_serve
     assert _append(redis_server.url, layout, {"w": ([Click("x", 7)], None)}) == {"w": [0]}
 
 
+@pytest.mark.backends
 def test_merge_after_loss_is_idempotent(redis_client, model_repo, users):
     from service.publish import publish
 
@@ -92,7 +94,7 @@ def test_publish_refuses_truncated_and_mismatched_manifests(model_repo, tmp_path
     manifest.write_text(manifest.read_text()[:100])
     done = _publish_cli(copy, redis_server.url)
     assert done.returncode != 0 and "Traceback" not in done.stderr and "truncated" in done.stderr, done.stderr
-    assert not list(redis_client.scan_iter("udg:published:*"))
+    assert not list(redis_client.scan_iter("udg:{ctl}:published:*"))
 
 
 def test_admin_token_whitespace(caplog):

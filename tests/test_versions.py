@@ -76,6 +76,7 @@ def test_admin_api_disabled_without_token_and_guarded_with_one(make_worker, publ
     assert len(listing["workers"]) == 2  # both in-process workers heartbeat into the same Redis
 
 
+@pytest.mark.backends
 def test_load_activate_pin_rollback_unload(make_worker, published_all):
     client = make_worker(published_all)
     unloaded = client.post("/v1/score", json={"user_id": "u", "candidates": ["i1"], "model_version": "v2"})
@@ -190,6 +191,7 @@ def test_inflight_request_keeps_its_version_then_it_is_released(redis_server, pu
     asyncio.run(scenario())
 
 
+@pytest.mark.backends
 def test_workers_follow_redis_and_a_worker_that_cannot_load_keeps_serving(make_worker, published_all,
                                                                            tmp_path):
     # a and b poll only every 30 s: a switch within seconds can only come from the pub/sub notification
@@ -233,6 +235,7 @@ def test_workers_follow_redis_and_a_worker_that_cannot_load_keeps_serving(make_w
     wait_for(lambda: registries["c"].in_sync)
 
 
+@pytest.mark.backends
 def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, published_all, redis_client,
                                                                  redis_server, capsys, monkeypatch):
     from service.control import Conflict, garbage_collect
@@ -266,6 +269,7 @@ def test_gc_removes_namespaces_no_worker_holds_never_the_active(make_worker, pub
     assert refused.status_code == 422 and "no publish marker" in refused.json()["message"]
 
 
+@pytest.mark.backends
 def test_a_wiped_redis_keeps_the_admin_activated_version(make_worker, published_all, redis_client):
     """After the store loses everything, the service reports it (readyz 503, score 503 state_lost), restores the
     routing from its routing file — the admin-activated v2, not UDG_MODEL_VERSION's v1 — and serves v2 again
