@@ -11,6 +11,14 @@ import pytest
 REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
 VERSION = "v1"
 
+try:  # property tests: no per-example deadline (the machine is shared; a slow example is not a failure)
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("udg", deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile("udg")
+except ImportError:  # the serving-only install has no hypothesis
+    pass
+
 
 @pytest.fixture(scope="session")
 def redis_server():

@@ -91,3 +91,18 @@ def test_any_split_covers_every_bucket_once_with_its_share(weights, rng):
     for upper, version in bounds:
         assert abs((upper - lower) - weights[version] / total * SPLIT_BUCKETS) <= 1
         lower = upper
+
+
+def test_bucket_values_are_pinned():
+    """Workers of two releases must agree on every user's arm during a rolling deploy: the hash is a contract."""
+    assert {u: bucket(u) for u in ["user-1", "u42", "新用户", ""]} == {"user-1": 3768, "u42": 1823, "新用户": 5243,
+                                                                       "": 9876}
+
+
+def test_a_user_on_a_range_boundary_takes_the_arm_above_it():
+    assert (bucket("u6512"), bucket("u3075"), bucket("u40690")) == (8999, 9000, 0)
+    routing = Routing(active="the-active", arms=tuple(split_bounds({"v1": 90, "v2": 10})))
+    assert routing.select("u6512") == ("v1", "split")  # the last bucket of v1's range
+    assert routing.select("u3075") == ("v2", "split")  # the first of v2's
+    assert routing.select("u40690") == ("v1", "split")
+    assert Routing(active="the-active").select("u3075") == ("the-active", "active")  # no split: the active one
