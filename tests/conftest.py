@@ -3,6 +3,7 @@ and exported UDG model in a session-scoped model repository, and a service app w
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,11 @@ def model_repo(tmp_path_factory) -> Path:
     from tests.tiny import tiny_prepared
 
     torch.set_num_threads(1)  # tiny models; robust when the other core is busy
-    root = tmp_path_factory.mktemp("service_model")
+    cached = os.environ.get("UDG_TEST_MODEL_CACHE")  # scripts/mutation.py: train once, not once per mutant
+    if cached and (Path(cached) / "repo" / VERSION / "manifest.json").exists():
+        return Path(cached) / "repo"
+    root = Path(cached) if cached else tmp_path_factory.mktemp("service_model")
+    root.mkdir(parents=True, exist_ok=True)
     data = tiny_prepared(users=200, items=60, events_per_user=12, max_history=8, cold_user_frac=0.1)
     config = model_config("pnn", "udg", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16)
     train_config = TrainConfig(epochs=1)
