@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= train,serve,loadtest,dev
 
-.PHONY: install serve-install run test lint clean-venv loadtest bench-compare
+.PHONY: install serve-install run test lint clean-venv loadtest bench-compare mutation mutation-changed
 
 $(BIN)/udg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ loadtest: install
 # Service vs in-process floor/ceiling vs a naive FastAPI+PyTorch baseline at N=500: one table (a few minutes).
 bench-compare: install
 	$(BIN)/udg bench compare --json results/bench_compare.json
+
+# Mutation score of the core modules, each against the fast tests that cover it (docs/testing.md; ~1 h on 2
+# cores); journals in docs/results/mutation/. `mutation-changed` mutates only the modules changed since BASE.
+BASE ?= main
+mutation: install
+	$(BIN)/python scripts/mutation.py --label current
+
+mutation-changed: install
+	$(BIN)/python scripts/mutation.py --changed $(BASE) --label changed
 
 lint: install
 	$(BIN)/ruff check .
