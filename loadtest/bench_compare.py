@@ -62,7 +62,7 @@ def make_inputs(artifact, n: int, count: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     users = artifact.load_users()
-    items = [t for t in artifact.manifest["vocab"]["items"]["index"] if not t.startswith("<")]
+    items = artifact.schema.items.tokens[2:]  # the item vocabulary after <pad>, <oov>
     rng = np.random.default_rng(seed)
     rows = np.flatnonzero(users["history_len"] > 0)
     rows = rows if len(rows) else np.arange(len(users["user_ids"]))
