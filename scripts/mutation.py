@@ -16,6 +16,7 @@ The result of each module is a journal: docs/results/mutation/<label>.json.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -93,22 +94,32 @@ def configure(tree: Path, module: str, tests: list[str]) -> list[str]:
     return present
 
 
-def count(tree: Path) -> tuple[dict[str, int], list[str]]:
+def count(tree: Path, only: list[str] | None = None) -> tuple[dict[str, int], list[str]]:
     mutmut = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=tree, capture_output=True, text=True).stdout
     counts: dict[str, int] = {}
     survivors = []
     for line in out.splitlines():
         name, _, status = line.strip().rpartition(": ")
-        if name:
+        if name and (not only or any(fnmatch.fnmatchcase(name, pattern) for pattern in only)):
             counts[status] = counts.get(status, 0) + 1
             if status in ("survived", "no tests"):
                 survivors.append(f"{name}: {status}")
     return counts, survivors
 
 
-def run_module(module: str, label: str, rev: str | None, jobs: int) -> dict:
+def run_module(module: str, label: str, rev: str | None, jobs: int, only: list[str] | None = None,
+               recount: bool = False) -> dict:
+    """Mutate `module` (only the mutants whose names match `only`, if given) in a scratch tree; `recount`
+    reads the results of an earlier run of that tree again (e.g. for another `only`) without running."""
     tree = ROOT / "build" / "mutation" / label / module.replace("/", "_").removesuffix(".py")
+    if recount:
+        counts, survivors = count(tree, only)
+        total = sum(counts.values())
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        return {"module": module, "label": label, "rev": rev or "working tree", "only": only, "counts": counts,
+                "mutants": total, "killed": killed, "score": round(killed / total, 4) if total else None,
+                "seconds": None, "survivors": survivors, "tests": MODULES[module]}
     copy_tree(tree, rev)
     tests = configure(tree, module, MODULES[module])
     mutmut = Path(sys.executable).with_name("mutmut")
@@ -118,13 +129,14 @@ def run_module(module: str, label: str, rev: str | None, jobs: int) -> dict:
     started = time.perf_counter()
     log = tree / "mutmut.log"
     with open(log, "w") as handle:
-        subprocess.run([str(mutmut), "run", "--max-children", str(jobs)], cwd=tree, env=env, stdout=handle,
-                       stderr=subprocess.STDOUT)
+        subprocess.run([str(mutmut), "run", "--max-children", str(jobs), *(only or [])], cwd=tree, env=env,
+                       stdout=handle, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
-    counts, survivors = count(tree)
+    counts, survivors = count(tree, only)
     total = sum(counts.values())
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    return {"module": module, "label": label, "rev": rev or "working tree", "tests": tests, "counts": counts,
+    return {"module": module, "label": label, "rev": rev or "working tree", "only": only, "tests": tests,
+            "counts": counts,
             "mutants": total, "killed": killed, "score": round(killed / total, 4) if total else None,
             "seconds": round(seconds, 1), "survivors": survivors}
 
@@ -133,7 +145,7 @@ def write_journal(label: str, result: dict) -> None:
     JOURNALS.mkdir(parents=True, exist_ok=True)
     path = JOURNALS / f"{label}.json"
     journal = json.loads(path.read_text()) if path.exists() else {}
-    journal[result["module"]] = result
+    journal[result["module"] + (f" ({result['scope']})" if result.get("scope") else "")] = result
     path.write_text(json.dumps(journal, indent=1, sort_keys=True) + "\n")
 
 
@@ -153,7 +165,8 @@ def report() -> str:
                 continue
             totals[label][0] += result["killed"]
             totals[label][1] += result["mutants"]
-            cells.append(f"{result['killed']} / {result['mutants']} ({result['score']:.0%}, {result['seconds']:.0f} s)")
+            took = f", {result['seconds']:.0f} s" if result.get("seconds") else ""
+            cells.append(f"{result['killed']} / {result['mutants']} ({result['score'] or 0:.0%}{took})")
         rows.append(f"| `{module}` | " + " | ".join(cells) + " |")
     rows.append("| all measured | " + " | ".join(
         f"{k} / {n} ({k / n:.0%})" if n else "-" for k, n in totals.values()) + " |")
@@ -168,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="current", help="journal name (docs/results/mutation/LABEL.json)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--report", action="store_true", help="print the table of the committed journals")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="only the mutants whose names match (mutmut names: module.x_function__mutmut_N)")
+    parser.add_argument("--scope", help="a name for the --only subset (the journal row is 'module (scope)')")
+    parser.add_argument("--recount", action="store_true", help="re-read an earlier run's results (with --only)")
     parser.add_argument("--min-score", type=float, default=None, help="exit 1 when a module scores below this")
     args = parser.parse_args(argv)
     if args.report:
@@ -179,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = False
     for module in modules:
-        result = run_module(module, args.label, args.rev, args.jobs)
+        result = run_module(module, args.label, args.rev, args.jobs, args.only, args.recount)
+        result["scope"] = args.scope
         write_journal(args.label, result)
         print(f"{module}: {result['killed']} / {result['mutants']} killed ({result['score']}) in "
               f"{result['seconds']} s; {result['counts']}", flush=True)
