@@ -130,3 +130,32 @@ def test_hand_written_forward_equals_the_model_and_every_gate_matters(data, requ
                 assert np.abs(np.diff(gate, axis=0)).max() > 0.05  # item-dependent: differs across candidates
             ungated, _ = reference_forward(model, request_batch, replace_gate=layer)
             assert np.abs(ungated - got).max() > 1e-2, f"the gate of layer {layer} does not move the output"
+
+
+def test_masked_mean_is_the_mean_of_the_unmasked_rows_and_zero_for_an_empty_history():
+    from model.layers import masked_mean
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(5, 4, 3, generator=generator)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0]])
+    expected = np.zeros((5, 3))
+    for row in range(5):
+        kept = numpy_of(values[row])[mask[row].numpy() == 1]
+        if len(kept):
+            expected[row] = kept.mean(0)
+    np.testing.assert_allclose(numpy_of(masked_mean(values, mask)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mlp_dropout_acts_in_training_only():
+    from model.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(6, (32, 16), dropout=0.5)
+    x = torch.randn(64, 6)
+    mlp.train()
+    assert not torch.equal(mlp(x), mlp(x))  # a fresh mask each call
+    mlp.eval()
+    h = x
+    for layer in mlp.hidden:  # no dropout at all in eval mode
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(mlp(x), mlp.out(h).squeeze(-1))
