@@ -124,7 +124,7 @@ def run_module(module: str, label: str, rev: str | None, jobs: int, only: list[s
     tests = configure(tree, module, MODULES[module])
     mutmut = Path(sys.executable).with_name("mutmut")
     # the tiny model the service tests share is trained once for all mutants (tests/conftest.py)
-    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "UDG_HYPOTHESIS_PROFILE": "mutation",
            "UDG_TEST_MODEL_CACHE": str(ROOT / "build" / "mutation" / "model_cache")}
     started = time.perf_counter()
     log = tree / "mutmut.log"

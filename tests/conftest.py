@@ -16,7 +16,9 @@ try:  # property tests: no per-example deadline (the machine is shared; a slow e
     from hypothesis import settings as _hypothesis_settings
 
     _hypothesis_settings.register_profile("udg", deadline=None, print_blob=True)
-    _hypothesis_settings.load_profile("udg")
+    # scripts/mutation.py: one pytest run per mutant, so fewer examples each (a killed mutant fails fast anyway)
+    _hypothesis_settings.register_profile("mutation", deadline=None, max_examples=25)
+    _hypothesis_settings.load_profile(os.environ.get("UDG_HYPOTHESIS_PROFILE", "udg"))
 except ImportError:  # the serving-only install has no hypothesis
     pass
 
