@@ -32,7 +32,7 @@ def redis_server():
         from service.local_redis import redis_server_binary
 
         binary = redis_server_binary()
-    server = RedisServer(binary, free_port()).start()
+    server = RedisServer(binary, free_port()).start(move_on_clash=True)
     yield server
     server.cleanup()
 

@@ -141,3 +141,16 @@ def test_a_restarted_worker_adopts_the_routing_document(redis_server, redis_clie
         assert registry.active.version == "v3" and registry.routing.generation == generation
         reply = second.post("/v1/score", json={"user_id": "u1", "candidates": ["i1", "i2"]})
         assert reply.status_code == 200 and reply.json()["model_version"] == "v3"
+
+
+def test_a_private_redis_never_mistakes_another_server_on_its_port_for_itself(redis_server):
+    from service.local_redis import RedisServer
+
+    taken = redis_server.port  # a port another redis-server already listens on
+    with pytest.raises(RuntimeError, match="busy"):
+        RedisServer(redis_server.binary, taken).start(timeout_s=5)
+    moved = RedisServer(redis_server.binary, taken).start(timeout_s=5, move_on_clash=True)
+    try:
+        assert moved.port != taken and moved._answers_as_itself()
+    finally:
+        moved.cleanup()
