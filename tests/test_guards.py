@@ -60,9 +60,16 @@ def test_activation_refuses_a_marker_published_from_another_artifact(redis_serve
         registry = ModelRegistry(repo, store)
         try:
             assert (await registry.ensure_loaded("v1")).version == "v1"  # an intact marker loads
-            with pytest.raises(VersionRefused, match="manifest sha256 differs"):
+            with pytest.raises(VersionRefused) as refused:
                 await registry.ensure_loaded("v2")
-            assert "v2" not in registry.models and "manifest sha256" in registry.failed["v2"].reason
+            assert refused.value.version == "v2" and refused.value.reason == (
+                "the state in Redis was published from a different artifact (manifest sha256 differs); "
+                "publish this one again")
+            assert "v2" not in registry.models and registry.failed["v2"].reason == refused.value.reason
+            with pytest.raises(VersionRefused) as unpublished:  # no marker at all: the command to run
+                await registry.ensure_loaded("no-marker")
+            assert unpublished.value.version == "no-marker" and unpublished.value.reason == (
+                f"no publish marker in Redis; run `udg publish {repo / 'no-marker'}` first")
         finally:
             registry.close()
             await store.close()

@@ -106,3 +106,34 @@ def test_a_user_on_a_range_boundary_takes_the_arm_above_it():
     assert routing.select("u3075") == ("v2", "split")  # the first of v2's
     assert routing.select("u40690") == ("v1", "split")
     assert Routing(active="the-active").select("u3075") == ("the-active", "active")  # no split: the active one
+
+
+def test_a_user_id_with_a_lone_surrogate_has_a_stable_bucket():
+    """JSON can carry an unpaired surrogate (\\ud800): it still hashes (surrogatepass), the same every time."""
+    assert bucket("\ud800x") == bucket("\ud800x") == 6728
+
+
+def test_the_routing_names_the_active_version_and_every_arm():
+    from types import SimpleNamespace
+
+    v1, v2, v3 = (SimpleNamespace(version=v) for v in ("v1", "v2", "v3"))
+    assert Routing(active=v1, arms=((5000, v2), (SPLIT_BUCKETS, v3))).versions() == {"v1", "v2", "v3"}
+    assert Routing(active=v1).versions() == {"v1"} and Routing().versions() == set()
+
+
+def test_the_loader_thread_runs_at_lowered_priority():
+    import os
+    import threading
+
+    from service.registry import _lower_priority
+
+    seen = []
+
+    def loader():
+        _lower_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    thread.join()
+    assert seen == [10]  # nice 10: loading yields the cores to request handling
