@@ -159,3 +159,29 @@ def test_mlp_dropout_acts_in_training_only():
     for layer in mlp.hidden:  # no dropout at all in eval mode
         h = torch.relu(layer(h))
     torch.testing.assert_close(mlp(x), mlp.out(h).squeeze(-1))
+
+
+def test_official_gates_with_detached_inputs_match_the_reference(data, request_batch):
+    seed_everything(12)
+    config = model_config("deepfm", "udg-official", gate_detach=True, embed_dim=8, hidden=(16, 12), udg_dim=8,
+                          gate_hidden=10)
+    model = build_model(config, data.schema).eval()
+    spread_gates(model)
+    with torch.no_grad():
+        np.testing.assert_allclose(model_score(model, request_batch), reference_forward(model, request_batch)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_training_forward_and_unseen_users_go_through_the_same_parts(data):
+    seed_everything(13)
+    model = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16, 12), udg_dim=8, gate_hidden=10),
+                        data.schema).eval()
+    batch = {k: v[:16] for k, v in to_tensors(data.splits["train"]).items()}
+    with torch.no_grad():
+        user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
+        expected = model.score(user_vec, udg_vec, batch["history"], batch["item"])
+        torch.testing.assert_close(model(batch)["logit"], expected)
+        torch.testing.assert_close(model.unseen_user_vector(batch["profile"]),
+                                   model.base.unseen_user_vector(batch["profile"]))
+    with pytest.raises(ValueError, match="gate_input must be 'paper' or 'official', not 'items'"):
+        build_model(model_config("pnn", "udg", gate_input="items"), data.schema)
