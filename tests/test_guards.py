@@ -101,6 +101,31 @@ def test_cold_start_write_back_never_replaces_a_published_state(redis_server, re
     assert redis_client.ttl(layout.embeddings("v1", user)) == -1  # and no TTL was put on it
     assert redis_client.get(layout.embeddings("v1", "fresh")) == generated  # an unknown user is written
     assert 0 < redis_client.ttl(layout.embeddings("v1", "fresh")) <= layout.generated_ttl_s
+    assert redis_client.get(layout.profile("fresh")) == layout.pack_profile({"gender": "zz"})
+    assert 0 < redis_client.ttl(layout.profile("fresh")) <= layout.generated_ttl_s  # a generated profile expires
+
+
+def test_cold_start_write_backs_are_capped_per_window(redis_server, redis_client):
+    from service.feature_store import create_redis
+
+    layout = RedisLayout(generated_cap=2, generated_window_s=3600)
+    now = 1_000_000 * 3600 + 10.0  # a fixed instant, far from the clock: the window comes from `now`
+    packed = layout.pack_embeddings(np.zeros((1, 2), np.float32), None)
+
+    async def writes():
+        redis = create_redis(redis_server.url, 1.0, 2)
+        try:
+            got = [await layout.write_generated(redis, "v1", f"u{i}", packed, None, now=now) for i in range(3)]
+            got.append(await layout.write_generated(redis, "v1", "next", packed, None, now=now + 3600))
+            return got
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(writes()) == [True, True, False, True]  # the third is over the cap; a new window opens
+    assert not redis_client.exists(layout.embeddings("v1", "u2"))
+    counter = layout.generated_counter(1_000_000)
+    assert redis_client.get(counter) == b"3" and 3600 < redis_client.ttl(counter) <= 7200
+    assert redis_client.get(layout.generated_counter(1_000_001)) == b"1"
 
 
 @pytest.mark.parametrize("chunk", [7, 179, 1])

@@ -34,6 +34,10 @@ def test_embeddings_round_trip_and_reject_other_dims(user, udg_dim, tag, data):
     assert RedisLayout.unpack_embeddings(packed, user.size + 1, udg_dim) is None  # another version's dims
     assert RedisLayout.unpack_embeddings(packed[:-1], user.size, udg_dim) is None  # truncated
     assert RedisLayout.unpack_embeddings(None, user.size, udg_dim) is None
+    # float64 input is packed as float32; no UDG part (None) packs like an empty one
+    assert RedisLayout.pack_embeddings(user.astype(np.float64).reshape(1, -1), udg.astype(np.float64), tag) == packed
+    if udg_dim == 0:
+        assert RedisLayout.pack_embeddings(user.reshape(1, -1), None, tag) == packed
 
 
 @given(rows=st.integers(1, 6), user_dim=st.integers(1, 12), udg_dim=st.integers(0, 8),
@@ -43,11 +47,14 @@ def test_bulk_packing_is_byte_identical_to_packing_each_row(rows, user_dim, udg_
     user = rng.standard_normal((rows, user_dim)).astype(np.float32)
     udg = rng.standard_normal((rows, udg_dim)).astype(np.float32)
     packed = RedisLayout.pack_embedding_rows(user, udg, tag)
+    np.testing.assert_array_equal(RedisLayout.pack_embedding_rows(user.astype(np.float64), udg.astype(np.float64),
+                                                                  tag), packed)
     for row in range(rows):
         assert packed[row].tobytes() == RedisLayout.pack_embeddings(user[row:row + 1], udg[row:row + 1], tag)
 
 
 @given(items=st.lists(raw_id, max_size=30), limit=st.integers(1, 40), live=st.lists(st.booleans(), max_size=30))
+@example(items=["iX", "X", "aX"], limit=5, live=[True, False, True])  # ids ending like the strip set's edges
 def test_history_round_trips_most_recent_first_and_cuts_at_the_limit(items, limit, live):
     joined = RedisLayout.join_history(items).encode()
     assert RedisLayout.split_history(joined, limit) == items[:limit]
@@ -59,6 +66,12 @@ def test_history_round_trips_most_recent_first_and_cuts_at_the_limit(items, limi
         assert RedisLayout.split_entries(tagged) == list(zip(items, flags, strict=True))
     assert LIVE_TAG not in b"".join(s.encode() for s in RedisLayout.split_history(tagged, limit))
     assert RedisLayout.split_history(None, limit) == [] and RedisLayout.split_history(b"", limit) == []
+
+
+def test_history_bytes_that_are_not_utf8_read_as_replacement_characters():
+    raw = b"i1" + SEP.encode() + b"\xffbad" + SEP.encode() + b"i3\x1e"
+    assert RedisLayout.split_history(raw, 10) == ["i1", "\ufffdbad", "i3"]
+    assert RedisLayout.split_entries(raw) == [("i1", False), ("\ufffdbad", False), ("i3", True)]
 
 
 @given(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=6), st.randoms(use_true_random=False))
@@ -74,7 +87,10 @@ def test_profile_round_trips_without_empty_values_whatever_the_key_order(profile
 @given(hnp.arrays(np.int64, st.integers(0, 16), elements=st.integers(-2 ** 31, 2 ** 31 - 1)))
 def test_item_tokens_round_trip_and_reject_another_width(tokens):
     packed = RedisLayout.pack_item_tokens(tokens)
-    np.testing.assert_array_equal(RedisLayout.unpack_item_tokens(packed, len(tokens)), tokens)
+    unpacked = RedisLayout.unpack_item_tokens(packed, len(tokens))
+    np.testing.assert_array_equal(unpacked, tokens)
+    assert unpacked.dtype == np.int64
+    assert RedisLayout.pack_item_tokens(tokens.reshape(1, -1)) == packed  # a [1, width] row packs the same
     assert RedisLayout.unpack_item_tokens(packed, len(tokens) + 1) is None
 
 
@@ -149,3 +165,14 @@ def test_dedup_window_stores_each_delivery_once_per_window_and_bounds_the_histor
 def test_reserved_row_names_are_ordinary_tokens_for_lookup(token):
     assert Vocab(["a"]).lookup(token) == OOV
     assert Vocab(["a", token]).lookup(token) not in (PAD, OOV)
+
+
+def test_clicks_set_a_profile_only_when_given_one(redis_client):
+    layout = RedisLayout()
+    script = redis_client.register_script(APPEND_CLICKS)
+    keys, args = layout._click_call("with", [Click("i1", event_id="a")], {"sex": "F", "age": ""}, 1000)
+    assert script(keys=keys, args=args) == [1]
+    assert redis_client.get(layout.profile("with")) == layout.pack_profile({"sex": "F"})
+    keys, args = layout._click_call("without", [Click("i1", event_id="a")], None, 1000)
+    assert script(keys=keys, args=args) == [1]
+    assert not redis_client.exists(layout.profile("without"))
