@@ -117,17 +117,46 @@ def test_every_token_maps_to_its_row_its_bucket_or_oov_never_padding(vocabulary,
     assert [again.lookup(t) for t in queries] == [vocab.lookup(t) for t in queries]
 
 
-@given(values=st.lists(st.one_of(st.none(), raw_id), max_size=8), width=st.integers(1, 4))
-def test_field_encoding_is_pad_filled_and_a_missing_value_is_one_slot(values, width):
-    field = FieldSchema("genre", "multi", Vocab(["x", "y", "z"]), separator="|", width=width)
-    tokens = [v for v in values if v is not None and "|" not in v]
-    encoded = field.encode(tokens, missing=OOV)
+@given(values=st.lists(st.sampled_from(["x", "y", "z", "w", ""]), max_size=6), width=st.integers(1, 4),
+       as_text=st.booleans(), empty=st.sampled_from([None, "z"]))
+def test_multi_field_encoding_is_pad_filled_and_a_missing_value_is_one_slot(values, width, as_text, empty):
+    field = FieldSchema("genre", "multi", Vocab(["x", "y", "z"]), separator="|", empty=empty, width=width)
+    kept = [t for t in values if t != ""]
+    if not kept and empty is not None:
+        kept = [empty]  # a value with no item stands for the declared empty token
+    assert field.tokens("|".join(values) if as_text else values) == kept
+    encoded = field.encode("|".join(values) if as_text else values, missing=OOV)
     assert encoded.shape == (width,) and encoded.dtype == np.int64
-    kept = [t for t in tokens if t != ""][:width]
     if not kept:
         assert encoded.tolist() == [OOV] + [PAD] * (width - 1)
     else:
-        assert encoded.tolist() == [field.vocab.lookup(t) for t in kept] + [PAD] * (width - len(kept))
+        rows = {"x": 2, "y": 3, "z": 4, "w": OOV}  # sorted vocabulary after PAD and OOV; w is unknown
+        assert encoded.tolist() == [rows[t] for t in kept[:width]] + [PAD] * (width - len(kept[:width]))
+
+
+def test_categorical_and_numeric_fields_encode_raw_values():
+    category = FieldSchema("sex", "categorical", Vocab(["F", "M"]))
+    assert [int(category.encode(v)[0]) for v in ("F", "M", "X", "", None, 3)] == [2, 3, OOV, OOV, OOV, OOV]
+    assert category.tokens("M") == ["M"] and category.tokens("") == [] and category.tokens(7) == ["7"]
+    age = FieldSchema("age", "numeric", Vocab(["hi", "lo", "mid"]), buckets=[18, 65], labels=["lo", "mid", "hi"])
+    assert age.tokens(30) == ["mid"] and age.tokens("70") == ["hi"] and age.tokens("lo") == ["lo"]
+    assert age.tokens("old") == [] and age.tokens(float("nan")) == [] and age.tokens(True) == []
+    assert [int(age.encode(v)[0]) for v in (10, 18, 64.9, 65, "x")] == [3, 4, 4, 2, OOV]
+    spaced = FieldSchema("tags", "multi", Vocab(["a", "b"]), width=3)  # no separator: whitespace
+    assert spaced.tokens(" a  b ") == ["a", "b"] and spaced.encode(" a  b ").tolist() == [2, 3, PAD]
+
+
+def test_hashes_and_vocabularies_are_pinned_and_round_trip():
+    # the hash bucket of a raw id is part of a trained model: it must not change between releases
+    assert (stable_hash("a"), stable_hash("\ud800"), stable_hash("")) == (
+        4681665781835383343, 4758185216457903464, 16476032584258269876)
+    assert Vocab.from_json(["b", "a"]).lookup("a") == 2  # a plain token list
+    assert len(Vocab.from_json({"tokens": ["a"]})) == 3  # no hash buckets unless declared
+    vocab = Vocab(["a", "b", "c"])
+    assert vocab.lookup_many([]).dtype == np.int64 and vocab.lookup_many(np.array([], str)).shape == (0,)
+    grid = vocab.lookup_many(np.array([["a", "zz"], ["c", "a"]]))
+    assert grid.dtype == np.int64 and grid.tolist() == [[2, OOV], [4, 2]]
+    assert not vocab.known("<oov>") and not vocab.known("<pad>") and vocab.known("a")
 
 
 # --- the dedup window of APPEND_CLICKS, on a real Redis ----------------------------------------------------
