@@ -54,7 +54,7 @@ def test_bulk_packing_is_byte_identical_to_packing_each_row(rows, user_dim, udg_
 
 
 @given(items=st.lists(raw_id, max_size=30), limit=st.integers(1, 40), live=st.lists(st.booleans(), max_size=30))
-@example(items=["iX", "X", "aX"], limit=5, live=[True, False, True])  # ids ending like the strip set's edges
+@example(items=["iX", "X", "b ", "aX"], limit=5, live=[True, False, True, True])  # ends the strip must keep
 def test_history_round_trips_most_recent_first_and_cuts_at_the_limit(items, limit, live):
     joined = RedisLayout.join_history(items).encode()
     assert RedisLayout.split_history(joined, limit) == items[:limit]
