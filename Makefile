@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= train,serve,loadtest,dev,docs,otel
 
-.PHONY: install serve-install run test lint clean-venv loadtest bench-compare docs
+.PHONY: install serve-install run test lint clean-venv loadtest bench-compare docs mutation mutation-changed
 
 $(BIN)/udg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ docs: install
 	$(BIN)/udg docs build --check
 	$(BIN)/udg docs check
 	$(BIN)/mkdocs build --strict
+
+# Mutation score of the core modules, each against the fast tests that cover it (docs/testing.md; ~1 h on 2
+# cores); journals in docs/results/mutation/. `mutation-changed` mutates only the modules changed since BASE.
+BASE ?= main
+mutation: install
+	$(BIN)/python scripts/mutation.py --label current
+
+mutation-changed: install
+	$(BIN)/python scripts/mutation.py --changed $(BASE) --label changed
 
 lint: install
 	$(BIN)/ruff check .

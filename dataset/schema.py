@@ -36,7 +36,8 @@ class Vocab:
     def __init__(self, tokens, hash_buckets: int = 0):
         # str(): numpy string scalars would not survive torch.load(weights_only=True) of a checkpoint
         self.tokens = ["<pad>", "<oov>", *sorted({str(t) for t in tokens})]
-        self.index = {token: i for i, token in enumerate(self.tokens)}
+        # the reserved rows are not tokens: a raw value spelled "<pad>" is unknown, never padding
+        self.index = {token: i for i, token in enumerate(self.tokens) if i > OOV}
         self.hash_buckets = int(hash_buckets)
 
     def __len__(self) -> int:

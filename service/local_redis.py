@@ -62,22 +62,40 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0, move_on_clash: bool = False) -> RedisServer:
+        """Start and wait until THIS process answers (another Redis may hold the port: a free port is only
+        free until someone binds it). `move_on_clash`: then try again on another free port (first start only:
+        a restart keeps its port, clients reconnect to the same URL)."""
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="udg-redis-")
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                   "no", "--dir", self.workdir, *self.extra]
-        if self.password:
-            command += ["--requirepass", self.password]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while not redis_answers(self.url, 0.2):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.binary} exited with {self.process.returncode} (port {self.port} busy?)")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.binary} did not answer on port {self.port} within {timeout_s} s")
-            time.sleep(0.05)
-        return self
+        for _ in range(5 if move_on_clash else 1):
+            command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                       "no", "--dir", self.workdir, *self.extra]
+            if self.password:
+                command += ["--requirepass", self.password]
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout_s
+            while self.process.poll() is None and not self._answers_as_itself():
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.binary} did not answer on port {self.port} within {timeout_s} s")
+                time.sleep(0.05)
+            if self.process.poll() is None:
+                return self
+            if move_on_clash:
+                self.port = free_port()
+        raise RuntimeError(f"{self.binary} exited with {self.process.returncode} (port {self.port} busy?)")
+
+    def _answers_as_itself(self) -> bool:
+        """Whether the Redis answering on the port is this child process (not one that held the port)."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        try:
+            return int(client.info("server")["process_id"]) == self.process.pid
+        except (redis.RedisError, OSError, KeyError, ValueError):
+            return False
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -16,8 +16,10 @@ Swap semantics (after TF Serving's availability-preserving policy):
   that is unloaded leaves the routing first, then its sessions are dropped once that count is 0.
 
 A/B split: `bucket(user_id)` is a stable hash (blake2b, not Python's per-process `hash`) into 10,000
-buckets; arms take consecutive bucket ranges in the order given, so every worker sends a user to the same
-arm, and growing the last arm's share (10% -> 20%) moves users only into it.
+buckets; arms take consecutive bucket ranges in version-name order (whatever order the weights came in), so
+every worker sends a user to the same arm, and with two arms growing one (10% -> 20%) moves users only into
+it. With three or more arms no split computed from the weights alone can promise that for every change (a
+shift between two arms may move users of an arm whose range lies between them).
 """
 
 from __future__ import annotations
@@ -119,10 +121,13 @@ def bucket(user_id: str) -> int:
 
 
 def split_bounds(weights: dict[str, float]) -> list[tuple[int, str]]:
-    """{version: percent} (in the given order) -> [(exclusive upper bucket, version)], the last one closing."""
+    """{version: percent} -> [(exclusive upper bucket, version)] in version-name order, the last one closing.
+
+    The order is canonical (sorted names), never the order the admin call sent the keys in: otherwise
+    `{"v2": 20, "v1": 80}` after `{"v1": 90, "v2": 10}` would swap the ranges and move every v2 user."""
     total = sum(weights.values())
     bounds, acc = [], 0.0
-    for version, weight in weights.items():
+    for version, weight in sorted(weights.items()):
         acc += weight
         bounds.append((round(acc / total * SPLIT_BUCKETS), version))
     if bounds:

@@ -7,6 +7,7 @@ session when first needed); `redis_server.url` is then a `redis+cluster://` URL.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,16 @@ import pytest
 
 REDIS_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
 VERSION = "v1"
+
+try:  # property tests: no per-example deadline (the machine is shared; a slow example is not a failure)
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("udg", deadline=None, print_blob=True)
+    # scripts/mutation.py: one pytest run per mutant, so fewer examples each (a killed mutant fails fast anyway)
+    _hypothesis_settings.register_profile("mutation", deadline=None, max_examples=25)
+    _hypothesis_settings.load_profile(os.environ.get("UDG_HYPOTHESIS_PROFILE", "udg"))
+except ImportError:  # the serving-only install has no hypothesis
+    pass
 
 
 def _redis_binary() -> str:
@@ -43,7 +54,7 @@ def redis_cluster():
 def single_redis():
     from service.local_redis import RedisServer, free_port
 
-    server = RedisServer(_redis_binary(), free_port()).start()
+    server = RedisServer(_redis_binary(), free_port()).start(move_on_clash=True)
     yield server
     server.cleanup()
 
@@ -96,7 +107,11 @@ def model_repo(tmp_path_factory) -> Path:
     from tests.tiny import tiny_prepared
 
     torch.set_num_threads(1)  # tiny models; robust when the other core is busy
-    root = tmp_path_factory.mktemp("service_model")
+    cached = os.environ.get("UDG_TEST_MODEL_CACHE")  # scripts/mutation.py: train once, not once per mutant
+    if cached and (Path(cached) / "repo" / VERSION / "manifest.json").exists():
+        return Path(cached) / "repo"
+    root = Path(cached) if cached else tmp_path_factory.mktemp("service_model")
+    root.mkdir(parents=True, exist_ok=True)
     data = tiny_prepared(users=200, items=60, events_per_user=12, max_history=8, cold_user_frac=0.1)
     config = model_config("pnn", "udg", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16)
     train_config = TrainConfig(epochs=1)
@@ -169,3 +184,34 @@ def make_client(redis_server, model_repo, tmp_path):
 @pytest.fixture
 def client(make_client, published):
     return make_client()
+
+
+def start_serve(env: dict, cwd: Path, attempts: int = 3, timeout_s: float = 60.0):
+    """`udg serve` on a free port: (process, base url) once it accepts connections. The port is chosen free and
+    then bound by the server, so another process may take it in between: then the server exits with
+    'address already in use' and it is started again on another port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from service.local_redis import free_port
+
+    for _ in range(attempts):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env={**env, "UDG_PORT": str(port)},
+                                  cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while server.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return server, f"http://127.0.0.1:{port}"
+            time.sleep(0.05)
+        output = server.stdout.read().decode() if server.poll() is not None else ""
+        if server.poll() is None:
+            server.kill()
+            raise AssertionError(f"udg serve did not listen on {port} within {timeout_s} s")
+        if "address already in use" not in output.lower():
+            raise AssertionError(f"udg serve exited ({server.returncode}):\n{output}")
+    raise AssertionError(f"no free port after {attempts} attempts")

@@ -308,12 +308,16 @@ def test_encoding(zoo):
     with pytest.raises(UnknownField, match="zodiac") as error:
         artifact.encode_profile({"zodiac": "leo"})
     assert isinstance(error.value, ValueError)
-    # out-of-range indices never reach the graph
-    user, udg = np.zeros(artifact.user_dim), np.zeros(artifact.udg_dim)
-    assert artifact.score(user, udg, [10 ** 9], [-5, 10 ** 9]).shape == (2,)
+    # out-of-range indices never reach the graph: they score exactly as the OOV row they are mapped to
+    user = np.linspace(-0.5, 0.5, artifact.user_dim)
+    udg = np.linspace(0.3, -0.3, artifact.udg_dim)
+    np.testing.assert_array_equal(artifact.score(user, udg, [10 ** 9], [-5, 10 ** 9]),
+                                  artifact.score(user, udg, [OOV], [OOV, OOV]))
     assert artifact.score(user, udg, [], []).shape == (0,)
     fields = {"candidate_category": np.array([[10 ** 9], [-3]])}  # out-of-vocabulary field tokens too
-    assert artifact.score(user, udg, [], [2, 3], fields).shape == (2,)
+    np.testing.assert_array_equal(artifact.score(user, udg, [], [2, 3], fields),
+                                  artifact.score(user, udg, [], [2, 3], {"candidate_category": np.array([[OOV]] * 2)}))
+    assert not np.array_equal(artifact.score(user, udg, [], [2, 3], fields), artifact.score(user, udg, [], [2, 3]))
 
 
 # --- models sized from the schema: a multi-valued item field; several item and user fields ------------------

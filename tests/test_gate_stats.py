@@ -31,8 +31,18 @@ def test_gate_report_matches_the_model_and_reads_the_planted_truth(trained):
     assert planted.shape == (len(data.user_ids),) and np.isfinite(planted).all()
     report = gate_report(model, samples, planted)
     assert [layer["width"] for layer in report["layers"]] == [g.third.out_features for g in model.gates]
-    for layer in report["layers"]:
-        assert 0.0 < layer["mean"] < 1.0 and 0.0 <= layer["between_user_share"] <= 1.0 + 1e-9
+    # each layer's statistics are those of the model's own gate values on these events, recomputed here
+    from model.train import to_tensors
+
+    batch = to_tensors(samples)
+    with torch.no_grad():
+        user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
+        gates = [g.expand(len(samples), -1).numpy() for g in
+                 model.gate_values(user_vec, udg_vec, batch["history"], batch["item"])]
+    for layer, values in zip(report["layers"], gates, strict=True):
+        assert layer["mean"] == pytest.approx(float(values.mean()), abs=1e-6)
+        assert layer["std"] == pytest.approx(float(values.std()), abs=1e-6) and layer["std"] > 1e-3
+        assert 0.0 <= layer["between_user_share"] <= 1.0 + 1e-9
     # Scoring through the extracted gates is the model itself.
     assert abs(report["auc"]["trained gates"] - evaluate(model, samples)["auc"]) < 1e-6
     assert set(report["auc"]) == {"trained gates", "each user's mean gate", "mean gate over all events"}

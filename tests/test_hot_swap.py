@@ -79,6 +79,7 @@ def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, 
     user_ids = [str(u) for u in users["user_ids"][:150]] + [f"new-{i}" for i in range(50)]
     candidates = [f"i{i}" for i in range(20)]
     records: list[tuple] = []  # (sent, received, status, version, user, pinned, block)
+    answers: list[tuple] = []  # (version, user, scores) of every 2xx
     swaps: list[dict] = []  # {start, end, state: {active, split}, propagation}
     block = {"index": -1}
     stop = threading.Event()
@@ -107,6 +108,8 @@ def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, 
                         received = time.perf_counter()
                         version = reply.json().get("model_version") if reply.status_code == 200 else reply.text
                         out.append((sent, received, reply.status_code, version, user, pinned, block["index"]))
+                        if reply.status_code == 200:
+                            answers.append((version, user, reply.json()["scores"]))
                 records.extend(out)
 
             def change(method: str, path: str, body=None) -> None:
@@ -172,6 +175,13 @@ def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, 
     assert not wrong, wrong[:5]
     served = {r[3] for r in records}
     assert {"v1", "v2", "v3"} <= served
+    # every answer's scores are those of the version it names (the versions differ in weights and state)
+    expected = versions_repo.Expected(repo)
+    cache: dict[tuple, np.ndarray] = {}
+    for version, user, scores in answers:
+        if (version, user) not in cache:
+            cache[version, user] = expected.scores(version, user, candidates)
+        np.testing.assert_allclose(scores, cache[version, user], atol=1e-6, err_msg=f"{version} {user}")
 
     # --- latency with and without swaps; propagation -----------------------------------------------------
     calm = [r[1] - r[0] for r in records if r[6] % 2 == 0 and r[6] >= 0]

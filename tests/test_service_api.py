@@ -89,7 +89,7 @@ def test_unseen_user_without_profile_uses_fallback_and_is_not_written_back(clien
     user_vec, udg_vec = artifact.cold_start(artifact.encode_profile({}))
     expected = artifact.score(user_vec, udg_vec, [], artifact.encode_items(known_items(artifact, 4))[0])
     np.testing.assert_allclose(body.json()["scores"], expected, atol=1e-6)
-    time.sleep(0.1)
+    client.portal.call(client.app.state.services.scorer.drain)  # every write-back the request started is done
     assert not redis_client.exists(LAYOUT.embeddings("v1", "anonymous"))
 
 
@@ -169,7 +169,11 @@ def test_health_ready_and_metrics(client):
 
 def test_activation_refused_without_publish_marker(make_client, redis_client):
     client = make_client(wait_ready=False)
-    time.sleep(0.3)
+    registry = client.app.state.services.registry
+    deadline = time.monotonic() + 10
+    while "publish marker" not in (registry.last_error or ""):  # the activation was tried and refused
+        assert time.monotonic() < deadline, registry.last_error
+        time.sleep(0.01)
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "publish marker" in " ".join(ready.json()["reasons"])
     reply = client.post("/v1/score", json={"user_id": "u", "candidates": ["i1"]})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,32 +10,48 @@ import httpx
 import numpy as np
 
 from loadtest.stack import stop
-from service.local_redis import free_port
+from tests.conftest import start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_udg_serve_over_http(published, redis_server, model_repo, artifact, users):
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(model_repo),
-           "UDG_MODEL_VERSION": "v1", "UDG_PORT": str(port), "UDG_WORKERS": "2"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=5) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                assert server.poll() is None, server.stdout.read().decode()
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "not ready within 60 s"
-                time.sleep(0.1)
+TOKEN = "e2e-admin"
 
+
+def fresh(base: str, method: str, path: str, **kwargs) -> httpx.Response:
+    """One request on a connection of its own: the kernel may hand it to either worker."""
+    with httpx.Client(base_url=base, timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        return getattr(http, method)(path, headers={"Authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})},
+                                     **kwargs)
+
+
+def served_per_worker(base: str, attempts: int = 60) -> dict[str, int]:
+    """{worker id: score requests v1 served there}, asking over new connections until both workers answered."""
+    served: dict[str, int] = {}
+    for _ in range(attempts):
+        listing = fresh(base, "get", "/v1/admin/versions").json()
+        served[listing["this_worker"]] = next(r["served"] for r in listing["versions"] if r["version"] == "v1")
+        if len(served) == 2:
+            break
+    return served
+
+
+def test_udg_serve_over_http(published, redis_server, model_repo, artifact, users):
+    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(model_repo),
+           "UDG_MODEL_VERSION": "v1", "UDG_WORKERS": "2", "UDG_ADMIN_TOKEN": TOKEN}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    server, base = start_serve(env, ROOT)
+    try:
+        ready: set[str] = set()  # worker ids that answered ready, each asked over a connection of its own
+        deadline = time.monotonic() + 60
+        while len(ready) < 2:
+            assert server.poll() is None and time.monotonic() < deadline, "both workers not ready within 60 s"
+            reply = fresh(base, "get", "/readyz")
+            if reply.status_code == 200:
+                ready.add(reply.json()["routing"]["worker"])
+            else:
+                time.sleep(0.05)  # a poll interval: readiness is what is waited on
+        with httpx.Client(base_url=base, timeout=5) as http:
             row = int(np.argmax(users["history_len"]))
             user_id = str(users["user_ids"][row])
             candidates = artifact.schema.items.tokens[2:32]  # the item vocabulary after <pad>, <oov>
@@ -52,17 +66,27 @@ def test_udg_serve_over_http(published, redis_server, model_repo, artifact, user
 
             event = http.post("/v1/events", json={"user_id": user_id, "item_id": candidates[0], "clicked": True})
             assert event.status_code == 200 and event.json()["appended"] == 1
-            # whichever worker answers next sees the click (state is in Redis, not in a worker)
-            for _ in range(4):
-                after = http.post("/v1/score", json={"user_id": user_id, "candidates": candidates}).json()
-                assert after["scores"] != body["scores"]
 
-            bad = http.post("/v1/score", content=b'{"user_id": 1}', headers={"Content-Type": "application/json"})
-            assert bad.status_code == 422 and bad.json()["field"] == "user_id"
+        # Both workers, each over a new connection per request (keep-alive would pin one worker): every answer
+        # sees the click (state is in Redis, not in a worker), until each worker has answered some of them.
+        sent = 1
+        served = {}
+        for _ in range(20):
+            for _ in range(5):
+                after = fresh(base, "post", "/v1/score", json={"user_id": user_id, "candidates": candidates})
+                assert after.status_code == 200 and after.json()["scores"] != body["scores"]
+                sent += 1
+            served = served_per_worker(base)
+            if len(served) == 2 and min(served.values()) > 0:
+                break
+        assert len(served) == 2 and min(served.values()) > 0, served
+        assert sum(served.values()) == sent, (served, sent)  # exact: no request lost or counted twice
 
-            metrics = http.get("/metrics").text  # aggregated over both workers (multiprocess mode)
-            count = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                        if line.startswith("udg_request_seconds_count") and "/v1/score" in line)
-            assert count >= 5
+        metrics = fresh(base, "get", "/metrics").text  # aggregated over both workers (multiprocess mode)
+        count = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("udg_request_seconds_count") and "/v1/score" in line)
+        assert count == sent
+        bad = fresh(base, "post", "/v1/score", content=b'{"user_id": 1}', headers={"Content-Type": "application/json"})
+        assert bad.status_code == 422 and bad.json()["field"] == "user_id"
     finally:
         stop(server, grace_s=20)

@@ -62,12 +62,13 @@ def test_redis_slow_gives_503_within_timeout_then_recovers(client, redis_server,
         reply = client.post("/v1/score", json=body)
         elapsed = time.monotonic() - started
         assert reply.status_code == 503 and reply.json()["error"] == "redis_unavailable"
-        assert TIMEOUT_S * 0.8 < elapsed < TIMEOUT_S + 0.7, elapsed
+        # one timeout, not two: a hidden retry (a second attempt after the first timed out) takes >= 2x
+        assert TIMEOUT_S * 0.8 < elapsed < 2 * TIMEOUT_S, elapsed
         started = time.monotonic()
         event = client.post("/v1/events/batch", json={"events": [
             {"user_id": "a", "item_id": "i1", "clicked": True, "ts": 1},
             {"user_id": "b", "item_id": "i2", "clicked": True, "ts": 1}]})
-        assert event.status_code == 503 and time.monotonic() - started < TIMEOUT_S + 0.7
+        assert event.status_code == 503 and time.monotonic() - started < 2 * TIMEOUT_S
     finally:
         os.kill(redis_server.process.pid, signal.SIGCONT)
     reply = client.post("/v1/score", json=body)
@@ -75,25 +76,34 @@ def test_redis_slow_gives_503_within_timeout_then_recovers(client, redis_server,
 
 
 def test_write_back_failure_does_not_fail_the_response(make_client, published, redis_server, redis_client):
+    """Redis refuses the write-back for real (out of memory: reads still work, every write is refused); the
+    answer is 200 and the failure counted; once Redis accepts writes again the same path does write."""
     client = make_client()
     from service import metrics
 
+    layout = RedisLayout()
+    body = {"candidates": ["i1"], "profile": {"sex": "F"}}
     before = metrics.WRITE_BACK_FAILURES._value.get()
-    services = client.app.state.services
-
-    async def failing(*args, **kwargs):
-        from service.feature_store import FeatureStoreUnavailable
-
-        raise FeatureStoreUnavailable("simulated")
-
-    services.store.store_generated = failing
-    reply = client.post("/v1/score", json={"user_id": "new", "candidates": ["i1"], "profile": {"sex": "F"}})
-    assert reply.status_code == 200 and reply.json()["cold_start"] is True
-    deadline = time.monotonic() + 2
-    while metrics.WRITE_BACK_FAILURES._value.get() == before:
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)  # below what is used: every write is refused with OOM
+    try:
+        reply = client.post("/v1/score", json={"user_id": "new", **body})
+        assert reply.status_code == 200 and reply.json()["cold_start"] is True
+        deadline = time.monotonic() + 5
+        while metrics.WRITE_BACK_FAILURES._value.get() == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert metrics.WRITE_BACK_FAILURES._value.get() == before + 1
+    assert not redis_client.exists(layout.embeddings("v1", "new"))  # the refused write left nothing
+    # the same request once Redis takes writes: written back (the assertion above could have failed)
+    assert client.post("/v1/score", json={"user_id": "new", **body}).status_code == 200
+    deadline = time.monotonic() + 5
+    while not redis_client.exists(layout.embeddings("v1", "new")):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert not redis_client.exists(RedisLayout().embeddings("v1", "new"))
+    assert metrics.WRITE_BACK_FAILURES._value.get() == before + 1
 
 
 def test_service_starts_before_redis_and_becomes_ready(make_client, redis_server, model_repo):
@@ -102,7 +112,11 @@ def test_service_starts_before_redis_and_becomes_ready(make_client, redis_server
     redis_server.stop()
     try:
         client = make_client(wait_ready=False)
-        time.sleep(0.3)
+        registry = client.app.state.services.registry
+        deadline = time.monotonic() + 10
+        while "Redis" not in (registry.last_error or "") and "Connection" not in (registry.last_error or ""):
+            assert time.monotonic() < deadline, registry.last_error  # the follower tried and failed
+            time.sleep(0.01)
         assert client.get("/readyz").status_code == 503
         assert client.post("/v1/score", json={"user_id": "x", "candidates": ["i1"]}).status_code == 503
     finally:

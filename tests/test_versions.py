@@ -9,6 +9,7 @@ import shutil
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from service.redis_layout import RedisLayout
@@ -41,11 +42,20 @@ def make_worker(make_client):
     return factory
 
 
+EXPECTED: dict = {}  # repository -> versions_repo.Expected
+
+
 def score(client, user="u1", **extra):
-    reply = client.post("/v1/score", json={"user_id": user, "candidates": ["i1", "i2", "i3"], **extra.pop("body", {})},
+    """The version that answered; its scores must be that version's own (v1, v2, v3 differ in every weight)."""
+    candidates = ["i1", "i2", "i3"]
+    reply = client.post("/v1/score", json={"user_id": user, "candidates": candidates, **extra.pop("body", {})},
                         **extra)
     assert reply.status_code == 200, reply.text
-    return reply.json()["model_version"]
+    body = reply.json()
+    repo = client.app.state.services.registry.repo
+    expected = EXPECTED.setdefault(repo, versions_repo.Expected(repo))
+    np.testing.assert_allclose(body["scores"], expected.scores(body["model_version"], user, candidates), atol=1e-6)
+    return body["model_version"]
 
 
 def wait_for(predicate, timeout_s=5.0):
@@ -286,3 +296,18 @@ def test_a_wiped_redis_keeps_the_admin_activated_version(make_worker, published_
     versions_repo.publish_all(published_all, redis_client)
     wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10)
     assert score(client) == "v2" and client.get("/readyz").json()["model_version"] == "v2"
+
+
+def test_the_versions_differ_in_weights_and_in_published_state(published_all, redis_client):
+    """What makes the score checks above mean something: a v2 answered with v1's session or v1's Redis
+    namespace would not reproduce v2's scores."""
+    expected = versions_repo.Expected(published_all)
+    users = expected.artifact("v1").load_users()
+    known = str(users["user_ids"][0])
+    layout = RedisLayout()
+    for user in ("u1", known):
+        by_version = {v: expected.scores(v, user, ["i1", "i2", "i3"]) for v in versions_repo.VALID}
+        for a, b in (("v1", "v2"), ("v1", "v3"), ("v2", "v3")):
+            assert np.abs(by_version[a] - by_version[b]).max() > 1e-3, (user, a, b)
+    stored = {v: redis_client.get(layout.embeddings(v, known)) for v in versions_repo.VALID}
+    assert len(set(stored.values())) == 3 and None not in stored.values()
