@@ -59,10 +59,14 @@ class Vocab:
 
     def lookup_many(self, tokens) -> np.ndarray:
         """Vectorised over the distinct tokens: one dict lookup (and hash) per distinct value."""
-        values = np.asarray(tokens if not isinstance(tokens, list) else np.array(tokens, dtype=str))
+        values = np.asarray(tokens, dtype=object) if isinstance(tokens, list) else np.asarray(tokens)
         if values.size == 0:
             return np.zeros(values.shape, np.int64)
-        distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+        if values.dtype == object:  # str() per value, not a numpy str array, which drops trailing NULs ("a\0")
+            values = np.array([str(t) for t in values.ravel().tolist()], dtype=object).reshape(values.shape)
+        else:
+            values = values.astype(str)
+        distinct, inverse = np.unique(values, return_inverse=True)
         codes = np.fromiter((self.lookup(t) for t in distinct.tolist()), np.int64, count=len(distinct))
         return codes[inverse.reshape(values.shape)]
 

@@ -98,6 +98,7 @@ def test_item_tokens_round_trip_and_reject_another_width(tokens):
        hash_buckets=st.sampled_from([0, 1, 7, 64]))
 @example(vocabulary={"a", "b"}, queries=["<pad>", "<oov>", "a"], hash_buckets=0)
 @example(vocabulary={"a", "<oov>"}, queries=["<pad>", "<oov>"], hash_buckets=5)
+@example(vocabulary=set(), queries=["\x00", "a\x00"], hash_buckets=7)  # a numpy str array drops trailing NULs
 def test_every_token_maps_to_its_row_its_bucket_or_oov_never_padding(vocabulary, queries, hash_buckets):
     vocab = Vocab(vocabulary, hash_buckets)
     assert len(vocab) == len(vocabulary) + 2 + hash_buckets
