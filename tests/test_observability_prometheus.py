@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,7 @@ def run_promtool(*args: str) -> str:
 
 def test_promtool_checks_config_and_rules():
     assert "SUCCESS" in run_promtool("check", "config", str(PROMETHEUS_CONFIG))
-    assert "SUCCESS: 13 rules found" in run_promtool("check", "rules", str(RULES))
+    assert "SUCCESS: 15 rules found" in run_promtool("check", "rules", str(RULES))
 
 
 def test_promtool_rule_unit_tests_fire_every_alert():
@@ -104,16 +105,27 @@ def test_dashboard_is_provisioned_in_compose():
 
 # --- live ------------------------------------------------------------------------------------------------
 
-def prometheus_config(target: str, path: Path) -> Path:
-    """The committed config with 1 s intervals, the committed rules file and its job aimed at `target`."""
+def prometheus_config(targets: dict[str, str], path: Path) -> Path:
+    """The committed config with 1 s intervals, the committed rules file and each job aimed at its target
+    (`targets`: job name -> host:port, one for every committed job)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
     config["rule_files"] = [str((PROMETHEUS_CONFIG.parent / name).resolve()) for name in config["rule_files"]]
-    (job,) = config["scrape_configs"]
-    job.pop("dns_sd_configs")
-    job["static_configs"] = [{"targets": [target]}]
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    for job in config["scrape_configs"]:
+        job.pop("dns_sd_configs")
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def start_warmup_worker(redis_url: str, model_repo: Path, metrics_port: int, log_path: Path) -> subprocess.Popen:
+    """A real `udg warmup` (all users, so the known users' events are applied too) with its /metrics."""
+    env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(model_repo)}
+    with log_path.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--users", "all", "--block-ms", "100",
+                                 "--metrics-port", str(metrics_port)], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
 
 
 class PrometheusApi:
@@ -149,8 +161,11 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus missing: apt-get install prometheus (.ci/run installs it)"
     server, base, port, serve_log = start_service(redis_server.url, model_repo, tmp_path)
+    warmup_port = free_port()
+    warmup = start_warmup_worker(redis_server.url, model_repo, warmup_port, tmp_path / "warmup.log")
     prom_port = free_port()
-    config = prometheus_config(f"127.0.0.1:{port}", tmp_path / "prometheus.yml")
+    config = prometheus_config({"udg": f"127.0.0.1:{port}", "udg-warmup": f"127.0.0.1:{warmup_port}"},
+                               tmp_path / "prometheus.yml")
     prom_log = (tmp_path / "prometheus.log").open("wb")
     prom = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
@@ -165,11 +180,14 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
         items = list(artifact.schema.items.tokens[2:22])
         with httpx.Client(base_url=base, timeout=5) as http:
             wait_until(lambda: api.finite('up{job="udg"}') == [1.0], 30, "target scraped and up")
+            wait_until(lambda: api.finite('up{job="udg-warmup"}') == [1.0], 60, "the warm-up worker scraped and up")
             # Two rounds with a scrape between: a series' first sample already holds its first round, so a
             # rate needs the second to see an increase.
             for rounds, total in ((5, 25), (25, 150)):
                 send_traffic(http, known, items, rounds)
                 wait_until(lambda t=total: scraped("sum(udg_http_responses_total)") >= t, 20, "the traffic scraped")
+                wait_until(lambda t=total: scraped("sum(udg_warmup_staleness_seconds_count)") >= t // 5 * 2, 30,
+                           "the events warmed and scraped")  # two events per round, each applied once
             # both workers answered and both are in the scrape: per-worker gauges carry a pid each
             pids = wait_until(lambda: {s["metric"]["pid"] for s in api.query("udg_ready")} if len(
                 api.query("udg_ready")) == 2 else None, 20, "udg_ready of both workers")
@@ -210,12 +228,14 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
 
         groups = api.http.get("/api/v1/rules").json()["data"]["groups"]
         unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
-        assert not unhealthy and sum(len(g["rules"]) for g in groups) == 13, unhealthy
+        assert not unhealthy and sum(len(g["rules"]) for g in groups) == 15, unhealthy
         firing = wait_until(lambda: {a["labels"]["alertname"] for a in api.http.get("/api/v1/alerts").json()[
             "data"]["alerts"] if a["state"] == "firing"} or None, 10, "an alert firing")
         assert "UdgStateLost" in firing
         assert api.finite("sum(udg_arm_events_total)")[0] == 60  # every event under the arm serving its user
+        assert warmup.poll() is None, (tmp_path / "warmup.log").read_text()[-2000:]  # it outlived the outage
     finally:
         prom.terminate()
+        stop(warmup)
         stop(server)
         prom.wait(timeout=15)

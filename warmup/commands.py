@@ -30,7 +30,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
     worker = WarmupWorker(client, ModelRepository(settings.model_repo), RedisLayout.from_settings(settings), config,
                           args.consumer, metrics)
     stopping = {"now": False}
@@ -68,6 +68,8 @@ def register(subparsers) -> None:
     parser.add_argument("--users-per-pass", type=int, default=64,
                         help="users stepped together in one batched forward/backward and written in one pipeline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one worker per core scales out)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1:PORT")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on METRICS_HOST:PORT")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of /metrics (0.0.0.0 in a container, for ops/prometheus/prometheus.yml)")
     parser.add_argument("--exit-when-idle-s", type=float, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(handler=cmd_warmup)
