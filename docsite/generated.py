@@ -122,6 +122,9 @@ BENCHMARK_REPORTS = {
                                                    ["--report", "docs/results/perf/bench-batching.json"]),
     "docs/results/cluster/report-bench.md": ("loadtest.bench_publish", ["--table", "docs/results/cluster/bench.json"]),
     "docs/results/ddp/report-bench.md": ("loadtest.bench_ddp", ["--from-journal", "docs/results/ddp/bench.json"]),
+    "docs/results/ingest/report-bench.md": ("loadtest.bench_ingest", ["--render", "docs/results/ingest/bench.json"]),
+    "docs/results/ingest/report-bench-prerefactor.md": ("loadtest.bench_ingest",
+                                                        ["--render", "docs/results/ingest/bench-prerefactor.json"]),
     "docs/results/report-rolling-restart.md": ("loadtest.rolling_restart",
                                                ["--table", "docs/results/rolling_restart.json"]),
 }
