@@ -271,6 +271,32 @@ def check_kind(kind: str, checkpoint: str | None, data, on_gpu: bool, sizes: lis
     return result
 
 
+KIND_NAMES = {"pnn": "PNN", "deepfm": "DeepFM", "wide_deep": "Wide&Deep", "din": "DIN", "dien": "DIEN"}
+TABLE_PATHS = ("ort cpu (2 thr)", "torch eager cuda", "ort cuda, plain run", "ort cuda, CUDA graph + IO binding")
+
+
+def latency_table(journal: dict) -> str:
+    """Median µs per call of one user and N candidates, per kind and path, from a --json journal."""
+    from export.runtime import CUDA_GRAPH_BUCKETS
+
+    lines = [journal.get("gpu", ""), "",
+             "| model | N | ORT CPU 2 thr | PyTorch CUDA | ORT CUDA | ORT CUDA + graph | graph speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for result in journal["kinds"]:
+        cells = {(row["path"], row["n"]): row["median_s"] * 1e6 for row in result.get("latency", [])}
+        for n in sorted({row["n"] for row in result.get("latency", [])}):
+            cpu, torch_cuda, plain, graph = (cells.get((path, n)) for path in TABLE_PATHS)
+            if graph is None:  # N over the largest bucket: the graph path's IO-binding fallback
+                graph = next((v for (path, size), v in cells.items() if size == n and path.startswith(
+                    "ort cuda, CUDA graph")), None)
+            speedup = f"{plain / graph:.1f}x" if plain and graph else "—"
+            if n > CUDA_GRAPH_BUCKETS[-1]:
+                speedup += " (no bucket)"
+            values = " | ".join("—" if v is None else f"{v:,.0f}" for v in (cpu, torch_cuda, plain, graph))
+            lines.append(f"| {KIND_NAMES.get(result['kind'], result['kind'])} | {n} | {values} | {speedup} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default=None)
@@ -278,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,100,1000,5000")
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per benchmark cell")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--report", default=None, help="print the latency table of a journal written by --json")
     args = parser.parse_args(argv)
+    if args.report:
+        print(latency_table(json.loads(Path(args.report).read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import onnxruntime as ort
