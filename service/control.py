@@ -92,8 +92,24 @@ class ControlKeys:
         return self._layout.control(f"worker:{worker_id}")
 
     @property
-    def worker_pattern(self) -> str:
-        return self._layout.control("worker:*")
+    def workers_index(self) -> str:
+        """ZSET of heartbeat keys scored by their expiry (ms): listing the workers is one ZRANGEBYSCORE in the
+        control slot, not a SCAN over a node's whole keyspace (which holds every user's keys)."""
+        return self._layout.control("workers")
+
+
+    def queue_heartbeat(self, pipe, worker_id: str, body: bytes, ttl_ms: int, now_ms: int) -> None:
+        """Queue a heartbeat on a pipeline (async or sync): the worker's key with its TTL, its entry in the
+        index, and the index pruned of workers gone for a TTL. All in the control slot: one node."""
+        key = self.worker(worker_id)
+        pipe.set(key, body, px=ttl_ms)
+        pipe.zadd(self.workers_index, {key: now_ms + ttl_ms})
+        pipe.zremrangebyscore(self.workers_index, "-inf", now_ms - ttl_ms)
+
+
+def live_worker_keys(client, keys: ControlKeys, now_ms: int):
+    """(async or sync client) The heartbeat keys whose expiry has not passed, from the workers index."""
+    return client.zrangebyscore(keys.workers_index, now_ms, "+inf")
 
 
 class Conflict(RuntimeError):
@@ -378,23 +394,20 @@ class Control:
 
     async def heartbeat(self) -> None:
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        await self.redis.set(self.keys.worker(self.worker_id), orjson.dumps(self.heartbeat_body()), px=ttl_ms)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip
+        self.keys.queue_heartbeat(pipe, self.worker_id, orjson.dumps(self.heartbeat_body()), ttl_ms,
+                                  int(time.time() * 1000))
+        await pipe.execute()
         self._last_heartbeat = time.monotonic()
 
     async def forget(self) -> None:
         with contextlib.suppress(Exception):
             await self.redis.delete(self.keys.worker(self.worker_id))
+            await self.redis.zrem(self.keys.workers_index, self.keys.worker(self.worker_id))
 
     async def workers(self) -> list[dict]:
-        from service.redis_client import is_cluster
-
-        # The heartbeats are in the control slot: on a cluster, scan only its node (not every primary).
-        where = {"target_nodes": self.redis.get_node_from_key(self.keys.routing)} if is_cluster(self.redis) else {}
-
-        async def scan():
-            return [key async for key in self.redis.scan_iter(match=self.keys.worker_pattern, count=1000, **where)]
-
-        keys = await self._call("SCAN workers", scan())
+        keys = await self._call("ZRANGEBYSCORE workers", live_worker_keys(self.redis, self.keys,
+                                                                          int(time.time() * 1000)))
         values = await self._call("MGET workers", self.redis.mget(keys)) if keys else []
         return sorted((orjson.loads(v) for v in values if v), key=lambda w: w["worker"])
 
@@ -442,7 +455,7 @@ def garbage_collect(client, prefix: str = "udg", dry_run: bool = False, min_age_
         protected.setdefault(version, "split arm")
     for version in doc.get("loaded") or []:
         protected.setdefault(version, "loaded (routing document)")
-    for key in client.scan_iter(match=keys.worker_pattern, count=1000):
+    for key in live_worker_keys(client, keys, int(time.time() * 1000)):
         value = client.get(key)
         if value:
             worker = orjson.loads(value)

@@ -6,6 +6,7 @@ chunk size; a worker started after an admin change serves the routing document, 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import orjson
@@ -27,10 +28,13 @@ def test_gc_keeps_split_arms_and_versions_held_by_a_live_worker(redis_client, re
     keys = ControlKeys()
     redis_client.set(keys.routing, orjson.dumps({"generation": 3, "active": "v1", "split": {"v1": 90, "v2": 10},
                                                  "loaded": ["v1"], "history": []}))
-    redis_client.set(keys.worker("host:1:a"), orjson.dumps({"worker": "host:1:a", "active": "v1",
-                                                            "ready": ["v1", "v3"]}), px=15_000)
-    redis_client.set(keys.worker("host:2:b"), orjson.dumps({"worker": "host:2:b", "active": "bad-golden",
-                                                            "ready": []}), px=15_000)
+    pipe = redis_client.pipeline()
+    now_ms = int(time.time() * 1000)
+    keys.queue_heartbeat(pipe, "host:1:a", orjson.dumps({"worker": "host:1:a", "active": "v1", "ready": ["v1", "v3"]}),
+                         15_000, now_ms)
+    keys.queue_heartbeat(pipe, "host:2:b", orjson.dumps({"worker": "host:2:b", "active": "bad-golden", "ready": []}),
+                         15_000, now_ms)
+    pipe.execute()
     result = garbage_collect(redis_client, min_age_s=0)
     assert result["kept"] == {"v1": "active", "v2": "split arm", "v3": "loaded by worker host:1:a",
                               "bad-golden": "loaded by worker host:2:b"}
