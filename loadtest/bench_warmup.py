@@ -292,8 +292,9 @@ def events_cost(version_dir: Path, n: int, rounds: int = 2) -> dict:
     import httpx
 
     from loadtest.stack import publish_version, start_redis, start_service, stop
+    from repository import read_manifest
 
-    items = list(json.loads((Path(version_dir) / "manifest.json").read_text())["features"]["items"]["tokens"])[2:50]
+    items = list(read_manifest(Path(version_dir))["features"]["items"]["tokens"])[2:50]
     latencies = {"off": [], "on": []}
     for _ in range(rounds):
         for setting in ("off", "on"):
