@@ -209,7 +209,7 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
                 statuses = {http.post("/v1/score", json={"user_id": known[0], "candidates": items}).status_code
                             for _ in range(count)}
                 assert statuses == {503}
-                wait_until(lambda t=total: scraped('sum(udg_errors_total{kind="redis_unavailable"})') >= t, 20,
+                wait_until(lambda t=total: scraped('sum(udg_errors_total{kind="redis_unavailable"})') >= t, 60,
                            "the outage scraped")
             redis_server.start()
             wait_until(lambda: api.finite("max(udg_state_lost)") == [1.0], 30, "state loss scraped")
