@@ -93,7 +93,8 @@ def test_publish_writes_layout_marker_and_fetches_in_one_command(redis_client, r
     assert state.epoch == epoch
     # one MGET, on one node (on a cluster: every key in the user's slot), nothing else but the handshake
     connection = ("cmdstat_config", "cmdstat_info", "cmdstat_hello", "cmdstat_client", "cmdstat_command",
-                  "cmdstat_cluster")  # handshake (a cluster client also reads the slot map), this test
+                  "cmdstat_cluster",  # handshake (a cluster client also reads the slot map), this test
+                  "cmdstat_replconf", "cmdstat_ping")  # a replica's once-a-second ACK to its primary
     stats = [{k: v for k, v in node.info("commandstats").items() if not k.startswith(connection)} for node in nodes]
     assert sorted(stat.get("cmdstat_mget", {}).get("calls", 0) for stat in stats)[-2:] == [0, 1][-len(nodes):]
     assert [set(stat) for stat in stats if stat] == [{"cmdstat_mget"}]
