@@ -264,6 +264,7 @@ def shop_spec_text(params) -> str:
 
 
 def make_shop(out: Path, params) -> dict:
+    from dataset.files import write_atomically
     from dataset.shop import TABLES, generate, new_item_ids, write_parquet
     from dataset.spec import load_spec
 
@@ -272,9 +273,7 @@ def make_shop(out: Path, params) -> dict:
     tables = generate(params)
     write_parquet(tables, out)
     spec_path = out / "shop.toml"
-    tmp = out / ".shop.toml.tmp"
-    tmp.write_text(shop_spec_text(params))
-    tmp.replace(spec_path)
+    write_atomically(spec_path, lambda tmp: tmp.write_text(shop_spec_text(params)))
     load_spec(spec_path)  # the written spec validates
     clicks = tables["events"]["click"]
     return {"folder": str(out), "spec": str(spec_path),

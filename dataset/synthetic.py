@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.files import write_atomically
+
 
 @dataclass
 class SyntheticParams:
@@ -107,9 +109,8 @@ def write_parquet(tables: dict[str, dict[str, np.ndarray]], folder: Path) -> Pat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, columns in tables.items():
-        tmp = folder / f".{name}.parquet.tmp"
-        pq.write_table(pa.table({k: pa.array(v) for k, v in columns.items()}), tmp)
-        tmp.replace(folder / f"{name}.parquet")
+        table = pa.table({k: pa.array(v) for k, v in columns.items()})
+        write_atomically(folder / f"{name}.parquet", lambda tmp, table=table: pq.write_table(table, tmp))
     return folder
 
 
@@ -205,9 +206,8 @@ def write_log(params: LogParams, folder: Path) -> Path:
         by_time = np.argsort(stamp, kind="stable")
         table = pa.table([user_ids.take(pa.array(user[by_time])), item_ids.take(pa.array(item[by_time])),
                           pa.array(stamp[by_time]), pa.array(click[by_time])], schema=schema)
-        tmp = folder / f".events-{number:03d}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=p.row_group)
-        tmp.replace(folder / f"events-{number:03d}.parquet")
+        write_atomically(folder / f"events-{number:03d}.parquet",
+                         lambda tmp, table=table: pq.write_table(table, tmp, row_group_size=p.row_group))
         del parts, item, stamp, click, user, by_time, table
     tables = {"users": {"user_id": user_ids, "cohort": pa.array(np.char.add("a", cohort.astype(str))),
                         "sex": pa.array(np.array(list("MF"))[sex]),
@@ -215,7 +215,6 @@ def write_log(params: LogParams, folder: Path) -> Path:
                         "log_decisiveness": pa.array(log_decisiveness)},
               "items": {"item_id": item_ids, "category": pa.array(np.char.add("c", item_category.astype(str)))}}
     for name, columns in tables.items():
-        tmp = folder / f".{name}.parquet.tmp"
-        pq.write_table(pa.table(columns), tmp)
-        tmp.replace(folder / f"{name}.parquet")
+        table = pa.table(columns)
+        write_atomically(folder / f"{name}.parquet", lambda tmp, table=table: pq.write_table(table, tmp))
     return folder

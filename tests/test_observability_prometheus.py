@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -205,12 +206,22 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
             # a Redis outage (503s, rate-limited lines), then Redis back without its data: state lost
             redis_server.process.kill()
             redis_server.process.wait()
-            for count, total in ((10, 10), (30, 40)):
-                statuses = {http.post("/v1/score", json={"user_id": known[0], "candidates": items}).status_code
-                            for _ in range(count)}
-                assert statuses == {503}
-                wait_until(lambda t=total: scraped('sum(udg_errors_total{kind="redis_unavailable"})') >= t, 60,
-                           "the outage scraped")
+            seen = collections.Counter()  # error kind -> answers: the counters must reach these
+            for count in (10, 30):
+                answers = [http.post("/v1/score", json={"user_id": known[0], "candidates": items})
+                           for _ in range(count)]
+                assert {answer.status_code for answer in answers} == {503}
+                seen.update(answer.json()["error"] for answer in answers)
+                assert "redis_unavailable" in seen, seen
+
+                def outage_scraped():
+                    return all(scraped(f'sum(udg_errors_total{{kind="{kind}"}})') >= n for kind, n in seen.items())
+                try:
+                    wait_until(outage_scraped, 60, "the outage scraped")
+                except AssertionError as error:
+                    counted = {kind: scraped(f'sum(udg_errors_total{{kind="{kind}"}})') for kind in seen}
+                    raise AssertionError(f"{error}: answered {dict(seen)}, scraped {counted}, up "
+                                         f"{api.query('up')}\n{serve_log.read_text()[-3000:]}") from None
             redis_server.start()
             wait_until(lambda: api.finite("max(udg_state_lost)") == [1.0], 30, "state loss scraped")
             wait_until(lambda: api.query("udg_log_lines_suppressed_total"), 10, "suppressed lines scraped")
