@@ -306,8 +306,9 @@ def render(journal: dict) -> str:
     lines += [f"| {check} | {result} | {expected} |" for check, result, expected in journal["rows"]]
     if "load_average_before_after" in journal:
         before, after = journal["load_average_before_after"]
-        lines += ["", f"{journal['cpus']} CPUs, load average {before:.1f} before and {after:.1f} after the drill "
-                      f"({journal['at']}, Python {journal['python']})."]
+        lines += [f"| machine: load average before / after the drill ({journal['cpus']} CPUs) | "
+                  f"{before:.1f} / {after:.1f} | (shared machine) |",
+                  "", f"Run at {journal['at']}, Python {journal['python']}."]
     return "\n".join(lines)
 
 
