@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # UDG CTR images, one multi-stage file. Build one target at a time:
-#   docker build --target serve-cpu -t udg-ctr:serve-cpu .   # FastAPI + onnxruntime (CPU), no torch
+#   docker build --target serve-cpu -t udg-ctr:serve-cpu .   # FastAPI + onnxruntime (CPU) + OTLP traces, no torch
 #   docker build --target serve-gpu -t udg-ctr:serve-gpu .   # the same on CUDA: onnxruntime-gpu
 #   docker build --target trainer   -t udg-ctr:trainer .     # torch (CPU wheel): train -> export -> publish
 #   docker build --target loadtest  -t udg-ctr:loadtest .    # locust + loadtest/locustfile.py
@@ -41,9 +41,11 @@ COPY loadtest ./loadtest
 COPY warmup ./warmup
 
 # serve-build: the serving virtualenv, built apart so the runtime image holds no source tree or build cache.
+# The otel extra (OpenTelemetry SDK + OTLP/HTTP exporter, no torch) is installed so that setting
+# UDG_OTLP_ENDPOINT turns tracing on without another image; unset, nothing of it is imported.
 FROM source AS serve-build
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "/src[serve]"
+    && pip install --no-cache-dir "/src[serve,otel]"
 
 # ---------------------------------------------------------------------------------------------------------
 # serve-cpu: `udg serve` on onnxruntime (CPU). No torch anywhere in this image.
@@ -86,7 +88,7 @@ RUN apt-get update \
 COPY --from=source /src /src
 WORKDIR /src
 RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir "/src[gpu]" \
+    && pip install --no-cache-dir "/src[gpu,otel]" \
     && rm -rf /src/build /src/*.egg-info
 COPY docker/healthcheck.py /opt/udg/healthcheck.py
 WORKDIR /home/udg

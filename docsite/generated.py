@@ -132,6 +132,14 @@ BENCHMARK_REPORTS = {
     "docs/results/mutation/report.md": ("scripts/mutation.py", ["--report"]),
     "docs/results/report-rolling-restart.md": ("loadtest.rolling_restart",
                                                ["--table", "docs/results/rolling_restart.json"]),
+    "docs/results/faults/report-http-drill.md": ("loadtest.http_drill",
+                                                 ["--table", "docs/results/faults/http-drill.json"]),
+    "docs/results/faults/report-fault-drill.md": ("loadtest.fault_drill",
+                                                  ["--table", "docs/results/faults/fault-drill.json"]),
+    "docs/results/perf/report-bench-service.md": ("loadtest.bench_service",
+                                                  ["--report", "docs/results/perf/bench-service.json"]),
+    "docs/results/warmup/report-summary.md": ("loadtest.bench_warmup",
+                                              ["--out", "docs/results/warmup", "--summary-table"]),
 }
 
 

@@ -1,7 +1,8 @@
 """Latency benchmark: the in-process onnxruntime call vs the service end to end over HTTP on 127.0.0.1.
 
     python -m loadtest.bench_service [--model-repo runs/quickstart/model_repo] [--version V]
-                                      [--sizes 100,500] [--concurrency 1,8] [--requests 2000]
+                                      [--sizes 100,500] [--concurrency 1,8] [--requests 2000] [--json PATH]
+    python -m loadtest.bench_service --report docs/results/perf/bench-service.json   # its tables, no run
 
 One run prints, for each N (candidates): the in-process `Artifact.score` latency (same onnxruntime threads as
 the service), the service's latency at each concurrency (median, p90, p99, req/s), and the difference and
@@ -34,6 +35,7 @@ from loadtest.stack import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 _LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
+TARGET_MS = 0.8  # the serving target: service median at N = 500, concurrency 1, above the in-process call
 
 
 # --- a minimal HTTP/1.1 keep-alive client ----------------------------------------------------------------
@@ -232,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (service and in-process)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-endpoint floor")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here (a journal)")
+    parser.add_argument("--report", type=Path, default=None, metavar="JOURNAL",
+                        help="print the Markdown tables of a journal written by --json, run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown_report(json.loads(args.report.read_text())))
+        return 0
     sizes = [int(x) for x in args.sizes.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
 
@@ -249,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     items = artifact.schema.items.tokens[2:]  # the item vocabulary after <pad>, <oov>
     host = "127.0.0.1"
     redis = RedisServer(redis_server_binary(), free_port()).start()
-    results: dict = {"version": artifact.version, "workers": args.workers, "threads": args.threads,
-                     "cpus": os.cpu_count(), "sizes": {}}
+    results: dict = {"command": " ".join(["python -m loadtest.bench_service",
+                                          *(argv if argv is not None else sys.argv[1:])]),
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": artifact.version,
+                     "model": {"kind": artifact.manifest["model"]["kind"], "udg": artifact.manifest["model"]["udg"],
+                               "dims": artifact.manifest["dims"], "items": len(items), "repo": str(version_dir)},
+                     "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(),
+                     "load_before": os.getloadavg()[0], "sizes": {}}
     server = bare = None
     try:
         publish(version_dir, sync_redis(redis.url), progress=False)
@@ -319,10 +331,62 @@ def main(argv: list[str] | None = None) -> int:
                 stop(process, grace_s=20)
         redis.cleanup()
 
+    results["load_after"] = os.getloadavg()[0]
     print_report(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print("\n" + markdown_report(json.loads(Path(args.json).read_text())))
     return 0
+
+
+def _model_words(results: dict) -> str:
+    model = results.get("model")
+    if not model:
+        return ""
+    return f" ({model['kind'].upper()}{'+UDG' if model['udg'] else ''}, {model['items']:,d} items)"
+
+
+def markdown_report(results: dict) -> str:
+    """The journal's latency table and where a request's time goes, as Markdown (docs/serving.md includes them)."""
+    ms = 1e3
+    lines = ["| N | concurrency | in-process median | service median | p90 | p99 | req/s | difference | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, entry in results["sizes"].items():
+        inproc = entry["in_process"]["median"]
+        for c, svc in entry["service"].items():
+            lines.append(f"| {n} | {c} | {inproc * ms:.3f} ms | {svc['median'] * ms:.3f} ms | {svc['p90'] * ms:.3f} | "
+                         f"{svc['p99'] * ms:.3f} | {svc['rps']:.0f} | {(svc['median'] - inproc) * ms:.3f} ms | "
+                         f"{svc['median'] / inproc:.2f} |")
+    stages = list(dict.fromkeys(k for e in results["sizes"].values() for k in e.get("stages_c1", {})
+                                if k != "handler_total"))  # in the request's order
+    lines += ["", "| N | " + " | ".join(stages) + " | handler | outside the handler | bare FastAPI endpoint |",
+              "|---:|" + "---:|" * (len(stages) + 3)]
+    for n, entry in results["sizes"].items():
+        timers = entry.get("stages_c1", {})
+        svc = entry["service"].get("1") or entry["service"].get(1) or next(iter(entry["service"].values()))
+        total = timers.get("handler_total", 0.0)
+        bare = f"{entry['bare_c1']['median'] * ms:.3f}" if "bare_c1" in entry else "n/a"
+        lines.append(f"| {n} | " + " | ".join(f"{timers.get(k, 0.0) * ms:.3f}" for k in stages)
+                     + f" | {total * ms:.3f} | {(svc['median'] - total) * ms:.3f} | {bare} |")
+    target = results["sizes"].get("500") or results["sizes"].get(500)
+    svc = target and (target["service"].get("1") or target["service"].get(1))
+    if svc:  # the serving target this benchmark was written for
+        difference = (svc["median"] - target["in_process"]["median"]) * ms
+        load = (f"{results['load_before']:.1f} / {results['load_after']:.1f}" if "load_before" in results
+                else "not recorded")
+        lines += ["", "| target | measured | met | load average before / after the run |", "|---|---|---|---|",
+                  f"| service median within {TARGET_MS:g} ms of the in-process call (N = 500, concurrency 1) | "
+                  f"{difference:.3f} ms | {'yes' if difference <= TARGET_MS else 'no'} | {load} |"]
+    load = (f"load average {results['load_before']:.1f} before and {results['load_after']:.1f} after"
+            if "load_before" in results else "load average not recorded")
+    lines += ["", f"Median ms per request at concurrency 1 (server-side stage timers from the histograms; outside "
+                  f"the handler: HTTP, uvicorn, the client). Model {results['version']}{_model_words(results)}; "
+                  f"service "
+                  f"{results['workers']} worker(s) x {results['threads']} onnxruntime thread(s), in-process "
+                  f"{results['threads']} thread(s); {results['cpus']} CPUs shared with the client; {load}"
+                  + (f" ({results['at']})" if "at" in results else "") + "."]
+    return "\n".join(lines)
 
 
 def print_report(results: dict) -> None:

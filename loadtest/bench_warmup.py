@@ -3,6 +3,7 @@ staleness from event to updated embedding under load, and the worker's events/s 
 
     python -m loadtest.bench_warmup --out docs/results/warmup            # train, serve, replay, measure
     python -m loadtest.bench_warmup --out docs/results/warmup --summary-only   # the tables from the journal
+    python -m loadtest.bench_warmup --out docs/results/warmup --summary-table  # all journals in one, no file written
 
 1. **Replay.** The cold-start protocol's split (model/coldstart.py: active users pre-train PNN+UDG and the meta
    generator, exactly as `udg coldstart` seed S does; new users' events cut into batches a, b, c and a held-out
@@ -465,6 +466,73 @@ def report(journal: dict) -> str:
     return "\n".join(lines)
 
 
+def _offline_gains(journal: Path) -> dict[str, tuple[float, float, int]] | None:
+    """The offline protocol's AUC gain over its cold phase per batch, Meta arm, mean ± sample std over seeds
+    (`udg coldstart` journal; the lines of its latest setup, as its report counts them)."""
+    if not journal.exists():
+        return None
+    entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    setup = entries[-1]["setup"]
+    rows = {(e["row"]["model"], e["row"]["seed"]): e["row"] for e in entries
+            if e["setup"] == setup and e["row"]["variant"] == "meta"}
+    gains = {}
+    for phase in PHASES[1:]:
+        values = [r["phases"][phase]["auc"] - r["phases"]["cold"]["auc"] for r in rows.values()]
+        gains[phase] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                        len(values))
+    return gains
+
+
+def summary_table(out: Path) -> str:
+    """One view of every committed journal in `out`: what the embedding updates add to the new users' AUC
+    after each batch (served: against the same events with α = 0; the offline protocol's Adam warm-up,
+    `offline-embeddings/`, against its cold phase), then each replay's staleness and worker throughput."""
+    journals = [json.loads(path.read_text()) for path in sorted(out.glob("replay-*.json"))]
+    if not journals:
+        raise SystemExit(f"no replay-*.json journal in {out}")
+    lines = ["| AUC added after batch | " + " | ".join(PHASES[1:]) + " |", "|---|" + "---|" * len(PHASES[1:])]
+    for j in journals:
+        base = j["offline"].get("no_warmup_served_histories")
+        if base is None:
+            continue
+        lines.append(f"| served (service + worker), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, against "
+                     "α = 0 with the same histories | "
+                     + " | ".join(f"{j['served'][p]['auc'] - base[p]['auc']:+.4f}" for p in PHASES[1:]) + " |")
+    for j in journals:
+        rule = j["offline"]["rule_data_histories"]
+        lines.append(f"| offline rule (α steps), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, data histories, "
+                     "against its cold phase | "
+                     + " | ".join(f"{rule[p]['auc'] - rule['cold']['auc']:+.4f}" for p in PHASES[1:]) + " |")
+    offline = _offline_gains(out / "offline-embeddings" / "runs.jsonl")
+    if offline:
+        seeds = next(iter(offline.values()))[2]
+        lines.append(f"| offline protocol, embeddings only (Adam), synthetic, {seeds} seeds, mean ± std | "
+                     + " | ".join(f"{m:+.4f} ± {sd:.4f}" for m, sd, _ in offline.values()) + " |")
+    for j in journals:
+        if j["spec"] != "synthetic":
+            p = j["offline"]["protocol_embeddings_adam"]
+            lines.append(f"| offline protocol, embeddings only (Adam), {j['spec']}, seed {j['seed']} | "
+                         + " | ".join(f"{p[q]['auc'] - p['cold']['auc']:+.4f}" for q in PHASES[1:]) + " |")
+    lines += ["", "| replay | served AUC cold / a / b / c | max \\|ΔAUC\\| served vs offline rule | staleness "
+              "p50 / p99 / max ms (events/s achieved) | worker events per CPU-second (stream only) | machine |",
+              "|---|---|---|---|---|---|"]
+    for j in journals:
+        gap = max(abs(j["served"][p]["auc"] - j["offline"]["rule_served_histories"][p]["auc"]) for p in PHASES)
+        s, t = j["staleness"], j["throughput"]
+        lines.append(f"| {j['spec']}, α = {j['alpha']:g} | "
+                     + " / ".join(f"{j['served'][p]['auc']:.4f}" for p in PHASES)
+                     + f" | {gap:.4f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['max_ms']:.1f} "
+                       f"({s['achieved_rate']:.0f}) | {t['full worker']['events_per_cpu_s']:,.0f} "
+                       f"({t['stream only']['events_per_cpu_s']:,.0f}) | {j['machine']} |")
+    cost_path = out / "events-cost.json"
+    if cost_path.exists():  # what the warm-up stream costs POST /v1/events
+        cost = json.loads(cost_path.read_text())
+        lines += ["", "| POST /v1/events, warm-up stream | requests | p50 ms | p99 ms |", "|---|---|---|---|",
+                  *(f"| {k} | {cost[k]['requests']} | {cost[k]['p50_ms']:.3f} | {cost[k]['p99_ms']:.3f} |"
+                    for k in ("off", "on"))]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="synthetic", choices=["synthetic", "movielens-100k"])
@@ -481,11 +549,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results/warmup")
     parser.add_argument("--name", default=None, help="journal name (default: SPEC-alphaA)")
     parser.add_argument("--summary-only", action="store_true", help="the report from the journal, running nothing")
+    parser.add_argument("--summary-table", action="store_true",
+                        help="print the journals' summary tables (README.md includes them); runs and writes nothing")
     parser.add_argument("--events-cost", type=int, default=0, metavar="N",
                         help="only measure POST /v1/events with the stream off and on (N requests each, on the "
                              "version --workdir's replay run exported) into events-cost.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.summary_table:
+        print(summary_table(out))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.events_cost:
         cost = events_cost(Path(args.workdir) / "model_repo" / VERSION, args.events_cost)

@@ -1,6 +1,8 @@
 """Fault drill against real processes: a private redis-server, `udg serve` over HTTP, a published version.
 
     python -m loadtest.fault_drill --repo MODEL_REPO --version v1 [--unseen 2000]
+    python -m loadtest.fault_drill --json docs/results/faults/fault-drill.json   # a small synthetic model
+    python -m loadtest.fault_drill --table docs/results/faults/fault-drill.json  # its table, running nothing
 
 1. retries of events with old ts (and of ts-less events by their server-assigned event id): stored once;
 2. `--unseen` score calls with new ids and a profile: generated state gets a TTL, the per-window cap holds;
@@ -9,7 +11,9 @@
    kind, time to detect (restart -> first 503 state_lost), time to recover (republish done -> first 200),
    cold-start answers served to the known user (must be 0), the routing after the wipe, the known user's
    history after the republish (clicks received during the loss + the published snapshot).
-Prints a table (docs/faults.md holds one) and returns the figures (tests/test_faults_state.py asserts them).
+Prints a table (docs/faults.md includes the committed journal's) and returns the figures
+(tests/test_faults_state.py asserts them). Without --repo it drills a small synthetic model trained once in
+--workdir (as `udg loadtest` and the rolling-restart drill do).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import collections
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -164,15 +169,46 @@ def drill(version_dir: Path, unseen: int = 2000, generated_cap: int = 500, log_p
         redis.cleanup()
 
 
+def render(journal: dict) -> str:
+    """The figures' table, closed by the machine's load, from a journal written by --json."""
+    before, after = journal["load_average_before_after"]
+    table = _figures_table(journal["figures"])
+    width = table.index(" | value |") - 2
+    load = f"load average before / after the drill ({journal['cpus']} CPUs)"
+    return (f"{table}\n| {load:<{width}} | {before:.1f} / {after:.1f} |\n\n"
+            f"Model: {journal['model']}; run at {journal['at']}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", required=True, type=Path, help="model repository (e.g. runs/quickstart/model_repo)")
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="model repository holding --version (default: a small synthetic model in --workdir)")
     parser.add_argument("--version", default="v1")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/loadtest"),
+                        help="where the synthetic model is trained once (as `udg loadtest` does)")
     parser.add_argument("--unseen", type=int, default=2000)
     parser.add_argument("--generated-cap", type=int, default=500)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a journal)")
+    parser.add_argument("--table", type=Path, default=None, metavar="JOURNAL",
+                        help="print the table of a journal written by --json, run nothing")
     args = parser.parse_args(argv)
-    figures = drill(args.repo / args.version, args.unseen, args.generated_cap)
-    print(_figures_table(figures))
+    if args.table:
+        print(render(json.loads(args.table.read_text())))
+        return 0
+    from loadtest.stack import ensure_model
+
+    version_dir = ensure_model(args.repo, args.version, args.workdir)
+    load_before = os.getloadavg()[0]
+    figures = drill(version_dir, args.unseen, args.generated_cap)
+    journal = {"command": " ".join(["python -m loadtest.fault_drill", *(argv if argv is not None else sys.argv[1:])]),
+               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+               "load_average_before_after": [load_before, os.getloadavg()[0]],
+               "model": "the synthetic model `udg loadtest` trains" if args.repo is None else str(version_dir),
+               "figures": figures}
+    print(render(journal))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(journal, indent=1, default=str) + "\n")
     return 0
 
 

@@ -3,6 +3,8 @@ a real `udg serve` over 127.0.0.1 sockets; prints a Markdown table (docs/faults.
 
     python -m loadtest.http_drill                      # starts its own `udg serve` (see START_ENV), then stops it
     python -m loadtest.http_drill --url http://127.0.0.1:8000 --pid PID   # a running one (PID: for its memory)
+    python -m loadtest.http_drill --json docs/results/faults/http-drill.json   # also keep the journal
+    python -m loadtest.http_drill --table docs/results/faults/http-drill.json  # its table, running nothing
 
 Without --url it serves a model repository with no version and an unreachable Redis: every limit here acts
 before a request reaches a model, and /healthz answers. The functions are reused by tests/test_http_limits.py.
@@ -15,6 +17,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -229,14 +232,20 @@ def rss_mb(pid: int) -> float:
 
 
 # --- the drill -------------------------------------------------------------------------------------------
-def start_server(port: int, env_extra: dict | None = None) -> subprocess.Popen:
+def start_server(port: int, env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
+    """`udg serve` on `port` with START_ENV (and `env_extra`); its log lines go to `log_path` (else dropped)."""
     repo = tempfile.mkdtemp(prefix="udg-drill-repo-")
     env = {**os.environ, "UDG_MODEL_REPO": repo, "REDIS_URL": "redis://127.0.0.1:1/0", "UDG_PORT": str(port),
            "UDG_LOG_LEVEL": "warning", **START_ENV, **(env_extra or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+    try:
+        return subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
+                                stdout=log, stderr=log)
+    finally:
+        if log_path:
+            log.close()
 
 
 def drill(base: str, pid: int | None, limits: dict) -> list[tuple[str, str, str]]:
@@ -291,14 +300,33 @@ def drill(base: str, pid: int | None, limits: dict) -> list[tuple[str, str, str]
     return rows
 
 
+def render(journal: dict) -> str:
+    """The drill's table, from a run's figures or its journal."""
+    lines = [f"`udg serve` limits: {journal['limits']}", "", "| check | result | expected |", "|---|---|---|"]
+    lines += [f"| {check} | {result} | {expected} |" for check, result, expected in journal["rows"]]
+    if "load_average_before_after" in journal:
+        before, after = journal["load_average_before_after"]
+        lines += [f"| machine: load average before / after the drill ({journal['cpus']} CPUs) | "
+                  f"{before:.1f} / {after:.1f} | (shared machine) |",
+                  "", f"Run at {journal['at']}, Python {journal['python']}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running service (default: start one)")
     parser.add_argument("--pid", type=int, default=None, help="its process id (for the worker memory)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a journal)")
+    parser.add_argument("--table", type=Path, default=None, metavar="JOURNAL",
+                        help="print the table of a journal written by --json, run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(render(json.loads(args.table.read_text())))
+        return 0
     from service.local_redis import free_port
     from service.settings import Settings
 
+    load_before = os.getloadavg()[0]
     server = None
     if args.url:
         base, pid, env = args.url.rstrip("/"), args.pid, {}
@@ -334,12 +362,18 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(20)
     shown = ", ".join(f"{k}={v}" for k, v in env.items()) or "the service's own"
-    print(f"\n`udg serve` limits: {shown}; max_header_bytes={settings.http_max_header_bytes}, "
-          f"max_headers={settings.http_max_headers}, max_body_bytes={settings.max_body_bytes}, "
-          f"drain_bytes={settings.http_drain_bytes}\n")
-    print("| check | result | expected |\n|---|---|---|")
-    for check, result, expected in rows:
-        print(f"| {check} | {result} | {expected} |")
+    journal = {"command": " ".join(["python -m loadtest.http_drill",
+                                    *(argv if argv is not None else sys.argv[1:])]),
+               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "load_average_before_after": [load_before, os.getloadavg()[0]],
+               "limits": f"{shown}; max_header_bytes={settings.http_max_header_bytes}, "
+                         f"max_headers={settings.http_max_headers}, max_body_bytes={settings.max_body_bytes}, "
+                         f"drain_bytes={settings.http_drain_bytes}",
+               "rows": [list(row) for row in rows]}
+    print("\n" + render(journal))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(journal, indent=1) + "\n")
     return 0
 
 

@@ -20,7 +20,10 @@ idle connections and tasks together. This subclass adds, per worker process:
   `drain_bytes`, for at most `drain_timeout_s`), then closes; standard clients (urllib, httpx, requests, curl)
   that write the whole body before reading read the answer.
 
-Every answer is the service's JSON error body (service/errors.py). `udg serve` selects this protocol.
+Every answer is the service's JSON error body (service/errors.py) with an `X-Request-ID` (the request's own when
+it sent a sane one before the limit hit, else generated) and is logged on `udg.http` with that id,
+rate-limited per kind like the service's other repeated lines (service/ratelog.py: a flood of rejected
+connections writes one line per `UDG_LOG_REPEAT_S` with the count). `udg serve` selects this protocol.
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.logs import REQUEST_ID
+from service.ratelog import RateLimitedLog
+from service.request_id import HEADER as REQUEST_ID_HEADER
+from service.request_id import given_request_id, new_request_id, scope_request_id
 from service.shutdown import draining
 
 log = logging.getLogger("udg.http")
+_REJECTED = RateLimitedLog(log)  # one line per kind per UDG_LOG_REPEAT_S, with the count of the others
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,16 @@ def _count(kind: str) -> None:
         metrics.ERRORS.labels(kind).inc()
     except Exception:  # pragma: no cover - metrics must never break the connection handling
         pass
+
+
+def log_rejected(status: int, kind: str, message: str, request_id: str, client) -> None:
+    """The structured line of an answer given by the HTTP layer (the app, which logs the rest, never ran)."""
+    token = REQUEST_ID.set(request_id)
+    try:
+        _REJECTED.log(logging.INFO, kind, "%d %s: %s", status, kind, message,
+                      extra={"status": status, "client": f"{client[0]}:{client[1]}" if client else None})
+    finally:
+        REQUEST_ID.reset(token)
 
 
 def error_bytes(status: int, kind: str, message: str, extra_headers: tuple = ()) -> bytes:
@@ -106,6 +124,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._linger: str | None = None  # None | "body" (parse to the body's end) | "discard" (parser unusable)
         self._drained = 0
         self._over_cap = False
+        self._request_id: str | None = None  # the current request's X-Request-ID, once its header was parsed
 
     # --- timers -----------------------------------------------------------------------------------------
     def _arm(self, seconds: float, handler) -> None:
@@ -137,8 +156,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             cycle.response_started = True  # the app (waiting for the body) gets a disconnect, writes nothing
-            self.transport.write(error_bytes(408, "body_timeout", f"request body not received within "
-                                                                  f"{self.limits.body_timeout_s:g} s"))
+            # the id the app gave this request (RequestContext), so the answer and the app's lines agree
+            request_id = scope_request_id(cycle.scope) or self._request_id or new_request_id()
+            message = f"request body not received within {self.limits.body_timeout_s:g} s"
+            log_rejected(408, "body_timeout", message, request_id, self.client)
+            self.transport.write(error_bytes(408, "body_timeout", message,
+                                             ((REQUEST_ID_HEADER, request_id.encode("ascii")),)))
         self.transport.close()
 
     # --- connection -------------------------------------------------------------------------------------
@@ -197,8 +220,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, kind: str, message: str, extra_headers: tuple = ()) -> None:
         """Answer from here (the app never sees the request) and close, reading what the client still sends."""
-        log.info("%s: %d %s", self.client, status, message)
-        self.transport.write(error_bytes(status, kind, message, extra_headers))
+        request_id = self._request_id or new_request_id()
+        log_rejected(status, kind, message, request_id, self.client)
+        self.transport.write(error_bytes(status, kind, message,
+                                         ((REQUEST_ID_HEADER, request_id.encode("ascii")), *extra_headers)))
         self._start_linger("discard")
 
     # --- lingering close --------------------------------------------------------------------------------
@@ -236,6 +261,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._message_begun, self._in_body = True, False
         self._head_exact, self._header_count = 0, 0
+        self._request_id = None
         if self._timer is None and self._linger is None:  # a later request on a kept-alive connection
             self._arm(self.limits.header_timeout_s, self._head_timeout)
 
@@ -246,6 +272,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == REQUEST_ID_HEADER:  # before the limits: a 431 for a later field still carries it
+            self._request_id = given_request_id(value)
         self._header_count += 1
         self._head_exact += len(name) + len(value) + 4
         if self._header_count > self.limits.max_headers:
@@ -284,11 +312,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 async def _overloaded(limit: int, scope, receive, send) -> None:
-    body = orjson.dumps({"error": "overloaded", "message": f"this worker holds more than {limit} connections; "
-                                                           "retry", "field": None, "details": []})
+    """The answer over the connection cap, in place of the app (and so of RequestContext, which sets the id)."""
+    request_id = next((given_request_id(v) for n, v in scope["headers"] if n == REQUEST_ID_HEADER), None)
+    request_id = request_id or new_request_id()
+    message = f"this worker holds more than {limit} connections; retry"
+    log_rejected(503, "overloaded", message, request_id, scope.get("client"))
+    body = orjson.dumps({"error": "overloaded", "message": message, "field": None, "details": []})
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                            (b"retry-after", b"1"), (b"connection", b"close")]})
+                            (b"retry-after", b"1"), (b"connection", b"close"),
+                            (REQUEST_ID_HEADER, request_id.encode("ascii"))]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -34,7 +34,7 @@ class RateLimitedLog:
     def error(self, what: str, message: str, *args, exc_info=None) -> bool:
         return self.log(logging.ERROR, what, message, *args, exc_info=exc_info)
 
-    def log(self, level: int, what: str, message: str, *args, exc_info=None) -> bool:
+    def log(self, level: int, what: str, message: str, *args, exc_info=None, extra: dict | None = None) -> bool:
         from service import metrics
 
         now = self.clock()
@@ -49,7 +49,7 @@ class RateLimitedLog:
                 self._forget_oldest()
             self._last[what] = now
             skipped = self._suppressed.pop(what, (0, level, ""))[0]
-        extra = {"what": what}
+        extra = {**(extra or {}), "what": what}
         if skipped:
             message += " (+%d similar in the last %.1f s, not logged)"
             args = (*args, skipped, now - last)

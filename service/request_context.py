@@ -2,8 +2,7 @@
 traced when tracing is on. Pure ASGI (not BaseHTTPMiddleware, which wraps every request in tasks and
 streams): a few microseconds a request, measured by loadtest/bench_observability.py.
 
-- **X-Request-ID**: taken from the request when it is a sane token (1-128 of `A-Za-z0-9._:-`, so a client
-  cannot inject log syntax), else generated (16 hex digits: a random per-process prefix and a counter);
+- **X-Request-ID**: taken from the request when it is a sane token, else generated (service.request_id);
   returned in the response and present in every log line written while the request runs (service.logs
   reads the context variable).
 - **udg_http_responses{route, status}**: every answer of the app, the error ratio's denominator. `route` is
@@ -15,17 +14,13 @@ streams): a few microseconds a request, measured by loadtest/bench_observability
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import re
 import time
 
 from service import metrics, tracing
 from service.logs import REQUEST_ID
+from service.request_id import HEADER, SCOPE_KEY, given_request_id, new_request_id
 
-HEADER = b"x-request-id"
-_VALID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 ROUTES = frozenset(("/v1/score", "/v1/events", "/v1/events/batch", "/healthz", "/readyz", "/metrics", "/docs",
                     "/redoc", "/openapi.json"))
 access_log = logging.getLogger("udg.access")
@@ -39,15 +34,6 @@ def route_label(path: str) -> str:
     if path.startswith("/docs/"):
         return "/docs"
     return "other"
-
-
-_ID_PREFIX = os.urandom(4).hex()  # per process; + a counter: unique without a syscall per request
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(3), "big"))
-
-
-def new_request_id() -> str:
-    """16 hex digits: this process's random prefix and its request counter."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 class RequestContext:
@@ -72,11 +58,11 @@ class RequestContext:
         request_id = None
         for name, value in scope["headers"]:
             if name == HEADER:
-                if _VALID.match(value):
-                    request_id = value.decode("ascii")
+                request_id = given_request_id(value)
                 break
         if request_id is None:
             request_id = new_request_id()
+        scope[SCOPE_KEY] = request_id
         header = (HEADER, request_id.encode("ascii"))
         token = REQUEST_ID.set(request_id)
         status = 500  # what the client gets if the app raises before answering (ServerErrorMiddleware's 500)

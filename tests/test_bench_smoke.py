@@ -37,6 +37,11 @@ def test_bench_service_runs_one_cell_and_writes_its_json(model_repo, tmp_path, c
     assert service["1"]["median"] <= service["1"]["p99"] and service["1"]["rps"] > 0
     assert cell["stages_c1"]  # the per-stage medians from the service's histograms
     assert "model v1" in capsys.readouterr().out
+    assert main(["--report", str(report)]) == 0  # the Markdown tables of the journal, running nothing
+    table = capsys.readouterr().out
+    inproc = cell["in_process"]["median"] * 1e3
+    assert f"| 10 | 1 | {inproc:.3f} ms | {service['1']['median'] * 1e3:.3f} ms |" in table
+    assert "| 10 | 2 |" in table and "load average" in table
 
 
 def test_bench_compare_builds_its_requests_from_the_artifact(artifact):

@@ -137,7 +137,7 @@ def test_serve_cpu_never_installs_torch(dockerfile):
     chain = closure(stages, "serve-cpu")
     runs = " ".join(a for s in chain for a in s.args("RUN"))
     assert "torch" not in runs.lower() and "[train" not in runs and ",train" not in runs
-    assert re.search(r'pip install [^&]*"?/src\[serve\]', runs), "serve-cpu installs the serve extra"
+    assert re.search(r'pip install [^&]*"?/src\[serve[],]', runs), "serve-cpu installs the serve extra"
     assert stages["serve-cpu"].base.startswith("python-base") or "slim" in stages["serve-cpu"].base
     assert all("nvidia" not in s.base for s in chain)
 
@@ -147,7 +147,7 @@ def test_serve_gpu_uses_cuda_and_onnxruntime_gpu(dockerfile):
     gpu = stages["serve-gpu"]
     assert gpu.base.startswith("nvidia/cuda:") and "runtime" in gpu.base and "cudnn" in gpu.base
     runs = " ".join(a for s in closure(stages, "serve-gpu") for a in s.args("RUN"))
-    assert "/src[gpu]" in runs and "torch" not in runs.lower()
+    assert re.search(r'/src\[gpu[],]', runs) and "torch" not in runs.lower()
     assert any("CUDAExecutionProvider" in e for e in gpu.args("ENV"))
 
 
@@ -159,6 +159,49 @@ def test_trainer_installs_cpu_torch_and_runs_the_pipeline(dockerfile):
     assert "--index-url" in runs and "torch==" in runs and "/src[train,serve]" in runs
     assert trainer.args("ENTRYPOINT") == ['["udg-trainer"]']
     assert any("docker/trainer.sh" in c and "udg-trainer" in c for c in trainer.args("COPY"))
+
+
+def installed_extras(stages: dict[str, Stage], target: str) -> set[str]:
+    """The project's extras that the pip installs of a target (and the stages it is built from) name."""
+    runs = " ".join(a for s in closure(stages, target) for a in s.args("RUN"))
+    return {extra.strip() for group in re.findall(r"/src\[([\w,\s]+)\]", runs) for extra in group.split(",")}
+
+
+def requirement_closure(names: list[str]) -> set[str]:
+    """Every distribution the installed `names` pull in, recursively (extras' optional requirements left out),
+    read from this environment's package metadata."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+@pytest.mark.parametrize("target", SERVING)
+def test_serving_images_can_trace_without_torch(dockerfile, target):
+    """Tracing is a setting (UDG_OTLP_ENDPOINT), not another image: the serving images install the otel extra,
+    and neither it nor anything it pulls in is torch (the serving install must not import torch)."""
+    import tomllib
+
+    _, stages = dockerfile
+    assert "otel" in installed_extras(stages, target), f"{target} does not install the otel extra"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    otel = [re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0] for spec in extras["otel"]]
+    pulled = requirement_closure(otel)  # the dev venv has the otel extra installed (Makefile EXTRAS)
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= pulled
+    assert not {"torch", "nvidia-cublas-cu12", "triton"} & pulled, sorted(pulled)
 
 
 @pytest.mark.parametrize("target", [*SERVING, "trainer", "loadtest"])

@@ -2,6 +2,8 @@
 
 The server serves a model repository with no version and an unreachable Redis: every limit acts before a
 request reaches a model (the drill in loadtest/http_drill.py does the same), so it starts in about a second.
+It logs JSON to a file, every line (no rate limit), so the answers the HTTP layer gives can be matched to
+their log lines by request id.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,12 +25,19 @@ from service.local_redis import free_port
 MB = 1 << 20
 LIMITS = {"UDG_HTTP_HEADER_TIMEOUT_S": "1", "UDG_HTTP_BODY_TIMEOUT_S": "1.5", "UDG_HTTP_MAX_CONNECTIONS": "40",
           "UDG_HTTP_MAX_HEADER_BYTES": "16384", "UDG_HTTP_MAX_HEADERS": "50", "UDG_WORKERS": "1"}
+LOGS = {"UDG_LOG_FORMAT": "json", "UDG_LOG_LEVEL": "info", "UDG_LOG_REPEAT_S": "0.001"}  # see REPEAT_PAUSE_S
+REPEAT_PAUSE_S = 0.01  # between two answers of one kind whose lines a test reads: longer than UDG_LOG_REPEAT_S
 
 
 @pytest.fixture(scope="module")
-def server():
+def log_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("http-limits") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(log_path):
     port = free_port()
-    process = drill.start_server(port, LIMITS)
+    process = drill.start_server(port, {**LIMITS, **LOGS}, log_path=log_path)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -121,12 +131,94 @@ def test_connection_cap_answers_503_overloaded(server):
         status, answer, _ = drill.raw_exchange("127.0.0.1", port, GET + b"\r\n", timeout=5)
         assert status == 503 and _json_error(answer)["error"] == "overloaded"
         assert b"retry-after: 1" in answer.lower()
+        assert len(_request_id(answer) or "") == 16  # answered in place of the app: the HTTP layer's own id
     finally:
         for sock in held:
             sock.close()
     time.sleep(0.2)
     status, _, _ = drill.raw_exchange("127.0.0.1", port, GET + b"Connection: close\r\n\r\n", timeout=5)
     assert status == 200
+
+
+def _request_id(answer: bytes) -> str | None:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-request-id":
+            return value.strip().decode()
+    return None
+
+
+def _logged(log_path: Path, request_id: str, timeout_s: float = 5.0) -> dict:
+    """The udg.http JSON line carrying `request_id` (the server writes it as it answers)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in log_path.read_text().splitlines():
+            if line.startswith("{") and f'"{request_id}"' in line:
+                record = json.loads(line)
+                if record.get("request_id") == request_id and record["logger"] == "udg.http":
+                    return record
+        assert time.monotonic() < deadline, f"no udg.http line with request_id {request_id}"
+        time.sleep(0.05)
+
+
+def test_http_layer_answers_carry_the_request_id_and_log_it(server, log_path):
+    """431 and 408 are answered before the app (which sets X-Request-ID) runs: the HTTP layer gives them the
+    request's own id when it sent a sane one before the limit hit, else a generated one, and logs each."""
+    _, port, _ = server
+    big = b"X-Big: " + b"a" * 17_000 + b"\r\n"
+    cases = {  # how the head goes -> the id the client sent (None: none, or not a sane token)
+        "431 given": (GET + b"X-Request-ID: drill-431.a:1\r\n" + big + b"\r\n", "drill-431.a:1"),
+        "431 none": (GET + big + b"\r\n", None),
+        "431 unsafe": (GET + b'X-Request-ID: "bad" id\r\n' + big + b"\r\n", None),
+        "431 fields": (GET + b"X-Request-ID: drill-431-fields\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60))
+                       + b"\r\n", "drill-431-fields"),
+    }
+    for case, (head, given) in cases.items():
+        time.sleep(REPEAT_PAUSE_S)
+        status, answer, _ = drill.raw_exchange("127.0.0.1", port, head)
+        returned = _request_id(answer)
+        assert status == 431 and returned, (case, answer[:300])
+        if given:
+            assert returned == given, case
+        else:
+            assert len(returned) == 16 and int(returned, 16) >= 0, (case, returned)
+        record = _logged(log_path, returned)
+        assert record["status"] == 431 and record["what"] == "header_too_large" and record["level"] == "info", record
+
+    # 408, head not received in time: the id of a field already received is kept
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(GET + b"X-Request-ID: drill-408-head\r\nX-Slow: ")
+        answer = drill.read_answer(sock, timeout=5)
+    assert drill.parse_status(answer) == 408 and _request_id(answer) == "drill-408-head"
+    assert _logged(log_path, "drill-408-head")["what"] == "header_timeout"
+
+    # 408, body not received in time: the id the app had given the request (its own here, else generated)
+    for given in (b"drill-408-body", None):
+        time.sleep(REPEAT_PAUSE_S)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(drill.post_head("/v1/score", 1000, extra=b"X-Request-ID: %s\r\n" % given if given else b"")
+                         + b'{"user_id"')
+            answer = drill.read_answer(sock, timeout=5)
+        returned = _request_id(answer)
+        assert drill.parse_status(answer) == 408 and b'"body_timeout"' in answer, answer[:300]
+        assert returned == (given.decode() if given else returned) and len(returned) >= 1
+        if not given:
+            assert len(returned) == 16, returned
+        record = _logged(log_path, returned)
+        assert record["status"] == 408 and record["what"] == "body_timeout", record
+
+
+def test_the_http_layer_loads_no_metrics_in_the_supervisor():
+    """`udg serve` imports the protocol in the supervisor before the workers start; a metric made there would be
+    one more process in the multiprocess scrape (a udg_ready of 0 that no worker owns)."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.http_server; print(sorted(m for m in sys.modules if m in {'service.metrics', " \
+           "'prometheus_client', 'service.request_context'}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_serve_help_documents_the_limits():

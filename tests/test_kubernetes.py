@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_containers import parse_dockerfile
+from tests.test_containers import installed_extras, parse_dockerfile
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -279,6 +279,20 @@ def test_selectors_reach_the_serve_pods(rendered):
     secrets = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container(serve_pod(docs), "serve")["env"]
                if "secretKeyRef" in v.get("valueFrom", {})}
     assert set(secrets) == {"REDIS_URL", "UDG_ADMIN_TOKEN"} and secrets["UDG_ADMIN_TOKEN"]["optional"] is True
+
+
+OTLP_HTTP_PORT = 4318  # the OTLP/HTTP collector port (service/tracing.py)
+
+
+def test_tracing_is_off_by_default_and_reachable_when_set(rendered):
+    """The serve image has the OpenTelemetry SDK (test_containers), so setting UDG_OTLP_ENDPOINT in the
+    ConfigMap is all it takes: nothing sets it by default, and the NetworkPolicy lets the export out."""
+    overlay, docs, _ = rendered
+    assert "otel" in installed_extras(dockerfile_stages(), SERVE_TARGET[overlay])
+    assert "UDG_OTLP_ENDPOINT" in settings_env_names()
+    assert "UDG_OTLP_ENDPOINT" not in environment(docs, container(serve_pod(docs), "serve"))
+    egress = one(docs, "NetworkPolicy", "udg-ctr-serve")["spec"]["egress"]
+    assert {"port": OTLP_HTTP_PORT, "protocol": "TCP"} in [p for rule in egress for p in rule["ports"]]
 
 
 def test_api_schema(rendered):
