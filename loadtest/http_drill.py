@@ -229,12 +229,18 @@ def rss_mb(pid: int) -> float:
 
 
 # --- the drill -------------------------------------------------------------------------------------------
-def start_server(port: int, env_extra: dict | None = None) -> subprocess.Popen:
+def server_env(env_extra: dict | None = None) -> dict[str, str]:
+    """The drill server's environment (no port): an empty model repository and an unreachable Redis."""
     repo = tempfile.mkdtemp(prefix="udg-drill-repo-")
-    env = {**os.environ, "UDG_MODEL_REPO": repo, "REDIS_URL": "redis://127.0.0.1:1/0", "UDG_PORT": str(port),
-           "UDG_LOG_LEVEL": "warning", **START_ENV, **(env_extra or {})}
+    env = {**os.environ, "UDG_MODEL_REPO": repo, "REDIS_URL": "redis://127.0.0.1:1/0", "UDG_LOG_LEVEL": "warning",
+           **START_ENV, **(env_extra or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_server(port: int, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**server_env(env_extra), "UDG_PORT": str(port)}
     return subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

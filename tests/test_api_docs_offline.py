@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve_process import ROOT, start_service, stop
+from tests.serve_process import FAST_FOLLOW, ROOT, serve_env, start_serve, stop
 
 OFFLINE_FLAGS = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                  "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1"]
@@ -55,7 +55,7 @@ def docs_service(tmp_path_factory, redis_server, model_repo):
     client.flushall()
     publish(model_repo / "v1", client, progress=False)
     tmp = tmp_path_factory.mktemp("docs")
-    server, base, _, _ = start_service(redis_server.url, model_repo, tmp, workers=1)
+    server, base, _, _ = start_serve(serve_env(redis_server.url, model_repo, tmp, **FAST_FOLLOW), tmp / "serve.log")
     operations = [op["operationId"] for path in httpx.get(base + "/openapi.json").json()["paths"].values()
                   for op in path.values()]
     yield base, operations

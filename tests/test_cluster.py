@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,15 +14,16 @@ import httpx
 import pytest
 
 from service.control import CAS, ControlKeys
-from service.local_redis import LocalCluster, free_port, redis_server_binary
+from service.local_redis import LocalCluster, redis_server_binary
 from service.publish import publish, sync_redis
 from service.redis_client import parse_redis_url
 from service.redis_layout import RedisLayout, key_slot
 from service.settings import Settings, mask_url
+from tests.serve_process import serve_env, start_serve
+from tests.serve_process import stop as stop_server
 
 VERSION = "v1"  # the tiny model's version (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = RedisLayout()
 on_cluster = pytest.mark.parametrize("redis_server", ["cluster"], indirect=True)
 
@@ -136,19 +135,6 @@ def test_events_wait_for_replicas_or_answer_503(make_client, published, redis_cl
 
 
 # --- failover under load -----------------------------------------------------------------------------------
-def _wait_ready(http: httpx.Client, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert server.poll() is None, log.read_text()
-        try:
-            if http.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "not ready"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowledged_event_lost(
         model_repo, users, artifact, tmp_path):
@@ -162,17 +148,9 @@ def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowled
     try:
         redis = sync_redis(cluster.url, timeout_s=5)
         publish(model_repo / VERSION, redis, progress=False)
-        port = free_port()
-        env = {**os.environ, "REDIS_URL": cluster.url, "UDG_MODEL_REPO": str(model_repo), "UDG_MODEL_VERSION":
-               VERSION, "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_EVENTS_WAIT_REPLICAS": "1",
-               "UDG_EVENTS_WAIT_TIMEOUT_MS": "200", "UDG_ROUTING_FILE": str(tmp_path / "routing.json")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        server_log = tmp_path / "serve.log"
-        server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                                  stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=10) as http:
-            _wait_ready(http, server, log=server_log)
+        env = serve_env(cluster.url, model_repo, tmp_path, version=VERSION, UDG_EVENTS_WAIT_REPLICAS=1,
+                        UDG_EVENTS_WAIT_TIMEOUT_MS=200)
+        server, base, _, server_log = start_serve(env, tmp_path / "serve.log")
         known = users["user_ids"].tolist()
         candidates = artifact.schema.items.tokens[2:22]
         log: list[tuple[float, str, int, str | None]] = []  # (time, kind, status, error kind)
@@ -260,7 +238,5 @@ def test_primary_killed_under_load_fails_over_with_bounded_503s_and_no_acknowled
         assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged events lost"
     finally:
         if server is not None:
-            from loadtest.stack import stop as stop_server
-
             stop_server(server, grace_s=20)
         cluster.cleanup()

@@ -353,12 +353,11 @@ def test_healthcheck_script(status, expected):
 
 
 def test_healthcheck_script_fails_when_nothing_listens():
-    with __import__("socket").socket() as sock:
+    with __import__("socket").socket() as sock:  # bound, never listening: the port refuses and stays ours
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "UDG_PORT": str(port)}
-    done = subprocess.run([sys.executable, str(ROOT / "docker" / "healthcheck.py")], env=env,
-                          capture_output=True, text=True, timeout=30)
+        env = {**os.environ, "UDG_PORT": str(sock.getsockname()[1])}
+        done = subprocess.run([sys.executable, str(ROOT / "docker" / "healthcheck.py")], env=env,
+                              capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
 
 

@@ -5,34 +5,30 @@ The rolling restart of two instances behind a health-checking proxy loses no req
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from service.local_redis import free_port
+from tests.serve_process import serve_env, start_serve, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 DRAIN_S = 1.5
 
 
-def start_serve(redis_url: str, model_repo: Path, workers: int) -> tuple[subprocess.Popen, int]:
-    from loadtest.stack import wait_ready
-
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(model_repo), "UDG_MODEL_VERSION": "v1",
-           "UDG_PORT": str(port), "UDG_WORKERS": str(workers), "UDG_SHUTDOWN_DRAIN_S": str(DRAIN_S)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_ready(f"http://127.0.0.1:{port}", server, timeout_s=60)
-    return server, port
+def server_has_read(server_port: int, client: socket.socket) -> bool:
+    """Whether the server side of `client`'s connection has read every byte sent (its receive queue in
+    /proc/net/tcp is empty): then the worker has parsed the request head and is waiting for the body."""
+    client_port = client.getsockname()[1]
+    with open("/proc/net/tcp") as rows:
+        next(rows)
+        for row in rows:
+            fields = row.split()
+            local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+            if local == server_port and remote == client_port and fields[3] == "01":  # 01: ESTABLISHED
+                return int(fields[4].split(":")[1], 16) == 0  # tx_queue:rx_queue
+    return False
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
@@ -67,9 +63,10 @@ def test_readyz_is_503_while_draining_and_liveness_stays_200(client):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_server, model_repo, artifact,
-                                                              workers):
-    server, port = start_serve(redis_server.url, model_repo, workers)
-    base = f"http://127.0.0.1:{port}"
+                                                              workers, tmp_path):
+    env = serve_env(redis_server.url, model_repo, tmp_path, workers=workers, UDG_SHUTDOWN_DRAIN_S=DRAIN_S)
+    served = start_serve(env, tmp_path / "serve.log")
+    server, base, port = served.process, served.base, served.port
     candidates = artifact.schema.items.tokens[2:12]
     body = json.dumps({"user_id": str(artifact.load_users()["user_ids"][0]), "candidates": candidates}).encode()
     try:
@@ -77,7 +74,7 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
         slow = socket.create_connection(("127.0.0.1", port), timeout=30)
         slow.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
-        time.sleep(0.3)  # the worker has the request
+        wait_until(lambda: server_has_read(port, slow), 10, "the worker reads the request head", poll_s=0.02)
         sigterm = time.monotonic()
         server.send_signal(signal.SIGTERM)
         with httpx.Client(base_url=base, timeout=5) as http:
@@ -92,7 +89,9 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
             scored = http.post("/v1/score", content=body, headers={"Content-Type": "application/json"})
             assert scored.status_code == 200 and scored.headers["connection"] == "close"
             assert server.poll() is None
-        time.sleep(max(0.0, sigterm + DRAIN_S + 1.0 - time.monotonic()))  # the drain is over
+        # the drain is over: every worker stopped accepting, the one with the request in flight waits for it
+        wait_until(lambda: served.log().count("Shutting down") >= workers
+                   and "Waiting for connections to close" in served.log(), DRAIN_S + 15, "the drain ends")
         if workers == 1:  # the listening socket is closed (with workers the supervisor holds it until exit)
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -105,8 +104,8 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
         code = server.wait(15)
         stopped = time.monotonic() - sigterm
         # one worker: uvicorn re-raises SIGTERM after its graceful shutdown; the supervisor exits 0
-        assert code == (-signal.SIGTERM if workers == 1 else 0), server.stdout.read().decode()[-2000:]
-        log = server.stdout.read().decode()
+        log = served.log()
+        assert code == (-signal.SIGTERM if workers == 1 else 0), log[-2000:]
         assert "SIGTERM: draining" in log, log[-2000:]
         print(f"\nworkers={workers}: readiness 503 after {turned * 1000:.0f} ms, exit {stopped:.2f} s after SIGTERM "
               f"(drain {DRAIN_S} s, in-flight request completed)")

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.stack import stop as stop_process
-from service.local_redis import free_port
 from tests import versions_repo
+from tests.serve_process import serve_env, start_serve
+from tests.serve_process import stop as stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hot-swap-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENTS, BLOCK_S, BLOCKS = 4, 2.0, 4  # blocks alternate: calm, swaps, calm, swaps
@@ -35,26 +33,15 @@ def repo(model_repo, tmp_path_factory):
     return versions_repo.build(model_repo, tmp_path_factory.mktemp("hot_swap") / "repo")
 
 
-def start_server(repo: Path, redis_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(repo), "UDG_MODEL_VERSION": "v1",
-           "UDG_PORT": str(port), "UDG_WORKERS": "2", "UDG_ADMIN_TOKEN": TOKEN, "UDG_HEARTBEAT_S": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    with httpx.Client(base_url=base, timeout=5) as http:
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()
-            try:
-                reply = http.get("/v1/admin/versions", headers=AUTH)
-                if reply.status_code == 200 and len(reply.json()["workers"]) == 2:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready within 60 s"
-            time.sleep(0.1)
+def start_server(repo: Path, redis_url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """Two workers, returned once both heartbeat (the admin listing names both)."""
+    env = serve_env(redis_url, repo, tmp_path, workers=2, UDG_ADMIN_TOKEN=TOKEN, UDG_HEARTBEAT_S=1)
+
+    def both_workers_listed(http: httpx.Client) -> bool:
+        reply = http.get("/v1/admin/versions", headers=AUTH)
+        return reply.status_code == 200 and len(reply.json()["workers"]) == 2
+
+    server, base, _, _ = start_serve(env, tmp_path / "serve.log", until=both_workers_listed)
     return server, base
 
 
@@ -71,11 +58,11 @@ def legit_versions(state: dict, user: str) -> set[str]:
     return {state["active"]}
 
 
-def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, users):
+def test_hot_swap_under_load_with_two_workers(repo, redis_server, redis_client, users, tmp_path):
     from udg_cli import main as udg
 
     versions_repo.publish_all(repo, redis_client)
-    server, base = start_server(repo, redis_server.url)
+    server, base = start_server(repo, redis_server.url, tmp_path)
     user_ids = [str(u) for u in users["user_ids"][:150]] + [f"new-{i}" for i in range(50)]
     candidates = [f"i{i}" for i in range(20)]
     records: list[tuple] = []  # (sent, received, status, version, user, pinned, block)

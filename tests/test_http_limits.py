@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from loadtest import http_drill as drill
-from loadtest.stack import stop
-from service.local_redis import free_port
+from tests.serve_process import start_serve, stop, wait_until
 
 MB = 1 << 20
 LIMITS = {"UDG_HTTP_HEADER_TIMEOUT_S": "1", "UDG_HTTP_BODY_TIMEOUT_S": "1.5", "UDG_HTTP_MAX_CONNECTIONS": "40",
@@ -25,21 +24,11 @@ LIMITS = {"UDG_HTTP_HEADER_TIMEOUT_S": "1", "UDG_HTTP_BODY_TIMEOUT_S": "1.5", "U
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    process = drill.start_server(port, LIMITS)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, "udg serve exited"
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1).read()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "not serving within 60 s"
-            time.sleep(0.1)
-    yield base, port, process
-    stop(process, grace_s=10)
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("http_limits") / "serve.log"
+    served = start_serve(drill.server_env(LIMITS), log, ready_path="/healthz")  # no Redis: never ready
+    yield served.base, served.port, served.process
+    stop(served.process, grace_s=10)
 
 
 def _json_error(answer: bytes) -> dict:
@@ -85,8 +74,7 @@ def test_slowloris_and_idle_connections_closed_within_the_timeout(server):
     # a kept-alive connection: the next request's head gets the same timeout from its first byte
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(GET + b"\r\n")
-        time.sleep(0.2)
-        assert drill.parse_status(sock.recv(4096)) == 200
+        assert drill.parse_status(sock.recv(4096)) == 200  # blocks until the answer
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
         started = time.monotonic()
         answer = drill.read_answer(sock, timeout=5)
@@ -117,16 +105,21 @@ def test_connection_cap_answers_503_overloaded(server):
     _, port, _ = server
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
     try:
-        time.sleep(0.2)
-        status, answer, _ = drill.raw_exchange("127.0.0.1", port, GET + b"\r\n", timeout=5)
+        # the server counts a connection once it has accepted it: until all 40 are, a new one may still pass
+        status, answer, _ = wait_until(lambda: overloaded(port), 10, "503 with 40 connections held")
         assert status == 503 and _json_error(answer)["error"] == "overloaded"
         assert b"retry-after: 1" in answer.lower()
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.2)
-    status, _, _ = drill.raw_exchange("127.0.0.1", port, GET + b"Connection: close\r\n\r\n", timeout=5)
-    assert status == 200
+    wait_until(lambda: drill.raw_exchange("127.0.0.1", port, GET + b"Connection: close\r\n\r\n", timeout=5)[0]
+               == 200, 10, "200 once the held connections are closed")
+
+
+def overloaded(port: int):
+    """The exchange of one request on a new connection if it was answered 503, else None."""
+    exchange = drill.raw_exchange("127.0.0.1", port, GET + b"Connection: close\r\n\r\n", timeout=5)
+    return exchange if exchange[0] == 503 else None
 
 
 def test_serve_help_documents_the_limits():

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_process import start_service, stop, wait_until
+from tests.serve_process import FAST_FOLLOW, serve_env, start_serve, stop, wait_until
 
 SHAPE = {"ts", "level", "logger", "message", "version", "pid"}
 
@@ -30,8 +30,9 @@ def json_lines(path) -> list[dict]:
 @pytest.mark.slow
 def test_json_logs_request_id_and_rate_limited_redis_outage(published, redis_server, model_repo, artifact,
                                                             users, tmp_path):
-    server, base, _, log_path = start_service(redis_server.url, model_repo, tmp_path, workers=1,
-                                              UDG_LOG_FORMAT="json", UDG_ACCESS_LOG="true", UDG_LOG_REPEAT_S="1.5")
+    env = serve_env(redis_server.url, model_repo, tmp_path, **FAST_FOLLOW, UDG_LOG_FORMAT="json",
+                    UDG_ACCESS_LOG="true", UDG_LOG_REPEAT_S="1.5")
+    server, base, _, log_path = start_serve(env, tmp_path / "serve.log")
     user = str(users["user_ids"][0])
     items = list(artifact.schema.items.tokens[2:12])
     try:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,8 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from service.local_redis import free_port
-from tests.serve_process import start_service, stop, wait_until
+from tests.serve_process import FAST_FOLLOW, serve_env, start_listening, start_serve, stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
@@ -119,13 +119,13 @@ def prometheus_config(targets: dict[str, str], path: Path) -> Path:
     return path
 
 
-def start_warmup_worker(redis_url: str, model_repo: Path, metrics_port: int, log_path: Path) -> subprocess.Popen:
-    """A real `udg warmup` (all users, so the known users' events are applied too) with its /metrics."""
+def start_warmup_worker(redis_url: str, model_repo: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+    """A real `udg warmup` (all users, so the known users' events are applied too) with its /metrics; -> (process,
+    metrics port) once it listens."""
     env = {**os.environ, "REDIS_URL": redis_url, "UDG_MODEL_REPO": str(model_repo)}
-    with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--users", "all", "--block-ms", "100",
-                                 "--metrics-port", str(metrics_port)], env=env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+    return start_listening(lambda port, log: subprocess.Popen(
+        [sys.executable, "-m", "udg_cli", "warmup", "--users", "all", "--block-ms", "100", "--metrics-port",
+         str(port)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log_path)
 
 
 class PrometheusApi:
@@ -160,22 +160,26 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
         published, redis_server, model_repo, artifact, users, tmp_path):
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus missing: apt-get install prometheus (.ci/run installs it)"
-    server, base, port, serve_log = start_service(redis_server.url, model_repo, tmp_path)
-    warmup_port = free_port()
-    warmup = start_warmup_worker(redis_server.url, model_repo, warmup_port, tmp_path / "warmup.log")
-    prom_port = free_port()
-    config = prometheus_config({"udg": f"127.0.0.1:{port}", "udg-warmup": f"127.0.0.1:{warmup_port}"},
-                               tmp_path / "prometheus.yml")
-    prom_log = (tmp_path / "prometheus.log").open("wb")
-    prom = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                            stdout=prom_log, stderr=subprocess.STDOUT)
-    api = PrometheusApi(f"http://127.0.0.1:{prom_port}")
-
-    def scraped(expr: str) -> float:
-        values = api.finite(expr)
-        return values[0] if values else -1.0
+    cleanup = contextlib.ExitStack()  # what was started, stopped in reverse order
     try:
+        server, base, port, serve_log = start_serve(serve_env(redis_server.url, model_repo, tmp_path, workers=2,
+                                                              **FAST_FOLLOW), tmp_path / "serve.log")
+        cleanup.callback(stop, server)
+        warmup, warmup_port = start_warmup_worker(redis_server.url, model_repo, tmp_path / "warmup.log")
+        cleanup.callback(stop, warmup)
+        config = prometheus_config({"udg": f"127.0.0.1:{port}", "udg-warmup": f"127.0.0.1:{warmup_port}"},
+                                   tmp_path / "prometheus.yml")
+        prom, prom_port = start_listening(lambda port, log: subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT),
+            tmp_path / "prometheus.log")
+        cleanup.callback(prom.wait, timeout=15)
+        cleanup.callback(prom.terminate)
+        api = PrometheusApi(f"http://127.0.0.1:{prom_port}")
+
+        def scraped(expr: str) -> float:
+            values = api.finite(expr)
+            return values[0] if values else -1.0
         known = [str(u) for u in users["user_ids"][:20]]
         items = list(artifact.schema.items.tokens[2:22])
         with httpx.Client(base_url=base, timeout=5) as http:
@@ -235,7 +239,4 @@ def test_prometheus_scrapes_every_worker_and_every_expression_returns_data(
         assert api.finite("sum(udg_arm_events_total)")[0] == 60  # every event under the arm serving its user
         assert warmup.poll() is None, (tmp_path / "warmup.log").read_text()[-2000:]  # it outlived the outage
     finally:
-        prom.terminate()
-        stop(warmup)
-        stop(server)
-        prom.wait(timeout=15)
+        cleanup.close()

@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 
-from tests.serve_process import ROOT, start_service, stop, wait_until
+from tests.serve_process import FAST_FOLLOW, ROOT, serve_env, start_serve, stop, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -95,8 +95,9 @@ def test_udg_serve_exports_spans_over_otlp(published, redis_server, model_repo, 
     thread = threading.Thread(target=collector.serve_forever, daemon=True)
     thread.start()
     endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
-    server, base, _, _ = start_service(redis_server.url, model_repo, tmp_path, workers=1, UDG_OTLP_ENDPOINT=endpoint,
-                                       OTEL_BSP_SCHEDULE_DELAY="100", UDG_OTEL_SERVICE_NAME="udg-test")
+    env = serve_env(redis_server.url, model_repo, tmp_path, **FAST_FOLLOW, UDG_OTLP_ENDPOINT=endpoint,
+                    OTEL_BSP_SCHEDULE_DELAY="100", UDG_OTEL_SERVICE_NAME="udg-test")
+    server, base, _, _ = start_serve(env, tmp_path / "serve.log")
     try:
         reply = httpx.post(base + "/v1/score", json={"user_id": str(users["user_ids"][1]),
                                                      "candidates": list(artifact.schema.items.tokens[2:8])},

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.stack import stop, wait_ready
-from service.local_redis import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serve_process import serve_env, start_serve, stop
 
 
 @pytest.mark.slow
@@ -22,15 +18,9 @@ def test_schemathesis_all_checks_against_udg_serve(published, redis_server, mode
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(model_repo), "UDG_MODEL_VERSION": "v1",
-           "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_MAX_CANDIDATES": "50", "UDG_LOG_LEVEL": "warning"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    env = serve_env(redis_server.url, model_repo, tmp_path, UDG_MAX_CANDIDATES=50, UDG_LOG_LEVEL="warning")
+    server, base, _, _ = start_serve(env, tmp_path / "serve.log")
     try:
-        wait_ready(base, server, timeout_s=60)
         run = subprocess.run([st, "run", base + "/openapi.json", "--checks", "all", "--max-examples", "12",
                               "--seed", "1", "--workers", "2", "--generation-database", "none",
                               "--report-dir", str(tmp_path)],

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
 import httpx
 import numpy as np
 
-from loadtest.stack import stop
-from tests.conftest import start_serve
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.serve_process import serve_env, start_serve, stop
 
 TOKEN = "e2e-admin"
 
@@ -36,21 +28,18 @@ def served_per_worker(base: str, attempts: int = 60) -> dict[str, int]:
     return served
 
 
-def test_udg_serve_over_http(published, redis_server, model_repo, artifact, users):
-    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(model_repo),
-           "UDG_MODEL_VERSION": "v1", "UDG_WORKERS": "2", "UDG_ADMIN_TOKEN": TOKEN}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server, base = start_serve(env, ROOT)
+def test_udg_serve_over_http(published, redis_server, model_repo, artifact, users, tmp_path):
+    ready: set[str] = set()  # worker ids that answered ready, each asked over a connection of its own
+
+    def both_workers_ready(http: httpx.Client) -> bool:
+        reply = fresh(str(http.base_url), "get", "/readyz")
+        if reply.status_code == 200:
+            ready.add(reply.json()["routing"]["worker"])
+        return len(ready) == 2
+
+    env = serve_env(redis_server.url, model_repo, tmp_path, workers=2, UDG_ADMIN_TOKEN=TOKEN)
+    server, base, _, _ = start_serve(env, tmp_path / "serve.log", until=both_workers_ready)
     try:
-        ready: set[str] = set()  # worker ids that answered ready, each asked over a connection of its own
-        deadline = time.monotonic() + 60
-        while len(ready) < 2:
-            assert server.poll() is None and time.monotonic() < deadline, "both workers not ready within 60 s"
-            reply = fresh(base, "get", "/readyz")
-            if reply.status_code == 200:
-                ready.add(reply.json()["routing"]["worker"])
-            else:
-                time.sleep(0.05)  # a poll interval: readiness is what is waited on
         with httpx.Client(base_url=base, timeout=5) as http:
             row = int(np.argmax(users["history_len"]))
             user_id = str(users["user_ids"][row])

@@ -189,7 +189,7 @@ def test_password_protected_redis(model_repo):
     from service.publish import sync_redis
     from tests.conftest import REDIS_BINARY
 
-    server = RedisServer(REDIS_BINARY, free_port(), password="s3cret").start()
+    server = RedisServer(REDIS_BINARY, free_port(), password="s3cret").start(move_on_clash=True)
     try:
         assert publish(model_repo / "v1", sync_redis(server.url), progress=False).users > 0
         assert run(lambda store: store.marker("v1"), server.url)["version"] == "v1"

@@ -18,8 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.stack import stop, wait_ready
-from service.local_redis import free_port
+from tests.serve_process import serve_env, start_serve, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--epochs", "1", "--meta-steps", "20", "--embed-dim", "8", "--udg-dim", "8", "--hidden", "16,8", "--quiet",
@@ -83,16 +82,11 @@ def test_shop_end_to_end(tmp_path, redis_server, redis_client):
         user = {"id": str(users["user_ids"][row]), "user_vec": users["user_vec"][row], "udg_vec": users["udg_vec"][row],
                 "history": users["history_idx"][row][: users["history_len"][row]]}
 
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(repo), "UDG_MODEL_VERSION": "pnn",
-           "UDG_PORT": str(port), "UDG_WORKERS": "1", "UDG_CONTROL_POLL_S": "0.2", "UDG_ADMIN_TOKEN": "shop-secret"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    env = serve_env(redis_server.url, repo, tmp_path, version="pnn", UDG_CONTROL_POLL_S=0.2,
+                    UDG_ADMIN_TOKEN="shop-secret")
+    server, base, _, _ = start_serve(env, tmp_path / "serve.log")
     try:
         with httpx.Client(base_url=base, timeout=10) as http:
-            wait_ready(base, server, timeout_s=60)
             shown = sorted(known_items)[:20]
             new_item = catalogue[0]["item_id"]
 

@@ -108,7 +108,9 @@ def test_sigkill_mid_batch_then_claimed_nothing_lost_nothing_twice(published, re
 
     rescuer = WarmupWorker(redis_client, ModelRepository(model_repo), layout,
                            WarmupConfig(claim_idle_ms=200, claim_every_s=0, count=500, block_ms=50), "rescuer")
-    time.sleep(0.3)
+    # claimable once idle for claim_idle_ms: every pending entry
+    _wait(lambda: len(redis_client.xpending_range(layout.warmup_stream, layout.warmup_group, "-", "+", total,
+                                                  idle=200)) == total, 10, "the dead worker's entries go idle", 0.02)
     for _ in range(20):
         rescuer.run_once()
         if redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0:
