@@ -14,17 +14,11 @@ from dataset.schema import PAD
 from model.base import ModelConfig
 from model.train import TrainConfig, make_optimizer, to_tensors
 from model.zoo import BASE_MODELS, base_of, build_model
-from tests.tiny import tiny_prepared
 
 KINDS = ["pnn", "deepfm", "wide_deep", "din", "dien"]
 CASES = [(kind, udg) for kind in KINDS for udg in (False, True)]
 CASE_IDS = [f"{kind}{'+udg' if udg else ''}" for kind, udg in CASES]
-MAX_HISTORY = 6
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tiny_prepared(users=200, items=60, events_per_user=12, max_history=MAX_HISTORY)
+MAX_HISTORY = 6  # parity_data's history length (tests/conftest.py)
 
 
 def make_model(data, kind: str, udg: bool, seed: int = 0) -> nn.Module:
@@ -59,10 +53,10 @@ def test_registry_has_every_kind():
 
 
 @pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
-def test_forward_shapes_and_finite(data, kind, udg):
-    model = make_model(data, kind, udg)
+def test_forward_shapes_and_finite(parity_data, kind, udg):
+    model = make_model(parity_data, kind, udg)
     model.eval()
-    batch = {k: v[:64] for k, v in to_tensors(data.splits["train"]).items()}
+    batch = {k: v[:64] for k, v in to_tensors(parity_data.splits["train"]).items()}
     with torch.no_grad():
         out = model(batch)
     assert out["logit"].shape == (64,)
@@ -71,13 +65,13 @@ def test_forward_shapes_and_finite(data, kind, udg):
 
 @pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("history_len", [0, 3, MAX_HISTORY], ids=["empty", "partial", "full"])
-def test_broadcast_parity(data, kind, udg, history_len):
+def test_broadcast_parity(parity_data, kind, udg, history_len):
     """Scoring N candidates with the user side as batch 1 equals repeating it N times."""
-    model = make_model(data, kind, udg)
+    model = make_model(parity_data, kind, udg)
     model.eval()
     n = 9
     with torch.no_grad():
-        user_vec, udg_vec, history, items = user_inputs(model, data, n, history_len)
+        user_vec, udg_vec, history, items = user_inputs(model, parity_data, n, history_len)
         assert (history != PAD).sum() == history_len
         single = model.score(user_vec, udg_vec, history, items)
         repeated = model.score(user_vec.expand(n, -1).contiguous(),
@@ -88,11 +82,11 @@ def test_broadcast_parity(data, kind, udg, history_len):
 
 
 @pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
-def test_training_steps_reduce_loss(data, kind, udg):
-    model = make_model(data, kind, udg)
+def test_training_steps_reduce_loss(parity_data, kind, udg):
+    model = make_model(parity_data, kind, udg)
     model.train()
     model.config.user_id_dropout = 0.0  # deterministic forward for the before/after comparison
-    batch = {k: v[:256] for k, v in to_tensors(data.splits["train"]).items()}
+    batch = {k: v[:256] for k, v in to_tensors(parity_data.splits["train"]).items()}
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2))
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -113,10 +107,10 @@ def test_training_steps_reduce_loss(data, kind, udg):
 
 
 @pytest.mark.parametrize("udg", [False, True])
-def test_dien_auxiliary_loss(data, udg):
-    model = make_model(data, "dien", udg)
+def test_dien_auxiliary_loss(parity_data, udg):
+    model = make_model(parity_data, "dien", udg)
     model.train()
-    batch = {k: v[:128] for k, v in to_tensors(data.splits["train"]).items()}
+    batch = {k: v[:128] for k, v in to_tensors(parity_data.splits["train"]).items()}
     out = model(batch)
     assert "aux_loss" in out and out["aux_loss"].ndim == 0
     assert torch.isfinite(out["aux_loss"]) and out["aux_loss"] > 0
@@ -155,12 +149,12 @@ def export_onnx(model: nn.Module, example: tuple, names: list[str]) -> bytes:
 
 
 @pytest.mark.parametrize(("kind", "udg"), CASES, ids=CASE_IDS)
-def test_onnx_export_matches_torch(data, kind, udg):
+def test_onnx_export_matches_torch(parity_data, kind, udg):
     ort = pytest.importorskip("onnxruntime")
-    model = make_model(data, kind, udg)
+    model = make_model(parity_data, kind, udg)
     model.eval()
     with torch.no_grad():
-        user_vec, udg_vec, history, items = user_inputs(model, data, 3, 2)
+        user_vec, udg_vec, history, items = user_inputs(model, parity_data, 3, 2)
     names = ["user_vec", "udg_vec", "history", "items"] if udg else ["user_vec", "history", "items"]
     example = (user_vec, udg_vec, history[:, :4], items) if udg else (user_vec, history[:, :4], items)
     options = ort.SessionOptions()
@@ -171,7 +165,7 @@ def test_onnx_export_matches_torch(data, kind, udg):
     for n, history_len, width in [(1, 0, 3), (7, 0, 5), (1, 2, 4), (7, 3, MAX_HISTORY), (7, MAX_HISTORY,
                                                                                        MAX_HISTORY)]:
         with torch.no_grad():
-            user_vec, udg_vec, history, items = user_inputs(model, data, n, history_len)
+            user_vec, udg_vec, history, items = user_inputs(model, parity_data, n, history_len)
             history = history[:, :width].contiguous()
             expected = model.score(user_vec, udg_vec, history, items).numpy()
         feeds = {"user_vec": user_vec.numpy(), "history": history.numpy(), "items": items.numpy()}
@@ -183,17 +177,17 @@ def test_onnx_export_matches_torch(data, kind, udg):
 
 
 @pytest.mark.parametrize("kind", ["deepfm", "wide_deep"])
-def test_per_field_weights_are_named_for_the_checkpoint(data, kind):
+def test_per_field_weights_are_named_for_the_checkpoint(parity_data, kind):
     """Checkpoints hold these names: one first-order (and, Wide&Deep, one cross) table per item field and each
     item field's token table as a persistent buffer."""
-    model = make_model(data, kind, False)
+    model = make_model(parity_data, kind, False)
     names = set(model.state_dict())
-    fields = len(data.schema.item_fields)
+    fields = len(parity_data.schema.item_fields)
     assert {f"field_weights.{i}.weight" for i in range(fields)} <= names
     assert {f"item_field_table_{i}" for i in range(fields)} <= names
     if kind == "wide_deep":
         assert {f"field_cross_weights.{i}.weight" for i in range(fields)} <= names
     assert not any("genre" in name for name in names)
-    for i, spec in enumerate(data.schema.item_fields):
+    for i, spec in enumerate(parity_data.schema.item_fields):
         np.testing.assert_array_equal(model.state_dict()[f"item_field_table_{i}"].numpy(),
-                                      data.schema.item_table[spec.name])
+                                      parity_data.schema.item_table[spec.name])

@@ -23,18 +23,12 @@ from model.checkpoint import Checkpoint, MetaState
 from model.meta import MetaConfig, train_meta
 from model.train import TrainConfig, train_model
 from model.zoo import BASE_MODELS, base_of
-from tests.tiny import tiny_prepared
 
 CASES = [(kind, udg) for kind in BASE_MODELS for udg in (False, True)]
 CASE_IDS = [f"{kind}{'+udg' if udg else ''}" for kind, udg in CASES]
-MAX_HISTORY = 6
+MAX_HISTORY = 6  # parity_data's history length (tests/conftest.py)
 ATOL = 1e-5
 SYNTHETIC_PROFILE = ["cohort", "sex", "segment"]
-
-
-@pytest.fixture(scope="session")
-def data():
-    return tiny_prepared(users=200, items=60, events_per_user=12, max_history=MAX_HISTORY)
 
 
 def tiny_config(kind: str, udg: bool):
@@ -73,8 +67,8 @@ class Zoo:
 
 
 @pytest.fixture(scope="session")
-def zoo(data, tmp_path_factory):
-    return Zoo(data, tmp_path_factory.mktemp("model_repo"))
+def zoo(parity_data, tmp_path_factory):
+    return Zoo(parity_data, tmp_path_factory.mktemp("model_repo"))
 
 
 def torch_probs(model, user_vec, udg_vec, history, candidates, fields: dict | None = None) -> np.ndarray:

@@ -16,20 +16,14 @@ from model.base import Items
 from model.experiment import model_config
 from model.train import seed_everything, to_tensors
 from model.zoo import BASE_MODELS, build_model
-from tests.tiny import tiny_prepared
 
 PRESETS = ("udg", "udg-detach", "udg-official")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return tiny_prepared(users=60, items=40, events_per_user=10, max_history=6, cold_user_frac=0.0)
-
-
-@pytest.fixture(scope="module")
-def request_batch(data):
+def request_batch(warm_data):
     """One user with a non-empty history and 12 candidates: the serving shape (user side batch 1)."""
-    tensors = to_tensors(data.splits["train"])
+    tensors = to_tensors(warm_data.splits["train"])
     row = int(torch.nonzero((tensors["history"] != 0).sum(1) >= 2)[0])
     return {"user": tensors["user"][row:row + 1], "profile": tensors["profile"][row:row + 1],
             "history": tensors["history"][row:row + 1], "items": torch.arange(2, 14)}
@@ -111,10 +105,10 @@ def model_score(model, batch) -> np.ndarray:
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("kind", sorted(BASE_MODELS))
-def test_hand_written_forward_equals_the_model_and_every_gate_matters(data, request_batch, kind, preset):
+def test_hand_written_forward_equals_the_model_and_every_gate_matters(warm_data, request_batch, kind, preset):
     seed_everything(11)
     config = model_config(kind, preset, embed_dim=8, hidden=(16, 12), udg_dim=8, gate_hidden=10)
-    model = build_model(config, data.schema).eval()
+    model = build_model(config, warm_data.schema).eval()
     spread_gates(model)
     with torch.no_grad():
         expected, gates = reference_forward(model, request_batch)
@@ -161,22 +155,22 @@ def test_mlp_dropout_acts_in_training_only():
     torch.testing.assert_close(mlp(x), mlp.out(h).squeeze(-1))
 
 
-def test_official_gates_with_detached_inputs_match_the_reference(data, request_batch):
+def test_official_gates_with_detached_inputs_match_the_reference(warm_data, request_batch):
     seed_everything(12)
     config = model_config("deepfm", "udg-official", gate_detach=True, embed_dim=8, hidden=(16, 12), udg_dim=8,
                           gate_hidden=10)
-    model = build_model(config, data.schema).eval()
+    model = build_model(config, warm_data.schema).eval()
     spread_gates(model)
     with torch.no_grad():
         np.testing.assert_allclose(model_score(model, request_batch), reference_forward(model, request_batch)[0],
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_training_forward_and_unseen_users_go_through_the_same_parts(data):
+def test_training_forward_and_unseen_users_go_through_the_same_parts(warm_data):
     seed_everything(13)
     model = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16, 12), udg_dim=8, gate_hidden=10),
-                        data.schema).eval()
-    batch = {k: v[:16] for k, v in to_tensors(data.splits["train"]).items()}
+                        warm_data.schema).eval()
+    batch = {k: v[:16] for k, v in to_tensors(warm_data.splits["train"]).items()}
     with torch.no_grad():
         user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
         expected = model.score(user_vec, udg_vec, batch["history"], batch["item"])
@@ -184,4 +178,4 @@ def test_training_forward_and_unseen_users_go_through_the_same_parts(data):
         torch.testing.assert_close(model.unseen_user_vector(batch["profile"]),
                                    model.base.unseen_user_vector(batch["profile"]))
     with pytest.raises(ValueError, match="gate_input must be 'paper' or 'official', not 'items'"):
-        build_model(model_config("pnn", "udg", gate_input="items"), data.schema)
+        build_model(model_config("pnn", "udg", gate_input="items"), warm_data.schema)

@@ -10,23 +10,17 @@ from model.layers import SplitLinear
 from model.train import seed_everything, to_tensors
 from model.udg import UDG
 from model.zoo import build_model
-from tests.tiny import tiny_prepared
 
 
 @pytest.fixture(scope="module")
-def data():
-    return tiny_prepared(users=60, items=40, events_per_user=10, max_history=6, cold_user_frac=0.0)
-
-
-@pytest.fixture(scope="module")
-def batch(data):
-    tensors = to_tensors(data.splits["train"])
+def batch(warm_data):
+    tensors = to_tensors(warm_data.splits["train"])
     return {k: v[:32] for k, v in tensors.items()}
 
 
-def test_gates_fixed_at_one_equal_the_base_model(data, batch):
+def test_gates_fixed_at_one_equal_the_base_model(warm_data, batch):
     seed_everything(0)
-    udg = build_model(model_config("pnn", "udg"), data.schema).eval()
+    udg = build_model(model_config("pnn", "udg"), warm_data.schema).eval()
     user_vec, udg_vec = udg.user_state(batch["user"], batch["profile"])
     udg.gate_values = lambda *args: [torch.ones(1, d) for d in udg.base.mlp.layer_input_dims[:len(udg.gates)]]
     gated = udg.score(user_vec, udg_vec, batch["history"], batch["item"])
@@ -34,10 +28,10 @@ def test_gates_fixed_at_one_equal_the_base_model(data, batch):
     torch.testing.assert_close(gated, plain, rtol=0, atol=1e-6)
 
 
-def test_equation_7_equals_dynamic_weights_of_equations_8_and_9(data, batch):
+def test_equation_7_equals_dynamic_weights_of_equations_8_and_9(warm_data, batch):
     """ReLU(W (g ⊙ h) + b) == ReLU(W_uit h + b) with W_uit = W ⊙ [g]_(×d_l)^T, per sample."""
     seed_everything(1)
-    udg = build_model(model_config("pnn", "udg"), data.schema).eval()
+    udg = build_model(model_config("pnn", "udg"), warm_data.schema).eval()
     user_vec, udg_vec = udg.user_state(batch["user"], batch["profile"])
     h = udg.base.mlp_input(user_vec, batch["history"], batch["item"])
     gates = udg.gate_values(user_vec, udg_vec, batch["history"], batch["item"])
@@ -51,9 +45,9 @@ def test_equation_7_equals_dynamic_weights_of_equations_8_and_9(data, batch):
 
 
 @pytest.mark.parametrize("preset", ["base", "udg", "udg-detach", "udg-official"])
-def test_one_user_broadcast_equals_repeated_user(data, batch, preset):
+def test_one_user_broadcast_equals_repeated_user(warm_data, batch, preset):
     seed_everything(2)
-    model = build_model(model_config("pnn", preset), data.schema).eval()
+    model = build_model(model_config("pnn", preset), warm_data.schema).eval()
     user_vec, udg_vec = model.user_state(batch["user"][:1], batch["profile"][:1])
     history = batch["history"][:1]
     items = batch["item"][:9]
@@ -73,18 +67,18 @@ def test_split_linear_equals_linear_on_concatenation():
     torch.testing.assert_close(split(c, u), expected)
 
 
-def test_gate_options_shape_the_network(data):
-    official = build_model(model_config("pnn", "udg-official"), data.schema)
+def test_gate_options_shape_the_network(warm_data):
+    official = build_model(model_config("pnn", "udg-official"), warm_data.schema)
     assert isinstance(official, UDG)
     assert len(official.gates) == len(official.config.hidden) + 1  # the last hidden output is gated too
     assert official.gates[0].first.candidate is None  # official gates see no item features
-    scaled = build_model(model_config("pnn", "udg-detach"), data.schema)
+    scaled = build_model(model_config("pnn", "udg-detach"), warm_data.schema)
     assert scaled.config.gate_scale == 2.0 and scaled.config.gate_detach
 
 
-def test_gate_detach_stops_gradients_into_main_tables(data, batch):
+def test_gate_detach_stops_gradients_into_main_tables(warm_data, batch):
     seed_everything(3)
-    model = build_model(model_config("pnn", "udg-detach"), data.schema)
+    model = build_model(model_config("pnn", "udg-detach"), warm_data.schema)
     model.train()
     user_vec, udg_vec = model.user_state(batch["user"], batch["profile"])
     gates = model.gate_values(user_vec, udg_vec, batch["history"], batch["item"])
