@@ -6,6 +6,7 @@ request reaches a model (the drill in loadtest/http_drill.py does the same), so 
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
 import time
@@ -130,3 +131,31 @@ def test_serve_help_documents_the_limits():
         if name.startswith("http_"):
             value = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
             assert f"UDG_{name.upper()}={value} " in SERVE_EPILOG, name
+
+
+def test_the_drill_prints_every_check_with_the_expected_outcome(server, monkeypatch, capsys):
+    """loadtest/http_drill.py's table, run against this server (its limits given as the drill reads them)."""
+    base, _, process = server
+    for name, value in LIMITS.items():
+        monkeypatch.setenv(name, value)
+    assert drill.main(["--url", base, "--pid", str(process.pid)]) == 0
+    rows = {row[0]: row[1] for row in (line.strip("|").split(" | ") for line in capsys.readouterr().out.splitlines()
+                                       if line.startswith("| ") and not line.startswith("| check"))}
+    rows = {check.strip(): result.strip() for check, result in rows.items()}
+    assert rows["header of 40 KB (raw socket)"] == rows["150 header fields (raw socket)"] == "431"
+    assert rows["header of 32 MB (raw socket)"].split()[0] in ("431", "None")  # answered or reset
+    statuses, memory = rows["4 concurrent headers of 128 MB"].split("; worker RSS ")
+    assert set(ast.literal_eval(statuses)) <= {431, None}
+    before, after = (float(v.split()[0]) for v in memory.split(" -> "))
+    assert after - before < 40  # bounded: the heads are never buffered whole
+    for check in ("100 slowloris connections (1 header byte / 0.5 s)", "50 idle connections (no byte sent)"):
+        low, high = (float(v) for v in rows[check].removeprefix("all closed after ").removesuffix(" s").split("-"))
+        assert 0.8 < low <= high < 1 + 1.5, (check, rows[check])  # UDG_HTTP_HEADER_TIMEOUT_S=1
+    status, seconds = rows["slow body (1 byte / 0.5 s)"].split(" after ")
+    assert status == "408" and 1.2 < float(seconds.removesuffix(" s")) < 1.5 + 1.5
+    for mb in (1, 2, 8, 32):
+        answers = rows[f"body {mb} MiB + 1 B: urllib / httpx / requests / raw socket"].split(" / ")
+        assert len(answers) == 4 and all(a == "413 body_too_large" or "reset" in a.lower() or "pipe" in a.lower()
+                                         for a in answers), answers
+    held = next(check for check in rows if check.endswith("open connections + 5 requests on new ones"))
+    assert held.startswith("40 ") and 503 in ast.literal_eval(rows[held])
