@@ -9,7 +9,7 @@
    kind, time to detect (restart -> first 503 state_lost), time to recover (republish done -> first 200),
    cold-start answers served to the known user (must be 0), the routing after the wipe, the known user's
    history after the republish (clicks received during the loss + the published snapshot).
-Prints a table (docs/faults.md holds one) and returns the figures (tests/test_faults_state.py asserts them).
+Prints a table (docs/faults.md holds one) and returns the figures (tests/service/test_faults_state.py asserts them).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ a real `udg serve` over 127.0.0.1 sockets; prints a Markdown table (docs/faults.
     python -m loadtest.http_drill --url http://127.0.0.1:8000 --pid PID   # a running one (PID: for its memory)
 
 Without --url it serves a model repository with no version and an unreachable Redis: every limit here acts
-before a request reaches a model, and /healthz answers. The functions are reused by tests/test_http_limits.py.
+before a request reaches a model, and /healthz answers. The functions are reused by tests/service/test_http_limits.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.test_service_cli import run_quickstart
+from tests.service.test_service_cli import run_quickstart
 
 pytest.importorskip("torch")
 

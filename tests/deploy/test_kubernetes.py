@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_containers import parse_dockerfile
+from tests.deploy.test_containers import parse_dockerfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
 SERVE_TARGET = {"cpu": "serve-cpu", "gpu": "serve-gpu"}

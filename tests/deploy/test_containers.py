@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 SERVING = ("serve-cpu", "serve-gpu")
@@ -234,7 +234,7 @@ def test_dockerignore_keeps_sources_and_drops_the_rest(dockerfile):
                 assert not ignored(source, rules), f"COPY source {source} is excluded by .dockerignore"
     for path in ("service/settings.py", "model/base.py", "docker/trainer.sh", "pyproject.toml", "README.md"):
         assert not ignored(path, rules), path
-    for path in (".venv/bin/python", ".git/HEAD", "runs/x/checkpoint.pt", "tests/test_containers.py",
+    for path in (".venv/bin/python", ".git/HEAD", "runs/x/checkpoint.pt", "tests/deploy/test_containers.py",
                  "service/__pycache__/main.cpython-311.pyc", "results/report.md", "model_repo/v1/scorer.onnx"):
         assert ignored(path, rules), path
 
@@ -390,7 +390,7 @@ def run_trainer(bin_dir: Path, tmp_path: Path, *args: str, **env: str) -> subpro
 
 def test_trainer_script_makes_the_version_through_udg_make_version(fake_udg, tmp_path):
     """The image's entry point is one `udg make-version` call (pipeline.make_version: the reuse rules are
-    tested in tests/test_pipeline.py); the environment maps onto its flags and the train arguments."""
+    tested in tests/pipeline/test_pipeline.py); the environment maps onto its flags and the train arguments."""
     bin_dir, log = fake_udg
     runs, models = tmp_path / "runs", tmp_path / "models"
     first = run_trainer(bin_dir, tmp_path, "--epochs", "2", UDG_MODEL_VERSION="v7",

@@ -26,7 +26,7 @@ from model.train import batches, rank_batches
 from service.local_redis import free_port
 from tests.tiny import tiny_prepared
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # Two ranks against one process at equal global batch, same seed, default user-id dropout (5%, drawn per
 # rank): validation/test AUC and log loss after a fixed 3-epoch run. Measured on this data: AUC 3e-4

@@ -13,7 +13,7 @@ import pytest
 import pipeline
 from pipeline import VersionPlan, make_version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

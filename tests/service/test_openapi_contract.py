@@ -1,6 +1,6 @@
 """The OpenAPI document is the contract: every `$ref` resolves, every status a route answers is documented
 with the error body, request schemas say what is validated. Schemathesis (dev extra) checks the running
-service against it in tests/test_service_e2e.py."""
+service against it in tests/service/test_service_e2e.py."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from loadtest.stack import stop as stop_process
 from tests.conftest import VERSION
 
 torch = pytest.importorskip("torch")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _routing(client, active: str, split: dict | None = None) -> None:

@@ -29,7 +29,7 @@ import yaml
 
 from tests.serve_process import FAST_FOLLOW, serve_env, start_listening, start_serve, stop, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
 PROMETHEUS_CONFIG = OPS / "prometheus" / "prometheus.yml"
 RULES = OPS / "prometheus" / "rules" / "udg.yml"

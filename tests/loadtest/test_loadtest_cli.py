@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("locust_stats.csv", "locust_stats_history.csv", "report.html", "latency_throughput.png", "summary.md")
 
 

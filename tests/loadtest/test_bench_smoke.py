@@ -167,7 +167,7 @@ def test_bench_warmup_measures_the_events_cost_and_reports(model_repo, tmp_path,
     monkeypatch.setenv("UDG_REDIS_TIMEOUT_S", "2")
     out = tmp_path / "out"
     out.mkdir()
-    committed = sorted((Path(__file__).resolve().parents[1] / "docs" / "results" / "warmup").glob("replay-*.json"))
+    committed = sorted((Path(__file__).resolve().parents[2] / "docs" / "results" / "warmup").glob("replay-*.json"))
     for journal in committed:
         shutil.copy(journal, out)
     cost = events_cost(model_repo / "v1", 20, rounds=1)

@@ -28,7 +28,7 @@ from repository import (
     verify_files,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_version(root: Path, version: str, exported_at: str = "2024-01-01T00:00:00+00:00", **extra) -> Path:

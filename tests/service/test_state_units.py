@@ -14,7 +14,7 @@ import pytest
 
 from service.redis_layout import Click, RedisLayout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _append(url, layout, batches):

@@ -15,7 +15,7 @@ import pytest
 from dataset import commands
 from dataset.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "docs" / "dataset-spec.schema.json"
 
 
@@ -129,7 +129,7 @@ def test_inspect_a_bad_spec(tmp_path):
 
 def test_inspect_is_torch_free(tmp_path):
     spec = write_log(tmp_path)
-    code = ("import sys; sys.modules['torch'] = None; from tests.test_dataset_commands import udg_data; "
+    code = ("import sys; sys.modules['torch'] = None; from tests.dataset.test_dataset_commands import udg_data; "
             f"sys.exit(udg_data('inspect', '--spec', {str(spec)!r}, '--json'))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)

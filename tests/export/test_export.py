@@ -1,7 +1,7 @@
 """ONNX export: onnxruntime vs PyTorch parity for every model kind (with and without UDG), the meta graph,
 new items scored by their features, models sized from the schema (a multi-valued item field; several item and
 user fields), the artifact files, and refusal of corrupted/truncated artifacts (the atomic writer:
-tests/test_repository.py)."""
+tests/repository/test_repository.py)."""
 
 from __future__ import annotations
 
@@ -484,7 +484,7 @@ def test_golden_mismatch_is_refused(zoo, tmp_path):
 
 def test_runtime_imports_no_torch():
     code = "import sys, export.runtime; assert 'torch' not in sys.modules, 'export.runtime imported torch'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_cli_export_from_checkpoint(zoo, tmp_path):

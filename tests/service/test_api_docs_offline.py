@@ -3,7 +3,7 @@ from a real `udg serve` with every other host unreachable (names do not resolve,
 dead proxy), and the rendered DOM holds every operation; the pages reference no other host and the
 browser's network log shows no request leaving 127.0.0.1.
 
-`UDG_DOCS_SCREENSHOT=docs/img/api-docs.png pytest tests/test_api_docs_offline.py` also writes the screenshot
+`UDG_DOCS_SCREENSHOT=docs/img/api-docs.png pytest tests/service/test_api_docs_offline.py` also writes the screenshot
 committed in docs/ (shrunk to a 64-colour palette)."""
 
 from __future__ import annotations

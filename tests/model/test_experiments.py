@@ -26,7 +26,7 @@ from model.meta import MetaConfig
 from model.train import TrainConfig
 from udg_cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

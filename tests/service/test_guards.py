@@ -155,7 +155,7 @@ def test_a_restarted_worker_adopts_the_routing_document(redis_server, redis_clie
 
     from service.main import create_app
     from tests.conftest import make_settings
-    from tests.test_versions import wait_for
+    from tests.service.test_versions import wait_for
 
     versions_repo.publish_all(repo, redis_client)
     token = {"Authorization": "Bearer guard-token"}

@@ -20,7 +20,7 @@ import pytest
 
 from tests.serve_process import serve_env, start_serve, stop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--epochs", "1", "--meta-steps", "20", "--embed-dim", "8", "--udg-dim", "8", "--hidden", "16,8", "--quiet",
          "--threads", "1"]
 

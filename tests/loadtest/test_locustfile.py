@@ -23,7 +23,7 @@ import pytest
 if importlib.util.find_spec("locust") is None:
     pytest.skip("locust is not installed (the loadtest extra)", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 FIELDS = ("age", "gender", "occupation")
 USERS = [f"u{i}" for i in range(200)]

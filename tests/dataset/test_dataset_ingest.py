@@ -16,7 +16,7 @@ from dataset.ingest import prepare
 from dataset.schema import OOV, PAD, Vocab, stable_hash
 from dataset.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_parquet(path: Path, columns: dict) -> Path:
