@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.synthetic import tmp_beside
+
 COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "PL", "SE", "JP", "BR", "IN", "CA", "AU", "MX", "KR")
 DEVICES = ("mobile", "desktop", "tablet")
 TIERS = ("free", "silver", "gold", "platinum")
@@ -182,7 +184,7 @@ def write_parquet(tables: dict[str, dict[str, object]], folder: Path) -> Path:
                 arrays[key] = pa.array(values.tolist(), pa.string())
             else:
                 arrays[key] = pa.array(values)
-        tmp = folder / f".{name}.parquet.tmp"
+        tmp = tmp_beside(folder / f"{name}.parquet")
         pq.write_table(pa.table(arrays), tmp)
         tmp.replace(folder / f"{name}.parquet")
     return folder

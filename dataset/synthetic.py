@@ -15,6 +15,8 @@ Generation is vectorised over users, one time step at a time, so millions of use
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +101,12 @@ def generate(params: SyntheticParams) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+def tmp_beside(target: Path) -> Path:
+    """A temporary name beside `target`, of this process and thread: writers that make the same seeded source at
+    once (every DDP rank prepares the log) must not rename each other's half-written file."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_parquet(tables: dict[str, dict[str, np.ndarray]], folder: Path) -> Path:
     """Each table as `<name>.parquet` in `folder`, written beside and renamed into place (never half-written)."""
     import pyarrow as pa
@@ -107,7 +115,7 @@ def write_parquet(tables: dict[str, dict[str, np.ndarray]], folder: Path) -> Pat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, columns in tables.items():
-        tmp = folder / f".{name}.parquet.tmp"
+        tmp = tmp_beside(folder / f"{name}.parquet")
         pq.write_table(pa.table({k: pa.array(v) for k, v in columns.items()}), tmp)
         tmp.replace(folder / f"{name}.parquet")
     return folder
@@ -205,7 +213,7 @@ def write_log(params: LogParams, folder: Path) -> Path:
         by_time = np.argsort(stamp, kind="stable")
         table = pa.table([user_ids.take(pa.array(user[by_time])), item_ids.take(pa.array(item[by_time])),
                           pa.array(stamp[by_time]), pa.array(click[by_time])], schema=schema)
-        tmp = folder / f".events-{number:03d}.parquet.tmp"
+        tmp = tmp_beside(folder / f"events-{number:03d}.parquet")
         pq.write_table(table, tmp, row_group_size=p.row_group)
         tmp.replace(folder / f"events-{number:03d}.parquet")
         del parts, item, stamp, click, user, by_time, table
@@ -215,7 +223,7 @@ def write_log(params: LogParams, folder: Path) -> Path:
                         "log_decisiveness": pa.array(log_decisiveness)},
               "items": {"item_id": item_ids, "category": pa.array(np.char.add("c", item_category.astype(str)))}}
     for name, columns in tables.items():
-        tmp = folder / f".{name}.parquet.tmp"
+        tmp = tmp_beside(folder / f"{name}.parquet")
         pq.write_table(pa.table(columns), tmp)
         tmp.replace(folder / f"{name}.parquet")
     return folder

@@ -491,3 +491,33 @@ def test_grouplens_problems_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"ml-100k\.inter.*column 'rating:float'.*row 1") as error:
         prepare(grouplens_spec(folder))
     assert "five" in str(error.value)
+
+
+def test_writers_of_the_same_generated_source_at_once_do_not_collide(tmp_path):
+    """Every DDP rank prepares the log, so two processes (here threads) may generate the same seeded source into
+    the same cache folder at once: each writes its own temporary file and renames it into place."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from dataset.synthetic import write_parquet
+
+    tables = {"users": {"user_id": np.array([f"u{i}" for i in range(20_000)])}}
+    start, errors = threading.Barrier(4), []
+
+    def write():
+        start.wait()
+        try:
+            for _ in range(5):
+                write_parquet(tables, tmp_path)
+        except OSError as error:  # a writer renamed another's file away
+            errors.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert pq.read_table(tmp_path / "users.parquet").num_rows == 20_000
+    assert [p.name for p in tmp_path.iterdir()] == ["users.parquet"]  # no temporary file left behind
