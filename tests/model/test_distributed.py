@@ -52,6 +52,26 @@ def _train(command: list[str], out: Path, env: dict):
     return done.stdout
 
 
+def _port_taken(output: str) -> bool:
+    """Whether a rank or rendezvous failed only because another process bound the free port first."""
+    return "address already in use" in output.lower() or "eaddrinuse" in output.lower()
+
+
+def on_a_free_port(run, attempts: int = 3):
+    """`run(port)` on a free port, again on another one when another process took that port in between."""
+    for attempt in range(attempts):
+        try:
+            return run(free_port())
+        except (AssertionError, torch.multiprocessing.ProcessRaisedException) as error:
+            if attempt == attempts - 1 or not _port_taken(str(error)):
+                raise
+
+
+def _torchrun_train(out: Path, env: dict):
+    return on_a_free_port(lambda port: _train([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(port),
+                                               "-m", "udg_cli"], out, env))
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     from dataset.ingest import prepare
@@ -63,8 +83,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     one = tmp_path / "one" / "checkpoint.pt"
     two = tmp_path / "two" / "checkpoint.pt"
     _train([sys.executable, "-m", "udg_cli"], one, env)
-    stdout = _train([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "udg_cli"],
-                    two, env)
+    stdout = _torchrun_train(two, env)
     assert stdout.count("checkpoint:") == 1  # the summary from rank 0 only
     assert sorted(p.name for p in two.parent.iterdir()) == ["checkpoint.pt"]  # one file, no leftover .tmp
     single, ddp = Checkpoint.load(one), Checkpoint.load(two)
@@ -91,16 +110,20 @@ def test_the_multi_node_command_trains_what_one_node_trains(tmp_path):
     from model.checkpoint import Checkpoint
 
     one_node = tmp_path / "one-node" / "checkpoint.pt"
-    _train([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "udg_cli"], one_node,
-           _env(tmp_path / "a"))
+    _torchrun_train(one_node, _env(tmp_path / "a"))
     out = tmp_path / "two-nodes" / "checkpoint.pt"
-    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "udg-test"]
-    nodes = [subprocess.Popen([str(TORCHRUN), *rendezvous, "-m", "udg_cli", *TRAIN_ARGS, "--threads", "1",
-                               "--out", str(out)], cwd=ROOT, env=_env(tmp_path / f"node{n}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+
+    def two_nodes(port: int) -> list[tuple[str, str]]:
+        rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "udg-test"]
+        nodes = [subprocess.Popen([str(TORCHRUN), *rendezvous, "-m", "udg_cli", *TRAIN_ARGS, "--threads", "1",
+                                   "--out", str(out)], cwd=ROOT, env=_env(tmp_path / f"node{n}"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+        outputs = [node.communicate(timeout=300) for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+        return outputs
+
+    outputs = on_a_free_port(two_nodes)
     assert sum(stdout.count("checkpoint:") for stdout, _ in outputs) == 1
     reference, multi = Checkpoint.load(one_node), Checkpoint.load(out)
     assert multi.metrics["distributed"]["world"] == 2
@@ -134,7 +157,8 @@ def test_two_spawned_ranks_reproduce_one_process_without_dropout(tmp_path):
     single, metrics = train_model(data, ModelConfig(kind="pnn", udg=True, user_id_dropout=0.0),
                                   TrainConfig(epochs=2, batch_size=200, patience=9), progress=False)
     results = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_spawned_rank, args=(2, free_port(), str(results)), nprocs=2, join=True)
+    on_a_free_port(lambda port: torch.multiprocessing.spawn(_spawned_rank, args=(2, port, str(results)), nprocs=2,
+                                                            join=True))
     ddp = torch.load(results, weights_only=True)
     for key in ("auc", "log_loss"):
         assert abs(metrics["valid"][key] - ddp["valid"][key]) <= EXACT_TOLERANCE
@@ -215,6 +239,7 @@ def test_every_model_kind_trains_under_ddp(tmp_path):
     """Every base model +UDG (DIEN's auxiliary loss included) takes part in every all-reduce with all its
     parameters, and the ranks agree on the metrics they compute from the gathered predictions."""
     results = tmp_path / "aucs"
-    torch.multiprocessing.spawn(_every_kind_rank, args=(2, free_port(), str(results)), nprocs=2, join=True)
+    on_a_free_port(lambda port: torch.multiprocessing.spawn(_every_kind_rank, args=(2, port, str(results)), nprocs=2,
+                                                            join=True))
     ranks = [json.loads(Path(f"{results}.{r}").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] and set(ranks[0]) == {"pnn", "deepfm", "wide_deep", "din", "dien"}
