@@ -4,7 +4,7 @@
 #   docker build --target serve-gpu -t udg-ctr:serve-gpu .   # the same on CUDA: onnxruntime-gpu
 #   docker build --target trainer   -t udg-ctr:trainer .     # torch (CPU wheel): train -> export -> publish
 #   docker build --target loadtest  -t udg-ctr:loadtest .    # locust + loadtest/locustfile.py
-# docker-compose.yml wires them together; tests/test_containers.py validates this file (hadolint + structure).
+# docker-compose.yml wires them together; tests/deploy/test_containers.py validates this file (hadolint + structure).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04

@@ -12,7 +12,7 @@
    cold-start answers served to the known user (must be 0), the routing after the wipe, the known user's
    history after the republish (clicks received during the loss + the published snapshot).
 Prints a table (docs/faults.md includes the committed journal's) and returns the figures
-(tests/test_faults_state.py asserts them). Without --repo it drills a small synthetic model trained once in
+(tests/service/test_faults_state.py asserts them). Without --repo it drills a small synthetic model trained once in
 --workdir (as `udg loadtest` and the rolling-restart drill do).
 """
 

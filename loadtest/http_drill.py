@@ -7,7 +7,7 @@ a real `udg serve` over 127.0.0.1 sockets; prints a Markdown table (docs/faults.
     python -m loadtest.http_drill --table docs/results/faults/http-drill.json  # its table, running nothing
 
 Without --url it serves a model repository with no version and an unreachable Redis: every limit here acts
-before a request reaches a model, and /healthz answers. The functions are reused by tests/test_http_limits.py.
+before a request reaches a model, and /healthz answers. The functions are reused by tests/service/test_http_limits.py.
 """
 
 from __future__ import annotations
@@ -232,13 +232,19 @@ def rss_mb(pid: int) -> float:
 
 
 # --- the drill -------------------------------------------------------------------------------------------
-def start_server(port: int, env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
-    """`udg serve` on `port` with START_ENV (and `env_extra`); its log lines go to `log_path` (else dropped)."""
+def server_env(env_extra: dict | None = None) -> dict[str, str]:
+    """The drill server's environment (no port): an empty model repository and an unreachable Redis."""
     repo = tempfile.mkdtemp(prefix="udg-drill-repo-")
-    env = {**os.environ, "UDG_MODEL_REPO": repo, "REDIS_URL": "redis://127.0.0.1:1/0", "UDG_PORT": str(port),
-           "UDG_LOG_LEVEL": "warning", **START_ENV, **(env_extra or {})}
+    env = {**os.environ, "UDG_MODEL_REPO": repo, "REDIS_URL": "redis://127.0.0.1:1/0", "UDG_LOG_LEVEL": "warning",
+           **START_ENV, **(env_extra or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_server(port: int, env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
+    """`udg serve` on `port` with START_ENV (and `env_extra`); its log lines go to `log_path` (else dropped)."""
+    env = {**server_env(env_extra), "UDG_PORT": str(port)}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
     try:
         return subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env=env, cwd=ROOT,

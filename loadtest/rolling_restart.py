@@ -12,7 +12,7 @@ It starts its own redis-server and publishes the version there (or uses --redis-
 Kubernetes Service plays: it forwards each TCP connection to the next backend whose /readyz answered 200 at its
 last check (every --check-s), so a backend that says 503 gets no new connection; like kube-proxy it never
 retries. The clients keep their connections alive; a draining instance answers `Connection: close`, so they
-reconnect through the proxy to the other one. tests/test_rolling_restart.py runs it on the tests' tiny model.
+reconnect through the proxy to the other one. tests/service/test_graceful_shutdown.py runs it on the tests' tiny model.
 """
 
 from __future__ import annotations

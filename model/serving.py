@@ -104,7 +104,7 @@ class ScorerModule(nn.Module):
     once) and, for UDG, the gating networks' first layers as one GEMM (`StackedGates`). `plain=True` runs
     `model.score` itself, and `per_candidate=True` (implies plain) expands the user side to N rows first:
     everything user-side then runs once per candidate. Both exist to measure what the serving form saves
-    (loadtest/bench_model.py); tests/test_export.py checks the serving form equals `model.score`.
+    (loadtest/bench_model.py); tests/export/test_export.py checks the serving form equals `model.score`.
     """
 
     def __init__(self, model: nn.Module, per_candidate: bool = False, plain: bool = False):

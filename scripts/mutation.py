@@ -31,17 +31,19 @@ PACKAGES = ["service", "model", "export", "repository", "dataset", "pipeline", "
 
 # module -> the fast test files that cover it (seconds per run, not minutes: a run is one pytest per mutant).
 MODULES: dict[str, list[str]] = {
-    "model/layers.py": ["tests/test_udg_math.py", "tests/test_udg_forward_reference.py"],
-    "model/udg.py": ["tests/test_udg_math.py", "tests/test_udg_forward_reference.py"],
-    "model/meta.py": ["tests/test_meta_generator.py"],
-    "export/runtime.py": ["tests/test_service_no_torch.py", "tests/test_guards.py", "tests/test_properties.py"],
-    "service/registry.py": ["tests/test_split_bounds.py", "tests/test_guards.py"],
-    "service/redis_layout.py": ["tests/test_properties.py", "tests/test_state_units.py", "tests/test_guards.py"],
-    "service/feature_store.py": ["tests/test_state_units.py", "tests/test_guards.py"],
-    "service/control.py": ["tests/test_guards.py"],
-    "service/scoring.py": ["tests/test_service_api.py"],
-    "service/publish.py": ["tests/test_guards.py", "tests/test_service_store.py"],
-    "dataset/schema.py": ["tests/test_properties.py"],
+    "model/layers.py": ["tests/model/test_udg_math.py", "tests/model/test_udg_forward_reference.py"],
+    "model/udg.py": ["tests/model/test_udg_math.py", "tests/model/test_udg_forward_reference.py"],
+    "model/meta.py": ["tests/model/test_meta_generator.py"],
+    "export/runtime.py": ["tests/service/test_service_no_torch.py", "tests/service/test_guards.py",
+                          "tests/service/test_properties.py"],
+    "service/registry.py": ["tests/service/test_split_bounds.py", "tests/service/test_guards.py"],
+    "service/redis_layout.py": ["tests/service/test_properties.py", "tests/service/test_state_units.py",
+                                "tests/service/test_guards.py"],
+    "service/feature_store.py": ["tests/service/test_state_units.py", "tests/service/test_guards.py"],
+    "service/control.py": ["tests/service/test_guards.py"],
+    "service/scoring.py": ["tests/service/test_service_api.py"],
+    "service/publish.py": ["tests/service/test_guards.py", "tests/service/test_service_store.py"],
+    "dataset/schema.py": ["tests/service/test_properties.py"],
 }
 # torch (and onnxruntime) are not fork-safe once their thread pools run: fork a clean server per mutant instead.
 FORKSERVER = {"model/layers.py", "model/udg.py", "model/meta.py"}
@@ -74,8 +76,18 @@ def copy_tree(target: Path, rev: str | None) -> None:
         subprocess.run(["tar", "xf", "-", "-C", str(target)], input=archive, check=True)
 
 
+def located(tree: Path, test: str) -> str | None:
+    """`test` as it is found in `tree`: where MODULES names it, or in the flat tests/ of revisions before
+    tests/ mirrored the packages (tests/service/test_x.py was tests/test_x.py); None if absent."""
+    path, _, rest = test.partition("::")
+    for candidate in (path, f"tests/{Path(path).name}"):
+        if (tree / candidate).exists():
+            return candidate + (f"::{rest}" if rest else "")
+    return None
+
+
 def configure(tree: Path, module: str, tests: list[str]) -> list[str]:
-    present = [t for t in tests if (tree / t.split("::")[0]).exists()]
+    present = [t for t in (located(tree, test) for test in tests) if t]
     if not present:  # no covering test at this rev: a test that runs nothing, so every mutant is "no tests"
         (tree / "tests" / "test_mutation_placeholder.py").write_text("def test_nothing():\n    pass\n")
         present = ["tests/test_mutation_placeholder.py"]

@@ -124,6 +124,23 @@ def model_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def parity_data():
+    """A tiny prepared data set (200 users, 60 items, histories of 6) for the base-model and export parity
+    tests; read, never changed."""
+    from tests.tiny import tiny_prepared
+
+    return tiny_prepared(users=200, items=60, events_per_user=12, max_history=6)
+
+
+@pytest.fixture(scope="session")
+def warm_data():
+    """A tiny prepared data set with no cold users (60 users, 40 items) for the UDG math tests; read only."""
+    from tests.tiny import tiny_prepared
+
+    return tiny_prepared(users=60, items=40, events_per_user=10, max_history=6, cold_user_frac=0.0)
+
+
+@pytest.fixture(scope="session")
 def artifact(model_repo):
     from export.runtime import open_artifact
 
@@ -184,34 +201,3 @@ def make_client(redis_server, model_repo, tmp_path):
 @pytest.fixture
 def client(make_client, published):
     return make_client()
-
-
-def start_serve(env: dict, cwd: Path, attempts: int = 3, timeout_s: float = 60.0):
-    """`udg serve` on a free port: (process, base url) once it accepts connections. The port is chosen free and
-    then bound by the server, so another process may take it in between: then the server exits with
-    'address already in use' and it is started again on another port."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from service.local_redis import free_port
-
-    for _ in range(attempts):
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], env={**env, "UDG_PORT": str(port)},
-                                  cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while server.poll() is None and time.monotonic() < deadline:
-            with socket.socket() as probe:
-                probe.settimeout(0.5)
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    return server, f"http://127.0.0.1:{port}"
-            time.sleep(0.05)
-        output = server.stdout.read().decode() if server.poll() is not None else ""
-        if server.poll() is None:
-            server.kill()
-            raise AssertionError(f"udg serve did not listen on {port} within {timeout_s} s")
-        if "address already in use" not in output.lower():
-            raise AssertionError(f"udg serve exited ({server.returncode}):\n{output}")
-    raise AssertionError(f"no free port after {attempts} attempts")

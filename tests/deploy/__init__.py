@@ -1,0 +1,1 @@
+"""Tests of deploy/, docker/, the Dockerfile and compose."""

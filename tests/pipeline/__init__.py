@@ -1,0 +1,1 @@
+"""Tests of pipeline/ (and the public commands end to end)."""
