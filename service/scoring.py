@@ -124,17 +124,21 @@ class Scorer:
     async def score(self, model: ServingModel, request: ScoreRequest, timer: StageTimer) -> dict:
         artifact = model.artifact
         check_profile(model, request.profile)
-        # Send the MGET, then encode the candidates while Redis answers (the round trip overlaps CPU work).
-        fetch = asyncio.get_running_loop().create_task(self.store.fetch(model.version, request.user_id))
-        await asyncio.sleep(0)  # lets the task write the command before the CPU-bound encoding below
+        state = self.store.cached(model.version, request.user_id)  # a hot user: no round trip, no task
+        if state is None:
+            # Send the MGET, then encode the candidates while Redis answers (the round trip overlaps CPU work).
+            fetch = asyncio.get_running_loop().create_task(self.store.fetch(model.version, request.user_id))
+            await asyncio.sleep(0)  # lets the task write the command before the CPU-bound encoding below
         candidates = request.candidates
         try:
             candidate_idx, unknown = artifact.encode_items(candidates)
         except BaseException:
-            fetch.cancel()
+            if state is None:
+                fetch.cancel()
             raise
         timer.mark("encode")
-        state = await fetch
+        if state is None:
+            state = await fetch
         timer.mark("redis")
         lost = self.store.state_lost()
         if lost:  # the epoch in this very MGET said the state is gone: no cold-start scores for known users
