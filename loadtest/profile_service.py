@@ -1,7 +1,7 @@
 """Where a saturated worker's time goes: `udg serve` (1 worker) under the bench-compare load, sampled by py-spy.
 
     python -m loadtest.profile_service [--workdir runs/bench_compare] [--env UDG_STATE_CACHE=true] \\
-        [--concurrency 4] [--seconds 15] [--out profile.txt]
+        [--concurrency 4] [--seconds 15] [--json JOURNAL] | --report JOURNAL
 
 Uses bench compare's model (trained into --workdir once), request bodies and load generator; py-spy (`pip install
 py-spy`) records the worker process with native frames off, and the summary prints the share of samples whose
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 MARKERS = {  # label -> substrings of a frame ("function (file)", no line numbers) that put a sample in that bucket
+    "the score route, all of it": ["score (service/api/score.py)"],
+    "Scorer.score, all of it": ["Scorer.score (service/scoring.py)"],
     "onnxruntime run": ["run (onnxruntime/"],
     "Redis client": ["(redis/"],
     "state cache lookup/store": ["(service/state_cache.py)"],
@@ -28,16 +31,17 @@ MARKERS = {  # label -> substrings of a frame ("function (file)", no line number
     "JSON encode (orjson)": ["json_ok (service/api/deps.py)"],
     "request parse (pydantic)": ["model_validate_json"],
     "id encoding": ["encode_items"],
-    "FastAPI/Starlette": ["(fastapi/", "(starlette/"],
-    "uvicorn protocol": ["(uvicorn/"],
+    "FastAPI dependency solving": ["solve_dependencies (fastapi/"],
+    "uvicorn's response send, all of it": ["RequestResponseCycle.send (uvicorn/"],
 }
 # The socket writes of the response are C calls: a sample inside one ends in the Python frame that made it.
 LEAF_MARKERS = {"socket write of the response (leaf)": ["write (service/http_server.py)",
                                                         "send (uvicorn/protocols/http/httptools_impl.py)"]}
 
 
-def summarise(raw: Path, top: int = 25) -> str:
-    """py-spy's --format raw (collapsed stacks: "frame;frame;... count") -> the bucket shares and top leaves."""
+def summarise(raw: Path, top: int = 25) -> dict:
+    """py-spy's --format raw (collapsed stacks: "frame;frame;... count") -> sample counts per bucket and the top
+    leaf frames (the journal: small, and `render` prints it)."""
     total, buckets, leaves = 0, Counter(), Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -53,10 +57,18 @@ def summarise(raw: Path, top: int = 25) -> str:
             if any(needle in leaf for needle in needles):
                 buckets[label] += n
         leaves[leaf] += n
-    lines = [f"{total} samples of the worker", "", "| where | share of samples |", "|---|---:|"]
-    lines += [f"| {label} | {100 * buckets[label] / max(total, 1):.1f} % |" for label in [*MARKERS, *LEAF_MARKERS]]
-    lines += ["", "Top leaf frames:", ""]
-    lines += [f"{100 * n / max(total, 1):5.1f} %  {frame}" for frame, n in leaves.most_common(top)]
+    return {"samples": total, "buckets": {label: buckets[label] for label in [*MARKERS, *LEAF_MARKERS]},
+            "leaves": leaves.most_common(top)}
+
+
+def render(journal: dict) -> str:
+    total = max(journal["samples"], 1)
+    lines = [f"{journal['samples']} samples of one saturated worker ({journal.get('setup', '')}); 1-min load average "
+             f"{journal['load'][0]:.2f} before, {journal['load'][1]:.2f} after.", "",
+             "| where (a sample counts in every bucket its stack touches) | share of samples |", "|---|---:|"]
+    lines += [f"| {label} | {100 * n / total:.1f} % |" for label, n in journal["buckets"].items()]
+    lines += ["", "| top leaf frames | share |", "|---|---:|"]
+    lines += [f"| `{frame}` | {100 * n / total:.1f} % |" for frame, n in journal["leaves"]]
     return "\n".join(lines)
 
 
@@ -72,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--env", action="append", default=[], help="ENV=VALUE for the service; repeatable")
-    parser.add_argument("--out", default=None, help="also write the summary here")
+    parser.add_argument("--json", default=None, help="also write the summary here (the journal)")
+    parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
+    if args.report:
+        print(render(json.loads(Path(args.report).read_text())))
+        return 0
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         print("py-spy is not installed (pip install py-spy)", file=sys.stderr)
@@ -88,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "candidates": x["candidates"]}).encode())
                 for x in inputs]
     env = dict(item.split("=", 1) for item in args.env)
+    load_before = os.getloadavg()[0]
     redis = stack.start_redis()
     try:
         stack.publish_version(version_dir, redis.url)
@@ -112,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop(process)
     finally:
         redis.cleanup()
-    text = summarise(raw)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    journal = summarise(raw)
+    journal["load"] = [load_before, os.getloadavg()[0]]
+    journal["setup"] = (f"1 worker, N = {args.candidates}, {args.bodies} users cycled, concurrency {args.concurrency}, "
+                        f"{args.seconds:g} s at {args.rate} Hz" + "".join(f", {k}={v}" for k, v in env.items()))
+    print(render(journal))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(journal, indent=1) + "\n")
     return 0
 
 
