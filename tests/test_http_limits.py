@@ -137,4 +137,3 @@ def test_serve_help_documents_the_limits():
         if name.startswith("http_"):
             value = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
             assert f"UDG_{name.upper()}={value} " in SERVE_EPILOG, name
-
