@@ -77,8 +77,19 @@ class FeatureStore:
         expected = self.expected_epoch
         state = cache.lookup(version, user_id, expected is not None)
         if state is not None:
+            self._cache_counts["hit"].inc()
             self._check_epoch(expected, state)
+        else:
+            self._cache_counts["miss" if cache.active else "off"].inc()
         return state
+
+    def use_cache(self, cache) -> None:
+        """Serve repeated users from `cache` (a service.state_cache.StateCache); counted per lookup."""
+        from service import metrics
+
+        self.cache = cache
+        self._cache_counts = {outcome: metrics.STATE_CACHE_LOOKUPS.labels(outcome)
+                              for outcome in ("hit", "miss", "off")}
 
     async def fetch(self, version: str, user_id: str) -> UserState:
         """Embeddings under `version`, history and profile: ONE command (MGET), one round trip. If the data

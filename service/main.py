@@ -35,9 +35,10 @@ def start_state_cache(settings: Settings, store: FeatureStore, redis) -> asyncio
 
     if is_cluster(redis):
         log.warning("UDG_STATE_CACHE is not supported on a Redis Cluster: the state cache stays off")
+        metrics.STATE_CACHE_ACTIVE.set(0)
         return None
-    store.cache = StateCache(settings.key_prefix, settings.state_cache_users, settings.state_cache_max_age_s,
-                             settings.state_cache_ping_s)
+    store.use_cache(StateCache(settings.key_prefix, settings.state_cache_users, settings.state_cache_max_age_s,
+                               settings.state_cache_ping_s, on_active=metrics.STATE_CACHE_ACTIVE.set))
     return asyncio.create_task(store.cache.run(settings.redis_url, max(settings.redis_timeout_s, 1.0),
                                                settings.redis_ca_certs))
 

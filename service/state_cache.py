@@ -46,8 +46,10 @@ CLIENT_NAME = "udg-state-cache"  # the invalidation connection's name (CLIENT LI
 class StateCache:
     """`lookup` / `begin` + `store` for the request path; `run()` is the invalidation listener (a task)."""
 
-    def __init__(self, prefix: str, max_users: int = 100_000, max_age_s: float = 30.0, ping_s: float = 1.0):
+    def __init__(self, prefix: str, max_users: int = 100_000, max_age_s: float = 30.0, ping_s: float = 1.0,
+                 on_active=None):
         self.prefix = prefix
+        self._on_active = on_active or (lambda value: None)  # told 1 / 0 when the cache turns on / off
         self.max_users = max_users
         self.max_age_s = max_age_s
         self.ping_s = ping_s
@@ -131,6 +133,7 @@ class StateCache:
         _LOG.warning("lost", "state cache off until the invalidation connection is back: %s", why)
         self.active = False
         self.flush()
+        self._on_active(0)
 
     async def run(self, url: str, connect_timeout_s: float, ca_certs: str | None = None,
                   retry_s: float = 1.0) -> None:
@@ -162,6 +165,7 @@ class StateCache:
             raise ConnectionError(f"unexpected answer to SUBSCRIBE: {reply!r}")
         self.flush()  # anything written before tracking began was never announced
         self.active = True
+        self._on_active(1)
         self.stats["connects"] += 1
         log.info("state cache on: invalidations of %s", ", ".join(self.prefixes))
         heard = [time.monotonic()]

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.redis_layout import RedisLayout, UserState
 from service.state_cache import CLIENT_NAME, StateCache
@@ -81,6 +82,10 @@ def test_bounds_inactive_and_age():
 
 
 # --- over a real Redis, through the service -------------------------------------------------------------------
+def _lookups(outcome: str) -> float:
+    return REGISTRY.get_sample_value("udg_state_cache_lookups_total", {"outcome": outcome}) or 0.0
+
+
 def _count_fetches(store) -> list[int]:
     """Counts the user-state reads the worker sends to Redis (the layout's MGET)."""
     calls, fetch = [0], store.layout.fetch
@@ -123,9 +128,10 @@ def test_repeated_user_is_served_without_a_redis_read(cached_client, redis_clien
     reads = _count_fetches(client.app.state.services.store)
     first = _score(client, user_id, candidates)
     assert reads[0] == 1
-    hits = cache.stats["hits"]
+    hits, counted = cache.stats["hits"], _lookups("hit")
     again = _score(client, user_id, candidates)
-    assert reads[0] == 1 and cache.stats["hits"] == hits + 1
+    assert reads[0] == 1 and cache.stats["hits"] == hits + 1 and _lookups("hit") == counted + 1
+    assert REGISTRY.get_sample_value("udg_state_cache_active") == 1
     np.testing.assert_array_equal(first, again)
     expected = _expected(artifact, users["user_vec"][row], users["udg_vec"][row],
                          _history(redis_client, user_id), candidates)
@@ -223,7 +229,7 @@ def test_silent_invalidation_connection_turns_the_cache_off(cached_client, redis
     redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
     try:
         wait_for(lambda: not cache.active, timeout_s=1.4)
-        assert len(cache) == 0
+        assert len(cache) == 0 and REGISTRY.get_sample_value("udg_state_cache_active") == 0
     finally:
         redis_client.execute_command("CLIENT", "UNPAUSE")
     wait_for(lambda: cache.active)
