@@ -174,6 +174,18 @@ def test_writes_through_another_client_are_seen_by_the_next_score(cached_client,
                                          candidates), atol=1e-6)
 
 
+def test_a_republish_drops_the_cached_users(cached_client, redis_client, model_repo, artifact, users):
+    from service.publish import publish
+
+    client, cache = cached_client
+    candidates = list(artifact.schema.items.tokens[2:6])
+    for row in range(3):
+        _score(client, str(users["user_ids"][row]), candidates)
+    assert len(cache) == 3
+    publish(model_repo / "v1", redis_client, progress=False)  # rewrites every user's embeddings key
+    wait_for(lambda: len(cache) == 0)
+
+
 def test_flushall_empties_the_cache(cached_client, redis_client, artifact, users):
     client, cache = cached_client
     user_id, candidates = str(users["user_ids"][0]), list(artifact.schema.items.tokens[2:6])
