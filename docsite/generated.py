@@ -120,6 +120,16 @@ BENCHMARK_REPORTS = {
                                                   ["--report", "docs/results/perf/bench-compare.json"]),
     "docs/results/perf/report-bench-compare-before.md": ("loadtest.bench_compare",
                                                          ["--report", "docs/results/perf/bench-compare-before.json"]),
+    "docs/results/perf/report-bench-compare-state-cache.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-state-cache.json"]),
+    "docs/results/perf/report-bench-compare-state-cache-many-users.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-state-cache-many-users.json"]),
+    "docs/results/perf/report-bench-compare-single-write.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-single-write.json"]),
+    "docs/results/perf/report-profile-service.md": ("loadtest.profile_service",
+                                                    ["--report", "docs/results/perf/profile-service.json"]),
+    "docs/results/perf/report-profile-service-cache.md": ("loadtest.profile_service",
+                                                          ["--report", "docs/results/perf/profile-service-cache.json"]),
     "docs/results/perf/report-bench-batching.md": ("loadtest.bench_batching",
                                                    ["--report", "docs/results/perf/bench-batching.json"]),
     "docs/results/cluster/report-bench.md": ("loadtest.bench_publish", ["--table", "docs/results/cluster/bench.json"]),

@@ -32,7 +32,17 @@ import time
 from pathlib import Path
 
 NAIVE_KEY = "naive:{user_id}:{feature}"  # loadtest/naive_app.py reads these: one JSON string per user and feature
-TARGETS = {"service_vs_naive_rps": 2.0, "service_vs_ceiling_rps": 0.75, "service_p99_vs_floor_p99": 3.0}
+TARGETS = {"service_vs_naive_rps": 2.0, "service_vs_ceiling_rps": 0.75, "service_p99_vs_floor_p99": 3.0,
+           "cpu_vs_model": 1.3, "p50_above_floor_ms": 0.5}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """"cache:UDG_STATE_CACHE=true,UDG_X=1" -> ("cache", {...}); the name must not clash with a system."""
+    name, _, assignments = text.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if "=" in item)
+    if not name or name in ("service", "naive") or not env:
+        raise SystemExit(f"--variant {text!r}: expected NAME:ENV=VALUE[,ENV=VALUE] (NAME not service/naive)")
+    return name, env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per worker (service default 1)")
     parser.add_argument("--bodies", type=int, default=64, help="distinct (user, candidate list) requests cycled")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:ENV=VALUE[,ENV=VALUE]",
+                        help="also measure the service with these environment settings, in the same rounds "
+                             "(an A/B of a toggle), e.g. cache:UDG_STATE_CACHE=true; repeatable")
     parser.add_argument("--json", default=None, help="also write the raw results here (the journal)")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     parser.add_argument("--ceiling-worker", default=None, help=argparse.SUPPRESS)
@@ -313,7 +326,9 @@ def run(args: argparse.Namespace) -> int:
                      "cells": {}, "ceiling": {}}
     block = args.duration / args.rounds
     floor: dict = {"latencies": [], "seconds": 0.0}
-    systems = ["service"] + ([] if args.skip_naive else ["naive"])
+    variants = dict(parse_variant(text) for text in args.variant)
+    results["variants"] = variants
+    systems = ["service", *variants] + ([] if args.skip_naive else ["naive"])
     redis = stack.start_redis()
     try:
         stack.publish_version(version_dir, redis.url)
@@ -332,6 +347,10 @@ def run(args: argparse.Namespace) -> int:
                 process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
                                                     workdir / "service.log")
                 servers["service"] = (process, int(base.rsplit(":", 1)[1]))
+                for name, env in variants.items():
+                    process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
+                                                        workdir / f"service-{name}.log", extra_env=env)
+                    servers[name] = (process, int(base.rsplit(":", 1)[1]))
                 if not args.skip_naive:
                     servers["naive"] = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
                 calls = seconds = ceiling_cpu = 0.0
@@ -451,6 +470,7 @@ def format_table(results: dict) -> str:
                      f"{b['client_cpu_ms_per_request']:.2f} | {naive[0]} | {naive[1]} | "
                      f"{b['cpu_ms_per_request'] / model:.2f} | "
                      f"{model / (b['cpu_ms_per_request'] + b['client_cpu_ms_per_request']):.2f} |")
+    lines += variant_table(results)
     workers = 2 if 2 in results["ceiling"] else max(results["ceiling"])
     lines += ["", f"Targets ({workers} worker{'s' if workers > 1 else ''}):"]
     busiest = max((int(k.split("/")[1]) for k in results["cells"] if int(k.split("/")[0]) == workers), default=None)
@@ -479,12 +499,54 @@ def format_table(results: dict) -> str:
                                f"(conc {busiest})", naive_cpu / service_cpu, TARGETS["service_vs_naive_rps"], True))
             checks.append((f"CPU-based: service >= {TARGETS['service_vs_ceiling_rps']:.0%} of the ceiling on idle CPUs "
                            f"(conc {busiest})", model_cpu / service_cpu, TARGETS["service_vs_ceiling_rps"], True))
+        for name in ["service", *results.get("variants", {})]:
+            checks += serving_checks(results, workers, calmest, busiest, name)
         errors = sum(cell[s]["errors"] for cell in results["cells"].values() for s in cell)
         for text, value, target, higher in checks:
             ok = value >= target if higher else value <= target
             lines.append(f"- {text}: {value:.2f} — {'met' if ok else 'MISSED'}")
         lines.append(f"- failures: {errors} — {'met' if errors == 0 else 'MISSED'}")
     return "\n".join(lines)
+
+
+def variant_table(results: dict) -> list[str]:
+    """With --variant: the service and each variant side by side, per cell (same rounds, same load)."""
+    variants = results.get("variants") or {}
+    if not variants:
+        return []
+    floor = results["floor"]
+    lines = ["", "Service variants, measured in the same rounds (" + "; ".join(
+                 f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name, env in variants.items()) + "):",
+             "", "| workers | conc | service | p50 / p99 ms | req/s | ÷ service req/s | p50 − floor p50 ms | "
+             "CPU ms / request | ÷ model CPU | projected ÷ ceiling on idle CPUs |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, cell in results["cells"].items():
+        workers, c = (int(v) for v in key.split("/"))
+        model = results["ceiling"][workers]["cpu_ms_per_call"]
+        base = cell["service"]
+        for name in ["service", *variants]:
+            b = cell[name]
+            cpu = b["cpu_ms_per_request"]
+            lines.append(f"| {workers} | {c} | {name} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {b['rps']:,.0f} | "
+                         f"{b['rps'] / base['rps']:.2f} | {b['p50_ms'] - floor['p50_ms']:.2f} | {cpu:.2f} | "
+                         f"{cpu / model:.2f} | {model / (cpu + b['client_cpu_ms_per_request']):.2f} |")
+    return lines
+
+
+def serving_checks(results: dict, workers: int, calmest: int, busiest: int, name: str) -> list[tuple]:
+    """The serving path's own targets for one service system: CPU per request against the model call
+    (busiest cell), the median above the in-process call (calmest), throughput against the ceiling from CPU."""
+    if "variants" not in results:  # journals written before these checks were printed
+        return []
+    model = results["ceiling"][workers]["cpu_ms_per_call"]
+    busy, calm = results["cells"][f"{workers}/{busiest}"][name], results["cells"][f"{workers}/{calmest}"][name]
+    return [(f"{name}: CPU per request <= {TARGETS['cpu_vs_model']:g}x the model call (conc {busiest})",
+             busy["cpu_ms_per_request"] / model, TARGETS["cpu_vs_model"], False),
+            (f"{name}: p50 <= floor p50 + {TARGETS['p50_above_floor_ms']:g} ms (conc {calmest}), ms above",
+             calm["p50_ms"] - results["floor"]["p50_ms"], TARGETS["p50_above_floor_ms"], False),
+            (f"{name}: CPU-based >= {TARGETS['service_vs_ceiling_rps']:.0%} of the ceiling (conc {busiest})",
+             model / (busy["cpu_ms_per_request"] + busy["client_cpu_ms_per_request"]),
+             TARGETS["service_vs_ceiling_rps"], True)]
 
 
 def main(argv: list[str] | None = None) -> int:

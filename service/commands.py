@@ -220,6 +220,13 @@ SERVE_EPILOG = """HTTP limits, per worker process (environment; answers are the 
   UDG_HTTP_DRAIN_BYTES=16777216      after an early answer (413, 431) the unread body is read and dropped
   UDG_HTTP_DRAIN_TIMEOUT_S=5         up to this much / this long, so clients get the answer, not a reset
 
+Hot-user state cache (service/state_cache.py; one Redis node, not a cluster):
+  UDG_STATE_CACHE=false              repeated users scored from the worker's memory, invalidated by Redis
+                                     client tracking (BCAST); a lost tracking connection empties it
+  UDG_STATE_CACHE_USERS=100000       users kept per worker (least recently used dropped)
+  UDG_STATE_CACHE_MAX_AGE_S=30       an entry older than this is read again
+  UDG_STATE_CACHE_PING_S=1           tracking connection pinged this often; silent 2 periods: cache off
+
 Graceful shutdown (service/shutdown.py):
   UDG_SHUTDOWN_DRAIN_S=5             after SIGTERM: /readyz 503 this long while requests are still served
   UDG_SHUTDOWN_TIMEOUT_S=10          then: stop accepting; in-flight requests get this long to complete

@@ -56,6 +56,7 @@ class FeatureStore:
         self.expected_epoch: bytes | None = None
         self.on_epoch_mismatch = None
         self.state_lost = lambda: None  # -> why the state is lost, or None (service.control sets it)
+        self.cache = None  # service.state_cache.StateCache when UDG_STATE_CACHE is on (one node only)
 
     async def _run(self, op: str, awaitable):
         started = time.perf_counter()
@@ -68,23 +69,65 @@ class FeatureStore:
         finally:
             self._observe(op, time.perf_counter() - started)
 
+    def cached(self, version: str, user_id: str) -> UserState | None:
+        """The user's state from the worker's state cache (no round trip), or None: call `fetch`."""
+        cache = self.cache
+        if cache is None:
+            return None
+        expected = self.expected_epoch
+        state = cache.lookup(version, user_id, expected is not None)
+        if state is not None:
+            self._cache_counts["hit"].inc()
+            self._check_epoch(expected, state)
+        else:
+            self._cache_counts["miss" if cache.active else "off"].inc()
+        return state
+
+    def use_cache(self, cache) -> None:
+        """Serve repeated users from `cache` (a service.state_cache.StateCache); counted per lookup."""
+        from service import metrics
+
+        self.cache = cache
+        self._cache_counts = {outcome: metrics.STATE_CACHE_LOOKUPS.labels(outcome)
+                              for outcome in ("hit", "miss", "off")}
+
     async def fetch(self, version: str, user_id: str) -> UserState:
         """Embeddings under `version`, history and profile: ONE command (MGET), one round trip. If the data
         epoch in the same reply is not the expected one, `on_epoch_mismatch(seen)` runs first (state lost)."""
         expected = self.expected_epoch
+        cache = self.cache
+        token = cache.begin() if cache is not None else None
         state = await self._run("fetch", self.layout.fetch(self.redis, version, user_id, expected is not None))
+        if token is not None:
+            cache.store(version, user_id, expected is not None, state, token)
+        self._check_epoch(expected, state)
+        return state
+
+    def _check_epoch(self, expected: bytes | None, state: UserState) -> None:
         if expected is not None and state.epoch != expected and self.on_epoch_mismatch is not None:
             self.on_epoch_mismatch(state.epoch)
-        return state
+
+    def _wrote(self, user_ids) -> None:
+        """This worker changed these users' keys: drop them from the state cache now (the invalidation message
+        follows; a read in flight is not stored). Called whatever the outcome: a timed-out write may have run."""
+        if self.cache is not None:
+            for user_id in user_ids:
+                self.cache.invalidate_user(user_id)
 
     async def store_generated(self, version: str, user_id: str, packed: bytes, profile: dict | None) -> bool:
         """Write back a cold-start state (never replacing a published or concurrently written one), with the
         generated TTL; False when this window's cap on new generated users is reached (not written)."""
-        return await self._run("write_back",
-                               self.layout.write_generated(self.redis, version, user_id, packed, profile))
+        try:
+            return await self._run("write_back",
+                                   self.layout.write_generated(self.redis, version, user_id, packed, profile))
+        finally:
+            self._wrote((user_id,))
 
     async def refresh_generated(self, version: str, user_id: str) -> None:
-        await self._run("refresh", self.layout.refresh_generated(self.redis, version, user_id))
+        try:
+            await self._run("refresh", self.layout.refresh_generated(self.redis, version, user_id))
+        finally:
+            self._wrote((user_id,))
 
     async def state(self, versions: list[str]) -> tuple[bytes | None, list[dict | None]]:
         """The data epoch and the publish markers of `versions` (one MGET)."""
@@ -98,12 +141,18 @@ class FeatureStore:
     async def append_clicks(self, batches: dict[str, tuple[list[Click], dict | None]]) -> dict[str, list[int]]:
         """Per user: clicks oldest first (+ a profile to set if absent) -> per click 1 appended / 0 duplicate,
         in one round trip. Raises FeatureStoreUnavailable when nothing can be promised to have been stored."""
-        return await self._run("append", self.layout.append_clicks(self.redis, batches))
+        try:
+            return await self._run("append", self.layout.append_clicks(self.redis, batches))
+        finally:
+            self._wrote(batches)
 
     async def append_events(self, batches: dict[str, tuple[list[Click], dict | None]],
                             entries: list[dict]) -> dict[str, list[int]]:
         """`append_clicks` plus the events into the warm-up stream, in one transaction (one round trip)."""
-        return await self._run("append", self.layout.append_events(self.redis, batches, entries))
+        try:
+            return await self._run("append", self.layout.append_events(self.redis, batches, entries))
+        finally:
+            self._wrote(batches)
 
     async def item_generations(self, versions: list[str]) -> list[int]:
         return await self._run("item_generations", self.layout.read_item_generations(self.redis, versions))

@@ -26,6 +26,23 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("udg.service")
 
 
+def start_state_cache(settings: Settings, store: FeatureStore, redis) -> asyncio.Task | None:
+    """With UDG_STATE_CACHE on one Redis node: the worker's state cache and its invalidation listener task."""
+    if not settings.state_cache:
+        return None
+    from service.redis_client import is_cluster
+    from service.state_cache import StateCache
+
+    if is_cluster(redis):
+        log.warning("UDG_STATE_CACHE is not supported on a Redis Cluster: the state cache stays off")
+        metrics.STATE_CACHE_ACTIVE.set(0)
+        return None
+    store.use_cache(StateCache(settings.key_prefix, settings.state_cache_users, settings.state_cache_max_age_s,
+                               settings.state_cache_ping_s, on_active=metrics.STATE_CACHE_ACTIVE.set))
+    return asyncio.create_task(store.cache.run(settings.redis_url, max(settings.redis_timeout_s, 1.0),
+                                               settings.redis_ca_certs))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -42,6 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = Services(settings, store, registry, Scorer(store, batcher=MicroBatcher.from_settings(settings)),
                             control)
         app.state.services = services
+        cache_task = start_state_cache(settings, store, redis)
+        if cache_task is not None:
+            services.background.append(cache_task)
         log.info("feature store %s, model repository %s", settings.redis_url_for_logs(), settings.model_repo)
         # Activation and every later version change: follow the routing document in Redis (control.py).
         follower = asyncio.create_task(control.follow())
@@ -53,6 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             readiness.cancel()
+            if cache_task is not None:
+                cache_task.cancel()
+                await asyncio.gather(cache_task, return_exceptions=True)
             await control.stop(follower)
             await control.forget()
             await services.scorer.drain()

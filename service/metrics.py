@@ -55,6 +55,11 @@ GENERATED_USERS = Counter("udg_generated_users", "Cold-start write-backs: writte
 STATE_LOST = Gauge("udg_state_lost", "1 while this worker has detected that Redis lost the published state "
                    "(score requests get 503 state_lost until the serving versions are republished)",
                    multiprocess_mode="liveall")
+STATE_CACHE_LOOKUPS = Counter("udg_state_cache_lookups", "Score requests' lookups in the hot-user state cache "
+                              "(UDG_STATE_CACHE): hit (no Redis read), miss, off (bypassed: no invalidation "
+                              "connection)", ["outcome"])
+STATE_CACHE_ACTIVE = Gauge("udg_state_cache_active", "1 while this worker's state cache has a tracking invalidation "
+                           "connection (0: bypassed, or UDG_STATE_CACHE on a cluster)", multiprocess_mode="liveall")
 STATE_LOSSES = Counter("udg_state_losses", "State losses detected (epoch changed or vanished)")
 LOG_SUPPRESSED = Counter("udg_log_lines_suppressed", "Repeated warning lines not written (rate-limited)", ["what"])
 MODEL_LOADED = Gauge("udg_model_loaded", "1 for the version serving requests", ["model_version"],

@@ -94,7 +94,7 @@ import binascii
 import functools
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -280,6 +280,9 @@ class UserState:
     history: bytes | None
     profile: bytes | None
     epoch: bytes | None = None  # the data epoch, read in the same MGET (when asked for)
+    # What a scorer decoded from these bytes, per artifact (the state cache hands the same object to every
+    # request of a hot user, so the decoding is done once); never part of the value.
+    decoded: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -124,24 +124,27 @@ class Scorer:
     async def score(self, model: ServingModel, request: ScoreRequest, timer: StageTimer) -> dict:
         artifact = model.artifact
         check_profile(model, request.profile)
-        # Send the MGET, then encode the candidates while Redis answers (the round trip overlaps CPU work).
-        fetch = asyncio.get_running_loop().create_task(self.store.fetch(model.version, request.user_id))
-        await asyncio.sleep(0)  # lets the task write the command before the CPU-bound encoding below
+        state = self.store.cached(model.version, request.user_id)  # a hot user: no round trip, no task
+        if state is None:
+            # Send the MGET, then encode the candidates while Redis answers (the round trip overlaps CPU work).
+            fetch = asyncio.get_running_loop().create_task(self.store.fetch(model.version, request.user_id))
+            await asyncio.sleep(0)  # lets the task write the command before the CPU-bound encoding below
         candidates = request.candidates
         try:
             candidate_idx, unknown = artifact.encode_items(candidates)
         except BaseException:
-            fetch.cancel()
+            if state is None:
+                fetch.cancel()
             raise
         timer.mark("encode")
-        state = await fetch
+        if state is None:
+            state = await fetch
         timer.mark("redis")
         lost = self.store.state_lost()
         if lost:  # the epoch in this very MGET said the state is gone: no cold-start scores for known users
             raise ServiceUnavailable(lost, kind="state_lost", retry_after_s=5)
 
-        layout = self.store.layout
-        unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
+        unpacked, history, warmup_steps = self._decode(model, state)
         if unpacked is None:
             user_vec, udg_vec = self._cold_start(model, request, state.profile)
             cold = True
@@ -151,8 +154,8 @@ class Scorer:
             if cold and self.write_back:
                 self._maybe_refresh(model.version, request.user_id)
 
-        history, _ = artifact.encode_items(layout.split_history(state.history, model.max_history))
-        new_items = model.new_items if unknown.any() else None
+        any_unknown = bool(unknown.any())
+        new_items = model.new_items if any_unknown else None
         fields = artifact.candidate_fields(candidate_idx, candidates, new_items)
         timer.mark("encode")
 
@@ -171,7 +174,7 @@ class Scorer:
             order = np.argsort(-probabilities, kind="stable")
         ranked = order.tolist()
         ranking = list(itemgetter(*ranked)(candidates)) if len(ranked) > 1 else [candidates[i] for i in ranked]
-        unknown_ids = [candidates[i] for i in np.flatnonzero(unknown)] if unknown.any() else []
+        unknown_ids = [candidates[i] for i in np.flatnonzero(unknown)] if any_unknown else []
         metrics.CANDIDATES.labels(model.version).inc(n)
         metrics.CANDIDATES_PER_REQUEST.observe(n)
         if unknown_ids:
@@ -186,8 +189,21 @@ class Scorer:
             "scores": probabilities,
             "ranking": ranking,
             "unknown_candidates": unknown_ids,
-            "warmup_steps": 0 if unpacked is None else layout.warmup_steps(state.embeddings),
+            "warmup_steps": warmup_steps,
         }
+
+    def _decode(self, model: ServingModel, state) -> tuple:
+        """(embeddings unpacked or None, history indices, warm-up steps) of a fetched state under `model`,
+        memoised on the state object: a hot user's cached state is decoded once, not per request."""
+        artifact = model.artifact
+        done = state.decoded.get(artifact)
+        if done is None:
+            layout = self.store.layout
+            unpacked = layout.unpack_embeddings(state.embeddings, model.user_dim, model.udg_dim)
+            history, _ = artifact.encode_items(layout.split_history(state.history, model.max_history))
+            done = state.decoded[artifact] = (unpacked, history,
+                                              0 if unpacked is None else layout.warmup_steps(state.embeddings))
+        return done
 
     def _cold_start(self, model: ServingModel, request: ScoreRequest, stored_profile: bytes | None):
         if request.profile is not None:

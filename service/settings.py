@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(0.25, gt=0, le=30)  # per Redis call (connect, read, write); then 503
     redis_pool_size: int = Field(64, ge=1, le=10_000)
     key_prefix: str = Field("udg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # Hot users' state served from the worker, invalidated by Redis client-side caching (BCAST tracking on one
+    # connection per worker; service/state_cache.py has the rules). Off by default; not on a Redis Cluster.
+    state_cache: bool = False
+    state_cache_users: int = Field(100_000, ge=1, le=10_000_000)  # users kept per worker (LRU beyond)
+    state_cache_max_age_s: float = Field(30.0, gt=0, le=3600)  # an entry older than this is read again
+    state_cache_ping_s: float = Field(1.0, gt=0, le=60)  # the invalidation connection is lost after 2 silent periods
     history_cap: int = Field(200, ge=1, le=10_000)  # clicks kept per user (>= every version's max_history)
 
     # --- models --------------------------------------------------------------------------------------
