@@ -206,6 +206,10 @@ def train_like_coldstart(split, kind: str, seed: int, epochs: int, meta_steps: i
 OFFLINE_RULES = ("minibatch-adam", "event-sgd", "event-adam")
 
 
+def offline_dir(spec: str, rule: str) -> str:
+    return f"offline-{rule}" if spec == "synthetic" else f"offline-{spec}-{rule}"
+
+
 def offline_rules(args) -> None:
     """The offline protocol (`udg coldstart --warm-update embeddings`, Meta arm) under each warm-up rule, over
     `--offline-seeds` seeds, each seed's pre-training shared by the rules; rows go to each rule's `udg coldstart`
@@ -227,7 +231,7 @@ def offline_rules(args) -> None:
         warm = WarmConfig(update="embeddings", rule=name)
         setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": setup_of(warm),
                  "epochs": args.epochs, "embed_wd": 3e-3, "meta_steps": args.meta_steps}
-        out = Path(args.out) / f"offline-{name}"
+        out = Path(args.out) / offline_dir(args.spec, name)
         out.mkdir(parents=True, exist_ok=True)
         journals[name] = (warm, RunJournal(out / "runs.jsonl", setup))
     for seed in range(args.offline_seeds):
@@ -534,60 +538,103 @@ def report(journal: dict) -> str:
     return "\n".join(lines)
 
 
-def _offline_gains(journal: Path) -> dict[str, tuple[float, float, int]] | None:
-    """The offline protocol's AUC gain over its cold phase per batch, Meta arm, mean ± sample std over seeds
-    (`udg coldstart` journal; the lines of its latest setup, as its report counts them)."""
+def _offline_rows(journal: Path) -> tuple[float | None, list[dict]]:
+    """The Meta arm's rows of a `udg coldstart` journal under its latest setup (as its report counts them), and
+    the step of its event rule (None for minibatch Adam)."""
     if not journal.exists():
-        return None
+        return None, []
     entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     setup = entries[-1]["setup"]
     rows = {(e["row"]["model"], e["row"]["seed"]): e["row"] for e in entries
             if e["setup"] == setup and e["row"]["variant"] == "meta"}
-    gains = {}
-    for phase in PHASES[1:]:
-        values = [r["phases"][phase]["auc"] - r["phases"]["cold"]["auc"] for r in rows.values()]
-        gains[phase] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                        len(values))
-    return gains
+    step = None
+    if setup["warm"].get("rule", "minibatch-adam") != "minibatch-adam":
+        from model.coldstart import WarmConfig, event_rule
+        from model.train import TrainConfig
+
+        step = event_rule(WarmConfig(**setup["warm"]), TrainConfig()).lr
+    return step, [rows[k] for k in sorted(rows)]
+
+
+def _gain(row: dict, histories: str) -> dict[str, float]:
+    """AUC added per batch: data histories (the protocol's evaluation) against its cold phase; served histories
+    against the initial embeddings scored with the same histories (what the replay's served rows measure)."""
+    if histories == "data":
+        return {p: row["phases"][p]["auc"] - row["phases"]["cold"]["auc"] for p in PHASES[1:]}
+    served = row["served_history"]
+    return {p: served["phases"][p]["auc"] - served["no_warmup"][p]["auc"] for p in PHASES[1:]}
+
+
+def _mean_std(gains: list[dict[str, float]]) -> str:
+    cells = []
+    for p in PHASES[1:]:
+        values = [g[p] for g in gains]
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        cells.append(f"{float(np.mean(values)):+.4f} ± {sd:.4f}")
+    return " | ".join(cells)
+
+
+def _cells(gain: dict[str, float]) -> str:
+    return " | ".join(f"{gain[p]:+.4f}" for p in PHASES[1:])
+
+
+RULE_LABELS = {"minibatch-adam": "minibatch Adam (the paper's passes)",
+               "event-sgd": "event-sgd (`udg warmup --rule sgd`)",
+               "event-adam": "event-adam (`udg warmup --rule adam`)"}
 
 
 def summary_table(out: Path) -> str:
-    """One view of every committed journal in `out`: what the embedding updates add to the new users' AUC
-    after each batch (served: against the same events with α = 0; the offline protocol's Adam warm-up,
-    `offline-embeddings/`, against its cold phase), then each replay's staleness and worker throughput."""
+    """One view of every committed journal in `out`. Table 1: what the embedding updates add to the new users'
+    AUC after each batch — each replay's served scores against the same events with no embedding update, the
+    offline protocol under the same rule and the same (served) histories for the same seed and over seeds, and
+    the protocol's own data-history evaluation; table 2: each replay's AUCs, staleness and worker throughput;
+    table 3: what the stream costs POST /v1/events."""
     journals = [json.loads(path.read_text()) for path in sorted(out.glob("replay-*.json"))]
     if not journals:
         raise SystemExit(f"no replay-*.json journal in {out}")
+    offline = {(spec, rule): _offline_rows(out / offline_dir(spec, rule) / "runs.jsonl")
+               for spec in sorted({j["spec"] for j in journals}) for rule in OFFLINE_RULES}
     lines = ["| AUC added after batch | " + " | ".join(PHASES[1:]) + " |", "|---|" + "---|" * len(PHASES[1:])]
     for j in journals:
         base = j["offline"].get("no_warmup_served_histories")
         if base is None:
             continue
-        lines.append(f"| served (service + worker), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, against "
-                     "α = 0 with the same histories | "
-                     + " | ".join(f"{j['served'][p]['auc'] - base[p]['auc']:+.4f}" for p in PHASES[1:]) + " |")
-    for j in journals:
-        rule = j["offline"]["rule_data_histories"]
-        lines.append(f"| offline rule (α steps), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, data histories, "
-                     "against its cold phase | "
-                     + " | ".join(f"{rule[p]['auc'] - rule['cold']['auc']:+.4f}" for p in PHASES[1:]) + " |")
-    offline = _offline_gains(out / "offline-embeddings" / "runs.jsonl")
-    if offline:
-        seeds = next(iter(offline.values()))[2]
-        lines.append(f"| offline protocol, embeddings only (Adam), synthetic, {seeds} seeds, mean ± std | "
-                     + " | ".join(f"{m:+.4f} ± {sd:.4f}" for m, sd, _ in offline.values()) + " |")
+        rule = f"event-{j.get('rule', 'sgd')}"
+        lines.append(f"| **served** (service + worker), {j['spec']}, {rule_label(j)}, seed {j['seed']}: against no "
+                     "warm-up, same histories | "
+                     + _cells({p: j["served"][p]["auc"] - base[p]["auc"] for p in PHASES[1:]}) + " |")
+        step, rows = offline[(j["spec"], rule)]
+        paired = [r for r in rows if r["seed"] == j["seed"] and "served_history" in r]
+        same_model = paired and abs(paired[0]["phases"]["cold"]["auc"]
+                                    - j["offline"]["protocol_embeddings_adam"]["cold"]["auc"]) < 1e-4
+        if same_model and step is not None and abs(step - j["alpha"]) < 1e-12:
+            lines.append(f"| offline protocol `--warm-rule {rule}`, {j['spec']}, seed {j['seed']}, served histories "
+                         "(the same pre-training) | " + _cells(_gain(paired[0], "served")) + " |")
+    for (spec, rule), (_, rows) in offline.items():
+        rows = [r for r in rows if "served_history" in r]
+        if rows:
+            lines.append(f"| offline protocol, {RULE_LABELS[rule]}, {spec}, {len(rows)} seeds, served histories, "
+                         "mean ± std | " + _mean_std([_gain(r, "served") for r in rows]) + " |")
+    for (spec, rule), (_, rows) in offline.items():
+        if rows:
+            lines.append(f"| offline protocol, {RULE_LABELS[rule]}, {spec}, {len(rows)} seeds, data histories "
+                         "(against its cold phase), mean ± std | " + _mean_std([_gain(r, "data") for r in rows])
+                         + " |")
     for j in journals:
         if j["spec"] != "synthetic":
+            rule = j["offline"]["rule_data_histories"]
+            lines.append(f"| offline rule, {j['spec']}, {rule_label(j)}, seed {j['seed']}, data histories (against "
+                         "its cold phase) | " + _cells(_gain({"phases": rule}, "data")) + " |")
             p = j["offline"]["protocol_embeddings_adam"]
-            lines.append(f"| offline protocol, embeddings only (Adam), {j['spec']}, seed {j['seed']} | "
-                         + " | ".join(f"{p[q]['auc'] - p['cold']['auc']:+.4f}" for q in PHASES[1:]) + " |")
+            lines.append(f"| offline protocol, minibatch Adam, {j['spec']}, seed {j['seed']}, data histories "
+                         "(against its cold phase) | " + _cells(_gain({"phases": p}, "data")) + " |")
     lines += ["", "| replay | served AUC cold / a / b / c | max \\|ΔAUC\\| served vs offline rule | staleness "
               "p50 / p99 / max ms (events/s achieved) | worker events per CPU-second (stream only) | machine |",
               "|---|---|---|---|---|---|"]
     for j in journals:
         gap = max(abs(j["served"][p]["auc"] - j["offline"]["rule_served_histories"][p]["auc"]) for p in PHASES)
         s, t = j["staleness"], j["throughput"]
-        lines.append(f"| {j['spec']}, α = {j['alpha']:g} | "
+        lines.append(f"| {j['spec']}, {rule_label(j)} | "
                      + " / ".join(f"{j['served'][p]['auc']:.4f}" for p in PHASES)
                      + f" | {gap:.4f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['max_ms']:.1f} "
                        f"({s['achieved_rate']:.0f}) | {t['full worker']['events_per_cpu_s']:,.0f} "

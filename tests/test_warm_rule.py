@@ -101,7 +101,7 @@ def test_adam_worker_keeps_the_moments_in_redis_across_reads(client, redis_clien
     assert np.allclose(got, fresh, atol=1e-6)
 
     # an sgd worker's write removes the moments (they no longer go with the value)
-    sgd = WarmupWorker(redis_client, ModelRepository(model_repo), layout, WarmupConfig(block_ms=50,
+    sgd = WarmupWorker(redis_client, ModelRepository(model_repo), layout, WarmupConfig(rule="sgd", block_ms=50,
                                                                                      claim_every_s=3600), "sgd")
     _events(client, user, items, 9, 1, profile)
     while sgd.run_once():

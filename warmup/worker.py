@@ -53,7 +53,9 @@ OUTCOMES = ("applied", "duplicate", "malformed", "unknown_item", "not_cold", "no
 @dataclass
 class WarmupConfig:
     alpha: float | None = None  # the rule's step; None: the version's own (WarmupModel.rule)
-    rule: str = "sgd"  # model/warm_rule.py: "sgd" (Algorithm 1's α step) or "adam" (per-user moments in Redis)
+    # model/warm_rule.py: "adam" (per-user moments in Redis; the higher held-out AUC, docs/warmup.md) or "sgd"
+    # (Algorithm 1's plain α step)
+    rule: str = "adam"
     steps: int = 1  # gradient steps per event
     users: str = "cold"  # "cold": users whose embedding came from the meta generator; "all": published too
     count: int = 256  # entries per read
