@@ -417,7 +417,8 @@ def run(args) -> dict:
                "model": args.model, "seed": args.seed, "epochs": args.epochs, "meta_steps": args.meta_steps,
                "alpha": alpha, "rule": rule.name, "split": split.info,
                "machine": f"{os.cpu_count()} cores, shared (loaded)",
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "load_average": list(os.getloadavg())}
     offline = {"protocol_embeddings_adam": run_arm(model, initial_embeddings("meta", model, generator, split,
                                                                                args.seed), split, train_config,
                                                    WarmConfig(update="embeddings"), args.seed)["phases"],
