@@ -1,6 +1,7 @@
 """`udg warmup`: the online warm-up worker. Reads the events `POST /v1/events` streams (consumer group, at least
-once), takes Algorithm 1's α step(s) on each user's UDG embedding with the model frozen, and writes it back
-under each serving version with a compare-and-set, every event applied once per version.
+once), takes the warm-up rule's step(s) per event on each user's UDG embedding with the model frozen (adam with
+the user's own moments, or Algorithm 1's α step: model/warm_rule.py), and writes it back under each serving
+version with a compare-and-set, every event applied once per version.
 
 One pass (`WarmupWorker.run_once`):
 
@@ -15,8 +16,9 @@ One pass (`WarmupWorker.run_once`):
    worker's, this one's after a restart), else new ones (XREADGROUP >). An entry delivered more than
    `max_deliveries` times is acked and counted `dead` (it cannot stop the stream forever).
 3. Per user and version: read (one pipeline) the embeddings, which of the events were already applied, the
-   history, the profile; drop applied ones (`duplicate`), unknown items (`unknown_item`), published users
-   unless `users="all"` (`not_cold`); take the steps; write value + applied identities with WARMUP_CAS. The
+   history, the profile, the rule's state; drop applied ones (`duplicate`), unknown items (`unknown_item`),
+   published users unless `users="all"` (`not_cold`); take the steps; write value + applied identities + rule
+   state with WARMUP_CAS. The
    CAS fails if the value changed since the read (a republish, a write-back, another worker): re-read, redo.
 4. XACK the entries once every version's write succeeded; a Redis error leaves them pending (retried, and
    claimed by another worker if this one dies). A malformed entry is acked at once and counted `malformed`.
