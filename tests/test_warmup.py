@@ -19,7 +19,6 @@ def _worker(redis_client, model_repo, **config):
     from service.redis_layout import RedisLayout
     from warmup.worker import WarmupConfig, WarmupWorker
 
-    config.setdefault("rule", "sgd")  # the α step's arithmetic is checked here; adam: tests/test_warm_rule.py
     config.setdefault("block_ms", 50)
     config.setdefault("claim_every_s", 3600)
     return WarmupWorker(redis_client, ModelRepository(model_repo), RedisLayout(), WarmupConfig(**config),

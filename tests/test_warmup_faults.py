@@ -57,7 +57,7 @@ def _stream_events(client, artifact, users, n_users: int, per_user: int, prefix:
     return sent
 
 
-def _expected(model, sent_user: list, alpha: float | None = None, start=None, rule: str = "adam"
+def _expected(model, sent_user: list, alpha: float | None = None, start=None, rule: str = "sgd"
               ) -> tuple[np.ndarray, int]:
     """The user's embedding after applying every event exactly once, in order (no stored history here), from
     `start` (default: the model's generated state for the profile), under `rule` (default: the worker's)."""

@@ -56,10 +56,9 @@ def register(subparsers) -> None:
                         "restarted worker of the same name resumes its own pending entries at once")
     parser.add_argument("--users", choices=["cold", "all"], default="cold",
                         help="cold: users whose embedding came from the meta generator; all: published users too")
-    parser.add_argument("--rule", choices=["sgd", "adam"], default="adam",
-                        help="adam: Adam's step per event with the user's own moments, stored next to the embedding "
-                             "(the higher held-out AUC, docs/warmup.md); sgd: Algorithm 1's plain α step "
-                             "(model/warm_rule.py)")
+    parser.add_argument("--rule", choices=["sgd", "adam"], default="sgd",
+                        help="sgd: Algorithm 1's α step per event; adam: Adam's step with the user's own moments, "
+                             "stored next to the embedding (model/warm_rule.py; which to choose: docs/warmup.md)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="the rule's step size (default: the version's own: its meta-training α for sgd, its "
                              "pre-training learning rate for adam)")
