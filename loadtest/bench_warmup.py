@@ -621,8 +621,8 @@ def summary_table(out: Path) -> str:
             lines.append(f"| offline protocol, {RULE_LABELS[rule]}, {spec}, {len(rows)} seeds, data histories "
                          "(against its cold phase), mean ± std | " + _mean_std([_gain(r, "data") for r in rows])
                          + " |")
-    for j in journals:
-        if j["spec"] != "synthetic":
+    for j in journals:  # a data set with no multi-seed offline journal: the replay's own offline rows
+        if j["spec"] != "synthetic" and not any(offline[(j["spec"], r)][1] for r in OFFLINE_RULES):
             rule = j["offline"]["rule_data_histories"]
             lines.append(f"| offline rule, {j['spec']}, {rule_label(j)}, seed {j['seed']}, data histories (against "
                          "its cold phase) | " + _cells(_gain({"phases": rule}, "data")) + " |")
