@@ -11,12 +11,14 @@ staleness from event to updated embedding under load, and the worker's events/s 
    user's rest is scored through `POST /v1/score` (with the profile: meta generator). Then per batch: its
    events go through `POST /v1/events/batch`, the bench waits until the worker has acked everything, and the
    rests are scored again; AUC and log loss from the served scores. In the same run, on the same model:
-   - *offline, same rule, served histories*: the worker's α steps computed here in PyTorch, the rest scored
-     with the history the service holds (the clicks sent so far): what the served numbers must equal;
+   - *offline, same rule, served histories*: the worker's rule (`--rule`, model/warm_rule.py) computed here in
+     PyTorch, the rest scored with the history the service holds (the clicks sent so far): what the served
+     numbers must equal;
    - *offline, same rule, data histories*: the same steps, each event and rest row with its history from the
      data (as the protocol evaluates);
    - *offline protocol, embeddings only*: `udg coldstart --warm-update embeddings` for this seed (Adam over
-     minibatches of 64, the model frozen, data histories) — the protocol the online worker corresponds to.
+     minibatches of 64, the model frozen, data histories), and the protocol run with the worker's own rule
+     (`--warm-rule event-<rule>`): the offline number the replay must track.
 2. **Staleness.** New users' events sent at a fixed rate (open loop, `--rate` events/s, one event per request)
    while the worker runs; per event, the time from the POST's answer to the worker's write (the applied
    identity's score in Redis, written in the same Lua call as the embedding): p50, p99.
@@ -31,7 +33,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,16 +132,16 @@ def wait_drained(client, layout, timeout_s: float = 600) -> float:
 
 
 # --- offline, on the same model ----------------------------------------------------------------------------
-def offline_rule(warm, users: ReplayUsers, alpha: float, histories: str) -> dict:
-    """The worker's rule (one α step per event, in order) computed here; the rest scored with the served
-    history (`histories="served"`: the clicks sent so far) or the data's (`"data"`)."""
+def offline_rule(warm, users: ReplayUsers, rule, histories: str) -> dict:
+    """The worker's rule (one step per event, in order, each user's rule state carried) computed here; the rest
+    scored with the served history (`histories="served"`: the clicks sent so far) or the data's (`"data"`)."""
     import torch
 
     tokens = users.schema.items.tokens
     rest = users.batches["rest"]
     state = {}
     for number, user in users.users.items():
-        state[number] = {"vecs": warm.generated_state(user["profile"]), "clicks": []}
+        state[number] = {"vecs": warm.generated_state(user["profile"]), "clicks": [], "rule": None}
 
     def raw_history(samples, row) -> list[str]:
         return [tokens[int(i)] for i in samples.histories.gather(np.array([row]))[0] if int(i) != 0]
@@ -177,10 +179,13 @@ def offline_rule(warm, users: ReplayUsers, alpha: float, histories: str) -> dict
             else:
                 before = [raw_history(samples, r) for r in rows]
             plans.append((number, before, items, labels))
-        udgs = warm.step_many([state[p[0]]["vecs"][0] for p in plans], [state[p[0]]["vecs"][1] for p in plans],
-                              [p[1] for p in plans], [p[2] for p in plans], [p[3] for p in plans], alpha)
-        for (number, *_), udg_vec in zip(plans, udgs, strict=True):
+        udgs, rule_states = warm.apply_rule(rule, [state[p[0]]["vecs"][0] for p in plans],
+                                            [state[p[0]]["vecs"][1] for p in plans],
+                                            [state[p[0]]["rule"] for p in plans], [p[1] for p in plans],
+                                            [p[2] for p in plans], [p[3] for p in plans])
+        for (number, *_), udg_vec, rule_state in zip(plans, udgs, rule_states, strict=True):
             state[number]["vecs"] = (state[number]["vecs"][0], udg_vec)
+            state[number]["rule"] = rule_state
         phases[name] = evaluate()
     return phases
 
@@ -196,6 +201,58 @@ def train_like_coldstart(split, kind: str, seed: int, epochs: int, meta_steps: i
     model, metrics = train_model(split.active, config, replace(train_config, seed=seed), progress=False)
     generator, meta_info = train_meta(model, split.active, MetaConfig(steps=meta_steps, seed=seed), progress=False)
     return model, generator, meta_info, metrics, config, train_config
+
+
+OFFLINE_RULES = ("minibatch-adam", "event-sgd", "event-adam")
+
+
+def offline_dir(spec: str, rule: str) -> str:
+    return f"offline-{rule}" if spec == "synthetic" else f"offline-{spec}-{rule}"
+
+
+def offline_rules(args) -> None:
+    """The offline protocol (`udg coldstart --warm-update embeddings`, Meta arm) under each warm-up rule, over
+    `--offline-seeds` seeds, each seed's pre-training shared by the rules; rows go to each rule's `udg coldstart`
+    journal (`--out`/offline-<rule>/runs.jsonl, the setup that command writes), so `udg coldstart … --warm-rule
+    RULE --summary-only --out …` reprints them and would have computed the same rows."""
+    import torch
+
+    from dataset.spec import load_spec
+    from model.coldstart import PROTOCOLS, WarmConfig, build_split, initial_embeddings, run_arm, setup_of
+    from model.commands import load_data
+    from model.report import RunJournal
+
+    torch.set_num_threads(args.threads)
+    protocol = PROTOCOLS[args.spec]
+    spec = load_spec(args.spec).with_overrides(**{"split.cold_user_frac": protocol.new_user_frac})
+    split = build_split(load_data(spec), protocol)
+    journals = {}
+    for name in OFFLINE_RULES:
+        warm = WarmConfig(update="embeddings", rule=name)
+        setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": setup_of(warm),
+                 "epochs": args.epochs, "embed_wd": 3e-3, "meta_steps": args.meta_steps}
+        out = Path(args.out) / offline_dir(args.spec, name)
+        out.mkdir(parents=True, exist_ok=True)
+        journals[name] = (warm, RunJournal(out / "runs.jsonl", setup))
+    for seed in range(args.offline_seeds):
+        todo = [n for n, (_, journal) in journals.items() if journal.get(args.model, "meta", seed) is None]
+        if not todo:
+            continue
+        started = time.perf_counter()
+        model, generator, meta_info, metrics, _, train_config = train_like_coldstart(
+            split, args.model, seed, args.epochs, args.meta_steps, args.threads)
+        pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
+                    "meta_final_loss": meta_info["final_loss"], "seconds": time.perf_counter() - started}
+        for name in todo:
+            warm, journal = journals[name]
+            result = run_arm(model, initial_embeddings("meta", model, generator, split, seed), split, train_config,
+                             warm, seed)
+            journal.add({"model": args.model, "variant": "meta", "seed": seed, "pretrain": pretrain, **result})
+            served = result["served_history"]
+            print(f"seed {seed} {name}: " + ", ".join(f"{p} {result['phases'][p]['auc']:.4f}" for p in PHASES)
+                  + " | served histories, gain over no warm-up: "
+                  + ", ".join(f"{p} {served['phases'][p]['auc'] - served['no_warmup'][p]['auc']:+.4f}"
+                              for p in PHASES[1:]), flush=True)
 
 
 # --- staleness and throughput -------------------------------------------------------------------------------
@@ -353,20 +410,27 @@ def run(args) -> dict:
                                           meta=MetaState(generator.state_dict(), meta_info))
     export_model(checkpoint, VERSION, repo, overwrite=True, model=model)
     warm = WarmupModel.load(ModelRepository(repo), VERSION)
-    alpha = args.alpha if args.alpha is not None else warm.meta_alpha
+    rule = warm.rule(args.rule, args.alpha)
+    alpha = rule.lr
 
     journal = {"command": " ".join(["python -m loadtest.bench_warmup", *sys.argv[1:]]), "spec": args.spec,
                "model": args.model, "seed": args.seed, "epochs": args.epochs, "meta_steps": args.meta_steps,
-               "alpha": alpha, "split": split.info, "machine": f"{os.cpu_count()} cores, shared (loaded)",
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "alpha": alpha, "rule": rule.name, "split": split.info,
+               "machine": f"{os.cpu_count()} cores, shared (loaded)",
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "load_average": list(os.getloadavg())}
     offline = {"protocol_embeddings_adam": run_arm(model, initial_embeddings("meta", model, generator, split,
                                                                                args.seed), split, train_config,
-                                                   WarmConfig(update="embeddings"), args.seed)["phases"]}
+                                                   WarmConfig(update="embeddings"), args.seed)["phases"],
+               "protocol_event_rule": run_arm(model, initial_embeddings("meta", model, generator, split, args.seed),
+                                              split, train_config, WarmConfig(update="embeddings",
+                                                                              rule=f"event-{rule.name}", lr=rule.lr),
+                                              args.seed)["phases"]}
     users = ReplayUsers(data, split, prefix="replay-")
     journal["dropped_oov_events"] = users.dropped
-    offline["rule_served_histories"] = offline_rule(warm, users, alpha, "served")
-    offline["rule_data_histories"] = offline_rule(warm, users, alpha, "data")
-    offline["no_warmup_served_histories"] = offline_rule(warm, users, 0.0, "served")
+    offline["rule_served_histories"] = offline_rule(warm, users, rule, "served")
+    offline["rule_data_histories"] = offline_rule(warm, users, rule, "data")
+    offline["no_warmup_served_histories"] = offline_rule(warm, users, warm.rule("sgd", 0.0), "served")
     journal["offline"] = offline
 
     redis = start_redis()
@@ -381,8 +445,8 @@ def run(args) -> dict:
 
         env = {**os.environ, "REDIS_URL": redis.url, "UDG_MODEL_REPO": str(repo), "PYTHONPATH": str(ROOT)}
         worker_log = open(workdir / "warmup.log", "ab")  # noqa: SIM115 - closed below
-        worker = subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--alpha", str(alpha),
-                                   "--block-ms", "100", "--consumer", "bench"], env=env, cwd=ROOT,
+        worker = subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--rule", rule.name, "--alpha",
+                                   str(alpha), "--block-ms", "100", "--consumer", "bench"], env=env, cwd=ROOT,
                                   stdout=worker_log, stderr=subprocess.STDOUT)
         served, drain, steps_seen = {}, {}, {}
         labels, scores, steps = score_rest(base, users)
@@ -415,17 +479,26 @@ def run(args) -> dict:
     return journal
 
 
+def rule_label(journal: dict) -> str:
+    """The worker's rule of a journal (journals before `--rule` existed: sgd)."""
+    name = journal.get("rule", "sgd")
+    return f"{name}, {'α' if name == 'sgd' else 'lr'} = {journal['alpha']:g}"
+
+
 def report(journal: dict) -> str:
     served, offline = journal["served"], journal["offline"]
     rows = [("served: service + `udg warmup` (HTTP, Redis, ONNX)", served),
             ("offline, same rule, served histories", offline["rule_served_histories"]),
             ("offline, same rule, data histories", offline["rule_data_histories"]),
             ("offline protocol `--warm-update embeddings` (Adam)", offline["protocol_embeddings_adam"])]
+    if "protocol_event_rule" in offline:
+        rows.append((f"offline protocol `--warm-rule event-{journal.get('rule', 'sgd')}`",
+                     offline["protocol_event_rule"]))
     if "no_warmup_served_histories" in offline:  # the history alone: what the events give without warm-up
         rows.insert(1, ("offline, no warm-up (α = 0), served histories", offline["no_warmup_served_histories"]))
     lines = [f"### Replay: {journal['spec']}, {journal['model'].upper()}+UDG, seed {journal['seed']} "
              f"(pre-training {journal['epochs']} epochs at most, meta {journal['meta_steps']} steps), "
-             f"α = {journal['alpha']:g}, one step per event", "",
+             f"rule {rule_label(journal)}, one step per event", "",
              f"New users {journal['split']['new_users']}; events per batch {journal['split']['a_events']}; "
              f"held-out rest {journal['split']['rest_events']} events.", "",
              "| AUC on the new users' held-out rest | " + " | ".join(PHASES) + " |",
@@ -466,60 +539,103 @@ def report(journal: dict) -> str:
     return "\n".join(lines)
 
 
-def _offline_gains(journal: Path) -> dict[str, tuple[float, float, int]] | None:
-    """The offline protocol's AUC gain over its cold phase per batch, Meta arm, mean ± sample std over seeds
-    (`udg coldstart` journal; the lines of its latest setup, as its report counts them)."""
+def _offline_rows(journal: Path) -> tuple[float | None, list[dict]]:
+    """The Meta arm's rows of a `udg coldstart` journal under its latest setup (as its report counts them), and
+    the step of its event rule (None for minibatch Adam)."""
     if not journal.exists():
-        return None
+        return None, []
     entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     setup = entries[-1]["setup"]
     rows = {(e["row"]["model"], e["row"]["seed"]): e["row"] for e in entries
             if e["setup"] == setup and e["row"]["variant"] == "meta"}
-    gains = {}
-    for phase in PHASES[1:]:
-        values = [r["phases"][phase]["auc"] - r["phases"]["cold"]["auc"] for r in rows.values()]
-        gains[phase] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                        len(values))
-    return gains
+    step = None
+    if setup["warm"].get("rule", "minibatch-adam") != "minibatch-adam":
+        from model.coldstart import WarmConfig, event_rule
+        from model.train import TrainConfig
+
+        step = event_rule(WarmConfig(**setup["warm"]), TrainConfig()).lr
+    return step, [rows[k] for k in sorted(rows)]
+
+
+def _gain(row: dict, histories: str) -> dict[str, float]:
+    """AUC added per batch: data histories (the protocol's evaluation) against its cold phase; served histories
+    against the initial embeddings scored with the same histories (what the replay's served rows measure)."""
+    if histories == "data":
+        return {p: row["phases"][p]["auc"] - row["phases"]["cold"]["auc"] for p in PHASES[1:]}
+    served = row["served_history"]
+    return {p: served["phases"][p]["auc"] - served["no_warmup"][p]["auc"] for p in PHASES[1:]}
+
+
+def _mean_std(gains: list[dict[str, float]]) -> str:
+    cells = []
+    for p in PHASES[1:]:
+        values = [g[p] for g in gains]
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        cells.append(f"{float(np.mean(values)):+.4f} ± {sd:.4f}")
+    return " | ".join(cells)
+
+
+def _cells(gain: dict[str, float]) -> str:
+    return " | ".join(f"{gain[p]:+.4f}" for p in PHASES[1:])
+
+
+RULE_LABELS = {"minibatch-adam": "minibatch Adam (the paper's passes)",
+               "event-sgd": "event-sgd (`udg warmup --rule sgd`)",
+               "event-adam": "event-adam (`udg warmup --rule adam`)"}
 
 
 def summary_table(out: Path) -> str:
-    """One view of every committed journal in `out`: what the embedding updates add to the new users' AUC
-    after each batch (served: against the same events with α = 0; the offline protocol's Adam warm-up,
-    `offline-embeddings/`, against its cold phase), then each replay's staleness and worker throughput."""
+    """One view of every committed journal in `out`. Table 1: what the embedding updates add to the new users'
+    AUC after each batch — each replay's served scores against the same events with no embedding update, the
+    offline protocol under the same rule and the same (served) histories for the same seed and over seeds, and
+    the protocol's own data-history evaluation; table 2: each replay's AUCs, staleness and worker throughput;
+    table 3: what the stream costs POST /v1/events."""
     journals = [json.loads(path.read_text()) for path in sorted(out.glob("replay-*.json"))]
     if not journals:
         raise SystemExit(f"no replay-*.json journal in {out}")
+    offline = {(spec, rule): _offline_rows(out / offline_dir(spec, rule) / "runs.jsonl")
+               for spec in sorted({j["spec"] for j in journals}) for rule in OFFLINE_RULES}
     lines = ["| AUC added after batch | " + " | ".join(PHASES[1:]) + " |", "|---|" + "---|" * len(PHASES[1:])]
     for j in journals:
         base = j["offline"].get("no_warmup_served_histories")
         if base is None:
             continue
-        lines.append(f"| served (service + worker), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, against "
-                     "α = 0 with the same histories | "
-                     + " | ".join(f"{j['served'][p]['auc'] - base[p]['auc']:+.4f}" for p in PHASES[1:]) + " |")
-    for j in journals:
-        rule = j["offline"]["rule_data_histories"]
-        lines.append(f"| offline rule (α steps), {j['spec']}, α = {j['alpha']:g}, seed {j['seed']}, data histories, "
-                     "against its cold phase | "
-                     + " | ".join(f"{rule[p]['auc'] - rule['cold']['auc']:+.4f}" for p in PHASES[1:]) + " |")
-    offline = _offline_gains(out / "offline-embeddings" / "runs.jsonl")
-    if offline:
-        seeds = next(iter(offline.values()))[2]
-        lines.append(f"| offline protocol, embeddings only (Adam), synthetic, {seeds} seeds, mean ± std | "
-                     + " | ".join(f"{m:+.4f} ± {sd:.4f}" for m, sd, _ in offline.values()) + " |")
-    for j in journals:
-        if j["spec"] != "synthetic":
+        rule = f"event-{j.get('rule', 'sgd')}"
+        lines.append(f"| **served** (service + worker), {j['spec']}, {rule_label(j)}, seed {j['seed']}: against no "
+                     "warm-up, same histories | "
+                     + _cells({p: j["served"][p]["auc"] - base[p]["auc"] for p in PHASES[1:]}) + " |")
+        step, rows = offline[(j["spec"], rule)]
+        paired = [r for r in rows if r["seed"] == j["seed"] and "served_history" in r]
+        same_model = paired and abs(paired[0]["phases"]["cold"]["auc"]
+                                    - j["offline"]["protocol_embeddings_adam"]["cold"]["auc"]) < 1e-4
+        if same_model and step is not None and abs(step - j["alpha"]) < 1e-12:
+            lines.append(f"| offline protocol `--warm-rule {rule}`, {j['spec']}, seed {j['seed']}, served histories "
+                         "(the same pre-training) | " + _cells(_gain(paired[0], "served")) + " |")
+    for (spec, rule), (_, rows) in offline.items():
+        rows = [r for r in rows if "served_history" in r]
+        if rows:
+            lines.append(f"| offline protocol, {RULE_LABELS[rule]}, {spec}, {len(rows)} seeds, served histories, "
+                         "mean ± std | " + _mean_std([_gain(r, "served") for r in rows]) + " |")
+    for (spec, rule), (_, rows) in offline.items():
+        if rows:
+            lines.append(f"| offline protocol, {RULE_LABELS[rule]}, {spec}, {len(rows)} seeds, data histories "
+                         "(against its cold phase), mean ± std | " + _mean_std([_gain(r, "data") for r in rows])
+                         + " |")
+    for j in journals:  # a data set with no multi-seed offline journal: the replay's own offline rows
+        if j["spec"] != "synthetic" and not any(offline[(j["spec"], r)][1] for r in OFFLINE_RULES):
+            rule = j["offline"]["rule_data_histories"]
+            lines.append(f"| offline rule, {j['spec']}, {rule_label(j)}, seed {j['seed']}, data histories (against "
+                         "its cold phase) | " + _cells(_gain({"phases": rule}, "data")) + " |")
             p = j["offline"]["protocol_embeddings_adam"]
-            lines.append(f"| offline protocol, embeddings only (Adam), {j['spec']}, seed {j['seed']} | "
-                         + " | ".join(f"{p[q]['auc'] - p['cold']['auc']:+.4f}" for q in PHASES[1:]) + " |")
+            lines.append(f"| offline protocol, minibatch Adam, {j['spec']}, seed {j['seed']}, data histories "
+                         "(against its cold phase) | " + _cells(_gain({"phases": p}, "data")) + " |")
     lines += ["", "| replay | served AUC cold / a / b / c | max \\|ΔAUC\\| served vs offline rule | staleness "
               "p50 / p99 / max ms (events/s achieved) | worker events per CPU-second (stream only) | machine |",
               "|---|---|---|---|---|---|"]
     for j in journals:
         gap = max(abs(j["served"][p]["auc"] - j["offline"]["rule_served_histories"][p]["auc"]) for p in PHASES)
         s, t = j["staleness"], j["throughput"]
-        lines.append(f"| {j['spec']}, α = {j['alpha']:g} | "
+        lines.append(f"| {j['spec']}, {rule_label(j)} | "
                      + " / ".join(f"{j['served'][p]['auc']:.4f}" for p in PHASES)
                      + f" | {gap:.4f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['max_ms']:.1f} "
                        f"({s['achieved_rate']:.0f}) | {t['full worker']['events_per_cpu_s']:,.0f} "
@@ -547,7 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default="results/bench_warmup")
     parser.add_argument("--out", default="docs/results/warmup")
-    parser.add_argument("--name", default=None, help="journal name (default: SPEC-alphaA)")
+    parser.add_argument("--name", default=None, help="journal name (default: SPEC-alphaA, SPEC-RULE-lrA)")
+    parser.add_argument("--rule", choices=["sgd", "adam"], default="sgd",
+                        help="the worker's rule (`udg warmup --rule`)")
+    parser.add_argument("--offline-seeds", type=int, default=0, metavar="N",
+                        help="only run the offline protocol under every warm-up rule for seeds 0..N-1 (journals "
+                             "in --out/offline-<rule>/), no service")
     parser.add_argument("--summary-only", action="store_true", help="the report from the journal, running nothing")
     parser.add_argument("--summary-table", action="store_true",
                         help="print the journals' summary tables (README.md includes them); runs and writes nothing")
@@ -560,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(out))
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    if args.offline_seeds:
+        offline_rules(args)
+        return 0
     if args.events_cost:
         cost = events_cost(Path(args.workdir) / "model_repo" / VERSION, args.events_cost)
         cost["command"] = " ".join(["python -m loadtest.bench_warmup", *sys.argv[1:]] if argv is None else
@@ -569,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         journal = run(args)
         journal["rate"] = args.rate
-        name = args.name or f"{args.spec}-alpha{journal['alpha']:g}"
+        name = args.name or (f"{args.spec}-alpha{journal['alpha']:g}" if journal["rule"] == "sgd"
+                             else f"{args.spec}-{journal['rule']}-lr{journal['alpha']:g}")
         (out / f"replay-{name}.json").write_text(json.dumps(journal, indent=1) + "\n")
     texts = [report(json.loads(path.read_text())) for path in sorted(out.glob("replay-*.json"))]
     if not texts:

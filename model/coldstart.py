@@ -80,6 +80,32 @@ class WarmConfig:
     batch_size: int = 64
     epochs: int = 1
     update: str = "model"  # "model": model and new users' embeddings (the paper); "embeddings": those only
+    # "minibatch-adam": the passes above; "event-sgd" / "event-adam": the online worker's rule (model/warm_rule.py),
+    # each user's events in time order, one step each, the model frozen (needs update="embeddings")
+    rule: str = "minibatch-adam"
+    lr: float | None = None  # the event rules' step: default α of the generator (sgd), pre-training lr (adam)
+
+
+WARM_RULES = ("minibatch-adam", "event-sgd", "event-adam")
+
+
+def event_rule(warm: WarmConfig, train_config):
+    """The WarmRule of an event-* warm-up (the worker's defaults for its step size)."""
+    from model.meta import MetaConfig
+    from model.warm_rule import WarmRule
+
+    name = warm.rule.removeprefix("event-")
+    default = MetaConfig().alpha if name == "sgd" else train_config.lr
+    return WarmRule(name, warm.lr if warm.lr is not None else default)
+
+
+def setup_of(warm: WarmConfig) -> dict:
+    """The journal's setup of `warm`: the rule's fields only when not the default (older journals match)."""
+    setup = asdict(warm)
+    if warm.rule == "minibatch-adam" and warm.lr is None:
+        setup.pop("rule")
+        setup.pop("lr")
+    return setup
 
 
 @dataclass
@@ -196,6 +222,41 @@ def evaluate_new_users(model, table, samples: Samples, split: ColdStartSplit) ->
     return all_metrics(samples.label, torch.cat(probs).numpy())
 
 
+def served_histories(split: ColdStartSplit, names: tuple[str, ...], width: int) -> np.ndarray:
+    """Per new user [n_new, width]: their clicks in the batches `names`, most recent first, PAD-filled: the
+    history the service holds when it scores their rest after those batches (the rest's own clicks were never
+    sent), unlike the data's history of each rest event."""
+    from dataset.schema import PAD
+
+    history = np.full((len(split.new_users), width), PAD, np.int64)
+    clicks: dict[int, list[int]] = {}
+    for name in names:
+        samples = split.batches[name]
+        for key, item, label in zip(samples.user_key, samples.item, samples.label, strict=True):
+            if label > 0.5:
+                clicks.setdefault(int(split.new_index[key]), []).append(int(item))
+    for row, items in clicks.items():
+        recent = items[::-1][:width]
+        history[row, :len(recent)] = recent
+    return history
+
+
+def evaluate_served_history(model, table, samples: Samples, split: ColdStartSplit, history: np.ndarray) -> dict:
+    """`evaluate_new_users` with each rest event's behavior feature replaced by its user's `history` row."""
+    import torch
+
+    from model.metrics import all_metrics
+
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(samples), 8192):
+            batch, index = _inputs(samples, np.arange(start, min(start + 8192, len(samples))), split)
+            batch["history"] = torch.as_tensor(history[index.numpy()])
+            probs.append(torch.sigmoid(_logits(model, table, batch, index)))
+    return all_metrics(samples.label, torch.cat(probs).numpy())
+
+
 def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config, warm: WarmConfig,
             seed: int, phase: int) -> None:
     """One phase: `warm.epochs` passes over the batch, minibatches of `warm.batch_size` in a seeded order (the
@@ -230,20 +291,44 @@ def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config,
 
 def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int) -> dict:
     """Cold start, then warm-up a, b, c on a copy of `model`: metrics on the rests after each phase, and how far
-    the new users' embeddings moved (mean L2 norm of the change since the cold start)."""
+    the new users' embeddings moved (mean L2 norm of the change since the cold start). Also, under
+    `served_history`, each phase's metrics with the histories the service would hold (`served_histories`), of
+    the warmed embeddings and of the initial ones (no warm-up): what a replay through the service measures."""
     from torch import nn
 
     model = copy.deepcopy(model)
     for parameter in model.parameters():
         parameter.requires_grad_(warm.update == "model")
     table = nn.Embedding.from_pretrained(init.clone(), freeze=False)
-    phases = {"cold": evaluate_new_users(model, table, split.batches["rest"], split)}
+    initial = nn.Embedding.from_pretrained(init.clone(), freeze=True)
+    rest = split.batches["rest"]
+    width = rest.histories.gather(np.arange(min(1, len(rest)))).shape[1] if len(rest) else 1
+    phases = {"cold": evaluate_new_users(model, table, rest, split)}
+    served = {"phases": {}, "no_warmup": {}}
+
+    def served_phase(name: str, seen: tuple[str, ...]) -> None:
+        history = served_histories(split, seen, width)
+        served["phases"][name] = evaluate_served_history(model, table, rest, split, history)
+        served["no_warmup"][name] = evaluate_served_history(model, initial, rest, split, history)
+
+    served_phase("cold", ())
     moved = {"cold": 0.0}
+    if warm.rule != "minibatch-adam":
+        from model.warm_rule import warm_up_events
+
+        if warm.update != "embeddings":
+            raise ValueError(f"warm rule {warm.rule} freezes the model: it needs warm update 'embeddings'")
+        rule = event_rule(warm, train_config)
+        state = rule.initial_state(*init.shape)
     for i, name in enumerate(BATCHES, start=1):
-        warm_up(model, table, split.batches[name], split, train_config, warm, seed, i)
+        if warm.rule == "minibatch-adam":
+            warm_up(model, table, split.batches[name], split, train_config, warm, seed, i)
+        else:
+            warm_up_events(model, table, state, split.batches[name], split.new_index, rule)
         phases[name] = evaluate_new_users(model, table, split.batches["rest"], split)
+        served_phase(name, BATCHES[:i])
         moved[name] = float((table.weight.detach() - init).norm(dim=1).mean())
-    return {"phases": phases, "embedding_shift": moved}
+    return {"phases": phases, "embedding_shift": moved, "served_history": served}
 
 
 def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train_config, meta_steps: int,
@@ -457,14 +542,17 @@ def run_coldstart(args: argparse.Namespace) -> str:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update)
+    warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update,
+                      rule=args.warm_rule, lr=args.warm_lr)
+    if warm.rule != "minibatch-adam" and warm.update != "embeddings":
+        raise SystemExit(f"--warm-rule {warm.rule} freezes the model: use it with --warm-update embeddings")
     train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal_path = out / "runs.jsonl"
     if args.fresh and journal_path.exists():
         journal_path.unlink()
-    setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": asdict(warm), "epochs": args.epochs,
+    setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": setup_of(warm), "epochs": args.epochs,
              "embed_wd": args.embed_wd, "meta_steps": args.meta_steps}
     journal = RunJournal(journal_path, setup)
     split_info = None
@@ -491,9 +579,14 @@ def run_coldstart(args: argparse.Namespace) -> str:
             f"{protocol.active_min}"
     updated = "the model and the new users' UDG embeddings" if warm.update == "model" else \
         "the new users' UDG embeddings only"
+    if warm.rule == "minibatch-adam":
+        how = f"{warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
+    else:
+        rule = event_rule(warm, train_config)
+        how = (f"the online worker's rule ({rule.name}, step {rule.lr:g}): each user's events in time order, one "
+               f"step each, updating {updated}")
     head = [f"### {title}", "",
-            f"Warm-up: {warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
-            f"; pre-training {args.epochs} epochs at most, meta generator {args.meta_steps} steps.", ""]
+            f"Warm-up: {how}; pre-training {args.epochs} epochs at most, meta generator {args.meta_steps} steps.", ""]
     if split_info:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
@@ -528,6 +621,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-update", choices=["model", "embeddings"], default="model",
                         help="model: the model and the new users' UDG embeddings (the paper); embeddings: "
                              "those only")
+    parser.add_argument("--warm-rule", choices=WARM_RULES, default="minibatch-adam",
+                        help="minibatch-adam: the passes of --warm-batch-size (the paper); event-sgd / event-adam: "
+                             "the online worker's rule (`udg warmup --rule`), one step per event in time order")
+    parser.add_argument("--warm-lr", type=float, default=None,
+                        help="step of the event rules (default: the generator's α for sgd, the pre-training lr "
+                             "for adam, as `udg warmup`)")
     add_threads_argument(parser)
     parser.add_argument("--out", default="results/coldstart")
     parser.add_argument("--fresh", action="store_true", help="discard the journal of --out")

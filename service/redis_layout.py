@@ -41,6 +41,12 @@ the same layout serves both.
     udg:w:<version>:{<uid>}   ZSET    event identities the warm-up worker has applied to the user's embeddings
                                       under this version, scored by when (ms); written in the same Lua call as
                                       the embeddings (WARMUP_CAS), at most `warmup_applied_keep` kept
+    udg:r:<version>:{<uid>}   STRING  the warm-up rule's per-user state under this version (`udg warmup --rule
+                                      adam`: float32 [m | v | t]) + the 8-byte fingerprint of the embedding
+                                      value it was computed with (`pack_rule_state`); written (or, for a
+                                      stateless rule, deleted) in the same Lua call as the embeddings, its TTL
+                                      theirs. A state whose fingerprint is not the current value's (a
+                                      republish, an expired generated state) is ignored: the moments restart
     udg:warmup:events         STREAM  every accepted event (click or not), XADDed in the same MULTI/EXEC as the
                                       click append (one node, no WAIT), else right after it (`append_events`);
                                       read by `udg warmup` through the consumer group `warmup`
@@ -54,7 +60,7 @@ and two versions coexist during a swap or an A/B split. The click history and th
 the user, not about a model: they are kept once, as raw ids, so a click event is written once whatever the
 number of live versions, and a new version starts from the user's current history rather than from its
 training snapshot. Each version maps raw ids to its own vocabulary when it scores (unknown ids -> OOV row).
-A version's namespace is every key of a kind in `VERSIONED_KINDS` (`e`, `i`), and `udg gc` removes it whole.
+A version's namespace is every key of a kind in `VERSIONED_KINDS` (`e`, `i`, `w`, `r`), and `udg gc` removes it whole.
 The item table is one hash per version rather than a key per item: the service reads it whole (HSCAN) when it
 loads the version and again when its generation changes, never on the request path, where a candidate's
 fields come from memory.
@@ -108,7 +114,7 @@ WARM_TRAILER = 6
 DEDUP_WINDOW_S = 7 * 24 * 3600  # defaults of Settings.dedup_window_s / dedup_cap
 DEDUP_CAP = 5000
 APPENDED, DUPLICATE, REFUSED = 1, 0, -1  # per-click flags of APPEND_CLICKS
-VERSIONED_KINDS = ("e", "i", "w")  # key kinds namespaced by model version: what `delete_version` removes
+VERSIONED_KINDS = ("e", "i", "w", "r")  # key kinds namespaced by model version: what `delete_version` removes
 _EMPTY_PROFILE = b"{}"
 # Bumped when key names or value formats change incompatibly: recorded in every publish marker. Format 2 moved
 # the version-wide and control keys into one hash slot (`{ctl}`) and added the per-slot epoch sentinels; data
@@ -240,9 +246,10 @@ return merged
 # The warm-up worker's compare-and-set of one user's embeddings under one version, with the identities of the
 # events it applied, atomically: written only if the value is still exactly what the worker read (so a
 # republish, a cold-start write-back or another worker's newer update in between is never overwritten; the
-# worker re-reads and recomputes). KEYS: embeddings, applied set. ARGV: expected value ("" = absent), new
-# value, TTL ms for a value created from nothing, now ms, applied identities kept, then identities.
-# A value that existed keeps its TTL (a generated state's, or none for a published one). -> 1 written, 0 not.
+# worker re-reads and recomputes). KEYS: embeddings, applied set, rule state. ARGV: expected value ("" =
+# absent), new value, TTL ms for a value created from nothing, now ms, applied identities kept, rule state
+# ("" = none: deleted), then identities. A value that existed keeps its TTL (a generated state's, or none for
+# a published one); the applied set and the rule state get the value's. -> 1 written, 0 not.
 WARMUP_CAS = r"""
 local current = redis.call("GET", KEYS[1])
 if (current or "") ~= ARGV[1] then return 0 end
@@ -251,12 +258,17 @@ if current then
 else
   redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 end
-for i = 6, #ARGV do redis.call("ZADD", KEYS[2], ARGV[4], ARGV[i]) end
+for i = 7, #ARGV do redis.call("ZADD", KEYS[2], ARGV[4], ARGV[i]) end
 local keep = tonumber(ARGV[5])
 local n = redis.call("ZCARD", KEYS[2])
 if n > keep then redis.call("ZREMRANGEBYRANK", KEYS[2], 0, n - keep - 1) end
+if ARGV[6] == "" then redis.call("DEL", KEYS[3]) else redis.call("SET", KEYS[3], ARGV[6]) end
 local ttl = redis.call("PTTL", KEYS[1])
-if ttl > 0 then redis.call("PEXPIRE", KEYS[2], ttl) else redis.call("PERSIST", KEYS[2]) end
+for k = 2, 3 do
+  if redis.call("EXISTS", KEYS[k]) == 1 then
+    if ttl > 0 then redis.call("PEXPIRE", KEYS[k], ttl) else redis.call("PERSIST", KEYS[k]) end
+  end
+end
 return 1
 """
 _WARMUP_CAS_SHA = hashlib.sha1(WARMUP_CAS.encode()).hexdigest()
@@ -270,6 +282,7 @@ class WarmupState:
     applied: list[bool]  # per asked identity: already applied to these embeddings
     history: bytes | None
     profile: bytes | None
+    rule_state: bytes | None = None  # `udg:r:…` as stored (check it with `unpack_rule_state`)
 
 
 @dataclass
@@ -380,6 +393,9 @@ class RedisLayout:
     def warmup_applied(self, version: str, user_id: str) -> str:
         return f"{self.prefix}:w:{version}:{{{user_id}}}"
 
+    def warmup_rule_state(self, version: str, user_id: str) -> str:
+        return f"{self.prefix}:r:{version}:{{{user_id}}}"
+
     @property
     def warmup_stream(self) -> str:
         return f"{self.prefix}:warmup:events"
@@ -441,6 +457,21 @@ class RedisLayout:
         if not raw or len(raw) <= WARM_TRAILER or raw[-1:] != TAG_WARMED:
             return 0
         return int.from_bytes(raw[-WARM_TRAILER:-2], "little")
+
+    @staticmethod
+    def pack_rule_state(state: np.ndarray, embeddings: bytes) -> bytes:
+        """The warm-up rule's state of a user (float32) + the fingerprint of the embedding value it goes with."""
+        return np.ascontiguousarray(state, "<f4").reshape(-1).tobytes() + hashlib.sha1(embeddings).digest()[:8]
+
+    @staticmethod
+    def unpack_rule_state(raw: bytes | None, width: int, embeddings: bytes | None) -> np.ndarray | None:
+        """The state [1, width] if it was written with exactly `embeddings` (the value now stored), else None:
+        absent, another rule's width, or the moments of a value since replaced."""
+        if not raw or embeddings is None or len(raw) != 4 * width + 8:
+            return None
+        if raw[-8:] != hashlib.sha1(embeddings).digest()[:8]:
+            return None
+        return np.frombuffer(raw, "<f4", count=width).reshape(1, width).copy()
 
     @staticmethod
     def embedding_origin(raw: bytes | None) -> bytes | None:
@@ -760,45 +791,53 @@ class RedisLayout:
     def read_warmup_states(self, client, version: str, user_ids: list[str],
                            identities: list[list[str]]) -> list[WarmupState]:
         """Per user: the embeddings under `version`, which of their `identities` were already applied to them,
-        the history and the profile. One pipeline for all users, one round trip (each user's four keys in
-        their own slot)."""
+        the history, the profile and the rule state. One pipeline for all users, one round trip (each user's
+        five keys in their own slot)."""
         pipe = client.pipeline(transaction=False)
         for user_id, ids in zip(user_ids, identities, strict=True):
             pipe.get(self.embeddings(version, user_id))
             pipe.execute_command("ZMSCORE", self.warmup_applied(version, user_id), *ids)
             pipe.get(self.history(user_id))
             pipe.get(self.profile(user_id))
+            pipe.get(self.warmup_rule_state(version, user_id))
         replies = pipe.execute()
-        return [WarmupState(replies[i], [s is not None for s in replies[i + 1]], replies[i + 2], replies[i + 3])
-                for i in range(0, len(replies), 4)]
+        return [WarmupState(replies[i], [s is not None for s in replies[i + 1]], replies[i + 2], replies[i + 3],
+                            replies[i + 4]) for i in range(0, len(replies), 5)]
 
     def write_warmed(self, client, version: str, user_id: str, expected: bytes | None, value: bytes,
-                     identities: list[str], now_ms: int | None = None) -> bool:
-        """Compare-and-set of the user's embeddings (WARMUP_CAS) with the applied identities. -> written."""
+                     identities: list[str], now_ms: int | None = None, rule_state: bytes = b"") -> bool:
+        """Compare-and-set of the user's embeddings (WARMUP_CAS) with the applied identities and the rule state
+        (b"": none, any stored one deleted). -> written."""
         from redis.exceptions import NoScriptError
 
-        keys = [self.embeddings(version, user_id), self.warmup_applied(version, user_id)]
+        keys = self._warmup_keys(version, user_id)
         args = [expected or b"", value, self.generated_ttl_s * 1000,
-                int(time.time() * 1000) if now_ms is None else now_ms, self.warmup_applied_keep, *identities]
+                int(time.time() * 1000) if now_ms is None else now_ms, self.warmup_applied_keep, rule_state,
+                *identities]
         try:
             return bool(client.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, *args))
         except NoScriptError:
             client.script_load(WARMUP_CAS)
             return bool(client.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, *args))
 
-    def write_warmed_many(self, client, version: str, writes: list[tuple[str, bytes | None, bytes, list[str]]],
-                          now_ms: int | None = None) -> list[bool]:
-        """`write_warmed` for several users [(user, expected, value, identities)], one pipeline: each user's
-        compare-and-set is its own Lua call (its own slot). -> written, per user."""
+    def _warmup_keys(self, version: str, user_id: str) -> list[str]:
+        return [self.embeddings(version, user_id), self.warmup_applied(version, user_id),
+                self.warmup_rule_state(version, user_id)]
+
+    def write_warmed_many(self, client, version: str, writes: list[tuple], now_ms: int | None = None) -> list[bool]:
+        """`write_warmed` for several users [(user, expected, value, identities[, rule state])], one pipeline:
+        each user's compare-and-set is its own Lua call (its own slot). -> written, per user."""
         from redis.exceptions import NoScriptError
 
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         for attempt in (0, 1):
             pipe = client.pipeline(transaction=False)
-            for user_id, expected, value, identities in writes:
-                keys = [self.embeddings(version, user_id), self.warmup_applied(version, user_id)]
-                pipe.evalsha(_WARMUP_CAS_SHA, len(keys), *keys, expected or b"", value, self.generated_ttl_s * 1000,
-                             now_ms, self.warmup_applied_keep, *identities)
+            for user_id, expected, value, identities, *rest in writes:
+                keys = self._warmup_keys(version, user_id)
+                # (a cluster pipeline refuses .evalsha(), not the command)
+                pipe.execute_command("EVALSHA", _WARMUP_CAS_SHA, len(keys), *keys, expected or b"", value,
+                                     self.generated_ttl_s * 1000, now_ms, self.warmup_applied_keep,
+                                     rest[0] if rest else b"", *identities)
             results = pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 client.script_load(WARMUP_CAS)  # nothing ran: NOSCRIPT executes no part of the script

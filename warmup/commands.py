@@ -23,7 +23,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     settings = Settings(**{k: v for k, v in (("model_repo", args.model_repo), ("redis_url", args.redis_url))
                            if v is not None})
     client = sync_redis(settings.redis_url, timeout_s=max(5.0, args.block_ms / 1000 + 5))
-    config = WarmupConfig(alpha=args.alpha, steps=args.steps, users=args.users, count=args.count,
+    config = WarmupConfig(alpha=args.alpha, rule=args.rule, steps=args.steps, users=args.users, count=args.count,
                           block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, claim_every_s=args.claim_every_s,
                           max_deliveries=args.max_deliveries, users_per_pass=args.users_per_pass)
     metrics = Metrics()
@@ -56,8 +56,12 @@ def register(subparsers) -> None:
                         "restarted worker of the same name resumes its own pending entries at once")
     parser.add_argument("--users", choices=["cold", "all"], default="cold",
                         help="cold: users whose embedding came from the meta generator; all: published users too")
+    parser.add_argument("--rule", choices=["sgd", "adam"], default="sgd",
+                        help="sgd: Algorithm 1's α step per event; adam: Adam's step with the user's own moments, "
+                             "stored next to the embedding (model/warm_rule.py; which to choose: docs/warmup.md)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="step size α (default: the version's meta-training α, manifest meta.config.alpha)")
+                        help="the rule's step size (default: the version's own: its meta-training α for sgd, its "
+                             "pre-training learning rate for adam)")
     parser.add_argument("--steps", type=int, default=1, help="gradient steps per event")
     parser.add_argument("--count", type=int, default=256, help="entries per read")
     parser.add_argument("--block-ms", type=int, default=1000)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from dataset.schema import PAD
 from model.checkpoint import Checkpoint
+from model.warm_rule import WarmRule, event_steps
 from repository import WARMUP_FILE, ModelRepository
 
 GOLDEN_ATOL = 1e-4
@@ -56,6 +56,13 @@ class WarmupModel:
         self.udg_dim = int(manifest["dims"]["udg_dim"])
         self.max_history = int(manifest["dims"]["max_history"])
         self.meta_alpha = float(((manifest.get("meta") or {}).get("config") or {}).get("alpha", 0.1))
+        self.train_lr = float((checkpoint.train_config or {}).get("lr", 1e-3))
+
+    def rule(self, name: str = "sgd", step: float | None = None) -> WarmRule:
+        """The warm-up rule `name` with its step: `step`, else this version's own (the generator's meta-training
+        α for sgd, the pre-training learning rate for adam: what `udg coldstart --warm-rule event-…` uses)."""
+        default = self.meta_alpha if name == "sgd" else self.train_lr
+        return WarmRule(name, default if step is None else step)
 
     @classmethod
     def load(cls, repo: ModelRepository, version: str) -> WarmupModel:
@@ -116,7 +123,7 @@ class WarmupModel:
                 udg_vec = self.model.udg_emb.weight[2:].mean(0, keepdim=True)
         return user_vec.numpy().astype(np.float32), udg_vec.numpy().astype(np.float32)
 
-    # --- Algorithm 1's α step -------------------------------------------------------------------------------
+    # --- Algorithm 1's α step (and the adaptive rule) --------------------------------------------------------
     def step(self, user_vec: np.ndarray, udg_vec: np.ndarray, histories: list[list[str]], items: list[str],
              labels: list[float], alpha: float, steps: int = 1) -> np.ndarray:
         """For each event in order (oldest first): `steps` gradient steps θ ← θ − α ∇ CE(θ) on the UDG embedding
@@ -125,12 +132,23 @@ class WarmupModel:
 
     def step_many(self, user_vecs: list[np.ndarray], udg_vecs: list[np.ndarray], histories: list[list[list[str]]],
                   items: list[list[str]], labels: list[list[float]], alpha: float, steps: int = 1) -> list[np.ndarray]:
-        """`step` for several users at once: their k-th events share one forward and backward pass (rows are
-        independent: the model is frozen and has no batch-coupled layer in eval mode, so each row's gradient is
-        its own user's), which is what makes a worker's events/s (one pass per event position, not per event)."""
+        """`step` for several users at once (`apply_rule` with the sgd rule of step α)."""
+        return self.apply_rule(WarmRule("sgd", alpha), user_vecs, udg_vecs, None, histories, items, labels, steps)[0]
+
+    def apply_rule(self, rule: WarmRule, user_vecs: list[np.ndarray], udg_vecs: list[np.ndarray],
+                   states: list[np.ndarray | None] | None, histories: list[list[list[str]]], items: list[list[str]],
+                   labels: list[list[float]], steps: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each user's events in order under `rule` (model/warm_rule.py), from their rule state (None: fresh).
+        Their k-th events share one forward and backward pass (`event_steps`), which is what makes a worker's
+        events/s (one pass per event position, not per event). -> (UDG rows [1, udg_dim], states [1, width])."""
         n = len(user_vecs)
+        width = rule.state_width(self.udg_dim)
         user = torch.tensor(np.stack([np.asarray(u, np.float32).reshape(-1) for u in user_vecs]))
         udg = torch.tensor(np.stack([np.asarray(u, np.float32).reshape(-1) for u in udg_vecs]))
+        state = rule.initial_state(n, self.udg_dim)
+        for row, given in enumerate(states or []):
+            if given is not None:
+                state[row] = torch.as_tensor(np.asarray(given, np.float32).reshape(width))
         lengths = np.array([len(i) for i in items])
         depth = int(lengths.max()) if n else 0
         item_idx = np.zeros((n, depth), np.int64)
@@ -142,13 +160,7 @@ class WarmupModel:
                 label[row, :lengths[row]] = labels[row]
                 for k, past in enumerate(histories[row]):
                     history[row, k] = self.encode_history(past)[0].numpy()
-        item_t, label_t, history_t = torch.as_tensor(item_idx), torch.as_tensor(label), torch.as_tensor(history)
-        for k in range(depth):
-            rows = torch.as_tensor(np.flatnonzero(lengths > k))
-            for _ in range(steps):
-                selected = udg[rows].requires_grad_(True)
-                logits = self.model.score(user[rows], selected, history_t[rows, k], item_t[rows, k])
-                loss = F.binary_cross_entropy_with_logits(logits, label_t[rows, k], reduction="sum")
-                (grad,) = torch.autograd.grad(loss, selected)
-                udg[rows] = selected.detach() - alpha * grad
-        return [udg[row:row + 1].numpy().astype(np.float32) for row in range(n)]
+        udg, state = event_steps(self.model, rule, user, udg, state, torch.as_tensor(history),
+                                 torch.as_tensor(item_idx), torch.as_tensor(label), lengths, steps)
+        return ([udg[row:row + 1].numpy().astype(np.float32) for row in range(n)],
+                [state[row:row + 1].numpy().astype(np.float32) for row in range(n)])

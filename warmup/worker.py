@@ -1,6 +1,7 @@
 """`udg warmup`: the online warm-up worker. Reads the events `POST /v1/events` streams (consumer group, at least
-once), takes Algorithm 1's α step(s) on each user's UDG embedding with the model frozen, and writes it back
-under each serving version with a compare-and-set, every event applied once per version.
+once), takes the warm-up rule's step(s) per event on each user's UDG embedding with the model frozen (adam with
+the user's own moments, or Algorithm 1's α step: model/warm_rule.py), and writes it back under each serving
+version with a compare-and-set, every event applied once per version.
 
 One pass (`WarmupWorker.run_once`):
 
@@ -15,8 +16,9 @@ One pass (`WarmupWorker.run_once`):
    worker's, this one's after a restart), else new ones (XREADGROUP >). An entry delivered more than
    `max_deliveries` times is acked and counted `dead` (it cannot stop the stream forever).
 3. Per user and version: read (one pipeline) the embeddings, which of the events were already applied, the
-   history, the profile; drop applied ones (`duplicate`), unknown items (`unknown_item`), published users
-   unless `users="all"` (`not_cold`); take the steps; write value + applied identities with WARMUP_CAS. The
+   history, the profile, the rule's state; drop applied ones (`duplicate`), unknown items (`unknown_item`),
+   published users unless `users="all"` (`not_cold`); take the steps; write value + applied identities + rule
+   state with WARMUP_CAS. The
    CAS fails if the value changed since the read (a republish, a write-back, another worker): re-read, redo.
 4. XACK the entries once every version's write succeeded; a Redis error leaves them pending (retried, and
    claimed by another worker if this one dies). A malformed entry is acked at once and counted `malformed`.
@@ -52,7 +54,10 @@ OUTCOMES = ("applied", "duplicate", "malformed", "unknown_item", "not_cold", "no
 
 @dataclass
 class WarmupConfig:
-    alpha: float | None = None  # None: the version's meta-training α (manifest meta.config.alpha)
+    alpha: float | None = None  # the rule's step; None: the version's own (WarmupModel.rule)
+    # model/warm_rule.py: "sgd" (Algorithm 1's α step: the higher held-out AUC on MovieLens-100K, docs/warmup.md)
+    # or "adam" (per-user moments in Redis: ahead on the synthetic world)
+    rule: str = "sgd"
     steps: int = 1  # gradient steps per event
     users: str = "cold"  # "cold": users whose embedding came from the meta generator; "all": published too
     count: int = 256  # entries per read
@@ -124,7 +129,9 @@ class WritePlan:
     known: list[WarmEvent]
     unknown: int
     identities: list[str]
+    rule_state: np.ndarray | None = None  # the user's stored rule state (None: fresh)
     value: bytes = b""
+    rule_value: bytes = b""  # the rule state to store with `value` (b"": none)
 
 
 class CasConflict(RuntimeError):
@@ -188,16 +195,16 @@ class WarmupWorker:
                 log.error("version %s is not warmed: %s", version, self.refused[version])
                 continue
             self.refused.pop(version, None)
-            log.info("warming version %s (α %.3g, %d step(s) per event, users: %s)", version,
-                     self.alpha(loaded), self.config.steps, self.config.users)
+            log.info("warming version %s (rule %s, step %.3g, %d step(s) per event, users: %s)", version,
+                     self.config.rule, self.rule(loaded).lr, self.config.steps, self.config.users)
             models[version] = loaded
         self.models = models
         self.refused = {v: why for v, why in self.refused.items() if v in versions}
         self.metrics.versions.set(len(models))
         self._routing_at = time.monotonic()
 
-    def alpha(self, model: WarmupModel) -> float:
-        return self.config.alpha if self.config.alpha is not None else model.meta_alpha
+    def rule(self, model: WarmupModel):
+        return model.rule(self.config.rule, self.config.alpha)
 
     # --- the loop ----------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -295,8 +302,8 @@ class WarmupWorker:
         if not plans:
             return set()
         self.step_plans(model, plans)
-        written = layout.write_warmed_many(self.client, version, [(p.user_id, p.expected, p.value, p.identities)
-                                                                  for p in plans])
+        written = layout.write_warmed_many(self.client, version, [(p.user_id, p.expected, p.value, p.identities,
+                                                                   p.rule_value) for p in plans])
         failed = set()
         for plan, ok in zip(plans, written, strict=True):
             if ok:
@@ -320,7 +327,8 @@ class WarmupWorker:
             if plan is None:
                 return
             self.step_plans(model, [plan])
-            if layout.write_warmed(self.client, model.version, user_id, plan.expected, plan.value, plan.identities):
+            if layout.write_warmed(self.client, model.version, user_id, plan.expected, plan.value, plan.identities,
+                                   rule_state=plan.rule_value):
                 self.committed(model, plan)
                 return
             self.metrics.writes.labels("conflict").inc()
@@ -353,18 +361,24 @@ class WarmupWorker:
             user_vec, udg_vec = model.generated_state(profile or layout.unpack_profile(state.profile))
         else:
             user_vec, udg_vec = unpacked[0], unpacked[1]
+        width = self.rule(model).state_width(model.udg_dim)
+        # the moments only go with the value they were computed on (else they restart, as for a new value)
+        rule_state = layout.unpack_rule_state(state.rule_state, width, state.embeddings) if width else None
         return WritePlan(user_id, state.embeddings, origin, layout.warmup_steps(state.embeddings), user_vec, udg_vec,
                          self.histories(layout.split_history(state.history, layout.history_cap), todo, known),
-                         known, len(todo) - len(known), [e.identity for e in todo])
+                         known, len(todo) - len(known), [e.identity for e in todo], rule_state)
 
     def step_plans(self, model: WarmupModel, plans: list[WritePlan]) -> None:
-        steps = self.config.steps
-        udgs = model.step_many([p.user_vec for p in plans], [p.udg_vec for p in plans], [p.histories for p in plans],
-                               [[e.item_id for e in p.known] for p in plans],
-                               [[1.0 if e.clicked else 0.0 for e in p.known] for p in plans], self.alpha(model), steps)
-        for plan, udg in zip(plans, udgs, strict=True):
+        steps, rule = self.config.steps, self.rule(model)
+        udgs, states = model.apply_rule(rule, [p.user_vec for p in plans], [p.udg_vec for p in plans],
+                                        [p.rule_state for p in plans], [p.histories for p in plans],
+                                        [[e.item_id for e in p.known] for p in plans],
+                                        [[1.0 if e.clicked else 0.0 for e in p.known] for p in plans], steps)
+        stateful = rule.state_width(model.udg_dim) > 0
+        for plan, udg, state in zip(plans, udgs, states, strict=True):
             plan.value = self.layout.pack_warmed(plan.user_vec, udg, plan.steps_before + len(plan.known) * steps,
                                                  plan.origin)
+            plan.rule_value = self.layout.pack_rule_state(state, plan.value) if stateful else b""
 
     def committed(self, model: WarmupModel, plan: WritePlan) -> None:
         metrics = self.metrics

@@ -57,13 +57,15 @@ def _stream_events(client, artifact, users, n_users: int, per_user: int, prefix:
     return sent
 
 
-def _expected(model, sent_user: list, alpha: float | None = None, start=None) -> tuple[np.ndarray, int]:
+def _expected(model, sent_user: list, alpha: float | None = None, start=None, rule: str = "sgd"
+              ) -> tuple[np.ndarray, int]:
     """The user's embedding after applying every event exactly once, in order (no stored history here), from
-    `start` (default: the model's generated state for the profile)."""
+    `start` (default: the model's generated state for the profile), under `rule` (default: the worker's)."""
     user_vec, udg_vec = start or model.generated_state(sent_user[0][2])
     items = [i for i, _, _ in sent_user]
-    return model.step(user_vec, udg_vec, [[] for _ in items], items, [float(lbl) for _, lbl, _ in sent_user],
-                      model.meta_alpha if alpha is None else alpha), len(items)
+    (udg,), _ = model.apply_rule(model.rule(rule, alpha), [user_vec], [udg_vec], None, [[[] for _ in items]], [items],
+                                 [[float(lbl) for _, lbl, _ in sent_user]])
+    return udg, len(items)
 
 
 def _start_worker(redis_url: str, repo: Path, consumer: str, *extra: str) -> subprocess.Popen:
@@ -182,7 +184,8 @@ def test_hot_swap_pending_events_go_to_the_new_version_with_its_own_model(redis_
     layout = RedisLayout()
     _routing(redis_client, VERSION)
     worker = WarmupWorker(redis_client, ModelRepository(repo), layout,
-                          WarmupConfig(alpha=20.0, block_ms=50, claim_every_s=3600, routing_poll_s=0), "swapper")
+                          WarmupConfig(rule="sgd", alpha=20.0, block_ms=50, claim_every_s=3600,
+                                       routing_poll_s=0), "swapper")
     worker.run_once()  # follows v1
     assert list(worker.models) == [VERSION]
     sent = _stream_events(redis_client, artifact, users, n_users=5, per_user=3, prefix="swap")
@@ -196,9 +199,9 @@ def test_hot_swap_pending_events_go_to_the_new_version_with_its_own_model(redis_
         value = redis_client.get(layout.embeddings("v2", user))
         _, got, _ = layout.unpack_embeddings(value, new_model.user_dim, new_model.udg_dim)
         start = new_model.generated_state(events[0][2])  # v2's generator, not v1's
-        assert np.allclose(got, _expected(new_model, events, 20.0)[0], atol=1e-5)
+        assert np.allclose(got, _expected(new_model, events, 20.0, rule="sgd")[0], atol=1e-5)
         moved = got - start[1]
-        old_steps = _expected(old_model, events, 20.0, start)[0] - start[1]  # v1's gradients on v2's state
+        old_steps = _expected(old_model, events, 20.0, start, "sgd")[0] - start[1]  # v1's gradients on v2's state
         assert np.linalg.norm(moved) > 1e-3
         assert np.linalg.norm(moved - old_steps) > 0.1 * np.linalg.norm(moved)
 
@@ -211,7 +214,7 @@ def test_hot_swap_pending_events_go_to_the_new_version_with_its_own_model(redis_
         for model in (old_model, new_model):
             _, got, _ = layout.unpack_embeddings(redis_client.get(layout.embeddings(model.version, user)),
                                                  model.user_dim, model.udg_dim)
-            assert np.allclose(got, _expected(model, events, 20.0)[0], atol=1e-5)
+            assert np.allclose(got, _expected(model, events, 20.0, rule="sgd")[0], atol=1e-5)
 
 
 def test_noscript_inside_the_event_transaction_streams_once(client, redis_client, artifact):
