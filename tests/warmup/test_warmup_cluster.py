@@ -9,25 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import VERSION, start_serve
+from tests.conftest import VERSION
+from tests.serve_process import ROOT, serve_env, start_serve, stop, wait_until
 
 pytest.importorskip("torch")
-ROOT = Path(__file__).resolve().parents[1]
 on_cluster = pytest.mark.parametrize("redis_server", ["cluster"], indirect=True)
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @on_cluster
@@ -39,11 +30,10 @@ def test_udg_warmup_on_the_cluster_applies_each_served_event_once(redis_server, 
     from warmup.model import WarmupModel
 
     layout = RedisLayout()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "UDG_MODEL_REPO": str(model_repo),
-           "UDG_MODEL_VERSION": VERSION, "UDG_WORKERS": "1", "UDG_ROUTING_FILE": str(tmp_path / "routing.json"),
-           "PYTHONPATH": str(ROOT)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server, base = start_serve(env, ROOT)
+    env = serve_env(redis_server.url, model_repo, tmp_path, version=VERSION)
+    served = start_serve(env, tmp_path / "serve.log")
+    worker_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    worker_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     worker = None
     try:
         items = list(artifact.manifest["features"]["items"]["tokens"])[2:12]
@@ -56,8 +46,7 @@ def test_udg_warmup_on_the_cluster_applies_each_served_event_once(redis_server, 
         events = {u: [{"user_id": u, "item_id": items[(n + j) % len(items)], "clicked": (n + j) % 2 == 0,
                        "event_id": f"{u}-{j}", "profile": profile} for j in range(4)]
                   for n, u in enumerate(new_users)}
-        with httpx.Client(base_url=base, timeout=10) as http:
-            _wait(lambda: http.get("/readyz").status_code == 200, 60, "udg serve never got ready on the cluster")
+        with httpx.Client(base_url=served.base, timeout=10) as http:
             before = {u: http.post("/v1/score", json={"user_id": u, "candidates": items, "profile": profile}).json()
                       for u in new_users}
             assert all(b["warmup_steps"] == 0 and b["cold_start"] for b in before.values())
@@ -71,10 +60,10 @@ def test_udg_warmup_on_the_cluster_applies_each_served_event_once(redis_server, 
                     initial[u] = initial[u] or redis_client.get(layout.embeddings(VERSION, u))
                 return all(initial.values())
 
-            _wait(written_back, 10, "the cold-start write-backs")
+            wait_until(written_back, 10, "the cold-start write-backs")
             assert redis_client.xlen(layout.warmup_stream) == 24
             worker = subprocess.Popen([sys.executable, "-m", "udg_cli", "warmup", "--rule", rule, "--block-ms",
-                                       "100", "--consumer", "cluster-worker"], env=env, cwd=ROOT,
+                                       "100", "--consumer", "cluster-worker"], env=worker_env, cwd=ROOT,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
             def steps() -> list[int]:
@@ -82,8 +71,8 @@ def test_udg_warmup_on_the_cluster_applies_each_served_event_once(redis_server, 
                 return [layout.warmup_steps(v) for v in
                         (redis_client.get(layout.embeddings(VERSION, u)) for u in new_users)]
 
-            _wait(lambda: steps() == [4] * len(new_users), 60, "the worker never applied every event")
-            _wait(lambda: redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0, 10,
+            wait_until(lambda: steps() == [4] * len(new_users), 60, "the worker never applied every event")
+            wait_until(lambda: redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0, 10,
                   "entries left unacked")
             warmed = {u: redis_client.get(layout.embeddings(VERSION, u)) for u in new_users}
 
@@ -117,12 +106,11 @@ def test_udg_warmup_on_the_cluster_applies_each_served_event_once(redis_server, 
             for user_events in events.values():
                 assert http.post("/v1/events/batch", json={"events": user_events}).status_code == 200
             assert redis_client.xlen(layout.warmup_stream) == 48
-            _wait(lambda: redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0
+            wait_until(lambda: redis_client.xpending(layout.warmup_stream, layout.warmup_group)["pending"] == 0
                   and redis_client.xinfo_groups(layout.warmup_stream)[0]["lag"] == 0, 30, "the retries never drained")
             assert {u: redis_client.get(layout.embeddings(VERSION, u)) for u in new_users} == warmed
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(15)
-        server.terminate()
-        server.wait(15)
+        stop(served.process)
