@@ -565,11 +565,13 @@ class RedisLayout:
 
     async def refresh_generated(self, redis, version: str, user_id: str) -> None:
         """Push back the expiry of a generated state that was just used (only keys that have a TTL: a published
-        profile never gets one)."""
+        profile never gets one). The warm-up's applied set and rule state go with the embedding: outliving it
+        is harmless, expiring first would let an event be applied twice."""
         ttl = self.generated_ttl_s
         pipe = redis.pipeline(transaction=False)
-        pipe.execute_command("EXPIRE", self.embeddings(version, user_id), ttl, "XX")
-        pipe.execute_command("EXPIRE", self.profile(user_id), ttl, "XX")
+        for key in (self.embeddings(version, user_id), self.profile(user_id), self.warmup_applied(version, user_id),
+                    self.warmup_rule_state(version, user_id)):
+            pipe.execute_command("EXPIRE", key, ttl, "XX")
         await pipe.execute()
 
     def _click_call(self, user_id: str, clicks: list[Click], profile: dict | None, now_ms: int) -> tuple[list, list]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_skips_are_counted_and_acked(client, redis_client, model_repo, artifact,
     assert layout.warmup_steps(warmed) == 1 and layout.embedding_origin(warmed) == b"P"
 
 
-def test_compare_and_set_never_overwrites_a_newer_value(published, redis_client, users):
+def test_compare_and_set_never_overwrites_a_newer_value(published, redis_server, redis_client, users):
     from service.redis_layout import TAG_META, RedisLayout
 
     layout = RedisLayout()
@@ -156,6 +157,23 @@ def test_compare_and_set_never_overwrites_a_newer_value(published, redis_client,
     assert layout.write_warmed(redis_client, VERSION, "fresh", None, stale, ["id\x1fe2"])
     assert 0 < redis_client.ttl(layout.embeddings(VERSION, "fresh")) <= layout.generated_ttl_s
     assert 0 < redis_client.ttl(layout.warmup_applied(VERSION, "fresh")) <= layout.generated_ttl_s
+    # a score's refresh of the generated state pushes back the applied set's expiry with the embedding's
+    for key in (layout.embeddings(VERSION, "fresh"), layout.warmup_applied(VERSION, "fresh")):
+        redis_client.expire(key, 5)
+    asyncio.run(_refresh(layout, redis_server.url, "fresh"))
+    assert redis_client.ttl(layout.warmup_applied(VERSION, "fresh")) > 5
+    assert redis_client.ttl(layout.embeddings(VERSION, "fresh")) > 5
+    assert redis_client.ttl(layout.warmup_applied(VERSION, user)) == -1  # a published user's keys keep no TTL
+
+
+async def _refresh(layout, url: str, user_id: str) -> None:
+    from service.feature_store import FeatureStore, create_redis
+
+    store = FeatureStore(create_redis(url, 2.0, 2), layout)
+    try:
+        await store.refresh_generated(VERSION, user_id)
+    finally:
+        await store.close()
 
 
 def test_stream_is_bounded(make_client, published, redis_client, artifact):
