@@ -229,8 +229,13 @@ def report() -> str:
                 totals[label][0] += result["killed"]
                 totals[label][1] += result["mutants"]
             took = f", {result['seconds']:.0f} s" if result.get("seconds") else ""
+            if result.get("unfinished"):  # the time budget ran out first
+                took += f", {result['unfinished']} unfinished"
             cells.append(f"{result['killed']} / {result['mutants']} ({result['score'] or 0:.0%}{took})")
-        rows.append(f"| `{module}` | " + " | ".join(cells) + " |")
+        sampled = next((j[module] for j in journals.values() if j.get(module, {}).get("population")), None)
+        name = (f"`{sampled['module']}` ({sampled['scope']} of {sampled['population']} mutants)" if sampled
+                else f"`{module}`")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     rows.append("| rows measured under every label | " + " | ".join(
         f"{k} / {n} ({k / n:.0%})" if n else "-" for k, n in totals.values()) + " |")
     return "\n".join(rows)
@@ -248,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the mutants whose names match (mutmut names: module.x_function__mutmut_N)")
     parser.add_argument("--scope", help="a name for the --only subset (the journal row is 'module (scope)')")
     parser.add_argument("--recount", action="store_true", help="re-read an earlier run's results (with --only)")
-    parser.add_argument("--min-score", type=float, default=None, help="exit 1 when a module scores below this")
+    parser.add_argument("--min-score", type=float, nargs="?", const=MIN_SCORE, default=None,
+                        help=f"exit 1 when a module scores below this (alone: the target, {MIN_SCORE})")
     parser.add_argument("--tests", action="append", metavar="FILE",
                         help="test files instead of the module's mapping (e.g. an older rev's mapping)")
     parser.add_argument("--json", metavar="FILE", help="write the results there instead of the journal")
