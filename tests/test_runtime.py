@@ -188,8 +188,9 @@ def test_feeds_check_the_vectors_and_shape_every_input(artifact, vectors):
     out_of_range = artifact.feeds(user, udg, [-1, artifact.n_items], [artifact.n_items, -7, 2])
     assert out_of_range["history"].tolist() == [[1, 1]] and out_of_range["candidates"].tolist() == [1, 1, 2]
     vocab = len(artifact.schema.item_fields[0].vocab)
-    fields = {"candidate_category": np.array([[vocab], [-1], [vocab - 1]])}
-    assert artifact.feeds(user, udg, [], [2, 3, 4], fields)["candidate_category"].tolist() == [[1], [1], [vocab - 1]]
+    fields = {"candidate_category": np.array([[vocab], [-1], [vocab - 1], [0]])}
+    assert artifact.feeds(user, udg, [], [2, 3, 4, 5], fields)["candidate_category"].tolist() == [
+        [1], [1], [vocab - 1], [0]]  # out of range -> OOV; the last row and PAD stay
 
 
 def test_score_is_one_probability_per_candidate_and_none_for_none(artifact, vectors):
