@@ -252,3 +252,13 @@ def test_warmup_runs_both_graphs(artifact, monkeypatch):
     monkeypatch.setattr(artifact, "score_many", lambda r: calls["many"].append([len(x[3]) for x in r]) or many(r))
     artifact.warmup(sizes=(1, 5))
     assert calls["score"] == [1, 1, 5, 5] and calls["many"] == [[1, 1], [5, 5]]
+
+
+def test_opening_logs_the_provider_threads_and_why(model_repo, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="export.runtime"):
+        open_artifact(model_repo / VERSION, providers=CPU, threads=2)
+    (record,) = [r for r in caplog.records if r.name == "export.runtime"]
+    assert record.getMessage() == (f"artifact {VERSION}: onnxruntime CPUExecutionProvider, 2 intra-op thread(s) "
+                                   "(requested explicitly)")
