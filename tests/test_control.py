@@ -328,3 +328,151 @@ def test_a_new_document_serves_one_version():
     assert {k: doc[k] for k in ("generation", "active", "split", "loaded", "history", "action")} == {
         "generation": 1, "active": "v3", "split": None, "loaded": ["v3"], "history": [], "action": "bootstrap v3"}
     assert abs(doc["updated_at"] - time.time()) < 5
+
+
+def test_a_worker_restores_the_document_it_applied_when_redis_loses_it(redis_server, redis_client, published,
+                                                                      model_repo, tmp_path):
+    async def body(control):
+        await control.sync()
+        redis_client.delete(control.keys.routing)
+        (tmp_path / "routing.json").unlink()  # only this worker's memory knows the routing now
+        await control.sync()
+        return control
+
+    scenario(redis_server.url, model_repo, tmp_path, body)
+    doc = orjson.loads(redis_client.get(ControlKeys().routing))
+    assert doc["restored"]["from"] == "this worker's memory" and doc["generation"] == 1
+
+
+def test_a_routing_file_without_a_generation_counts_as_generation_0(redis_server, redis_client, published,
+                                                                    model_repo, tmp_path):
+    (tmp_path / "routing.json").write_text(json.dumps({"active": VERSION, "split": None, "loaded": [VERSION],
+                                                       "history": []}))
+
+    async def body(control):
+        await control.bootstrap()
+        return control
+
+    scenario(redis_server.url, model_repo, tmp_path, body)
+    assert orjson.loads(redis_client.get(ControlKeys().routing))["restored"]["from"].startswith("the routing file")
+
+
+def test_update_gives_up_after_fifty_lost_races(redis_server, redis_client, published, model_repo, tmp_path):
+    async def body(control):
+        await control.sync()
+        attempts = []
+
+        async def lost(**kwargs):
+            attempts.append(kwargs["args"][-1])
+            return 0
+        control._cas = lost
+        with pytest.raises(Conflict, match="^the routing document kept changing; try again$"):
+            await control.update(lambda doc: None, "never")
+        return attempts
+
+    assert len(scenario(redis_server.url, model_repo, tmp_path, body)) == 50
+
+
+def test_a_slot_that_lost_its_sentinel_is_a_loss_naming_the_slot(redis_server, redis_client, published,
+                                                                 model_repo, tmp_path):
+    async def body(control):
+        await control.sync()
+        redis_client.delete(LAYOUT.slot_sentinel(0))  # the epoch itself survived: only this node's keys went
+        await control.check_state()
+        return control.registry.state_lost
+
+    lost = scenario(redis_server.url, model_repo, tmp_path, body)
+    assert lost.startswith("Redis lost the published state: the data epoch's copy in hash slot(s) [0] vanished "
+                           "(the node holding them lost its keys)")
+
+
+def test_an_undecodable_epoch_is_reported_readably(redis_server, redis_client, published, model_repo, tmp_path):
+    async def body(control):
+        await control.sync()
+        control._epoch_mismatch(b"\xffe2")
+        return control.epoch, control.registry.state_lost
+
+    epoch, lost = scenario(redis_server.url, model_repo, tmp_path, body)
+    assert f"the data epoch changed ({epoch} -> \ufffde2)" in lost
+
+
+def test_a_created_epoch_names_its_time_and_keeps_a_concurrent_one(redis_server, redis_client, published,
+                                                                   model_repo, tmp_path):
+    async def body(control):
+        await control.sync()
+        redis_client.delete(LAYOUT.epoch)
+        control.epoch = None
+        await control.check_state()
+        created = control.epoch
+        redis_client.delete(LAYOUT.epoch)
+        control.epoch = None
+        original = control.redis.set
+
+        async def racing(key, value, **kwargs):  # another worker creates it first
+            redis_client.set(key, "theirs")
+            return await original(key, value, **kwargs)
+        control.redis.set = racing
+        await control.check_state()
+        return created, control.epoch
+
+    created, adopted = scenario(redis_server.url, model_repo, tmp_path, body)
+    stamp = created.split("@", 1)[1].split(" by ")[0]
+    assert abs(time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 120
+    assert adopted == "theirs"
+
+
+def test_the_heartbeat_of_a_worker_with_nothing_active_and_a_failed_version(redis_server, model_repo, tmp_path):
+    async def body(control):
+        from service.registry import VersionRefused
+
+        before = control.heartbeat_body()
+        with pytest.raises(VersionRefused):
+            await control.registry.ensure_loaded(VERSION)  # v1 has no publish marker: refused
+        return before, control.heartbeat_body()
+
+    before, after = scenario(redis_server.url, model_repo, tmp_path, body)
+    assert before["active"] is None and before["ready"] == [] and before["failed"] == {}
+    assert list(after["failed"]) == [VERSION] and "no publish marker" in after["failed"][VERSION]
+
+
+def test_listing_workers_without_redis_is_unavailable_naming_the_call(model_repo, tmp_path):
+    async def body(control):
+        with pytest.raises(FeatureStoreUnavailable, match="^Redis ZRANGEBYSCORE workers failed: "):
+            await control.workers()
+
+    scenario("redis://127.0.0.1:1", model_repo, tmp_path, body)
+
+
+@pytest.mark.parametrize("pubsub", [True, False])
+def test_the_follower_polls_and_reports_an_unreachable_redis(redis_server, redis_client, published, model_repo,
+                                                             tmp_path, pubsub):
+    async def body(control):
+        syncs = []
+        original = control.sync
+
+        async def sync():
+            syncs.append(1)
+            await original()
+        control.sync = sync
+        task = asyncio.get_running_loop().create_task(control.follow())
+        deadline = time.monotonic() + 10
+        while len(syncs) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        healthy = control.follow_error
+        await control.stop(task)
+        return len(syncs), healthy
+
+    syncs, healthy = scenario(redis_server.url, model_repo, tmp_path, body, control_pubsub=pubsub,
+                              control_poll_s=0.05)
+    assert syncs >= 3 and healthy is None
+
+    async def down(control):
+        task = asyncio.get_running_loop().create_task(control.follow())
+        deadline = time.monotonic() + 10
+        while control.follow_error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await control.stop(task)
+        return control.follow_error, control.registry.last_error
+
+    error, last = scenario("redis://127.0.0.1:1", model_repo, tmp_path, down, control_pubsub=pubsub)
+    assert error is not None and "ConnectionError" in error and last == error  # nothing active: the reason
