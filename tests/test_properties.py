@@ -225,5 +225,7 @@ def test_a_vocabulary_keeps_the_frequent_tokens_its_policy_allows(counted, min_c
 def test_a_vocabulary_defaults_to_every_token_once_seen():
     vocab = Vocab.from_counts(np.array(["b", "a", "c"]), np.array([1, 0, 5]))
     assert vocab.tokens == ["<pad>", "<oov>", "b", "c"] and vocab.hash_buckets == 0
+    # a trailing NUL is part of the token, whatever the input array's type (numpy str arrays drop it)
+    assert Vocab.from_counts(np.array(["a\0", "a"], dtype=object), np.array([1, 1])).tokens[2:] == ["a", "a\0"]
     # a tie at the cut: the token that sorts first is kept
     assert Vocab.from_counts(np.array(["y", "x", "z"]), np.array([2, 2, 3]), max_size=2).tokens[2:] == ["x", "z"]
