@@ -247,7 +247,8 @@ def test_a_failed_refresh_is_logged_not_raised(redis_server, artifact, caplog, m
         await scorer._refresh("v1", "u")
 
     asyncio.run(main())
-    assert "TTL refresh of generated state failed: Redis refresh failed: down" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "service.scoring"] == [
+        "TTL refresh of generated state failed: Redis refresh failed: down"]
 
 
 def test_a_warmed_state_reports_its_steps(redis_server, redis_client, published, artifact, users):
@@ -332,3 +333,57 @@ def test_stage_timer_accumulates_per_stage_and_flushes_into_the_histogram(monkey
     timer.flush()
     assert metrics.STAGE_SECONDS.labels("encode")._sum.get() == pytest.approx(before + 2.5)
     assert set(scoring._stage_children()) == set(scoring.STAGES)
+
+
+def test_the_micro_batcher_scores_exactly_as_one_call_per_request(redis_server, published, artifact, users):
+    from service.batching import MicroBatcher
+
+    class Counting(MicroBatcher):
+        calls = 0
+
+        async def score(self, *args, **kwargs):
+            Counting.calls += 1
+            return await super().score(*args, **kwargs)
+
+    model = ServingModel(artifact, "sha")
+    model.new_items = {"fresh-1": np.array([3], np.int64)}  # its features must reach the batcher too
+    requests = [{"user_id": str(users["user_ids"][0]), "candidates": [*known(artifact, 3), "fresh-1", "fresh-2"]},
+                {"user_id": "cold", "candidates": known(artifact, 2), "profile": {"sex": "F"}}]
+    plain, _, _ = run(redis_server, artifact, requests, {"write_back": False}, model=model)
+    batch, _, _ = run(redis_server, artifact, requests, {"write_back": False, "batcher": Counting(0.001)},
+                      model=model)
+    assert Counting.calls == 2
+    for one, many in zip(plain, batch, strict=True):
+        np.testing.assert_allclose(many["scores"], one["scores"], rtol=1e-5, atol=1e-6)
+        assert many["ranking"] == one["ranking"]
+
+
+def test_with_tracing_the_stage_marks_become_spans(monkeypatch):
+    spans = []
+    monkeypatch.setattr(scoring.tracing, "ENABLED", True)
+    monkeypatch.setattr(scoring.tracing, "stage_spans", spans.append)
+    clock = iter([2.0, 3.0])
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: next(clock))
+    timer = scoring.StageTimer(1.0)
+    timer.mark("redis")
+    timer.mark("model")
+    timer.flush()
+    assert spans == [[("start", 1.0), ("redis", 2.0), ("model", 3.0)]]
+    monkeypatch.setattr(scoring.tracing, "ENABLED", False)
+    assert scoring.StageTimer(1.0).marks is None
+
+
+def test_a_failed_write_back_logs_the_user_and_the_reason(redis_server, artifact, caplog, monkeypatch):
+    from service.ratelog import RateLimitedLog
+
+    monkeypatch.setattr(scoring, "_WRITE_BACK_LOG", RateLimitedLog(scoring.log))
+
+    def refuse(store):
+        async def fail(*args):
+            raise FeatureStoreUnavailable("Redis write_back failed: refused")
+        store.store_generated = fail
+
+    run(redis_server, artifact, [{"user_id": "c3", "candidates": known(artifact, 2), "profile": {"sex": "F"}}],
+        store_setup=refuse)
+    assert [r.getMessage() for r in caplog.records if r.name == "service.scoring"] == [
+        "cold-start write-back for user 'c3' failed (it will be regenerated): Redis write_back failed: refused"]
