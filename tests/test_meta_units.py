@@ -62,6 +62,7 @@ def test_each_user_is_split_into_an_earlier_and_a_later_half(world):
     one_each = train.__class__(**{**train.__dict__, "user_key": np.arange(len(train.user_key))})
     empty = split_halves(one_each)  # nobody with two events: no users, a [0, fields] profile
     assert len(empty.users) == 0 and empty.profile.shape == (0, train.profiles.shape[1])
+    assert empty.profile.dtype == np.int64  # indices, like every profile
 
 
 def test_the_per_user_loss_is_each_users_mean_cross_entropy(world):
