@@ -259,6 +259,6 @@ def test_opening_logs_the_provider_threads_and_why(model_repo, caplog):
 
     with caplog.at_level(logging.INFO, logger="export.runtime"):
         open_artifact(model_repo / VERSION, providers=CPU, threads=2)
-    (record,) = [r for r in caplog.records if r.name == "export.runtime"]
-    assert record.getMessage() == (f"artifact {VERSION}: onnxruntime CPUExecutionProvider, 2 intra-op thread(s) "
-                                   "(requested explicitly)")
+    # (the session's shared artifact may be opened in this window too: with 1 thread)
+    assert (f"artifact {VERSION}: onnxruntime CPUExecutionProvider, 2 intra-op thread(s) (requested explicitly)"
+            in [r.getMessage() for r in caplog.records if r.name == "export.runtime"])
