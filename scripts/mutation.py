@@ -279,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
                             budget, args.tests)
         result["scope"] = args.scope or (f"sample of {args.max_mutants}" if args.max_mutants else None)
         results.append(result)
+        if not result["mutants"] and not args.recount:  # mutmut stopped before any mutant (e.g. red clean tests)
+            log = ROOT / "build" / "mutation" / args.label / module.replace("/", "_").removesuffix(".py") / "mutmut.log"
+            print(f"{module}: no mutant ran; see {log.relative_to(ROOT)} (journal not changed)", flush=True)
+            failed = True
+            continue
         if args.json is None:
             write_journal(args.label, result)
         print(f"{module}: {result['killed']} / {result['mutants']} killed ({result['score']}) in "
