@@ -421,7 +421,8 @@ def test_a_created_epoch_names_its_time_and_keeps_a_concurrent_one(redis_server,
     assert adopted == "theirs"
 
 
-def test_the_heartbeat_of_a_worker_with_nothing_active_and_a_failed_version(redis_server, model_repo, tmp_path):
+def test_the_heartbeat_of_a_worker_with_nothing_active_and_a_failed_version(redis_server, redis_client, model_repo,
+                                                                         tmp_path):  # redis_client: flushed
     async def body(control):
         from service.registry import VersionRefused
 
