@@ -75,7 +75,7 @@ def test_a_published_user_scores_with_their_state_and_is_ranked(redis_server, pu
 
 
 def test_ties_rank_in_request_order_with_and_without_top_k(redis_server, published, artifact, users, monkeypatch):
-    monkeypatch.setattr(type(artifact), "score", lambda self, *a: np.array([0.5, 0.9, 0.5, 0.5, 0.1], np.float32))
+    monkeypatch.setattr(artifact, "score", lambda *a: np.array([0.5, 0.9, 0.5, 0.5, 0.1], np.float32))
     user = str(users["user_ids"][0])
     candidates = known(artifact, 5)
     (full, top), _, _ = run(redis_server, artifact, [{"user_id": user, "candidates": candidates},
@@ -273,7 +273,7 @@ def test_lost_state_is_a_503_not_a_cold_start(redis_server, published, artifact,
 def test_an_encoding_failure_cancels_the_fetch(redis_server, artifact, monkeypatch):
     fetches = []
 
-    def broken(self, ids):
+    def broken(ids):
         raise RuntimeError("encoding broke")
 
     async def main():
@@ -295,7 +295,7 @@ def test_an_encoding_failure_cancels_the_fetch(redis_server, artifact, monkeypat
         finally:
             await store.close()
 
-    monkeypatch.setattr(type(artifact), "encode_items", broken)
+    monkeypatch.setattr(artifact, "encode_items", broken)
     asyncio.run(main())
     assert fetches == ["cancelled"]
 
