@@ -87,7 +87,10 @@ class Vocab:
                     hash_buckets: int = 0) -> Vocab:
         """The vocabulary a policy keeps: tokens seen at least `min_count` times, the `max_size` most frequent
         (ties broken by token), in sorted order."""
-        tokens = np.asarray(tokens).astype(str)
+        tokens = np.asarray(tokens)
+        # str() per value for objects: a numpy str array drops trailing NULs ("a\0" would become "a")
+        tokens = (np.array([str(t) for t in tokens.tolist()], dtype=object) if tokens.dtype == object
+                  else tokens.astype(str))
         counts = np.asarray(counts)
         keep = counts >= min_count
         tokens, counts = tokens[keep], counts[keep]

@@ -4,6 +4,7 @@
     python scripts/mutation.py --changed main       # only the modules changed since a git rev (`make mutation-changed`)
     python scripts/mutation.py --module service/registry.py --rev main --label before
     python scripts/mutation.py --report             # the table of the committed journals (docs/testing.md)
+    python scripts/mutation.py --changed main --max-mutants 40 --time-budget 600   # a bounded run (CI-sized)
 
 Each module runs in a scratch copy of the tree (build/mutation/<label>/<module>/: tracked and untracked files,
 or the tree of `--rev`) with a generated `[tool.mutmut]` section, so the project's own pyproject.toml never
@@ -11,15 +12,22 @@ carries run-specific settings and several modules can be measured from one check
 mutant, only the tests that executed the mutated function. A mutant whose function no mapped test executes
 ("no tests") counts as surviving: the score is killed / all mutants (a timeout counts as killed).
 The result of each module is a journal: docs/results/mutation/<label>.json.
+
+A bounded run (`--max-mutants N`) mutates a deterministic sample of each module's mutants: the N whose names
+hash lowest (sha256), so the same code gives the same sample on every machine and a before/after comparison
+sees the same mutants. `--time-budget S` stops the run after S seconds (shared by the modules still to run);
+the score is then over the mutants that finished, and the journal says how many did not.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,22 +35,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 JOURNALS = ROOT / "docs" / "results" / "mutation"
+# The target of every core module (killed / mutants); a bounded run's sample must reach it too
+# (tests/scripts/test_mutation_bounded.py runs one in the suite).
+MIN_SCORE = 0.85
 PACKAGES = ["service", "model", "export", "repository", "dataset", "pipeline", "loadtest"]
 
 # module -> the fast test files that cover it (seconds per run, not minutes: a run is one pytest per mutant).
 MODULES: dict[str, list[str]] = {
     "model/layers.py": ["tests/model/test_udg_math.py", "tests/model/test_udg_forward_reference.py"],
     "model/udg.py": ["tests/model/test_udg_math.py", "tests/model/test_udg_forward_reference.py"],
-    "model/meta.py": ["tests/model/test_meta_generator.py"],
-    "export/runtime.py": ["tests/service/test_service_no_torch.py", "tests/service/test_guards.py",
-                          "tests/service/test_properties.py"],
+    # tests/model/test_meta_generator.py (beats shuffled profiles) trains for minutes: too slow per mutant
+    "model/meta.py": ["tests/model/test_meta_units.py"],
+    "export/runtime.py": ["tests/export/test_runtime.py", "tests/service/test_service_no_torch.py",
+                          "tests/service/test_guards.py", "tests/service/test_properties.py"],
     "service/registry.py": ["tests/service/test_split_bounds.py", "tests/service/test_guards.py"],
     "service/redis_layout.py": ["tests/service/test_properties.py", "tests/service/test_state_units.py",
                                 "tests/service/test_guards.py"],
-    "service/feature_store.py": ["tests/service/test_state_units.py", "tests/service/test_guards.py"],
-    "service/control.py": ["tests/service/test_guards.py"],
-    "service/scoring.py": ["tests/service/test_service_api.py"],
-    "service/publish.py": ["tests/service/test_guards.py", "tests/service/test_service_store.py"],
+    "service/feature_store.py": ["tests/service/test_feature_store.py", "tests/service/test_state_units.py",
+                                 "tests/service/test_guards.py"],
+    "service/control.py": ["tests/service/test_control.py", "tests/service/test_guards.py"],
+    # tests/service/test_service_api.py covers it too, but costs ~50 s a run here: the direct tests suffice
+    "service/scoring.py": ["tests/service/test_scoring.py"],
+    "service/publish.py": ["tests/service/test_publish.py", "tests/service/test_guards.py",
+                           "tests/service/test_service_store.py"],
     "dataset/schema.py": ["tests/service/test_properties.py"],
 }
 # torch (and onnxruntime) are not fork-safe once their thread pools run: fork a clean server per mutant instead.
@@ -106,6 +121,30 @@ def configure(tree: Path, module: str, tests: list[str]) -> list[str]:
     return present
 
 
+# run inside a configured scratch tree: mutmut's own generator lists the module's mutants without running any
+LIST_MUTANTS = """
+import json, sys
+from pathlib import Path
+from mutmut.mutation.file_mutation import mutate_file_contents
+from mutmut.utils.format_utils import get_mutant_name
+module = sys.argv[1]
+names = mutate_file_contents(module, Path(module).read_text()).mutant_names
+print(json.dumps([get_mutant_name(Path(module), name) for name in names]))
+"""
+
+
+def list_mutants(tree: Path, module: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", LIST_MUTANTS, module], cwd=tree, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": ""}).stdout
+    return json.loads(out)
+
+
+def sample_mutants(names: list[str], n: int) -> list[str]:
+    """The n names that hash lowest: deterministic, spread over the whole module, stable when other functions
+    change (a name is module.function__mutmut_k)."""
+    return sorted(sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())[:n])
+
+
 def count(tree: Path, only: list[str] | None = None) -> tuple[dict[str, int], list[str]]:
     mutmut = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=tree, capture_output=True, text=True).stdout
@@ -121,9 +160,11 @@ def count(tree: Path, only: list[str] | None = None) -> tuple[dict[str, int], li
 
 
 def run_module(module: str, label: str, rev: str | None, jobs: int, only: list[str] | None = None,
-               recount: bool = False) -> dict:
-    """Mutate `module` (only the mutants whose names match `only`, if given) in a scratch tree; `recount`
-    reads the results of an earlier run of that tree again (e.g. for another `only`) without running."""
+               recount: bool = False, max_mutants: int | None = None, budget_s: float | None = None,
+               tests: list[str] | None = None) -> dict:
+    """Mutate `module` (only the mutants whose names match `only`, if given; a sample of `max_mutants` of
+    them, if given) in a scratch tree, for at most `budget_s` seconds, against `tests` (default: its
+    mapping); `recount` reads the results of an earlier run of that tree again without running."""
     tree = ROOT / "build" / "mutation" / label / module.replace("/", "_").removesuffix(".py")
     if recount:
         counts, survivors = count(tree, only)
@@ -133,7 +174,14 @@ def run_module(module: str, label: str, rev: str | None, jobs: int, only: list[s
                 "mutants": total, "killed": killed, "score": round(killed / total, 4) if total else None,
                 "seconds": None, "survivors": survivors, "tests": MODULES[module]}
     copy_tree(tree, rev)
-    tests = configure(tree, module, MODULES[module])
+    tests = configure(tree, module, tests or MODULES[module])
+    population = None
+    if max_mutants is not None:
+        names = list_mutants(tree, module)
+        if only:
+            names = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in only)]
+        population = len(names)
+        only = sample_mutants(names, max_mutants)
     mutmut = Path(sys.executable).with_name("mutmut")
     # the tiny model the service tests share is trained once for all mutants (tests/conftest.py)
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "UDG_HYPOTHESIS_PROFILE": "mutation",
@@ -141,16 +189,30 @@ def run_module(module: str, label: str, rev: str | None, jobs: int, only: list[s
     started = time.perf_counter()
     log = tree / "mutmut.log"
     with open(log, "w") as handle:
-        subprocess.run([str(mutmut), "run", "--max-children", str(jobs), *(only or [])], cwd=tree, env=env,
-                       stdout=handle, stderr=subprocess.STDOUT)
+        # its own session: on the budget, the whole group (mutmut and its forked children) is stopped
+        process = subprocess.Popen([str(mutmut), "run", "--max-children", str(jobs), *(only or [])], cwd=tree,
+                                   env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     seconds = time.perf_counter() - started
     counts, survivors = count(tree, only)
+    unfinished = counts.pop("not checked", 0)  # the budget ran out first: neither killed nor survived
     total = sum(counts.values())
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    return {"module": module, "label": label, "rev": rev or "working tree", "only": only, "tests": tests,
-            "counts": counts,
-            "mutants": total, "killed": killed, "score": round(killed / total, 4) if total else None,
-            "seconds": round(seconds, 1), "survivors": survivors}
+    result = {"module": module, "label": label, "rev": rev or "working tree", "only": only, "tests": tests,
+              "counts": counts,
+              "mutants": total, "killed": killed, "score": round(killed / total, 4) if total else None,
+              "seconds": round(seconds, 1), "survivors": survivors}
+    if population is not None:
+        result.update(sample=max_mutants, population=population, unfinished=unfinished)
+    return result
 
 
 def write_journal(label: str, result: dict) -> None:
@@ -180,8 +242,13 @@ def report() -> str:
                 totals[label][0] += result["killed"]
                 totals[label][1] += result["mutants"]
             took = f", {result['seconds']:.0f} s" if result.get("seconds") else ""
+            if result.get("unfinished"):  # the time budget ran out first
+                took += f", {result['unfinished']} unfinished"
             cells.append(f"{result['killed']} / {result['mutants']} ({result['score'] or 0:.0%}{took})")
-        rows.append(f"| `{module}` | " + " | ".join(cells) + " |")
+        sampled = next((j[module] for j in journals.values() if j.get(module, {}).get("population")), None)
+        name = (f"`{sampled['module']}` ({sampled['scope']} of {sampled['population']} mutants)" if sampled
+                else f"`{module}`")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     rows.append("| rows measured under every label | " + " | ".join(
         f"{k} / {n} ({k / n:.0%})" if n else "-" for k, n in totals.values()) + " |")
     return "\n".join(rows)
@@ -199,7 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the mutants whose names match (mutmut names: module.x_function__mutmut_N)")
     parser.add_argument("--scope", help="a name for the --only subset (the journal row is 'module (scope)')")
     parser.add_argument("--recount", action="store_true", help="re-read an earlier run's results (with --only)")
-    parser.add_argument("--min-score", type=float, default=None, help="exit 1 when a module scores below this")
+    parser.add_argument("--min-score", type=float, nargs="?", const=MIN_SCORE, default=None,
+                        help=f"exit 1 when a module scores below this (alone: the target, {MIN_SCORE})")
+    parser.add_argument("--tests", action="append", metavar="FILE",
+                        help="test files instead of the module's mapping (e.g. an older rev's mapping)")
+    parser.add_argument("--json", metavar="FILE", help="write the results there instead of the journal")
+    parser.add_argument("--max-mutants", type=int, metavar="N",
+                        help="a deterministic sample of N mutants per module (a bounded run)")
+    parser.add_argument("--time-budget", type=float, metavar="S",
+                        help="stop after S seconds in all; the score covers the mutants that finished")
     args = parser.parse_args(argv)
     if args.report:
         print(report())
@@ -209,14 +284,28 @@ def main(argv: list[str] | None = None) -> int:
         print("no core module changed")
         return 0
     failed = False
-    for module in modules:
-        result = run_module(module, args.label, args.rev, args.jobs, args.only, args.recount)
-        result["scope"] = args.scope
-        write_journal(args.label, result)
+    results = []
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    for left, module in zip(range(len(modules), 0, -1), modules, strict=True):
+        budget = None if deadline is None else max(1.0, (deadline - time.monotonic()) / left)
+        result = run_module(module, args.label, args.rev, args.jobs, args.only, args.recount, args.max_mutants,
+                            budget, args.tests)
+        result["scope"] = args.scope or (f"sample of {args.max_mutants}" if args.max_mutants else None)
+        results.append(result)
+        if not result["mutants"] and not args.recount:  # mutmut stopped before any mutant (e.g. red clean tests)
+            log = ROOT / "build" / "mutation" / args.label / module.replace("/", "_").removesuffix(".py") / "mutmut.log"
+            print(f"{module}: no mutant ran; see {log.relative_to(ROOT)} (journal not changed)", flush=True)
+            failed = True
+            continue
+        if args.json is None:
+            write_journal(args.label, result)
         print(f"{module}: {result['killed']} / {result['mutants']} killed ({result['score']}) in "
-              f"{result['seconds']} s; {result['counts']}", flush=True)
+              f"{result['seconds']} s; {result['counts']}"
+              + (f"; {result['unfinished']} unfinished" if result.get("unfinished") else ""), flush=True)
         if args.min_score is not None and (result["score"] or 0) < args.min_score:
             failed = True
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 1 if failed else 0
 
 

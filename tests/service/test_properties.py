@@ -206,3 +206,26 @@ def test_clicks_set_a_profile_only_when_given_one(redis_client):
     keys, args = layout._click_call("without", [Click("i1", event_id="a")], None, 1000)
     assert script(keys=keys, args=args) == [1]
     assert not redis_client.exists(layout.profile("without"))
+
+
+@given(counted=st.dictionaries(raw_id, st.integers(0, 6), max_size=25), min_count=st.integers(0, 4),
+       max_size=st.one_of(st.none(), st.integers(0, 30)), hash_buckets=st.integers(0, 3))
+def test_a_vocabulary_keeps_the_frequent_tokens_its_policy_allows(counted, min_count, max_size, hash_buckets):
+    """from_counts against a model: tokens seen at least min_count times, then the max_size most frequent (ties
+    by token), stored sorted; the hash buckets carried over."""
+    tokens, counts = list(counted), [counted[t] for t in counted]
+    kept = sorted((-c, t) for t, c in counted.items() if c >= min_count)
+    if max_size is not None:
+        kept = kept[:max_size]
+    vocab = Vocab.from_counts(np.array(tokens, dtype=object), np.array(counts, dtype=np.int64), min_count=min_count,
+                              max_size=max_size, hash_buckets=hash_buckets)
+    assert vocab.tokens[2:] == sorted(t for _, t in kept) and vocab.hash_buckets == hash_buckets
+
+
+def test_a_vocabulary_defaults_to_every_token_once_seen():
+    vocab = Vocab.from_counts(np.array(["b", "a", "c"]), np.array([1, 0, 5]))
+    assert vocab.tokens == ["<pad>", "<oov>", "b", "c"] and vocab.hash_buckets == 0
+    # a trailing NUL is part of the token, whatever the input array's type (numpy str arrays drop it)
+    assert Vocab.from_counts(np.array(["a\0", "a"], dtype=object), np.array([1, 1])).tokens[2:] == ["a", "a\0"]
+    # a tie at the cut: the token that sorts first is kept
+    assert Vocab.from_counts(np.array(["y", "x", "z"]), np.array([2, 2, 3]), max_size=2).tokens[2:] == ["x", "z"]
