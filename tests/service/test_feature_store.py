@@ -157,3 +157,43 @@ def test_the_store_defaults_to_the_standard_layout_and_no_expectations():
     assert store.layout.prefix == "udg" and store.expected_epoch is None and store.on_epoch_mismatch is None
     assert store.state_lost() is None
     store._observe("fetch", 0.1)  # the default observer accepts every call
+
+
+def test_the_state_cache_serves_a_repeated_user_without_a_round_trip_until_a_write(redis_server, redis_client):
+    """What the store does with a worker's state cache (service/state_cache.py, here active as its invalidation
+    connection would make it): a fetched state comes back from `cached` with no Redis call, each lookup is
+    counted by outcome, this worker's own write drops the user at once, an inactive cache serves nothing, and a
+    cached state of another data epoch is reported like a fetched one."""
+    from service import metrics
+    from service.state_cache import StateCache
+
+    packed = LAYOUT.pack_embeddings(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
+    redis_client.set(LAYOUT.embeddings("v1", "u"), packed)
+    redis_client.set(LAYOUT.epoch_sentinel("u"), b"old")  # the data epoch's copy in the user's slot
+    counts = {outcome: metrics.STATE_CACHE_LOOKUPS.labels(outcome) for outcome in ("hit", "miss", "off")}
+    before = {outcome: counter._value.get() for outcome, counter in counts.items()}
+    mismatches = []
+
+    async def body(store):
+        cache = StateCache(LAYOUT.prefix)
+        store.use_cache(cache)
+        cache.active = True
+        assert store.cached("v1", "u") is None  # nothing yet: a miss
+        fetched = await store.fetch("v1", "u")
+        again = store.cached("v1", "u")
+        await store.append_clicks({"u": ([Click("i1", 5)], None)})  # this worker's write: dropped now
+        after_write = store.cached("v1", "u")
+        await store.fetch("v1", "u")
+        store.expected_epoch, store.on_epoch_mismatch = b"new", mismatches.append
+        with_epoch = await store.fetch("v1", "u")  # another key: (version, with the epoch)
+        mismatches.clear()
+        cached_epoch = store.cached("v1", "u")
+        cache.active = False
+        return fetched, again, after_write, with_epoch, cached_epoch, store.cached("v1", "u")
+
+    (fetched, again, after_write, with_epoch, cached_epoch, inactive), observed = with_store(redis_server.url, body)
+    assert again is fetched and after_write is None and inactive is None
+    assert cached_epoch is with_epoch and mismatches == [b"old"]  # the cached state's epoch is checked too
+    assert [op for op, _ in observed] == ["fetch", "append", "fetch", "fetch"]  # no call for the hits
+    assert {outcome: counter._value.get() - before[outcome] for outcome, counter in counts.items()} == \
+        {"hit": 2, "miss": 2, "off": 1}
