@@ -97,7 +97,10 @@ DEFAULT_TUNING = SessionTuning()
 
 # Per-kind settings, kept only where `udg bench model --kinds all --session-options` measured a gain over
 # DEFAULT_TUNING at N = 100 and 1000 on 1 and 2 threads (journal docs/results/perf/bench-model-session-options.json).
-SESSION_TUNING_BY_KIND: dict[str, SessionTuning] = {}
+# DIN's and DIEN's graphs are many small nodes: with 2 threads, spinning between them cost 1.5-3x at N = 1000
+# (and DIEN at N = 100) on a shared machine; it changes nothing on 1 thread. The other kinds, the lower
+# optimisation levels and parallel execution (7-100x slower on 2 threads) gained nothing, so they keep the default.
+SESSION_TUNING_BY_KIND: dict[str, SessionTuning] = {"din": SessionTuning(spin=False), "dien": SessionTuning(spin=False)}
 
 _OPTIMIZATION_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 _EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}

@@ -227,15 +227,23 @@ def calls_for(n: int, repeats: int) -> int:
     return max(20, repeats if n <= 1000 else repeats // 4)
 
 
-def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int) -> dict[str, list[float]]:
-    """{"torch": per-call seconds of PyTorch eager, name: ... of each onnxruntime session} on one request."""
+def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int,
+                 rounds: int = 1) -> dict[str, list[float]]:
+    """{"torch": per-call seconds of PyTorch eager, name: ... of each onnxruntime session} on one request.
+    With rounds > 1 the sessions are timed in that many rounds, in alternating order, so that a drift in the
+    machine's load does not favour the session timed first."""
     import torch
 
     with torch.inference_mode():
         out = {"torch": time_calls(lambda: requests.eager(targs), calls)}
+    time.sleep(0.3)  # let PyTorch's idle OpenMP threads stop spinning before onnxruntime is timed
     feeds = requests.feeds(targs)
-    for name, session in sessions.items():
-        out[name] = time_calls(lambda session=session: session.run(None, feeds), calls)
+    names = list(sessions)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times = time_calls(lambda session=sessions[name]: session.run(None, feeds), max(20, calls // rounds),
+                               budget_s=3.0 / rounds)
+            out.setdefault(name, []).extend(times)
     return out
 
 
@@ -405,7 +413,8 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
     """Per kind: train a tiny +UDG model (`train_tiny`, with max(thread_counts) torch threads), export its
     serving graph and the plain one, then time both and PyTorch eager on the same requests at each N and
     thread count. Rows: {"kind", "n", "threads", "kflop_per_candidate", "sgemm_gflops", engine: summary}.
-    With session_variants, also the serving graph under each of `tuning_variants()` ("ort[NAME]" engines)."""
+    With session_variants, also the serving graph under each of `tuning_variants()` ("ort[NAME]" engines),
+    every engine timed in 3 rounds of alternating order."""
     import torch
 
     from dataset.ingest import prepare
@@ -441,7 +450,8 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
             targs = requests.torch_args(n)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                timed = time_engines(requests, sessions[threads], targs, calls_for(n, repeats))
+                timed = time_engines(requests, sessions[threads], targs, calls_for(n, repeats),
+                                     rounds=3 if session_variants else 1)
                 rows.append(summarise_row({"kind": kind, "n": n, "threads": threads, "kflop_per_candidate": flops / 1e3,
                                            "sgemm_gflops": sgemm[threads], **timed}))
     torch.set_num_threads(max(thread_counts))

@@ -254,6 +254,16 @@ def test_per_kind_session_options_are_applied_to_the_scorer_sessions(zoo, monkey
         runtime.session_options(1, runtime.SessionTuning(optimization="max"))
 
 
+def test_the_shipped_table_turns_spinning_off_for_din(zoo):
+    """The measured row: a DIN version opens its scorer without intra-op spinning, a PNN one with the default."""
+    din = zoo.get("din", True)[3]._scorer.get_session_options()
+    assert din.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    pnn = zoo.get("pnn", True)[3]
+    assert pnn.session_tuning.spin is None
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default: spinning
+        pnn._scorer.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 @pytest.mark.parametrize("kind", list(BASE_MODELS))
 def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
     """onnxruntime's CUDA provider has no int64 Pad: such a node runs on the CPU with copies around it, and
