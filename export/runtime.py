@@ -24,6 +24,8 @@ API (what `service/` codes against; keep these names):
         # history_idx int64 [L] or [1, L], PAD (0) filled, most recent first, may be empty (L = 0);
         # candidate_idx int64 [N]; fields default to the item table's. Out-of-range indices -> OOV.
     art.can_batch                                # True when the version has the multi-user graph
+    art.session_tuning                           # the scorer sessions' options: SESSION_TUNING_BY_KIND's row
+        # for the manifest's model kind (DEFAULT_TUNING otherwise); an explicit spin= overrides its spinning
     probs_list = art.score_many([(user_vec, udg_vec, history_idx, candidate_idx, fields), ...])
         # several users in ONE ort call (scorer_multi.onnx): a list of float32 [N_i], the same values as
         # one `score` per user; fields may be None (the item table's)
