@@ -116,6 +116,8 @@ BENCHMARK_REPORTS = {
                                                       ["--report", "docs/results/perf/bench-model.json"]),
     "docs/results/perf/report-bench-model-loaded.md": ("loadtest.bench_model",
                                                        ["--report", "docs/results/perf/bench-model-loaded.json"]),
+    "docs/results/perf/report-bench-model-session-options.md": (
+        "loadtest.bench_model", ["--report", "docs/results/perf/bench-model-session-options.json"]),
     "docs/results/perf/report-bench-compare.md": ("loadtest.bench_compare",
                                                   ["--report", "docs/results/perf/bench-compare.json"]),
     "docs/results/perf/report-bench-compare-before.md": ("loadtest.bench_compare",

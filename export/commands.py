@@ -40,6 +40,10 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         argv += ["--sizes", args.sizes]
     if args.kinds:
         argv += ["--kinds", args.kinds]
+    if args.kinds_from:
+        argv += ["--kinds-from", args.kinds_from]
+    if args.session_options:
+        argv.append("--session-options")
     if args.quick:
         argv.append("--quick")
     if args.json:
@@ -73,6 +77,10 @@ def register(subparsers) -> None:
                        help="candidate counts (default 1,100,500,1000,5000; 100,1000 for --kinds)")
     model.add_argument("--kinds", default=None,
                        help="also a latency table per model kind: comma list or 'all' (trains tiny models)")
+    model.add_argument("--kinds-from", default=None,
+                       help="with --kinds: load DIR/<kind>.pt instead of training (trained, saved there if missing)")
+    model.add_argument("--session-options", action="store_true",
+                       help="with --kinds: also time each onnxruntime session-option variant per kind")
     model.add_argument("--threads", default="1,2")
     model.add_argument("--repeats", type=int, default=200)
     model.add_argument("--quick", action="store_true", help="fewer repeats, skip the variants")

@@ -24,6 +24,8 @@ API (what `service/` codes against; keep these names):
         # history_idx int64 [L] or [1, L], PAD (0) filled, most recent first, may be empty (L = 0);
         # candidate_idx int64 [N]; fields default to the item table's. Out-of-range indices -> OOV.
     art.can_batch                                # True when the version has the multi-user graph
+    art.session_tuning                           # the scorer sessions' options: SESSION_TUNING_BY_KIND's row
+        # for the manifest's model kind (DEFAULT_TUNING otherwise); an explicit spin= overrides its spinning
     probs_list = art.score_many([(user_vec, udg_vec, history_idx, candidate_idx, fields), ...])
         # several users in ONE ort call (scorer_multi.onnx): a list of float32 [N_i], the same values as
         # one `score` per user; fields may be None (the item table's)
@@ -83,16 +85,60 @@ def _provider_name(provider) -> str:
     return provider[0] if isinstance(provider, tuple) else provider
 
 
-def _session(file: Path, providers: list, threads: int, spin: bool | None, extra_cuda: dict | None = None):
+@dataclass(frozen=True)
+class SessionTuning:
+    """onnxruntime session options for one model kind's graphs. `spin`: whether idle intra-op threads spin
+    (None: onnxruntime's default, which spins); an explicit `spin` given to `open_artifact` wins."""
+
+    optimization: str = "all"  # graph optimisation level: "basic", "extended" or "all"
+    execution: str = "sequential"  # or "parallel": independent branches on inter-op threads
+    spin: bool | None = None
+
+
+DEFAULT_TUNING = SessionTuning()
+
+# Per-kind settings, kept only where `udg bench model --kinds all --session-options` measured a gain over
+# DEFAULT_TUNING at N = 100 and 1000 on 1 and 2 threads (journal docs/results/perf/bench-model-session-options.json).
+# DIN's and DIEN's graphs are many small nodes: with 2 threads, spinning between them cost 1.5-3x at N = 1000
+# (and DIEN at N = 100) on a shared machine; it changes nothing on 1 thread. The other kinds, the lower
+# optimisation levels and parallel execution (7-100x slower on 2 threads) gained nothing, so they keep the default.
+SESSION_TUNING_BY_KIND: dict[str, SessionTuning] = {"din": SessionTuning(spin=False), "dien": SessionTuning(spin=False)}
+
+_OPTIMIZATION_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+
+
+def session_tuning(kind: str | None) -> SessionTuning:
+    """The tuning for a model kind (the manifest's model.kind); DEFAULT_TUNING for any kind not in the table."""
+    return SESSION_TUNING_BY_KIND.get(kind or "", DEFAULT_TUNING)
+
+
+def session_options(threads: int, tuning: SessionTuning = DEFAULT_TUNING, spin: bool | None = None):
+    """ort.SessionOptions for `threads` intra-op threads under `tuning`; `spin`, when given, overrides the
+    tuning's."""
     import onnxruntime as ort
 
+    if tuning.optimization not in _OPTIMIZATION_LEVELS or tuning.execution not in _EXECUTION_MODES:
+        raise ValueError(f"unknown session tuning {tuning}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, int(threads))
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    parallel = tuning.execution == "parallel"
+    # Parallel mode runs independent nodes on the inter-op pool; give it as many threads as intra-op has.
+    options.inter_op_num_threads = max(1, int(threads)) if parallel else 1
+    options.execution_mode = getattr(ort.ExecutionMode, _EXECUTION_MODES[tuning.execution])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[tuning.optimization])
+    spin = tuning.spin if spin is None else spin
     if spin is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
+def _session(file: Path, providers: list, threads: int, spin: bool | None, extra_cuda: dict | None = None,
+             tuning: SessionTuning = DEFAULT_TUNING):
+    import onnxruntime as ort
+
+    options = session_options(threads, tuning, spin)
     if extra_cuda:
         providers = [(name, {**opts, **extra_cuda}) if name == "CUDAExecutionProvider" else (name, opts)
                      for name, opts in (p if isinstance(p, tuple) else (p, {}) for p in providers)]
@@ -115,6 +161,8 @@ class _Bucket:
 
 class Artifact:
     """One opened, verified model version. Create with `open_artifact`."""
+
+    session_tuning: SessionTuning = DEFAULT_TUNING  # the scorer sessions' options (`session_tuning(kind)`)
 
     def __init__(self, path: Path, manifest: dict, scorer, meta, provider: str, device_id: int = 0,
                  cuda_graph_session=None, multi_scorer=None):
@@ -402,7 +450,8 @@ def open_artifact(path, providers: list | None = None, threads: int = 1, *, veri
     if verify:
         verify_files(path, manifest, skip=() if verify_users else (USERS_FILE,))
     chosen, reason = choose_providers(providers, tensorrt, device_id)
-    scorer = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin)
+    tuning = session_tuning(manifest.get("model", {}).get("kind"))
+    scorer = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin, tuning=tuning)
     meta = _session(path / manifest["graphs"]["meta"]["file"], chosen, threads, spin)
     active = scorer.get_providers()[0]
     wanted = _provider_name(chosen[0])
@@ -412,14 +461,15 @@ def open_artifact(path, providers: list | None = None, threads: int = 1, *, veri
     if cuda_graph and active == "CUDAExecutionProvider":
         try:
             graph_session = _session(path / manifest["graphs"]["scorer"]["file"], chosen, threads, spin,
-                                     extra_cuda={"enable_cuda_graph": "1"})
+                                     extra_cuda={"enable_cuda_graph": "1"}, tuning=tuning)
         except ArtifactError as error:
             log.warning("CUDA graphs unavailable for %s: %s", path, error)
     log.info("artifact %s: onnxruntime %s, %d intra-op thread(s) (%s)%s", manifest["version"], active, threads,
              reason, ", CUDA graphs on" if graph_session is not None else "")
     multi = manifest["graphs"].get("scorer_multi")
-    multi_session = _session(path / multi["file"], chosen, threads, spin) if multi else None
+    multi_session = _session(path / multi["file"], chosen, threads, spin, tuning=tuning) if multi else None
     artifact = Artifact(path, manifest, scorer, meta, active, device_id, graph_session, multi_session)
+    artifact.session_tuning = tuning
     if verify:
         artifact.check_golden()
     return artifact

@@ -98,15 +98,23 @@ def flops_per_candidate(module, args_for_n) -> tuple[float, float]:
     return per_candidate, counts[0] - 1000 * per_candidate
 
 
-def ort_session(blob_or_path, threads: int):
+def ort_session(blob_or_path, threads: int, tuning=None):
+    """A CPU session with the service's options (`export.runtime.session_options`), DEFAULT_TUNING unless
+    `tuning` is given."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from export.runtime import DEFAULT_TUNING, session_options
+
+    options = session_options(threads, tuning or DEFAULT_TUNING)
     return ort.InferenceSession(blob_or_path, options, providers=["CPUExecutionProvider"])
+
+
+def tuning_variants() -> dict:
+    """The session options measured against DEFAULT_TUNING by --session-options, each changing one thing."""
+    from export.runtime import SessionTuning
+
+    return {"spin-off": SessionTuning(spin=False), "opt-extended": SessionTuning(optimization="extended"),
+            "opt-basic": SessionTuning(optimization="basic"), "parallel": SessionTuning(execution="parallel")}
 
 
 def quantized_variants(blob: bytes, workdir: Path) -> dict[str, bytes]:
@@ -219,15 +227,23 @@ def calls_for(n: int, repeats: int) -> int:
     return max(20, repeats if n <= 1000 else repeats // 4)
 
 
-def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int) -> dict[str, list[float]]:
-    """{"torch": per-call seconds of PyTorch eager, name: ... of each onnxruntime session} on one request."""
+def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int,
+                 rounds: int = 1) -> dict[str, list[float]]:
+    """{"torch": per-call seconds of PyTorch eager, name: ... of each onnxruntime session} on one request.
+    With rounds > 1 the sessions are timed in that many rounds, in alternating order, so that a drift in the
+    machine's load does not favour the session timed first."""
     import torch
 
     with torch.inference_mode():
         out = {"torch": time_calls(lambda: requests.eager(targs), calls)}
+    time.sleep(0.3)  # let PyTorch's idle OpenMP threads stop spinning before onnxruntime is timed
     feeds = requests.feeds(targs)
-    for name, session in sessions.items():
-        out[name] = time_calls(lambda session=session: session.run(None, feeds), calls)
+    names = list(sessions)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times = time_calls(lambda session=sessions[name]: session.run(None, feeds), max(20, calls // rounds),
+                               budget_s=3.0 / rounds)
+            out.setdefault(name, []).extend(times)
     return out
 
 
@@ -276,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"per-kind table for tiny +UDG models of these kinds ({','.join(ALL_KINDS)} or all)")
     parser.add_argument("--kinds-from", default=None,
                         help="with --kinds: load DIR/<kind>.pt instead of training (trained, saved there if missing)")
+    parser.add_argument("--session-options", action="store_true",
+                        help="with --kinds: also time the serving graph under each onnxruntime session-option "
+                             "variant (spinning off, lower optimisation levels, parallel execution)")
     parser.add_argument("--json", default=None, help="write the journal (every figure of the tables) here")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.update(bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick))
     if kinds:
         sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
-        summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats, kinds_from=args.kinds_from)
+        summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats, kinds_from=args.kinds_from,
+                                       session_variants=args.session_options)
     summary["machine_after"] = machine_state()
     report(summary)
     if args.json:
@@ -323,6 +343,8 @@ def report(summary: dict) -> None:
             print_variant_auc(summary["variants"])
     if summary.get("kinds"):
         print_kind_table(summary["kinds"])
+        if any(k.startswith("ort[") for k in summary["kinds"][0]):
+            print_tuning_table(summary["kinds"])
 
 
 def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[int], repeats: int,
@@ -387,10 +409,12 @@ def export_graph_bytes(model, schema, plain: bool = False) -> bytes:
 
 
 def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], repeats: int,
-                data_spec=None, kinds_from: str | None = None) -> list[dict]:
+                data_spec=None, kinds_from: str | None = None, session_variants: bool = False) -> list[dict]:
     """Per kind: train a tiny +UDG model (`train_tiny`, with max(thread_counts) torch threads), export its
     serving graph and the plain one, then time both and PyTorch eager on the same requests at each N and
-    thread count. Rows: {"kind", "n", "threads", "kflop_per_candidate", "sgemm_gflops", engine: summary}."""
+    thread count. Rows: {"kind", "n", "threads", "kflop_per_candidate", "sgemm_gflops", engine: summary}.
+    With session_variants, also the serving graph under each of `tuning_variants()` ("ort[NAME]" engines),
+    every engine timed in 3 rounds of alternating order."""
     import torch
 
     from dataset.ingest import prepare
@@ -418,11 +442,16 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
         blobs = {"ort": export_graph_bytes(model, data.schema), "ort-plain": export_graph_bytes(model, data.schema,
                                                                                                  plain=True)}
         sessions = {threads: {name: ort_session(b, threads) for name, b in blobs.items()} for threads in thread_counts}
+        if session_variants:
+            for threads in thread_counts:
+                sessions[threads].update({f"ort[{name}]": ort_session(blobs["ort"], threads, tuning)
+                                          for name, tuning in tuning_variants().items()})
         for n in sizes:
             targs = requests.torch_args(n)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                timed = time_engines(requests, sessions[threads], targs, calls_for(n, repeats))
+                timed = time_engines(requests, sessions[threads], targs, calls_for(n, repeats),
+                                     rounds=3 if session_variants else 1)
                 rows.append(summarise_row({"kind": kind, "n": n, "threads": threads, "kflop_per_candidate": flops / 1e3,
                                            "sgemm_gflops": sgemm[threads], **timed}))
     torch.set_num_threads(max(thread_counts))
@@ -494,6 +523,18 @@ def print_kind_table(rows: list[dict]) -> None:
               f"{t['median_ms']:.3f} | {t['p99_ms']:.3f} | {o['median_ms'] / t['median_ms']:.2f} | "
               f"{plain['median_ms']:.3f} | {plain['median_ms'] / o['median_ms']:.2f} | "
               f"{row['kflop_per_candidate']:.1f} | {gflops:.1f} | {100 * gflops / row['sgemm_gflops']:.0f} |")
+
+
+def print_tuning_table(rows: list[dict]) -> None:
+    variants = [k for k in rows[0] if k.startswith("ort[")]
+    print("\nSession options per kind, serving graph median ms (in brackets: variant ÷ default options "
+          "ENABLE_ALL, sequential, spinning on; < 1: the variant is faster):")
+    print("| kind | N | threads | default ms | " + " | ".join(v[4:-1] for v in variants) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(variants))
+    for row in rows:
+        base = row["ort"]["median_ms"]
+        cells = [f"{row[v]['median_ms']:.3f} ({row[v]['median_ms'] / base:.2f})" for v in variants]
+        print(f"| {row['kind']} | {row['n']} | {row['threads']} | {base:.3f} | " + " | ".join(cells) + " |")
 
 
 def print_variant_auc(variants: list[dict]) -> None:

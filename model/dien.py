@@ -90,9 +90,14 @@ class DIEN(BaseCTR):
             states.append(h)
         return torch.stack(states, dim=1), ordered, mask
 
-    def evolve(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """AUGRU over the interest states, attention w.r.t. each candidate -> final state [N, H]."""
-        logits = (self.attention(states) * candidate.unsqueeze(1)).sum(-1)  # [N, steps]
+    def evolve(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor,
+               one_user: bool = False) -> torch.Tensor:
+        """AUGRU over the interest states, attention w.r.t. each candidate -> final state [N, H]. With
+        `one_user` (states [1, steps, H]) the attention logits of all N candidates are one GEMM."""
+        if one_user:
+            logits = candidate @ self.attention(states[0]).transpose(0, 1)  # [N, D] x [D, steps]
+        else:
+            logits = (self.attention(states) * candidate.unsqueeze(1)).sum(-1)  # [N, steps]
         attention = torch.softmax(logits + (1 - mask) * MASKED_LOGIT, dim=-1)
         projected = self.evolution.input_proj(states)  # [B, steps, 3H], once per user
         h = torch.zeros_like(attention[:, :1]).expand(-1, self.evolution.hidden)
@@ -110,6 +115,14 @@ class DIEN(BaseCTR):
             self._extracted = (history, states, ordered, mask)
         candidate = self.item_fields(items).flatten(-2)
         evolved = self.evolve(states, mask, candidate)
+        return broadcast_cat([evolved, candidate, user_vec, self.behavior(history)])
+
+    def mlp_input_one_user(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
+        """`mlp_input` for one user: the extractor GRU, the AUGRU's input projection and the attention keys run
+        once (batch 1); only the AUGRU recurrence itself depends on the candidate."""
+        states, _, mask = self.extract(history)
+        candidate = self.item_fields(items).flatten(-2)
+        evolved = self.evolve(states, mask, candidate, one_user=True)
         return broadcast_cat([evolved, candidate, user_vec, self.behavior(history)])
 
     def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:

@@ -215,6 +215,55 @@ def test_int8_scorer_is_optional_close_to_fp32_and_opened_on_request(zoo, tmp_pa
     assert "scorer.int8.onnx" not in json.loads((fp32_path / "manifest.json").read_text())["files"]
 
 
+def test_per_kind_session_options_are_applied_to_the_scorer_sessions(zoo, monkeypatch):
+    """The kind named in the manifest picks its row of SESSION_TUNING_BY_KIND for the scorer session; the meta
+    graph and kinds without a row keep the defaults; an explicit spin overrides the row's; scores are unchanged."""
+    import onnxruntime as ort
+
+    from export import runtime
+
+    model, checkpoint, path, default = zoo.get("pnn", True)
+    tuned = runtime.SessionTuning(optimization="basic", execution="parallel", spin=False)
+    monkeypatch.setattr(runtime, "SESSION_TUNING_BY_KIND", {"pnn": tuned})
+    artifact = open_artifact(path, threads=2)
+    options = artifact._scorer.get_session_options()
+    assert artifact.session_tuning == tuned
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 2)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    meta_options = artifact._meta.get_session_options()
+    assert meta_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert meta_options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+
+    spinning = open_artifact(path, threads=2, spin=True)._scorer.get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert spinning.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+    users, row, user_vec, udg_vec = known_user(artifact, True)
+    candidates = np.arange(2, artifact.schema.items.known_size, dtype=np.int64)
+    history = users["history_idx"][row]
+    np.testing.assert_allclose(artifact.score(user_vec, udg_vec, history, candidates),
+                               default.score(user_vec, udg_vec, history, candidates), atol=1e-6)
+
+    monkeypatch.setattr(runtime, "SESSION_TUNING_BY_KIND", {"din": tuned})
+    untouched = open_artifact(path, threads=1)
+    assert untouched.session_tuning == runtime.DEFAULT_TUNING
+    assert untouched._scorer.get_session_options().execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    with pytest.raises(ValueError, match="unknown session tuning"):
+        runtime.session_options(1, runtime.SessionTuning(optimization="max"))
+
+
+def test_the_shipped_table_turns_spinning_off_for_din(zoo):
+    """The measured row: a DIN version opens its scorer without intra-op spinning, a PNN one with the default."""
+    din = zoo.get("din", True)[3]._scorer.get_session_options()
+    assert din.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    pnn = zoo.get("pnn", True)[3]
+    assert pnn.session_tuning.spin is None
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default: spinning
+        pnn._scorer.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 @pytest.mark.parametrize("kind", list(BASE_MODELS))
 def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
     """onnxruntime's CUDA provider has no int64 Pad: such a node runs on the CPU with copies around it, and

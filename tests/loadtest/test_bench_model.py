@@ -57,3 +57,25 @@ def test_kinds_table(monkeypatch, capsys, tmp_path):
     assert bench_model.main(["--report", str(out)]) == 0
     again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert again == lines
+
+
+def test_session_options_table_times_every_variant_against_the_default(monkeypatch, capsys, tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    tiny_data_spec = bench_model.tiny_data_spec
+    smaller = {"users": 200, "items": 60, "events_per_user": 12}
+    monkeypatch.setattr(bench_model, "tiny_data_spec", lambda **params: tiny_data_spec(**{**smaller, **params})
+                        .with_overrides(**{"behavior.max_length": 8}))
+    out = tmp_path / "bench.json"
+    assert bench_model.main(["--kinds", "pnn", "--sizes", "5", "--threads", "1", "--repeats", "20",
+                             "--session-options", "--json", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header = next(line for line in lines if line.startswith("| kind | N | threads | default ms"))
+    variants = list(bench_model.tuning_variants())
+    assert header.strip("| ").split(" | ")[4:] == variants
+    row = json.loads(out.read_text())["kinds"][0]
+    # three rounds of at least 20 calls each, for the default and every variant alike
+    assert all(row[engine]["calls"] >= 60 for engine in ["ort", *(f"ort[{name}]" for name in variants)])
+    assert bench_model.main(["--report", str(out)]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")] == lines
