@@ -94,8 +94,9 @@ class GeneratorOptions:
     phase_a_history: bool = False  # phase A sees the user's real behavior (the paper: none)
     alpha: float = 0.1
     gamma: float = 0.1
-    shrink_grid: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)  # residual arm: weights tried on validation
+    shrink_grid: tuple[float, ...] = (0.1, 10.0)  # residual arm: weights tried on validation (+ the mean row)
     valid_frac: float = 0.2  # residual arm: share of the active users held out to choose the weight
+    residual_steps: int = 500  # residual arm: Algorithm 1 steps of each fit
 
     def changed(self) -> dict:
         """The settings that differ from the defaults (only these enter the journal's setup, so the journals
@@ -319,8 +320,8 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
             if arm == "meta":
                 cached = train_meta(model, split.active, config, progress=False)
             else:
-                cached = choose_shrink(model, split.active, config, grid=options.shrink_grid,
-                                       valid_frac=options.valid_frac)
+                cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
+                                       grid=options.shrink_grid, valid_frac=options.valid_frac)
             if cache:
                 cache.put(f"{arm}-{seed}", cached)
         generators[arm], infos[arm] = cached
@@ -564,7 +565,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     options = GeneratorOptions(phase_a_history=args.phase_a_history, alpha=args.meta_alpha, gamma=args.meta_gamma,
                                shrink_grid=tuple(float(x) for x in args.shrink_grid.split(",")),
-                               valid_frac=args.meta_valid_frac)
+                               valid_frac=args.meta_valid_frac, residual_steps=args.residual_steps)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
@@ -654,6 +655,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="phase A sees the user's real behavior (default: none, as the paper)")
     group.add_argument("--shrink-grid", default=",".join(str(x) for x in GeneratorOptions.shrink_grid),
                        help="residual arm: shrinkage weights tried, the one chosen on held-out active users")
+    group.add_argument("--residual-steps", type=int, default=GeneratorOptions.residual_steps,
+                       help="residual arm: Algorithm 1 steps of each fit (the fit on the other users is kept)")
     group.add_argument("--meta-valid-frac", type=float, default=GeneratorOptions.valid_frac,
                        help="residual arm: share of the active users held out to choose the shrinkage")
     add_threads_argument(parser)

@@ -228,28 +228,34 @@ def meta_validation_loss(model: UDG, generator: MetaGenerator, data: PreparedDat
     return {"cold": cold, "warm": warm, "score": (cold + warm) / 2}
 
 
-SHRINK_GRID = (0.0, 0.01, 0.1, 1.0)
+# The residual's scale: UDG rows and the loss's gradient on them are small (~1e-2), so weights below ~0.1 barely
+# shrink; 10 holds the residual near zero unless the profile pays for it.
+SHRINK_GRID = (0.1, 10.0)
+RESIDUAL_STEPS = 500  # the residual is linear and starts at zero: it needs fewer steps than Eq. 11's 1,500
 
 
 def choose_shrink(model: UDG, data: PreparedData, config: MetaConfig, grid=SHRINK_GRID, valid_frac: float = 0.2,
-                  progress: bool = False) -> tuple[MetaGenerator, dict]:
+                  progress: bool = False, refit: bool = False) -> tuple[MetaGenerator, dict]:
     """The residual generator with its shrinkage weight chosen on validation: for each weight, a generator fit
     on (1 - valid_frac) of the training users and scored (`meta_validation_loss`) on the others; the zero
-    residual (the mean row) is scored too. The weight with the lowest score is refit on all the users; if the
-    zero residual scores lowest, that generator is returned with its residual zeroed (= the mean row)."""
+    residual (the mean row itself) is a candidate too. The best is returned: as fit (default; one training per
+    weight), or, with `refit`, trained again on all the users. A zero residual comes back as the mean row."""
     config = replace(config, variant="residual")
     fit, held = validation_users(data, valid_frac, config.seed)
-    scores = {}
+    scores, fitted = {}, {}
     for shrink in grid:
-        generator, _ = train_meta(model, data, replace(config, shrink=shrink), progress=progress, users=fit)
-        scores[shrink] = meta_validation_loss(model, generator, data, held, config.alpha)
+        fitted[shrink], _ = train_meta(model, data, replace(config, shrink=shrink), progress=progress, users=fit)
+        scores[shrink] = meta_validation_loss(model, fitted[shrink], data, held, config.alpha)
     zero = MetaGenerator(data.schema, model.config.udg_dim, mean_training_row(model, data.splits["train"]))
     scores["mean row"] = meta_validation_loss(model, zero.eval(), data, held, config.alpha)
     best = min(scores, key=lambda k: scores[k]["score"])
     info = {"validation": {str(k): v for k, v in scores.items()}, "chosen": best, "fit_users": len(fit),
-            "valid_users": len(held)}
+            "valid_users": len(held), "config": asdict(replace(config, shrink=0.0 if best == "mean row" else best)),
+            "final_loss": None}
     if best == "mean row":
-        return zero.eval(), {**info, "config": asdict(config), "final_loss": None}
+        return zero.eval(), info
+    if not refit:
+        return fitted[best], info
     generator, trained = train_meta(model, data, replace(config, shrink=best), progress=progress)
     return generator, {**info, **trained}
 
@@ -262,7 +268,7 @@ def fit_generator(model: UDG, data: PreparedData, config: MetaConfig | None = No
     if config.variant == "residual":
         if not isinstance(model, UDG):
             raise TypeError("the meta generator produces UDG embeddings: train a model with --udg first")
-        return choose_shrink(model, data, config, progress=progress)
+        return choose_shrink(model, data, config, progress=progress, refit=True)
     return train_meta(model, data, config, progress=progress)
 
 
