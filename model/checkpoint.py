@@ -39,7 +39,7 @@ class MetaState:
     def generator(self, schema: FeatureSchema, udg_dim: int):
         from model.meta import MetaGenerator
 
-        generator = MetaGenerator(schema, udg_dim)
+        generator = MetaGenerator(schema, udg_dim, self.state_dict.get("anchor"))  # anchor: residual variant
         generator.load_state_dict(self.state_dict)
         return generator.eval()
 

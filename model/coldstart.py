@@ -16,9 +16,11 @@ The protocol, built from one prepared data set (no change to ingestion):
   update these models and their user embeddings"), the model (`warm_update="model"`; `"embeddings"` updates
   the new users' embeddings only), with the pre-training's optimiser (Adam, its learning rate and weight
   decays). After each phase: AUC and log loss on the rests.
-- Arms (the new users' initial UDG embedding): `meta` (the generator from the profile), `random` (a fresh
-  N(0, 0.05²) row like the UDG table's init: the paper's "w/o Meta"), `mean` (the mean UDG row of the
-  active users: a naive baseline that needs no training).
+- Arms (the new users' initial UDG embedding): `meta` (the generator from the profile, Eq. 11), `residual`
+  (the residual generator: the mean row plus a profile-dependent residual, its shrinkage weight chosen on
+  held-out active users, `model.meta.choose_shrink`), `random` (a fresh N(0, 0.05²) row like the UDG table's
+  init: the paper's "w/o Meta"), `mean` (the mean UDG row of the active users: a naive baseline that needs no
+  training).
 
 The arms of one (model, seed) share the pre-trained model, the generator and the order of the warm-up
 minibatches, so they are compared paired by seed.
@@ -55,9 +57,12 @@ from model.report import MODEL_LABELS, RunJournal
 log = logging.getLogger(__name__)
 
 PHASES = ("cold", "a", "b", "c")
-ARMS = ("meta", "random", "mean")
-ARM_LABELS = {"meta": "Meta", "random": "w/o Meta (random)", "mean": "mean known-user row"}
-ARM_COLORS = {"meta": "tab:blue", "random": "tab:orange", "mean": "tab:green"}
+ARMS = ("meta", "residual", "random", "mean")
+DEFAULT_ARMS = ("meta", "random", "mean")  # the first journals' arms; `residual` is asked for by --arms
+GENERATED = ("meta", "residual")  # arms whose embedding comes from a generator, compared with the baselines
+ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
+              "mean": "mean known-user row"}
+ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green"}
 BATCHES = ("a", "b", "c")
 
 
@@ -106,6 +111,24 @@ def setup_of(warm: WarmConfig) -> dict:
         setup.pop("rule")
         setup.pop("lr")
     return setup
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """How the generators are trained (Algorithm 1's settings beyond the step count)."""
+
+    phase_a_history: bool = False  # phase A sees the user's real behavior (the paper: none)
+    alpha: float = 0.1
+    gamma: float = 0.1
+    shrink_grid: tuple[float, ...] = (0.1, 10.0)  # residual arm: weights tried on validation (+ the mean row)
+    valid_frac: float = 0.2  # residual arm: share of the active users held out to choose the weight
+    residual_steps: int = 500  # residual arm: Algorithm 1 steps of each fit
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults (only these enter the journal's setup, so the journals
+        written before these options existed stay valid)."""
+        default = GeneratorOptions()
+        return {k: v for k, v in asdict(self).items() if v != getattr(default, k)}
 
 
 @dataclass
@@ -177,11 +200,14 @@ def build_split(data: PreparedData, protocol: Protocol) -> ColdStartSplit:
 
 # --- one (model, seed): pre-train, meta-train, then every arm through the phases ---------------------------
 def initial_embeddings(arm: str, model, generator, split: ColdStartSplit, seed: int):
+    """`generator`: the arm's generator (meta and residual arms), or a dict {arm: generator}."""
     import torch
 
     n, dim = len(split.new_users), model.config.udg_dim
+    if isinstance(generator, dict):
+        generator = generator.get(arm)
     with torch.no_grad():
-        if arm == "meta":
+        if arm in GENERATED:
             return generator(torch.as_tensor(split.active.splits["train"].profiles[split.new_users])).clone()
         if arm == "random":
             return torch.randn(n, dim, generator=torch.Generator().manual_seed(10_000 + seed)) * 0.05
@@ -331,29 +357,101 @@ def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, 
     return {"phases": phases, "embedding_shift": moved, "served_history": served}
 
 
+class PretrainCache:
+    """Optional on-disk cache of a seed's pre-trained model and generators (`--cache DIR`), keyed by everything
+    they depend on, so that further arms or warm-up settings over the same seeds skip the pre-training. The
+    results are the same with or without it (the pre-training is seeded)."""
+
+    def __init__(self, folder: Path | None, setup: dict):
+        import hashlib
+        import json
+
+        self.folder = Path(folder) if folder else None
+        self.key = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _path(self, what: str) -> Path:
+        return self.folder / f"{self.key}-{what}.pt"
+
+    def get(self, what: str):
+        import torch
+
+        if self.folder is None or not self._path(what).exists():
+            return None
+        return torch.load(self._path(what), weights_only=False)
+
+    def put(self, what: str, value) -> None:
+        import torch
+
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(what).with_suffix(".tmp")
+        torch.save(value, tmp)
+        tmp.replace(self._path(what))
+
+
+def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: int, seed: int,
+                     options: GeneratorOptions, cache: PretrainCache | None = None) -> tuple[dict, dict]:
+    """The generators the arms need: `meta` (Algorithm 1, Eq. 11) and `residual` (the mean row plus a residual,
+    shrinkage chosen on validation); -> ({arm: generator}, {arm: training info})."""
+    from model.meta import MetaConfig, choose_shrink, train_meta
+
+    config = MetaConfig(steps=meta_steps, seed=seed, alpha=options.alpha, gamma=options.gamma,
+                        phase_a_history=options.phase_a_history)
+    generators, infos = {}, {}
+    for arm in (a for a in GENERATED if a in arms):
+        cached = cache.get(f"{arm}-{seed}") if cache else None
+        if cached is None:
+            if arm == "meta":
+                cached = train_meta(model, split.active, config, progress=False)
+            else:
+                cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
+                                       grid=options.shrink_grid, valid_frac=options.valid_frac)
+            if cache:
+                cache.put(f"{arm}-{seed}", cached)
+        generators[arm], infos[arm] = cached
+    return generators, infos
+
+
 def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train_config, meta_steps: int,
-             warm: WarmConfig) -> dict[str, dict]:
-    """Pre-train base+UDG and the generator on the active users, then run each arm; -> {arm: journal row}."""
+             warm: WarmConfig, options: GeneratorOptions | None = None,
+             cache: PretrainCache | None = None) -> dict[str, dict]:
+    """Pre-train base+UDG and the generators on the active users, then run each arm; -> {arm: journal row}."""
     from model.experiment import model_config, udg_preset
-    from model.meta import MetaConfig, train_meta
     from model.train import train_model
 
+    options = options or GeneratorOptions()
     started = time.perf_counter()
-    model, metrics = train_model(split.active, model_config(kind, udg_preset(kind)),
-                                 replace(train_config, seed=seed), progress=False)
-    generator, meta_info = train_meta(model, split.active, MetaConfig(steps=meta_steps, seed=seed), progress=False)
+    cached = cache.get(f"{kind}-{seed}") if cache else None
+    if cached is None:
+        cached = train_model(split.active, model_config(kind, udg_preset(kind)), replace(train_config, seed=seed),
+                             progress=False)
+        if cache:
+            cache.put(f"{kind}-{seed}", cached)
+    model, metrics = cached
+    generators, infos = train_generators(model, split, arms, meta_steps, seed, options,
+                                         PretrainCache(cache.folder, {"key": cache.key, "kind": kind,
+                                                                      "meta_steps": meta_steps,
+                                                                      "generator": options.changed()})
+                                         if cache else None)
     pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
-                "meta_final_loss": meta_info["final_loss"], "seconds": time.perf_counter() - started}
+                "meta_final_loss": infos["meta"]["final_loss"] if "meta" in infos else None,
+                "seconds": time.perf_counter() - started}
     rows = {}
     for arm in arms:
-        result = run_arm(model, initial_embeddings(arm, model, generator, split, seed), split, train_config,
+        result = run_arm(model, initial_embeddings(arm, model, generators, split, seed), split, train_config,
                          warm, seed)
-        rows[arm] = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
+        row = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
+        if arm == "residual":
+            row["generator"] = {k: v for k, v in infos[arm].items() if k in ("validation", "chosen", "fit_users",
+                                                                              "valid_users", "final_loss")}
+        rows[arm] = row
     return rows
 
 
 def run_grid(split: ColdStartSplit, kinds: list[str], arms: list[str], seeds: int, train_config, meta_steps: int,
-             warm: WarmConfig, journal: RunJournal | None = None, train_missing: bool = True) -> list[dict]:
+             warm: WarmConfig, journal: RunJournal | None = None, train_missing: bool = True,
+             options: GeneratorOptions | None = None, cache: PretrainCache | None = None) -> list[dict]:
     """Every (model, arm, seed), seed-major; finished rows come from the journal, a seed's missing arms are run
     together (they share its pre-training)."""
     rows = []
@@ -369,7 +467,7 @@ def run_grid(split: ColdStartSplit, kinds: list[str], arms: list[str], seeds: in
                     journal.release(kind, arm, seed)
                 continue
             try:
-                done = run_seed(split, kind, seed, claimed, train_config, meta_steps, warm)
+                done = run_seed(split, kind, seed, claimed, train_config, meta_steps, warm, options, cache)
             except BaseException:
                 for arm in claimed:
                     if journal:
@@ -421,6 +519,13 @@ def summarise(rows: list[dict]) -> list[dict]:
                                         for s in paired]),
                         "rel_log_loss": _pm([by[(kind, arm, s)]["phases"][phase]["log_loss"]
                                              / ref[s]["log_loss"] - 1 for s in paired]),
+                        "gains": {g: _pm([by[(kind, g, s)]["phases"][phase]["auc"]
+                                          - by[(kind, arm, s)]["phases"][phase]["auc"]
+                                          for s in seeds if (kind, g, s) in by]) for g in GENERATED},
+                        "wins": {g: sum(by[(kind, g, s)]["phases"][phase]["auc"]
+                                        > by[(kind, arm, s)]["phases"][phase]["auc"]
+                                        for s in seeds if (kind, g, s) in by) for g in GENERATED},
+                        "paired_with": {g: sum((kind, g, s) in by for s in seeds) for g in GENERATED},
                         "meta_gain": _pm([by[(kind, "meta", s)]["phases"][phase]["auc"]
                                           - by[(kind, arm, s)]["phases"][phase]["auc"] for s in meta]),
                         "vs_random": _pm([by[(kind, arm, s)]["phases"][phase]["auc"]
@@ -462,17 +567,21 @@ def tables(summary: list[dict]) -> str:
             for arm in arms:
                 lines.append(f"| {metric.replace('_', ' ')} | {ARM_LABELS[arm]} | "
                              + " | ".join(_val(by[(arm, p)][metric]) for p in PHASES) + " |")
-        others = [a for a in arms if a != "meta"]
-        if "meta" in arms and others:
-            lines += ["", f"#### {label}+UDG: AUC of Meta minus each baseline, paired by seed (mean ± std; seeds "
-                          "where Meta is higher)", "",
+        for generated in (g for g in GENERATED if g in arms):
+            # the baselines, and for a later generator the earlier ones
+            others = [a for a in arms if a not in GENERATED or GENERATED.index(a) < GENERATED.index(generated)]
+            if not others:
+                continue
+            name = ARM_LABELS[generated]
+            lines += ["", f"#### {label}+UDG: AUC of {name} minus each baseline, paired by seed (mean ± std; "
+                          f"seeds where {name} is higher)", "",
                       "| baseline | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
             for arm in others:
                 cells = []
                 for p in PHASES:
                     s = by[(arm, p)]
-                    mean, std = s["meta_gain"]
-                    cells.append(f"{mean:+.4f} ± {std:.4f} ({s['meta_wins']}/{s['meta_paired']})")
+                    mean, std = s["gains"][generated]
+                    cells.append(f"{mean:+.4f} ± {std:.4f} ({s['wins'][generated]}/{s['paired_with'][generated]})")
                 lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("RelaImpr = (AUC − 0.5) / (AUC of cold-start w/o Meta − 0.5) − 1; log loss relative = "
@@ -539,6 +648,9 @@ def run_coldstart(args: argparse.Namespace) -> str:
     spec = spec.with_overrides(**{"split.cold_user_frac": protocol.new_user_frac})
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    options = GeneratorOptions(phase_a_history=args.phase_a_history, alpha=args.meta_alpha, gamma=args.meta_gamma,
+                               shrink_grid=tuple(float(x) for x in args.shrink_grid.split(",")),
+                               valid_frac=args.meta_valid_frac, residual_steps=args.residual_steps)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
@@ -554,6 +666,10 @@ def run_coldstart(args: argparse.Namespace) -> str:
         journal_path.unlink()
     setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": setup_of(warm), "epochs": args.epochs,
              "embed_wd": args.embed_wd, "meta_steps": args.meta_steps}
+    cache = PretrainCache(args.cache, {k: setup[k] for k in ("data", "protocol", "epochs", "embed_wd")}
+                          | {"threads": args.threads}) if args.cache else None
+    if options.changed():
+        setup["generator"] = options.changed()
     journal = RunJournal(journal_path, setup)
     split_info = None
     if args.summary_only:
@@ -566,7 +682,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
             raise SystemExit(str(error)) from None
         split_info = split.info
         log.info("cold-start protocol: %s", split.info)
-        rows = run_grid(split, kinds, arms, args.seeds, train_config, args.meta_steps, warm, journal)
+        rows = run_grid(split, kinds, arms, args.seeds, train_config, args.meta_steps, warm, journal,
+                        options=options, cache=cache)
         journal.refresh()
         mine = {(r["model"], r["variant"], r["seed"]) for r in rows}
         rows += [journal.get(k, a, s) for s in range(args.seeds) for k in kinds for a in arms
@@ -611,7 +728,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of users held out of training (split.cold_user_frac); the band of them "
                             "are the new users")
     parser.add_argument("--models", default="pnn", help="comma-separated model kinds (each with its UDG preset)")
-    parser.add_argument("--arms", default=",".join(ARMS), help="meta, random (w/o Meta), mean (known users)")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help="meta (Eq. 11 generator), residual (mean row + residual generator), random (w/o Meta), "
+                             "mean (known users)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--embed-wd", type=float, default=3e-3)
@@ -627,7 +746,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-lr", type=float, default=None,
                         help="step of the event rules (default: the generator's α for sgd, the pre-training lr "
                              "for adam, as `udg warmup`)")
+    group = parser.add_argument_group("generators (Algorithm 1)")
+    group.add_argument("--meta-alpha", type=float, default=GeneratorOptions.alpha, help="inner step α")
+    group.add_argument("--meta-gamma", type=float, default=GeneratorOptions.gamma,
+                       help="γ: L_meta = γ L_A + (1 − γ) L_B")
+    group.add_argument("--phase-a-history", action="store_true",
+                       help="phase A sees the user's real behavior (default: none, as the paper)")
+    group.add_argument("--shrink-grid", default=",".join(str(x) for x in GeneratorOptions.shrink_grid),
+                       help="residual arm: shrinkage weights tried, the one chosen on held-out active users")
+    group.add_argument("--residual-steps", type=int, default=GeneratorOptions.residual_steps,
+                       help="residual arm: Algorithm 1 steps of each fit (the fit on the other users is kept)")
+    group.add_argument("--meta-valid-frac", type=float, default=GeneratorOptions.valid_frac,
+                       help="residual arm: share of the active users held out to choose the shrinkage")
     add_threads_argument(parser)
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="keep each seed's pre-trained model and generators in DIR, so further arms or warm-up "
+                             "settings on the same seeds skip pre-training (same results)")
     parser.add_argument("--out", default="results/coldstart")
     parser.add_argument("--fresh", action="store_true", help="discard the journal of --out")
     parser.add_argument("--summary-only", action="store_true",

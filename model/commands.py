@@ -233,7 +233,7 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
 
     from model.checkpoint import Checkpoint, MetaState
     from model.distributed import Distributed
-    from model.meta import MetaConfig, cold_start_metrics, train_meta
+    from model.meta import MetaConfig, cold_start_metrics, fit_generator
     from model.train import train_model
 
     chosen = experiment_of(args)
@@ -258,8 +258,9 @@ def run_training(args: argparse.Namespace) -> tuple[Path, dict]:
     meta = None
     # The meta generator and the checkpoint on rank 0 alone; the other ranks wait for the file at the barrier.
     if dist.is_main and model_config.udg and not args.no_meta:
-        meta_config = MetaConfig(seed=train_config.seed, **({"steps": args.meta_steps} if args.meta_steps else {}))
-        generator, info = train_meta(model, data, meta_config, progress=not args.quiet)
+        meta_config = MetaConfig(seed=train_config.seed, **({"steps": args.meta_steps} if args.meta_steps else {}),
+                                 **({"variant": args.meta_variant} if args.meta_variant else {}))
+        generator, info = fit_generator(model, data, meta_config, progress=not args.quiet)
         if len(data.splits["cold"]):
             info["cold_start"] = {
                 "random_init": cold_start_metrics(model, None, data.splits["cold"], seed=train_config.seed),
@@ -331,14 +332,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_meta(args: argparse.Namespace) -> int:
 
     from model.checkpoint import MetaState
-    from model.meta import MetaConfig, cold_start_metrics, train_meta
+    from model.meta import MetaConfig, cold_start_metrics, fit_generator
 
     set_threads(args)
     checkpoint, model, data = load_checkpoint_and_data(args.checkpoint)
-    config = MetaConfig(**{k: getattr(args, k) for k in ("steps", "alpha", "beta", "gamma", "seed")
+    config = MetaConfig(**{k: getattr(args, k) for k in ("steps", "alpha", "beta", "gamma", "seed", "variant")
                            if getattr(args, k) is not None})
     try:
-        generator, info = train_meta(model, data, config)
+        generator, info = fit_generator(model, data, config)
     except TypeError as error:
         raise SystemExit(f"{args.checkpoint}: {error}") from None
     if len(data.splits["cold"]):
@@ -347,7 +348,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
         for name, values in info["cold_start"].items():
             print(f"cold-start users ({name}):", format_metrics(values))
     checkpoint.with_meta(MetaState(generator.state_dict(), info)).save(Path(args.checkpoint))
-    print(f"meta generator ({info['config']['steps']} steps, final loss {info['final_loss']:.4f}) saved in "
+    final = "none: the mean row" if info.get("final_loss") is None else f"{info['final_loss']:.4f}"
+    print(f"meta generator ({config.variant}, {info['config']['steps']} steps, final loss {final}) saved in "
           f"{args.checkpoint}")
     return 0
 
@@ -402,6 +404,9 @@ def register(subparsers) -> None:
     add_model_arguments(train)
     add_train_arguments(train)
     config_option(train, "--meta-steps", type=int, help="meta generator steps", source=(*META_CONFIG, "steps"))
+    config_option(train, "--meta-variant", choices=["tanh", "residual"],
+                  help="tanh: Eq. 11; residual: the mean training-user UDG row plus a profile residual, its "
+                       "shrinkage chosen on held-out training users", source=(*META_CONFIG, "variant"))
     train.add_argument("--no-meta", action="store_true", help="skip the meta generator")
     train.add_argument("--out", default="runs/model/checkpoint.pt")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -418,6 +423,9 @@ def register(subparsers) -> None:
     meta.add_argument("checkpoint")
     for name, kind in (("steps", int), ("alpha", float), ("beta", float), ("gamma", float), ("seed", int)):
         config_option(meta, f"--{name}", type=kind, help=f"MetaConfig.{name}", source=(*META_CONFIG, name))
+    config_option(meta, "--variant", choices=["tanh", "residual"],
+                  help="tanh: Eq. 11; residual: the mean training-user UDG row plus a profile residual, its "
+                       "shrinkage chosen on held-out training users", source=(*META_CONFIG, "variant"))
     add_threads_argument(meta)
     meta.set_defaults(handler=cmd_meta)
 

@@ -2,12 +2,17 @@
 
 f_meta(x_prof) = tanh(W x_prof + b). With x_prof the concatenated one-hots of the profile fields, W x is
 the sum of one row per field, so the generator is a set of per-field tables plus a bias.
+
+The `residual` variant is anchor + W x_prof + b, the anchor being the mean UDG row of the training users:
+with a zero residual it is that mean row (a strong baseline the tanh generator does not reliably beat), and
+a shrinkage weight (an L2 penalty on the residual, chosen on held-out training users by `choose_shrink`) keeps
+it there unless the profile earns a departure.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -23,21 +28,46 @@ from model.udg import UDG
 log = logging.getLogger(__name__)
 
 
-class MetaGenerator(nn.Module):
-    """Profile indices [B, len(user_fields)] -> UDG user embedding [B, udg_dim]."""
+VARIANTS = ("tanh", "residual")
 
-    def __init__(self, schema: FeatureSchema, udg_dim: int):
+
+class MetaGenerator(nn.Module):
+    """Profile indices [B, len(user_fields)] -> UDG user embedding [B, udg_dim].
+
+    With no `anchor`, Eq. 11: tanh of per-field rows plus a bias. With an `anchor` [udg_dim] (a buffer, so it
+    travels in the state dict and into the exported graph), the residual variant: anchor + per-field rows +
+    bias, the residual starting at zero."""
+
+    def __init__(self, schema: FeatureSchema, udg_dim: int, anchor: torch.Tensor | None = None):
         super().__init__()
         self.fields = nn.ModuleList(nn.Embedding(len(f.vocab), udg_dim) for f in schema.user_fields)
         self.bias = nn.Parameter(torch.zeros(udg_dim))
-        for table in self.fields:
-            nn.init.normal_(table.weight, std=0.01)
+        self.register_buffer("anchor", None if anchor is None else anchor.detach().clone().reshape(udg_dim))
+        if anchor is None:
+            for table in self.fields:
+                nn.init.normal_(table.weight, std=0.01)
+        else:
+            for table in self.fields:
+                nn.init.zeros_(table.weight)
 
-    def forward(self, profile: torch.Tensor) -> torch.Tensor:
+    @property
+    def variant(self) -> str:
+        return "tanh" if self.anchor is None else "residual"
+
+    def _total(self, profile: torch.Tensor) -> torch.Tensor:
         total = self.bias
         for i, table in enumerate(self.fields):
             total = total + table(profile[:, i])
-        return torch.tanh(total)
+        return total if len(self.fields) else total.expand(len(profile), -1)
+
+    def residual(self, profile: torch.Tensor) -> torch.Tensor:
+        """The residual variant's departure from the anchor [B, udg_dim]."""
+        return self._total(profile)
+
+    def forward(self, profile: torch.Tensor) -> torch.Tensor:
+        if self.anchor is None:
+            return torch.tanh(self._total(profile))
+        return self.anchor + self._total(profile)
 
 
 @dataclass
@@ -49,6 +79,9 @@ class MetaConfig:
     beta: float = 1e-3  # outer step on the generator (Adam learning rate; line 10)
     gamma: float = 0.1  # L_meta = gamma L_A + (1 - gamma) L_B (Eq. 10)
     seed: int = 0
+    variant: str = "tanh"  # "tanh" (Eq. 11) or "residual" (mean training-user UDG row + a learned residual)
+    shrink: float = 0.0  # residual variant: + shrink * mean squared norm of the residual
+    phase_a_history: bool = False  # phase A sees the user's real behavior (False: none, a brand-new user)
 
 
 @dataclass
@@ -94,35 +127,52 @@ def _per_user_loss(model: UDG, udg: torch.Tensor, profile: torch.Tensor, history
     return totals / counts.clamp(min=1)
 
 
+def mean_training_row(model: UDG, train: Samples) -> torch.Tensor:
+    """The mean UDG row of the users with training events [udg_dim]: what a version without a generator
+    serves, and the residual generator's anchor."""
+    from dataset.schema import OOV
+
+    rows = np.unique(train.user)
+    rows = rows[rows > OOV]
+    table = model.udg_emb.weight.detach()
+    return table[torch.as_tensor(rows)].mean(0) if len(rows) else table[OOV]
+
+
 def train_meta(model: UDG, data: PreparedData, config: MetaConfig | None = None,
-               progress: bool = True) -> tuple[MetaGenerator, dict]:
-    """Algorithm 1 with the base model and gates frozen. Phase A sees no behavior (a brand-new user);
-    phase B sees the user's real behavior after one gradient step α on the generated embedding."""
+               progress: bool = True, users: np.ndarray | None = None) -> tuple[MetaGenerator, dict]:
+    """Algorithm 1 with the base model and gates frozen. Phase A sees no behavior (a brand-new user) unless
+    `config.phase_a_history`; phase B sees the user's real behavior after one gradient step α on the generated
+    embedding. `users`: positions in `split_halves(train)` to train on (default: all)."""
     config = config or MetaConfig()
     if not isinstance(model, UDG):
         raise TypeError("the meta generator produces UDG embeddings: train a model with --udg first")
+    if config.variant not in VARIANTS:
+        raise ValueError(f"meta variant must be one of {VARIANTS}, not {config.variant!r}")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model.eval()  # frozen: no dropout, no user-id dropout
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    generator = MetaGenerator(data.schema, model.config.udg_dim)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=config.beta)
     train = data.splits["train"]
+    anchor = mean_training_row(model, train) if config.variant == "residual" else None
+    generator = MetaGenerator(data.schema, model.config.udg_dim, anchor)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=config.beta)
     halves = split_halves(train)
+    pool = np.arange(len(halves.users)) if users is None else np.asarray(users)
     tensors = {k: torch.as_tensor(getattr(train, k)) for k in ("item", "label")}
     width = train.histories.width
     k = config.samples_per_user
     losses = []
     for _ in tqdm(range(config.steps), desc="meta", leave=False, disable=not progress):
-        chosen = rng.choice(len(halves.users), size=min(config.users_per_step, len(halves.users)), replace=False)
+        chosen = rng.choice(pool, size=min(config.users_per_step, len(pool)), replace=False)
         a_rows = np.concatenate([rng.choice(halves.a_rows[u], size=k) for u in chosen])
         b_rows = np.concatenate([rng.choice(halves.b_rows[u], size=k) for u in chosen])
         owner = torch.arange(len(chosen)).repeat_interleave(k)
         profile = torch.as_tensor(halves.profile[chosen])
         generated = generator(profile)  # line 3
-        empty = torch.zeros((len(a_rows), width), dtype=torch.long)
-        loss_a = _per_user_loss(model, generated, profile, empty, tensors["item"][a_rows],
+        history_a = (torch.as_tensor(train.histories.gather(a_rows)) if config.phase_a_history
+                     else torch.zeros((len(a_rows), width), dtype=torch.long))
+        loss_a = _per_user_loss(model, generated, profile, history_a, tensors["item"][a_rows],
                                 tensors["label"][a_rows], owner)  # line 5
         grad = torch.autograd.grad(loss_a.sum(), generated, create_graph=True)[0]
         adapted = generated - config.alpha * grad  # line 6
@@ -130,12 +180,96 @@ def train_meta(model: UDG, data: PreparedData, config: MetaConfig | None = None,
         loss_b = _per_user_loss(model, adapted, profile, history_b, tensors["item"][b_rows],
                                 tensors["label"][b_rows], owner)  # lines 7-8
         loss = config.gamma * loss_a.mean() + (1 - config.gamma) * loss_b.mean()  # line 9, Eq. 10
+        if config.shrink and config.variant == "residual":
+            loss = loss + config.shrink * generator.residual(profile).pow(2).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # line 10
         losses.append(float(loss.detach()))
     generator.eval()
     return generator, {"config": asdict(config), "final_loss": float(np.mean(losses[-50:]))}
+
+
+def validation_users(data: PreparedData, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in `split_halves(train)`: (users to fit on, held-out users to choose settings on)."""
+    n = len(split_halves(data.splits["train"]).users)
+    order = np.random.default_rng(10_000 + seed).permutation(n)
+    held = max(1, int(round(frac * n)))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+@torch.no_grad()
+def meta_validation_loss(model: UDG, generator: MetaGenerator, data: PreparedData, users: np.ndarray,
+                         alpha: float) -> dict:
+    """On held-out training users, the two things a new user's embedding is for: `cold`, the log loss of
+    their later half (D^B, real behavior) with the generated embedding; `warm`, the same after one α step on
+    their earlier half (D^A, real behavior) from it. `score` is their mean."""
+    train = data.splits["train"]
+    halves = split_halves(train)
+    a_rows = np.concatenate([halves.a_rows[u] for u in users])
+    b_rows = np.concatenate([halves.b_rows[u] for u in users])
+    owner_a = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.a_rows[u]) for u in users]))
+    owner_b = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.b_rows[u]) for u in users]))
+    profile = torch.as_tensor(halves.profile[users])
+    item, label = torch.as_tensor(train.item), torch.as_tensor(train.label)
+    history_a = torch.as_tensor(train.histories.gather(a_rows))
+    history_b = torch.as_tensor(train.histories.gather(b_rows))
+    generated = generator(profile)
+    with torch.enable_grad():
+        start = generated.clone().requires_grad_(True)
+        loss_a = _per_user_loss(model, start, profile, history_a, item[a_rows], label[a_rows], owner_a)
+        grad = torch.autograd.grad(loss_a.sum(), start)[0]
+
+    def event_loss(udg: torch.Tensor) -> float:
+        logits = model.score(model.unseen_user_vector(profile)[owner_b], udg[owner_b], history_b, item[b_rows])
+        return float(F.binary_cross_entropy_with_logits(logits, label[b_rows]))
+
+    cold, warm = event_loss(generated), event_loss(generated - alpha * grad)
+    return {"cold": cold, "warm": warm, "score": (cold + warm) / 2}
+
+
+# The residual's scale: UDG rows and the loss's gradient on them are small (~1e-2), so weights below ~0.1 barely
+# shrink; 10 holds the residual near zero unless the profile pays for it.
+SHRINK_GRID = (0.1, 10.0)
+RESIDUAL_STEPS = 500  # the residual is linear and starts at zero: it needs fewer steps than Eq. 11's 1,500
+
+
+def choose_shrink(model: UDG, data: PreparedData, config: MetaConfig, grid=SHRINK_GRID, valid_frac: float = 0.2,
+                  progress: bool = False, refit: bool = False) -> tuple[MetaGenerator, dict]:
+    """The residual generator with its shrinkage weight chosen on validation: for each weight, a generator fit
+    on (1 - valid_frac) of the training users and scored (`meta_validation_loss`) on the others; the zero
+    residual (the mean row itself) is a candidate too. The best is returned: as fit (default; one training per
+    weight), or, with `refit`, trained again on all the users. A zero residual comes back as the mean row."""
+    config = replace(config, variant="residual")
+    fit, held = validation_users(data, valid_frac, config.seed)
+    scores, fitted = {}, {}
+    for shrink in grid:
+        fitted[shrink], _ = train_meta(model, data, replace(config, shrink=shrink), progress=progress, users=fit)
+        scores[shrink] = meta_validation_loss(model, fitted[shrink], data, held, config.alpha)
+    zero = MetaGenerator(data.schema, model.config.udg_dim, mean_training_row(model, data.splits["train"]))
+    scores["mean row"] = meta_validation_loss(model, zero.eval(), data, held, config.alpha)
+    best = min(scores, key=lambda k: scores[k]["score"])
+    info = {"validation": {str(k): v for k, v in scores.items()}, "chosen": best, "fit_users": len(fit),
+            "valid_users": len(held), "config": asdict(replace(config, shrink=0.0 if best == "mean row" else best)),
+            "final_loss": None}
+    if best == "mean row":
+        return zero.eval(), info
+    if not refit:
+        return fitted[best], info
+    generator, trained = train_meta(model, data, replace(config, shrink=best), progress=progress)
+    return generator, {**info, **trained}
+
+
+def fit_generator(model: UDG, data: PreparedData, config: MetaConfig | None = None,
+                  progress: bool = True) -> tuple[MetaGenerator, dict]:
+    """The generator `config.variant` names: Eq. 11 (`train_meta`) or the residual one, its shrinkage chosen on
+    held-out training users (`choose_shrink`)."""
+    config = config or MetaConfig()
+    if config.variant == "residual":
+        if not isinstance(model, UDG):
+            raise TypeError("the meta generator produces UDG embeddings: train a model with --udg first")
+        return choose_shrink(model, data, config, progress=progress, refit=True)
+    return train_meta(model, data, config, progress=progress)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from export.onnx_export import export_model
 from export.runtime import ArtifactError, open_artifact
 from model.base import Items
 from model.checkpoint import Checkpoint, MetaState
-from model.meta import MetaConfig, train_meta
+from model.meta import MetaConfig, choose_shrink, train_meta
 from model.train import TrainConfig, train_model
 from model.zoo import BASE_MODELS, base_of
 
@@ -55,13 +55,18 @@ class Zoo:
             train_config = TrainConfig(epochs=1)
             model, metrics = train_model(self.data, config, train_config, progress=False)
             meta_state = None
-            if udg and meta:
+            if udg and meta == "residual":  # the mean row + residual generator (shrinkage: none to choose)
+                generator, info = choose_shrink(model, self.data, MetaConfig(steps=10, users_per_step=16,
+                                                                             beta=1e-2), grid=(0.0,))
+                meta_state = MetaState(generator.state_dict(), info)
+            elif udg and meta:
                 generator, info = train_meta(model, self.data, MetaConfig(steps=10, users_per_step=16),
                                              progress=False)
                 meta_state = MetaState(generator.state_dict(), info)
             model.eval()
             checkpoint = Checkpoint.from_training(model, config, train_config, self.data, metrics, meta=meta_state)
-            path = export_model(checkpoint, f"{kind}-{int(udg)}-{int(meta)}", self.root, model=model)
+            name = f"{kind}-{int(udg)}-{meta if isinstance(meta, str) else int(meta)}"
+            path = export_model(checkpoint, name, self.root, model=model)
             self.cache[key] = (model, checkpoint, path, open_artifact(path, threads=1))
         return self.cache[key]
 
@@ -283,6 +288,26 @@ def test_scorer_keeps_integer_tensors_off_ops_without_cuda_kernels(zoo, kind):
 def test_meta_parity(zoo, kind, udg):
     model, checkpoint, _, artifact = zoo.get(kind, udg)
     check_meta_parity(model, checkpoint, artifact, udg, np.array([[2, 2, 2], [OOV, OOV, OOV], [3, 2, 4]], np.int64))
+
+
+def test_residual_generator_is_exported_and_warmed_alike(zoo):
+    """The residual variant (mean row + profile residual) travels in meta.onnx and in warmup.pt: the served
+    cold start, the checkpoint's generator and the warm-up worker's give the same row."""
+    from repository import ModelRepository
+    from warmup.model import WarmupModel
+
+    model, checkpoint, path, artifact = zoo.get("pnn", True, meta="residual")
+    assert checkpoint.meta_generator().variant == "residual"
+    profiles = np.array([[2, 2, 2], [OOV, OOV, OOV], [3, 2, 4]], np.int64)
+    check_meta_parity(model, checkpoint, artifact, True, profiles)
+    warm = WarmupModel.load(ModelRepository(path.parent), path.name)
+    assert warm.generator.variant == "residual"
+    with torch.no_grad():
+        assert torch.equal(warm.generator(torch.as_tensor(profiles)),
+                           checkpoint.meta_generator()(torch.as_tensor(profiles)))
+    _, warmed = warm.generated_state({})  # an empty profile: every field OOV
+    _, served = artifact.cold_start(profiles[1:2])
+    assert np.max(np.abs(warmed - served)) <= ATOL
 
 
 def test_meta_without_generator_uses_mean_udg_row(zoo):

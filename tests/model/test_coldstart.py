@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 
 from dataset.schema import OOV
-from model.coldstart import ARMS, PHASES, Protocol, WarmConfig, build_split, run_grid, run_seed, user_event_counts
+from model.coldstart import (
+    ARMS,
+    DEFAULT_ARMS,
+    PHASES,
+    PretrainCache,
+    Protocol,
+    WarmConfig,
+    build_split,
+    run_grid,
+    run_seed,
+    user_event_counts,
+)
 from model.report import RunJournal
 from model.train import TrainConfig
 from tests.tiny import tiny_prepared
@@ -159,7 +170,53 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "RelaImpr" in printed and "w/o Meta" in printed
     assert (out / "report.md").exists() and (out / "coldstart.png").stat().st_size > 0
-    assert len((out / "runs.jsonl").read_text().splitlines()) == len(ARMS)
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(DEFAULT_ARMS)
     (out / "report.md").unlink()
     assert main([*args, "--summary-only"]) == 0
-    assert (out / "report.md").read_text().count("| auc |") == len(ARMS)
+    assert (out / "report.md").read_text().count("| auc |") == len(DEFAULT_ARMS)
+    # the residual arm joins the same journal (the same setup), compared with Meta and the baselines
+    assert main([*args, "--arms", ",".join(ARMS), "--cache", str(tmp_path / "cache")]) == 0
+    report = (out / "report.md").read_text()
+    assert report.count("| auc |") == len(ARMS) and "AUC of Meta (mean row + residual) minus" in report
+    # other generator settings are another setup: the earlier runs are not reused
+    with pytest.raises(SystemExit, match="no finished runs"):
+        main([*args, "--arms", "meta", "--phase-a-history", "--summary-only"])
+
+
+def test_residual_generator_starts_at_the_mean_row_and_survives_a_checkpoint(split):
+    import torch
+
+    from model.checkpoint import MetaState
+    from model.coldstart import initial_embeddings
+    from model.experiment import model_config
+    from model.meta import MetaConfig, MetaGenerator, choose_shrink, mean_training_row
+    from model.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_config("pnn", "udg"), split.active.schema)
+    mean = initial_embeddings("mean", model, None, split, 0)
+    anchor = mean_training_row(model, split.active.splits["train"])
+    zero = MetaGenerator(split.active.schema, model.config.udg_dim, anchor)
+    assert zero.variant == "residual"
+    assert torch.equal(initial_embeddings("residual", model, zero, split, 0), mean)
+    # nothing to choose from: validation keeps the mean row
+    generator, info = choose_shrink(model, split.active, MetaConfig(steps=3), grid=())
+    assert info["chosen"] == "mean row" and torch.equal(initial_embeddings("residual", model, generator, split, 0),
+                                                        mean)
+    # a trained residual moves away from it, and a checkpoint's generator is the same function
+    generator, info = choose_shrink(model, split.active, MetaConfig(steps=20, beta=1e-2), grid=(0.0,))
+    profiles = torch.as_tensor(split.active.splits["train"].profiles[split.new_users])
+    if info["chosen"] != "mean row":
+        assert not torch.equal(generator(profiles), mean)
+    restored = MetaState(generator.state_dict()).generator(split.active.schema, model.config.udg_dim)
+    assert restored.variant == "residual" and torch.equal(restored(profiles), generator(profiles).detach())
+    assert "anchor" not in MetaGenerator(split.active.schema, model.config.udg_dim).state_dict()
+
+
+def test_the_pretrain_cache_gives_the_same_rows(tmp_path, split):
+    cache = PretrainCache(tmp_path / "cache", {"test": 1})
+    first = run_seed(split, "pnn", 0, ["residual", "mean"], TRAIN, meta_steps=5, warm=WARM, cache=cache)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # the model and the residual generator
+    again = run_seed(split, "pnn", 0, ["residual", "mean"], TRAIN, meta_steps=5, warm=WARM, cache=cache)
+    for arm in ("residual", "mean"):
+        assert again[arm]["phases"] == first[arm]["phases"]
