@@ -9,6 +9,7 @@ file descriptors)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -95,8 +96,9 @@ def start_serve(env: dict[str, str], log_path: Path, ready_path: str = "/readyz"
     base_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the server makes its own
 
     def launch(port: int, log) -> subprocess.Popen:
+        # its own process group: `stop` ends the workers with it, even when the supervisor had to be killed
         return subprocess.Popen([sys.executable, "-m", "udg_cli", "serve"], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
+                                stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**base_env, **env, "UDG_HOST": "127.0.0.1", "UDG_PORT": str(port)})
 
     started = time.monotonic()
@@ -154,12 +156,16 @@ def _listens(pid: int, port: int) -> bool:
 
 def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGINT (uvicorn's graceful stop without the SIGTERM drain a test does not need), then SIGKILL after
-    `grace_s`."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    `grace_s`; then whatever is left of its process group (a `start_serve` child leads one). A worker that
+    outlived a killed supervisor would go on heartbeating into the session's Redis and following (and
+    restoring) routing documents there: every later test would see it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if os.name == "posix" and os.getpgid(0) != process.pid:  # never this test run's own group
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # no group of that id: nothing left
+            os.killpg(process.pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_process import serve_env, start_serve, wait_until
+from tests.serve_process import serve_env, start_serve, stop, wait_until
 
 DRAIN_S = 1.5
 
@@ -79,10 +79,15 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
         server.send_signal(signal.SIGTERM)
         with httpx.Client(base_url=base, timeout=5) as http:
             deadline = sigterm + DRAIN_S
-            while (ready := http.get("/readyz")).status_code == 200:  # the supervisor forwards within 0.5 s
-                assert time.monotonic() < deadline, "readiness did not turn 503 during the drain"
-                time.sleep(0.05)
-            assert ready.status_code == 503 and any(r.startswith("draining") for r in ready.json()["reasons"])
+            others = []  # 503 answers for another reason first (one worker not told yet, say): reported
+            while not ((ready := http.get("/readyz")).status_code == 503
+                       and any(r.startswith("draining") for r in ready.json()["reasons"])):
+                if ready.status_code != 200:
+                    others.append(ready.json()["reasons"])
+                assert time.monotonic() < deadline, f"readiness did not turn 503 draining during the drain: {others}"
+                time.sleep(0.05)  # the supervisor forwards SIGTERM within 0.5 s
+            if others:
+                print(f"\nworkers={workers}: 503 for other reasons before draining: {others}")
             turned = time.monotonic() - sigterm
             # still serving during the drain: liveness and a new score request, answered Connection: close
             assert http.get("/healthz").status_code == 200
@@ -110,9 +115,7 @@ def test_sigterm_drains_then_completes_the_request_in_flight(published, redis_se
         print(f"\nworkers={workers}: readiness 503 after {turned * 1000:.0f} ms, exit {stopped:.2f} s after SIGTERM "
               f"(drain {DRAIN_S} s, in-flight request completed)")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(5)
+        stop(server, grace_s=5)  # its workers too, wherever the test stopped
 
 
 @pytest.mark.slow
