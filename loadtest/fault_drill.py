@@ -180,12 +180,10 @@ def render(journal: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loadtest.stack import add_model_arguments, ensure_model
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", type=Path, default=None,
-                        help="model repository holding --version (default: a small synthetic model in --workdir)")
-    parser.add_argument("--version", default="v1")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/loadtest"),
-                        help="where the synthetic model is trained once (as `udg loadtest` does)")
+    add_model_arguments(parser)
     parser.add_argument("--unseen", type=int, default=2000)
     parser.add_argument("--generated-cap", type=int, default=500)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a journal)")
@@ -195,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(render(json.loads(args.table.read_text())))
         return 0
-    from loadtest.stack import ensure_model
-
     version_dir = ensure_model(args.repo, args.version, args.workdir)
     load_before = os.getloadavg()[0]
     figures = drill(version_dir, args.unseen, args.generated_cap)

@@ -329,12 +329,10 @@ def figures_table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loadtest.stack import add_model_arguments, ensure_model
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", type=Path, default=None,
-                        help="model repository holding --version (default: a small synthetic model in --workdir)")
-    parser.add_argument("--version", default="v1")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/loadtest"),
-                        help="where the synthetic model is trained once (as `udg loadtest` does)")
+    add_model_arguments(parser)
     parser.add_argument("--redis-url", default=None, help="default: a private redis-server")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per instance")
     parser.add_argument("--drain-s", type=float, default=2.0, help="UDG_SHUTDOWN_DRAIN_S of the instances")
@@ -348,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(figures_table(json.loads(args.table.read_text())["runs"]))
         return 0
-    from loadtest.stack import ensure_model
-
     version_dir = ensure_model(args.repo, args.version, args.workdir)
     drains = [args.drain_s] if args.no_baseline else [0.0, args.drain_s]
     load_before = os.getloadavg()[0]

@@ -96,6 +96,15 @@ def model_train_args(spec: str = "synthetic", synthetic_users: int = 2000, epoch
     return argv + (list(SMALL_MODEL_ARGS) if small else [])
 
 
+def add_model_arguments(parser) -> None:
+    """--repo / --version / --workdir: what `ensure_model` serves (a given model, else the small synthetic one)."""
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="model repository holding --version (default: a small synthetic model in --workdir)")
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/loadtest"),
+                        help="where the synthetic model is trained once (as `udg loadtest` does)")
+
+
 def ensure_model(repo: Path | None, version: str, workdir: Path, spec: str = "synthetic",
                  synthetic_users: int = 2000, epochs: int = 1, small: bool = True, meta_steps: int = 50,
                  log_file=None) -> Path:
