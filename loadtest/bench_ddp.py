@@ -319,13 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         folder = Path(tmp)
         env = {**os.environ, "PYTHONPATH": str(REPO), "UDG_CACHE_DIR": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
-        os.environ["UDG_CACHE_DIR"] = env["UDG_CACHE_DIR"]
-        print("throughput ...", file=sys.stderr)
-        runs = throughput(args.users, folder, env)
-        print("ingest ...", file=sys.stderr)
-        ingest = ingest_cost(args.users, env)
-        print("tables ...", file=sys.stderr)
-        tables = table_sweep(args.users, [int(v) for v in args.vocab.split(",")], args.steps, folder)
+        cache_before = os.environ.get("UDG_CACHE_DIR")
+        os.environ["UDG_CACHE_DIR"] = env["UDG_CACHE_DIR"]  # the in-process table sweep generates its world here
+        try:
+            print("throughput ...", file=sys.stderr)
+            runs = throughput(args.users, folder, env)
+            print("ingest ...", file=sys.stderr)
+            ingest = ingest_cost(args.users, env)
+            print("tables ...", file=sys.stderr)
+            tables = table_sweep(args.users, [int(v) for v in args.vocab.split(",")], args.steps, folder)
+        finally:  # an in-process caller keeps its own cache, not a path to the deleted temporary folder
+            if cache_before is None:
+                os.environ.pop("UDG_CACHE_DIR", None)
+            else:
+                os.environ["UDG_CACHE_DIR"] = cache_before
     journal = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs; 1-min load average {load_before:.1f} "
                           f"before, {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, gloo",
                "users": args.users, "throughput": runs, "ingest": ingest, "tables": tables,

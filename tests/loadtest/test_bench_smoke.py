@@ -189,3 +189,24 @@ def test_bench_warmup_measures_the_events_cost_and_reports(model_repo, tmp_path,
     assert [(r[0], r[1]) for r in stream] == [("off", "20"), ("on", "20")]
     assert float(stream[0][2]) == pytest.approx(cost["off"]["p50_ms"], abs=0.001)
     assert (out / "report.md").read_text() == text  # print() and the file end in one newline each
+
+
+def test_bench_ddp_gives_the_callers_cache_folder_back(monkeypatch, tmp_path):
+    """The run points UDG_CACHE_DIR at its temporary folder while it trains; an in-process caller must not be
+    left with a path to that deleted folder."""
+    import os
+
+    import loadtest.bench_ddp as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "throughput", lambda *a: seen.append(os.environ["UDG_CACHE_DIR"]) or [])
+    monkeypatch.setattr(bench, "ingest_cost", lambda *a: [])
+    monkeypatch.setattr(bench, "table_sweep", lambda *a: [])
+    monkeypatch.setattr(bench, "format_tables", lambda journal: "")
+    monkeypatch.setenv("UDG_CACHE_DIR", str(tmp_path / "mine"))
+    assert bench.main(["--journal", str(tmp_path / "j.json")]) == 0
+    assert seen and seen[0] != str(tmp_path / "mine")  # the run used its own folder
+    assert os.environ["UDG_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("UDG_CACHE_DIR")
+    assert bench.main(["--journal", str(tmp_path / "j.json")]) == 0
+    assert "UDG_CACHE_DIR" not in os.environ
