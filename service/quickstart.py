@@ -97,6 +97,8 @@ def _warmup_demo(base: str, version_dir: Path, timeout_s: float = 60.0) -> None:
     for item, old, new in zip(body["candidates"], before["scores"], after["scores"], strict=True):
         mark = "clicked" if item in clicked else "skipped"
         print(f"# {item:<24} {old:9.4f} {new:9.4f} {new - old:+9.4f}  ({mark})")
+    print("# (the change is the UDG steps and the clicked items now in the behavior history together; a skipped item")
+    print("#  can still rise, since the new history moves every candidate's score)")
     print()
 
 
