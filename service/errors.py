@@ -37,7 +37,8 @@ class ErrorBody(BaseModel):
 
 
 STATUS_TEXT = {
-    400: "Not valid JSON (`invalid_json`) or msgpack (`invalid_msgpack`), or a malformed HTTP request",
+    400: "Not valid JSON (`invalid_json`), a msgpack score body that is not msgpack (`invalid_msgpack`), or a "
+         "malformed HTTP request",
     401: "Missing or wrong bearer token (`unauthorized`)",
     403: "The admin API is disabled: UDG_ADMIN_TOKEN is not set (`admin_disabled`)",
     404: "Unknown version or route (`not_found`)",
