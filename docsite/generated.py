@@ -128,6 +128,12 @@ BENCHMARK_REPORTS = {
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-state-cache-many-users.json"]),
     "docs/results/perf/report-bench-compare-single-write.md": (
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-single-write.json"]),
+    "docs/results/perf/report-bench-compare-fast-path-ab.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-fast-path-ab.json"]),
+    "docs/results/perf/report-bench-compare-fast-path.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-fast-path.json"]),
+    "docs/results/perf/report-profile-service-fast-path.md": (
+        "loadtest.profile_service", ["--report", "docs/results/perf/profile-service-fast-path.json"]),
     "docs/results/perf/report-profile-service.md": ("loadtest.profile_service",
                                                     ["--report", "docs/results/perf/profile-service.json"]),
     "docs/results/perf/report-profile-service-cache.md": ("loadtest.profile_service",

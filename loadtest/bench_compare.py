@@ -36,13 +36,38 @@ TARGETS = {"service_vs_naive_rps": 2.0, "service_vs_ceiling_rps": 0.75, "service
            "cpu_vs_model": 1.3, "p50_above_floor_ms": 0.5}
 
 
+# Variant settings for the load generator, not the server: body=msgpack sends msgpack score requests
+# (Content-Type and Accept application/msgpack) instead of JSON.
+CLIENT_SETTINGS = {"body": ("json", "msgpack")}
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """"cache:UDG_STATE_CACHE=true,UDG_X=1" -> ("cache", {...}); the name must not clash with a system."""
+    """"cache:UDG_STATE_CACHE=true,UDG_X=1" -> ("cache", {...}); the name must not clash with a system.
+    Lower-case keys are the client's (CLIENT_SETTINGS), the others the server's environment."""
     name, _, assignments = text.partition(":")
     env = dict(item.split("=", 1) for item in assignments.split(",") if "=" in item)
     if not name or name in ("service", "naive") or not env:
         raise SystemExit(f"--variant {text!r}: expected NAME:ENV=VALUE[,ENV=VALUE] (NAME not service/naive)")
+    for key, value in env.items():
+        if key.islower() and value not in CLIENT_SETTINGS.get(key, ()):
+            raise SystemExit(f"--variant {text!r}: client setting {key}={value!r} is not one of "
+                             + ", ".join(f"{k}={'|'.join(v)}" for k, v in CLIENT_SETTINGS.items()))
     return name, env
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if not key.islower()}
+
+
+def score_requests(inputs: list[dict], body: str = "json") -> list[bytes]:
+    """The raw score requests of the load generator: one per input, JSON or msgpack both ways."""
+    if body == "msgpack":
+        import msgpack
+
+        return [raw_post("/v1/score", msgpack.packb({"user_id": x["user_id"], "candidates": x["candidates"]}),
+                         "application/msgpack", accept="application/msgpack") for x in inputs]
+    return [raw_post("/v1/score", json.dumps({"user_id": x["user_id"], "candidates": x["candidates"]}).encode())
+            for x in inputs]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:ENV=VALUE[,ENV=VALUE]",
                         help="also measure the service with these environment settings, in the same rounds "
-                             "(an A/B of a toggle), e.g. cache:UDG_STATE_CACHE=true; repeatable")
+                             "(an A/B of a toggle), e.g. cache:UDG_STATE_CACHE=true; lower-case keys set the "
+                             "client: body=msgpack sends msgpack score requests; repeatable")
     parser.add_argument("--json", default=None, help="also write the raw results here (the journal)")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     parser.add_argument("--ceiling-worker", default=None, help=argparse.SUPPRESS)
@@ -179,8 +205,9 @@ class Ceiling:
 READ_TIMEOUT_S = 30.0
 
 
-def raw_post(path: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+def raw_post(path: str, body: bytes, content_type: str = "application/json", accept: str | None = None) -> bytes:
+    accept_line = f"Accept: {accept}\r\n" if accept else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{accept_line}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -319,8 +346,6 @@ def run(args: argparse.Namespace) -> int:
     load = {"before": os.getloadavg()}
     artifact = open_artifact(version_dir, providers=["CPUExecutionProvider"], threads=args.ort_threads)
     inputs = make_inputs(artifact, args.candidates, args.bodies)
-    requests = [raw_post("/v1/score", json.dumps({"user_id": x["user_id"], "candidates": x["candidates"]}).encode())
-                for x in inputs]
     results: dict = {"candidates": args.candidates, "version": str(version_dir), "cpus": os.cpu_count(),
                      "ort_threads": args.ort_threads, "duration_s": args.duration, "rounds": args.rounds,
                      "cells": {}, "ceiling": {}}
@@ -329,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
     variants = dict(parse_variant(text) for text in args.variant)
     results["variants"] = variants
     systems = ["service", *variants] + ([] if args.skip_naive else ["naive"])
+    requests_of = {system: score_requests(inputs, variants.get(system, {}).get("body", "json")) for system in systems}
     redis = stack.start_redis()
     try:
         stack.publish_version(version_dir, redis.url)
@@ -349,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
                 servers["service"] = (process, int(base.rsplit(":", 1)[1]))
                 for name, env in variants.items():
                     process, base = stack.start_service(version_dir, redis.url, workers, args.ort_threads,
-                                                        workdir / f"service-{name}.log", extra_env=env)
+                                                        workdir / f"service-{name}.log", extra_env=server_env(env))
                     servers[name] = (process, int(base.rsplit(":", 1)[1]))
                 if not args.skip_naive:
                     servers["naive"] = start_naive(checkpoint, redis.url, workers, workdir / "naive.log")
@@ -376,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
                             time.sleep(0.3)  # let idle PyTorch/OpenMP threads stop spinning
                             pids = [servers[system][0].pid, redis.process.pid]
                             server_before, client_before = cpu_seconds(pids), time.process_time()
-                            out = run_load(servers[system][1], requests, c, block, warm, args.max_requests)
+                            out = run_load(servers[system][1], requests_of[system], c, block, warm,
+                                           args.max_requests)
                             cell = samples[(system, c)]
                             cell["cpu"] += cpu_seconds(pids) - server_before
                             cell["client_cpu"] += time.process_time() - client_before

@@ -26,6 +26,7 @@ Environment (all optional):
   UDG_LOADTEST_UNKNOWN_ITEMS  share of candidates that are ids outside the vocabulary (default 0.01)
   UDG_LOADTEST_WAIT        think time per locust user in seconds, "0" (default, closed loop) or "MIN:MAX"
   UDG_LOADTEST_SEED        base seed (default 0): each locust user gets its own reproducible stream
+  UDG_LOADTEST_BODY        score request and response bodies: json (default) or msgpack (application/msgpack)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import msgpack
 from locust import FastHttpUser, between, constant, events, tag, task
 
 from repository import MANIFEST_FILE, USERS_FILE, ArtifactError, ModelRepository, read_manifest
@@ -54,6 +56,8 @@ DEFAULT_SIZES = "loguniform:50:1000"
 # When nothing says which profile fields a version has: cold users send no profile (the all-OOV profile).
 FALLBACK_PROFILES: tuple[dict[str, str], ...] = ({},)
 SCORE_PATH, EVENTS_PATH = "/v1/score", "/v1/events"
+BODY_FORMATS = ("json", "msgpack")
+MSGPACK_HEADERS = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
 
 
 class ConfigError(ValueError):
@@ -151,6 +155,7 @@ class Config:
     click_rate: float = 0.3
     unknown_item_rate: float = 0.01
     seed: int = 0
+    body: str = "json"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -161,7 +166,10 @@ class Config:
             click_rate=_env_float(env, "UDG_LOADTEST_CLICK_RATE", 0.3, 0.0, 1.0),
             unknown_item_rate=_env_float(env, "UDG_LOADTEST_UNKNOWN_ITEMS", 0.01, 0.0, 1.0),
             seed=int(_env_float(env, "UDG_LOADTEST_SEED", 0, 0, 2**63)),
+            body=env.get("UDG_LOADTEST_BODY", "json").strip().lower(),
         )
+        if config.body not in BODY_FORMATS:
+            raise ConfigError(f"UDG_LOADTEST_BODY must be one of {', '.join(BODY_FORMATS)}, got {config.body!r}")
         parse_sizes(config.sizes_spec)  # fail at start-up, not in the first task
         return config
 
@@ -354,13 +362,15 @@ class ScoringUser(FastHttpUser):
 
     def _score(self, body: dict, name: str) -> None:
         n = len(body["candidates"])
-        with self.client.post(SCORE_PATH, json=body, name=name, catch_response=True) as response:
+        packed = self.workload.config.body == "msgpack"
+        sent = {"data": msgpack.packb(body), "headers": MSGPACK_HEADERS} if packed else {"json": body}
+        with self.client.post(SCORE_PATH, name=name, catch_response=True, **sent) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {str(response.text)[:200]}")
                 return
             try:
-                scores = response.json()["scores"]
-            except (ValueError, KeyError, TypeError) as error:
+                scores = (msgpack.unpackb(response.content) if packed else response.json())["scores"]
+            except (ValueError, KeyError, TypeError, msgpack.UnpackException) as error:
                 response.failure(f"bad score response: {error!r}")
                 return
             expected = min(self.workload.config.top_k or n, n)

@@ -1,7 +1,7 @@
 """Where a saturated worker's time goes: `udg serve` (1 worker) under the bench-compare load, sampled by py-spy.
 
     python -m loadtest.profile_service [--workdir runs/bench_compare] [--env UDG_STATE_CACHE=true] \\
-        [--concurrency 4] [--seconds 15] [--json JOURNAL] | --report JOURNAL
+        [--body msgpack] [--concurrency 4] [--seconds 15] [--json JOURNAL] | --report JOURNAL
 
 Uses bench compare's model (trained into --workdir once), request bodies and load generator; py-spy (`pip install
 py-spy`) records the worker process with native frames off, and the summary prints the share of samples whose
@@ -22,17 +22,19 @@ from collections import Counter
 from pathlib import Path
 
 MARKERS = {  # label -> substrings of a frame ("function (file)", no line numbers) that put a sample in that bucket
-    "the score route, all of it": ["score (service/api/score.py)"],
+    "the score route, all of it": ["score (service/api/score.py)", "FastScore._score (service/fast_score.py)"],
     "Scorer.score, all of it": ["Scorer.score (service/scoring.py)"],
     "onnxruntime run": ["run (onnxruntime/"],
     "Redis client": ["(redis/"],
     "state cache lookup/store": ["(service/state_cache.py)"],
     "metrics": ["(prometheus_client/"],
-    "JSON encode (orjson)": ["json_ok (service/api/deps.py)"],
-    "request parse (pydantic)": ["model_validate_json"],
+    "response encode (orjson / msgpack)": ["encode (service/api/bodies.py)"],
+    "request parse (pydantic, msgpack)": ["decode (service/api/bodies.py)"],
     "id encoding": ["encode_items"],
     "FastAPI dependency solving": ["solve_dependencies (fastapi/"],
     "uvicorn's response send, all of it": ["RequestResponseCycle.send (uvicorn/"],
+    "HTTP parsing (httptools callbacks, uvicorn)": ["data_received (service/http_server.py)"],
+    "the request-id layer, outside the route": ["RequestContext.__call__ (service/request_context.py)"],
 }
 # The socket writes of the response are C calls: a sample inside one ends in the Python frame that made it.
 LEAF_MARKERS = {"socket write of the response (leaf)": ["write (service/http_server.py)",
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--env", action="append", default=[], help="ENV=VALUE for the service; repeatable")
+    parser.add_argument("--body", choices=("json", "msgpack"), default="json", help="score request bodies")
     parser.add_argument("--json", default=None, help="also write the summary here (the journal)")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
@@ -100,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     version_dir = stack.ensure_model(None, args.version, Path(args.workdir), small=False)
     artifact = open_artifact(version_dir, providers=["CPUExecutionProvider"], threads=1)
     inputs = bench_compare.make_inputs(artifact, args.candidates, args.bodies)
-    requests = [bench_compare.raw_post("/v1/score", json.dumps({"user_id": x["user_id"],
-                                                                "candidates": x["candidates"]}).encode())
-                for x in inputs]
+    requests = bench_compare.score_requests(inputs, args.body)
     env = dict(item.split("=", 1) for item in args.env)
     load_before = os.getloadavg()[0]
     redis = stack.start_redis()
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     journal = summarise(raw)
     journal["load"] = [load_before, os.getloadavg()[0]]
     journal["setup"] = (f"1 worker, N = {args.candidates}, {args.bodies} users cycled, concurrency {args.concurrency}, "
-                        f"{args.seconds:g} s at {args.rate} Hz" + "".join(f", {k}={v}" for k, v in env.items()))
+                        f"{args.seconds:g} s at {args.rate} Hz" + "".join(f", {k}={v}" for k, v in env.items())
+                        + (f", {args.body} bodies" if args.body != "json" else ""))
     print(render(journal))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

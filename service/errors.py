@@ -37,7 +37,8 @@ class ErrorBody(BaseModel):
 
 
 STATUS_TEXT = {
-    400: "Not valid JSON (`invalid_json`), or a malformed HTTP request",
+    400: "Not valid JSON (`invalid_json`), a msgpack score body that is not msgpack (`invalid_msgpack`), or a "
+         "malformed HTTP request",
     401: "Missing or wrong bearer token (`unauthorized`)",
     403: "The admin API is disabled: UDG_ADMIN_TOKEN is not set (`admin_disabled`)",
     404: "Unknown version or route (`not_found`)",
@@ -46,6 +47,7 @@ STATUS_TEXT = {
     409: "A conflict: the pinned version is not loaded (`version_not_loaded`) or the change contradicts the "
          "routing (`conflict`)",
     413: "Body over UDG_MAX_BODY_BYTES (`body_too_large`)",
+    415: "The request's Content-Type is not one the route reads (`unsupported_media_type`, names it)",
     422: "A field is invalid (`invalid_field`, names it), or a version was refused (`version_refused`)",
     429: "The user's event-deduplication window is full (`dedup_window_full`): the event was not stored",
     431: "Request headers too large or too many (`header_too_large`)",
@@ -82,6 +84,14 @@ class ApiError(Exception):
 
 class InvalidJson(ApiError):
     status, kind = 400, "invalid_json"
+
+
+class InvalidMsgpack(ApiError):
+    status, kind = 400, "invalid_msgpack"
+
+
+class UnsupportedMediaType(ApiError):
+    status, kind = 415, "unsupported_media_type"
 
 
 class InvalidField(ApiError):
@@ -149,45 +159,72 @@ def from_validation_errors(errors: list[dict]) -> InvalidField:
     return InvalidField(f"{first['field']}: {first['message']}", field=first["field"], details=details)
 
 
+# --- the answers to exceptions: registered on the app by install(), and used as they are by the score route's
+# fast path (service/fast_score.py), which runs below FastAPI. Each takes (method, path, error).
+def _api_error(method: str, path: str, error: ApiError) -> Response:
+    return error_response(error)
+
+
+def _store_down(method: str, path: str, error: FeatureStoreUnavailable) -> Response:
+    REDIS_FAILURES.warning("redis", "%s %s: %s", method, path, error)
+    return error_response(ServiceUnavailable(f"feature store unavailable: {error}", kind="redis_unavailable"))
+
+
+def _validation(method: str, path: str, error: ValidationError) -> Response:
+    return error_response(from_validation_errors(error.errors(include_url=False)))
+
+
+def _request_validation(method: str, path: str, error: RequestValidationError) -> Response:
+    return error_response(from_validation_errors(list(error.errors())))
+
+
+def _http(method: str, path: str, error: StarletteHTTPException) -> Response:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    metrics.ERRORS.labels(kind).inc()
+    return json_response(error.status_code, {"error": kind, "message": str(error.detail), "field": None,
+                                             "details": []}, getattr(error, "headers", None))
+
+
+def _gone(method: str, path: str, error: ClientDisconnect) -> Response:
+    # The client went away (or the body timeout closed the connection) while the body was being read:
+    # not a bug; nobody reads this answer.
+    metrics.ERRORS.labels("client_disconnected").inc()
+    return json_response(400, {"error": "client_disconnected", "message": "the client disconnected before "
+                               "the request body was received", "field": "body", "details": []})
+
+
+def _bug(method: str, path: str, error: Exception) -> Response:
+    # One traceback per route and exception type per 10 s: a bug hit by every request must not flood.
+    BUGS.error(f"internal {path} {type(error).__name__}", "unhandled error on %s %s", method, path, exc_info=error)
+    metrics.ERRORS.labels("internal").inc()
+    request_id = REQUEST_ID.get()  # answered outside the request-id layer: it adds no header here
+    return json_response(500, {"error": "internal", "message": "internal error (logged)", "field": None,
+                               "details": []}, {"X-Request-ID": request_id} if request_id else None)
+
+
+# Looked up along the exception's MRO, as Starlette does; `Exception` is the 500 answered outside every other
+# layer (Starlette's ServerErrorMiddleware), and the exception is raised on afterwards.
+HANDLERS = {ApiError: _api_error, FeatureStoreUnavailable: _store_down, ValidationError: _validation,
+            RequestValidationError: _request_validation, StarletteHTTPException: _http, ClientDisconnect: _gone,
+            Exception: _bug}
+
+
+def handled(error: Exception, method: str, path: str) -> Response | None:
+    """The answer to an exception a layer below the request-id layer answers; None: a bug (see `bug_answer`)."""
+    for cls in type(error).__mro__:
+        handler = HANDLERS.get(cls)
+        if handler is not None:
+            return None if handler is _bug else handler(method, path, error)
+    return None
+
+
+def bug_answer(error: Exception, method: str, path: str) -> Response:
+    return _bug(method, path, error)
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, error: ApiError):
-        return error_response(error)
+    for cls, handler in HANDLERS.items():
+        async def answer(request: Request, error: Exception, handler=handler):
+            return handler(request.method, request.url.path, error)
 
-    @app.exception_handler(FeatureStoreUnavailable)
-    async def _store_down(request: Request, error: FeatureStoreUnavailable):
-        REDIS_FAILURES.warning("redis", "%s %s: %s", request.method, request.url.path, error)
-        return error_response(ServiceUnavailable(f"feature store unavailable: {error}", kind="redis_unavailable"))
-
-    @app.exception_handler(ValidationError)
-    async def _validation(request: Request, error: ValidationError):
-        return error_response(from_validation_errors(error.errors(include_url=False)))
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, error: RequestValidationError):
-        return error_response(from_validation_errors(list(error.errors())))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, error: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        metrics.ERRORS.labels(kind).inc()
-        return json_response(error.status_code, {"error": kind, "message": str(error.detail), "field": None,
-                                                 "details": []}, getattr(error, "headers", None))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request: Request, error: ClientDisconnect):
-        # The client went away (or the body timeout closed the connection) while the body was being read:
-        # not a bug; nobody reads this answer.
-        metrics.ERRORS.labels("client_disconnected").inc()
-        return json_response(400, {"error": "client_disconnected", "message": "the client disconnected before "
-                                   "the request body was received", "field": "body", "details": []})
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, error: Exception):
-        # One traceback per route and exception type per 10 s: a bug hit by every request must not flood.
-        BUGS.error(f"internal {request.url.path} {type(error).__name__}", "unhandled error on %s %s",
-                   request.method, request.url.path, exc_info=error)
-        metrics.ERRORS.labels("internal").inc()
-        request_id = REQUEST_ID.get()  # answered outside the request-id layer: it adds no header here
-        return json_response(500, {"error": "internal", "message": "internal error (logged)", "field": None,
-                                   "details": []}, {"X-Request-ID": request_id} if request_id else None)
+        app.add_exception_handler(cls, answer)

@@ -43,6 +43,22 @@ def start_state_cache(settings: Settings, store: FeatureStore, redis) -> asyncio
                                                settings.redis_ca_certs))
 
 
+class ScoringApp(FastAPI):
+    """FastAPI, with POST /v1/score answered in front of its middleware stack when `fast_score` is set
+    (UDG_FAST_SCORE_PATH, on by default; service/fast_score.py)."""
+
+    fast_score = False
+    fast_score_access_log = False
+
+    def build_middleware_stack(self):
+        stack = super().build_middleware_stack()
+        if not self.fast_score:
+            return stack
+        from service.fast_score import FastScore
+
+        return FastScore(self, stack, access_log=self.fast_score_access_log)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -85,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tracing.shutdown()
 
     # /docs and /redoc are served from assets installed with the package (service/api/docs.py), never a CDN.
-    app = FastAPI(title="UDG CTR scoring", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = ScoringApp(title="UDG CTR scoring", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.fast_score, app.fast_score_access_log = settings.fast_score_path, settings.access_log
     errors.install(app)
     app.include_router(score.router)
     app.include_router(events.router)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import orjson
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.errors import BodyTooLarge, InvalidField
@@ -35,7 +36,12 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 beyond `limit` bytes (declared length checked before reading)."""
-    declared = request.headers.get("content-length")
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
+
+
+async def receive_body(receive, declared: str | bytes | None, limit: int) -> bytes:
+    """The body from an ASGI `receive` (shared by the routes and the score fast path, which has no Request):
+    413 beyond `limit` bytes, the declared Content-Length checked before reading, ClientDisconnect as Starlette."""
     if declared is not None:
         try:
             size = int(declared)
@@ -43,14 +49,20 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidField("Content-Length is not a number", field="Content-Length") from None
         if size > limit:
             raise BodyTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes", field="body")
-        return await request.body()
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                total += len(chunk)
+                if declared is None and total > limit:
+                    raise BodyTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def json_ok(body: dict, status: int = 200) -> Response:

@@ -154,7 +154,8 @@ class AdminVersions(Open):
 REQUEST_MODELS = (ScoreRequest, Event, EventBatch, SplitRequest)
 
 
-def request_body(model: type[BaseModel]) -> dict:
-    """`openapi_extra` of a route that validates its raw body with `model` (schema in components/schemas)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+def request_body(model: type[BaseModel], media_types: tuple[str, ...] = ("application/json",)) -> dict:
+    """`openapi_extra` of a route that validates its raw body with `model` (schema in components/schemas),
+    read in each of `media_types`."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {media: {"schema": schema} for media in media_types}}}

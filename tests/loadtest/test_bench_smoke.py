@@ -61,6 +61,25 @@ def test_bench_compare_builds_its_requests_from_the_artifact(artifact):
         np.testing.assert_array_equal(request["candidate_idx"], artifact.encode_items(candidates)[0])
 
 
+
+def test_bench_compare_sends_msgpack_for_a_variant_that_asks_and_refuses_unknown_client_settings(artifact):
+    import msgpack
+    import pytest
+
+    from loadtest.bench_compare import make_inputs, parse_variant, score_requests, server_env
+
+    name, env = parse_variant("fast-msgpack:UDG_FAST_SCORE_PATH=true,body=msgpack")
+    assert name == "fast-msgpack" and server_env(env) == {"UDG_FAST_SCORE_PATH": "true"}
+    inputs = make_inputs(artifact, 20, 3)
+    for raw, x in zip(score_requests(inputs, env["body"]), inputs, strict=True):
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/msgpack" in head and b"Accept: application/msgpack" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert msgpack.unpackb(body) == {"user_id": x["user_id"], "candidates": x["candidates"]}
+    with pytest.raises(SystemExit, match="body=json|msgpack"):
+        parse_variant("x:body=xml")
+
+
 def table_rows(text: str, header_start: str) -> list[list[str]]:
     """The cells of the markdown table whose header row starts with `header_start` (after the separator)."""
     lines = text.splitlines()

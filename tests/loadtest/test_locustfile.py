@@ -33,6 +33,7 @@ ITEMS = [f"i{i}" for i in range(1500)]
 # class's tasks in place), and let one or more users pick and run tasks through DefaultTaskSet, as a runner does.
 DRIVER = r"""
 import importlib.util, json, random, sys
+import msgpack
 
 plan = json.loads(sys.argv[2])
 random.seed(1234)  # locust picks tasks with the global random: make the draw order reproducible
@@ -40,11 +41,12 @@ sent, failures = [], []
 
 
 class FakeResponse:
-    def __init__(self, body, status):
+    def __init__(self, body, status, packed=False):
         n = len(body.get("candidates", []))
         self.status_code = status
         self.text = "unavailable" if status != 200 else ""
         self._payload = {"scores": [0.5] * n, "model_version": "vtest", "cold_start": False}
+        self.content = msgpack.packb(self._payload) if packed else b""
 
     def json(self):
         return self._payload
@@ -66,9 +68,11 @@ class FakeClient:
     def __init__(self, status):
         self.status = status
 
-    def post(self, path, json=None, name=None, catch_response=False, **kwargs):
-        sent.append({"path": path, "name": name, "body": json})
-        return FakeResponse(json, self.status)
+    def post(self, path, json=None, name=None, catch_response=False, data=None, headers=None, **kwargs):
+        packed = (headers or {}).get("Content-Type") == "application/msgpack"
+        body = msgpack.unpackb(data) if packed else json
+        sent.append({"path": path, "name": name, "body": body, "headers": headers or {}})
+        return FakeResponse(body, self.status, packed=(headers or {}).get("Accept") == "application/msgpack")
 
 
 def check_config(module, env):
@@ -320,3 +324,16 @@ def test_server_errors_are_counted_as_failures(model_dir):
     result = run_locustfile({"UDG_LOADTEST_MODEL_DIR": str(model_dir)}, draws=20, status=503)
     assert result["error"] is None, result["error"]
     assert len(result["failures"]) == 20 and all("HTTP 503" in f for f in result["failures"])
+
+
+def test_msgpack_bodies_carry_the_same_requests_and_read_the_answers(model_dir):
+    """UDG_LOADTEST_BODY=msgpack: the score tasks send msgpack both ways, the events stay JSON; a bad value stops."""
+    env = {"UDG_LOADTEST_MODEL_DIR": str(model_dir), "UDG_LOADTEST_BODY": "msgpack", "UDG_LOADTEST_SEED": "3"}
+    bad = {"UDG_LOADTEST_MODEL_DIR": str(model_dir), "UDG_LOADTEST_BODY": "protobuf"}
+    result = run_locustfile(env, draws=60, configs=[bad])
+    assert result["error"] is None and not result["failures"], result
+    scores = [r for r in result["sent"] if r["path"] == "/v1/score"]
+    assert scores and all(r["headers"] == {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+                          and r["body"]["candidates"] for r in scores)
+    assert all(r["headers"] == {} for r in result["sent"] if r["path"] == "/v1/events")
+    assert "UDG_LOADTEST_BODY" in result["errors"][0] and "protobuf" in result["errors"][0]

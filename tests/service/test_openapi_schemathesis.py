@@ -1,8 +1,10 @@
 """Schemathesis (dev extra) against a real `udg serve` process: every operation of /openapi.json, all checks
-(server errors, status codes, content types, response schemas, negative/positive data), bounded examples."""
+(server errors, status codes, content types, response schemas, negative/positive data), bounded examples; score
+bodies in JSON and msgpack (tests/service/schemathesis_msgpack.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.serve_process import serve_env, start_serve, stop
+
+HOOKS = Path(__file__).with_name("schemathesis_msgpack.py")  # msgpack bodies both ways
 
 
 @pytest.mark.slow
@@ -26,7 +30,8 @@ def test_schemathesis_all_checks_against_udg_serve(published, redis_server, mode
         run = subprocess.run([st, "run", base + "/openapi.json", "--checks", "all", "--max-examples", "12",
                               "--seed", "1", "--workers", "1", "--generation-database", "none",
                               "--report-dir", str(tmp_path)],
-                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)})
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     finally:
         stop(server, grace_s=10)
