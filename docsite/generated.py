@@ -6,7 +6,8 @@ copy is stale.
   writes it.
 - A page section between `<!-- generated: include FILE table=N [rows=A,B] -->` and `<!-- end generated -->`
   is the N-th markdown table of FILE (a generated report), optionally only the rows whose first cell is one
-  of A, B.
+  of A, B; with `line=PREFIX` instead of `table=N`, the first line of FILE that starts with PREFIX (a run's
+  machine and load line, quoted beside its table).
 - Each committed benchmark journal in `BENCHMARK_REPORTS` has a report-*.md beside it: what the benchmark's
   own reprint option prints from that journal (no run), so a page includes its tables instead of a paste.
 - docs/api.md is rendered from the service's OpenAPI document.
@@ -57,7 +58,7 @@ def render_directive(directive: str, root: Path = ROOT, files: dict[Path, str] |
         raise DocsError(f"expected 'include FILE table=N [rows=A,B]', got {directive!r}")
     path = root / words[1]
     options = dict(word.split("=", 1) for word in words[2:])
-    unknown = set(options) - {"table", "rows"}
+    unknown = set(options) - {"table", "rows", "line"}
     if unknown:
         raise DocsError(f"{directive!r}: unknown option(s) {sorted(unknown)}")
     text = (files or {}).get(path)
@@ -65,6 +66,13 @@ def render_directive(directive: str, root: Path = ROOT, files: dict[Path, str] |
         if not path.exists():
             raise DocsError(f"{directive!r}: {words[1]} does not exist")
         text = path.read_text()
+    if "line" in options:
+        if {"table", "rows"} & set(options):
+            raise DocsError(f"{directive!r}: line= includes one line, not a table")
+        found = [line for line in text.splitlines() if line.startswith(options["line"])]
+        if not found:
+            raise DocsError(f"{directive!r}: no line of {words[1]} starts with {options['line']!r}")
+        return found[0] + "\n"
     tables = markdown_tables(text)
     index = int(options.get("table", "1"))
     if not 1 <= index <= len(tables):
