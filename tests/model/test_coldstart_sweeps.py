@@ -14,6 +14,7 @@ from model.coldstart import (
     Protocol,
     WarmConfig,
     build_split,
+    diagnostics,
     new_user_cut,
     parse_meta_grid,
     run_arm,
@@ -115,3 +116,9 @@ def test_the_warm_up_step_is_chosen_on_new_users_the_tables_do_not_score(tmp_pat
     assert run_arm(model, init, test, TRAIN, replace(warm, lr=step["chosen"]), 0)["phases"] == row["phases"]
     # without a grid the journal's warm setup is what it was before the option existed
     assert "lr_grid" not in setup_of(EVENT_SGD) and setup_of(warm)["lr_grid"] == (0.0, 3.0)
+    # the report's extra tables come from these rows only: an older journal's rows add none
+    text = diagnostics([row])
+    assert "reads the UDG row" in text and "| mean known-user row | " in text and "step 3" in text
+    older = {k: v for k, v in row.items() if k != "warm_step"}
+    older["pretrain"] = {k: v for k, v in row["pretrain"].items() if k != "udg_dependence"}
+    assert diagnostics([older]) == ""
