@@ -753,6 +753,12 @@ def diagnostics(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_tables(rows: list[dict], summary: list[dict] | None = None) -> str:
+    """Everything of a report after its head: `tables`, then the `diagnostics` where the rows carry them."""
+    extra = diagnostics(rows)
+    return tables(summary if summary is not None else summarise(rows)) + ("\n\n" + extra if extra else "")
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
     """Figure 4: AUC and log loss per phase, one line per arm (mean ± std over seeds), and the AUC of every arm
     minus the same seed's w/o Meta arm at that phase (paired: the seed-to-seed spread that all arms share
@@ -902,8 +908,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
     if split_info:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
-    extra = diagnostics(rows)
-    text = "\n".join(head) + tables(summary) + ("\n\n" + extra if extra else "")
+    text = "\n".join(head) + report_tables(rows, summary)
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
     print(text)
