@@ -96,6 +96,11 @@ class WarmConfig:
     # each user's events in time order, one step each, the model frozen (needs update="embeddings")
     rule: str = "minibatch-adam"
     lr: float | None = None  # the event rules' step: default α of the generator (sgd), pre-training lr (adam)
+    # The event rules' step chosen on validation: `valid_frac` of the new users (a fixed draw) are warmed up with
+    # each step of `lr_grid` and scored on their own rests; the others, with each arm's chosen step, are the
+    # reported test users. Empty grid: no choice, every new user is a test user.
+    lr_grid: tuple[float, ...] = ()
+    valid_frac: float = 0.3
 
 
 WARM_RULES = ("minibatch-adam", "event-sgd", "event-adam")
@@ -114,6 +119,9 @@ def event_rule(warm: WarmConfig, train_config):
 def setup_of(warm: WarmConfig) -> dict:
     """The journal's setup of `warm`: the rule's fields only when not the default (older journals match)."""
     setup = asdict(warm)
+    if not warm.lr_grid:
+        setup.pop("lr_grid")
+        setup.pop("valid_frac")
     if warm.rule == "minibatch-adam" and warm.lr is None:
         setup.pop("rule")
         setup.pop("lr")
@@ -130,6 +138,9 @@ class GeneratorOptions:
     shrink_grid: tuple[float, ...] = (0.1, 10.0)  # residual arm: weights tried on validation (+ the mean row)
     valid_frac: float = 0.2  # residual arm: share of the active users held out to choose the weight
     residual_steps: int = 500  # residual arm: Algorithm 1 steps of each fit
+    # meta arm: (alpha, gamma, phase_a_history) candidates chosen on the held-out active users (`choose_meta`);
+    # empty: the one setting above, on all the active users
+    meta_grid: tuple[tuple[float, float, bool], ...] = ()
 
     def changed(self) -> dict:
         """The settings that differ from the defaults (only these enter the journal's setup, so the journals
@@ -364,6 +375,75 @@ def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, 
     return {"phases": phases, "embedding_shift": moved, "served_history": served}
 
 
+def udg_dependence(model, samples: Samples) -> dict:
+    """How much a pre-trained model reads the UDG row, on known users' events (`samples`, e.g. the active
+    users' test split): AUC and log loss with each user's own trained row and with every row replaced by the
+    mean of these users' rows (about what the `mean` arm gives a new user), the rows' spread around that mean
+    (RMS of the L2 distance) and the mean row's L2 norm, and how far the gates move under that replacement (mean
+    absolute change over gates and events, against the gates' own std across events)."""
+    import torch
+
+    from dataset.schema import OOV
+    from model.metrics import all_metrics
+    from model.train import to_tensors
+
+    model.eval()
+    rows = np.unique(samples.user)
+    rows = torch.as_tensor(rows[rows > OOV])
+    table = model.udg_emb.weight.detach()
+    mean = table[rows].mean(0, keepdim=True)
+    probs = {"own": [], "mean": []}
+    shift, spread, events = 0.0, [], 0
+    with torch.no_grad():
+        for start in range(0, len(samples), 8192):
+            batch = to_tensors(samples, np.arange(start, min(start + 8192, len(samples))))
+            user_vec, own = model.user_state(batch["user"], batch["profile"])
+            replaced = mean.expand(len(own), -1)
+            for name, udg in (("own", own), ("mean", replaced)):
+                probs[name].append(torch.sigmoid(model.score(user_vec, udg, batch["history"], batch["item"])))
+            before = model.gate_values(user_vec, own, batch["history"], batch["item"])
+            after = model.gate_values(user_vec, replaced, batch["history"], batch["item"])
+            n = len(own)
+            shift += sum(float((b - a).abs().mean()) for b, a in zip(before, after, strict=True)) / len(before) * n
+            spread.append(torch.cat([g.expand(n, -1) for g in before], 1))
+            events += n
+    gate_std = float(torch.cat(spread).std(0).mean()) if spread else 0.0
+    own, replaced = (all_metrics(samples.label, torch.cat(probs[k]).numpy()) for k in ("own", "mean"))
+    return {"auc_own_row": own["auc"], "auc_mean_row": replaced["auc"],
+            "log_loss_own_row": own["log_loss"], "log_loss_mean_row": replaced["log_loss"],
+            "row_spread": float((table[rows] - mean).norm(dim=1).pow(2).mean().sqrt()),
+            "mean_row_norm": float(mean.norm()), "gate_shift": shift / max(events, 1), "gate_std": gate_std}
+
+
+def new_user_cut(split: ColdStartSplit, frac: float) -> tuple[ColdStartSplit, ColdStartSplit]:
+    """(validation, test): the protocol restricted to a fixed random `frac` of the new users and to the others.
+    Both keep the full `new_index` and `new_users`, so an arm's initial rows serve either."""
+    rng = np.random.default_rng(20_000)
+    held = np.zeros(len(split.new_index), bool)
+    chosen = rng.choice(split.new_users, size=max(1, int(round(frac * len(split.new_users)))), replace=False)
+    held[chosen] = True
+
+    def part(mask: np.ndarray) -> ColdStartSplit:
+        batches = {name: samples.subset(mask[samples.user_key]) for name, samples in split.batches.items()}
+        info = {**split.info, "new_users": int(mask[split.new_users].sum())}
+        return replace(split, batches=batches, info=info)
+
+    return part(held), part(~held)
+
+
+def chosen_step(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int) -> tuple[float, dict]:
+    """The event rule's step of `warm.lr_grid` with the best mean AUC after a, b and c on the validation users'
+    rests (`split` is the validation cut); -> (step, {step: {phase AUCs, log losses, score}})."""
+    scores = {}
+    for lr in warm.lr_grid:
+        phases = run_arm(model, init, split, train_config, replace(warm, lr=lr), seed)["phases"]
+        scores[f"{lr:g}"] = {"auc": {p: phases[p]["auc"] for p in PHASES},
+                             "log_loss": {p: phases[p]["log_loss"] for p in PHASES},
+                             "score": float(np.mean([phases[p]["auc"] for p in BATCHES]))}
+    best = max(scores, key=lambda k: scores[k]["score"])
+    return float(best), scores
+
+
 class PretrainCache:
     """Optional on-disk cache of a seed's pre-trained model and generators (`--cache DIR`), keyed by everything
     they depend on, so that further arms or warm-up settings over the same seeds skip the pre-training. The
@@ -401,7 +481,7 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
                      options: GeneratorOptions, cache: PretrainCache | None = None) -> tuple[dict, dict]:
     """The generators the arms need: `meta` (Algorithm 1, Eq. 11) and `residual` (the mean row plus a residual,
     shrinkage chosen on validation); -> ({arm: generator}, {arm: training info})."""
-    from model.meta import MetaConfig, choose_shrink, train_meta
+    from model.meta import MetaConfig, choose_meta, choose_shrink, train_meta
 
     config = MetaConfig(steps=meta_steps, seed=seed, alpha=options.alpha, gamma=options.gamma,
                         phase_a_history=options.phase_a_history)
@@ -409,7 +489,9 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
     for arm in (a for a in GENERATED if a in arms):
         cached = cache.get(f"{arm}-{seed}") if cache else None
         if cached is None:
-            if arm == "meta":
+            if arm == "meta" and options.meta_grid:
+                cached = choose_meta(model, split.active, config, options.meta_grid, valid_frac=options.valid_frac)
+            elif arm == "meta":
                 cached = train_meta(model, split.active, config, progress=False)
             else:
                 cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
@@ -444,12 +526,23 @@ def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train
     pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
                 "meta_final_loss": infos["meta"]["final_loss"] if "meta" in infos else None,
                 "seconds": time.perf_counter() - started}
+    if train_config.udg_weight_decay is not None:  # new journals only, so the old ones regenerate as they were
+        pretrain["udg_weight_decay"] = train_config.udg_weight_decay
+    pretrain["udg_dependence"] = udg_dependence(model, split.active.splits["test"])
     rows = {}
+    valid, test = new_user_cut(split, warm.valid_frac) if warm.lr_grid else (None, split)
     for arm in arms:
-        result = run_arm(model, initial_embeddings(arm, model, generators, split, seed), split, train_config,
-                         warm, seed)
+        init = initial_embeddings(arm, model, generators, split, seed)
+        step = None
+        if warm.lr_grid:
+            lr, scores = chosen_step(model, init, valid, train_config, warm, seed)
+            step = {"chosen": lr, "validation": scores, "valid_users": valid.info["new_users"],
+                    "test_users": test.info["new_users"]}
+        result = run_arm(model, init, test, train_config, replace(warm, lr=step["chosen"]) if step else warm, seed)
         row = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
-        if arm == "residual":
+        if step:
+            row["warm_step"] = step
+        if arm == "residual" or (arm == "meta" and "validation" in infos[arm]):
             row["generator"] = {k: v for k, v in infos[arm].items() if k in ("validation", "chosen", "fit_users",
                                                                               "valid_users", "final_loss")}
         rows[arm] = row
@@ -596,6 +689,76 @@ def tables(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _one_per_seed(rows: list[dict], kind: str) -> list[dict]:
+    seen, out = set(), []
+    for row in rows:
+        if row["model"] == kind and row["seed"] not in seen:
+            seen.add(row["seed"])
+            out.append(row)
+    return out
+
+
+def diagnostics(rows: list[dict]) -> str:
+    """The tables of what a journal's newer rows carry (empty for the older journals, whose reports stay as
+    they were): how much the pre-trained model reads the UDG row, the meta arm's settings on validation, and
+    the warm-up step on validation."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        label = MODEL_LABELS.get(kind, kind)
+        seeded = [r for r in _one_per_seed(rows, kind) if "udg_dependence" in r["pretrain"]]
+        if seeded:
+            deps = [r["pretrain"]["udg_dependence"] for r in seeded]
+            wd = {r["pretrain"].get("udg_weight_decay", "as --embed-wd") for r in seeded}
+            lines += [f"#### {label}+UDG: how much the pre-trained model reads the UDG row (active users' test "
+                      f"events; UDG weight decay {', '.join(str(w) for w in wd)}; mean ± std over "
+                      f"{len(deps)} seeds)", "",
+                      "| AUC, own row | AUC, mean row for all | drop | log loss, own row | log loss, mean row | "
+                      "rows' RMS distance to the mean row | mean row's norm | gate change (mean abs) | "
+                      "gates' std across events |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            deps = [{**d, "auc_drop": d["auc_own_row"] - d["auc_mean_row"]} for d in deps]
+            cells = [_val(_pm([d[k] for d in deps])) for k in ("auc_own_row", "auc_mean_row", "auc_drop",
+                                                                 "log_loss_own_row", "log_loss_mean_row",
+                                                                 "row_spread", "mean_row_norm", "gate_shift",
+                                                                 "gate_std")]
+            lines += ["| " + " | ".join(cells) + " |", ""]
+        swept = [r for r in rows
+                 if r["model"] == kind and r["variant"] == "meta" and "validation" in r.get("generator", {})]
+        if swept:
+            names = list(swept[0]["generator"]["validation"])
+            lines += [f"#### {label}+UDG: the meta arm's Algorithm 1 setting on validation (held-out active users' "
+                      f"log loss, later half: cold = generated row, warm = after one α step on the earlier half; "
+                      f"score = their mean; mean ± std over {len(swept)} seeds)", "",
+                      "| setting | cold | warm | score | chosen |", "|---|---:|---:|---:|---:|"]
+            for name in names:
+                v = [r["generator"]["validation"][name] for r in swept]
+                lines.append(f"| {name} | {_val(_pm([x['cold'] for x in v]))} | {_val(_pm([x['warm'] for x in v]))} | "
+                             f"{_val(_pm([x['score'] for x in v]))} | "
+                             f"{sum(r['generator']['chosen'] == name for r in swept)}/{len(swept)} |")
+            lines.append("")
+        stepped = [r for r in rows if r["model"] == kind and "warm_step" in r]
+        if stepped:
+            arms = list(dict.fromkeys(r["variant"] for r in stepped))
+            steps = list(stepped[0]["warm_step"]["validation"])
+            first = stepped[0]["warm_step"]
+            lines += [f"#### {label}+UDG: the warm-up step on validation ({first['valid_users']} validation new users' "
+                      f"rests, mean AUC after a, b, c; tables above: the other {first['test_users']}; mean ± std "
+                      f"over seeds; in brackets, seeds that chose it)", "",
+                      "| arm | " + " | ".join(f"step {x}" for x in steps) + " |", "|---|" + "---:|" * len(steps)]
+            for arm in arms:
+                mine = [r["warm_step"] for r in stepped if r["variant"] == arm]
+                lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(
+                    f"{_val(_pm([m['validation'][x]['score'] for m in mine]))} "
+                    f"({sum(float(m['chosen']) == float(x) for m in mine)}/{len(mine)})" for x in steps) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def report_tables(rows: list[dict], summary: list[dict] | None = None) -> str:
+    """Everything of a report after its head: `tables`, then the `diagnostics` where the rows carry them."""
+    extra = diagnostics(rows)
+    return tables(summary if summary is not None else summarise(rows)) + ("\n\n" + extra if extra else "")
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
     """Figure 4: AUC and log loss per phase, one line per arm (mean ± std over seeds), and the AUC of every arm
     minus the same seed's w/o Meta arm at that phase (paired: the seed-to-seed spread that all arms share
@@ -645,6 +808,22 @@ def protocol_from(args: argparse.Namespace, spec_name: str) -> Protocol:
                     new_user_frac=args.new_user_frac if args.new_user_frac is not None else base.new_user_frac)
 
 
+def parse_meta_grid(text: str | None) -> tuple[tuple[float, float, bool], ...]:
+    """'ALPHA:GAMMA:HISTORY,...' (HISTORY 0 or 1) -> candidates; SystemExit naming the bad item."""
+    grid = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        try:
+            if len(parts) != 3 or parts[2] not in ("0", "1"):
+                raise ValueError
+            grid.append((float(parts[0]), float(parts[1]), parts[2] == "1"))
+        except ValueError:
+            raise SystemExit(f"--meta-grid item {item!r}: expected ALPHA:GAMMA:HISTORY, HISTORY 0 or 1") from None
+    return tuple(grid)
+
+
 def run_coldstart(args: argparse.Namespace) -> str:
     from model.commands import data_spec, load_data, set_threads
     from model.train import TrainConfig
@@ -657,15 +836,24 @@ def run_coldstart(args: argparse.Namespace) -> str:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     options = GeneratorOptions(phase_a_history=args.phase_a_history, alpha=args.meta_alpha, gamma=args.meta_gamma,
                                shrink_grid=tuple(float(x) for x in args.shrink_grid.split(",")),
-                               valid_frac=args.meta_valid_frac, residual_steps=args.residual_steps)
+                               valid_frac=args.meta_valid_frac, residual_steps=args.residual_steps,
+                               meta_grid=parse_meta_grid(args.meta_grid))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update,
-                      rule=args.warm_rule, lr=args.warm_lr)
+                      rule=args.warm_rule, lr=args.warm_lr,
+                      lr_grid=tuple(float(x) for x in args.warm_lr_grid.split(",") if x.strip())
+                      if args.warm_lr_grid else (), valid_frac=args.warm_valid_frac)
+    if warm.lr_grid and (warm.rule == "minibatch-adam" or warm.lr is not None):
+        raise SystemExit("--warm-lr-grid chooses the step of an event rule (--warm-rule event-sgd|event-adam) in "
+                         "place of --warm-lr")
+    if not 0 < warm.valid_frac < 1:
+        raise SystemExit(f"--warm-valid-frac {warm.valid_frac}: expected a share strictly between 0 and 1")
     if warm.rule != "minibatch-adam" and warm.update != "embeddings":
         raise SystemExit(f"--warm-rule {warm.rule} freezes the model: use it with --warm-update embeddings")
-    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
+    train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, udg_weight_decay=args.udg_wd,
+                               threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal_path = out / "runs.jsonl"
@@ -673,7 +861,10 @@ def run_coldstart(args: argparse.Namespace) -> str:
         journal_path.unlink()
     setup = {"data": spec.fingerprint(), "protocol": asdict(protocol), "warm": setup_of(warm), "epochs": args.epochs,
              "embed_wd": args.embed_wd, "meta_steps": args.meta_steps}
-    cache = PretrainCache(args.cache, {k: setup[k] for k in ("data", "protocol", "epochs", "embed_wd")}
+    if args.udg_wd is not None:  # only when set, so that the journals written before the option stay valid
+        setup["udg_wd"] = args.udg_wd
+    cache = PretrainCache(args.cache, {k: setup[k] for k in ("data", "protocol", "epochs", "embed_wd", "udg_wd")
+                                       if k in setup}
                           | {"threads": args.threads}) if args.cache else None
     if options.changed():
         setup["generator"] = options.changed()
@@ -707,14 +898,17 @@ def run_coldstart(args: argparse.Namespace) -> str:
         how = f"{warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
     else:
         rule = event_rule(warm, train_config)
-        how = (f"the online worker's rule ({rule.name}, step {rule.lr:g}): each user's events in time order, one "
+        step = (f"step chosen per arm and seed from {', '.join(f'{x:g}' for x in warm.lr_grid)} on a validation "
+                f"cut of {warm.valid_frac:.0%} of the new users, the tables on the others" if warm.lr_grid
+                else f"step {rule.lr:g}")
+        how = (f"the online worker's rule ({rule.name}, {step}): each user's events in time order, one "
                f"step each, updating {updated}")
     head = [f"### {title}", "",
             f"Warm-up: {how}; pre-training {args.epochs} epochs at most, meta generator {args.meta_steps} steps.", ""]
     if split_info:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
-    text = "\n".join(head) + tables(summary)
+    text = "\n".join(head) + report_tables(rows, summary)
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
     print(text)
@@ -741,6 +935,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--embed-wd", type=float, default=3e-3)
+    parser.add_argument("--udg-wd", type=float, default=None,
+                        help="weight decay of the UDG user table in pre-training and warm-up (default: --embed-wd)")
     parser.add_argument("--meta-steps", type=int, default=1500)
     parser.add_argument("--warm-batch-size", type=int, default=64)
     parser.add_argument("--warm-epochs", type=int, default=1)
@@ -753,18 +949,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-lr", type=float, default=None,
                         help="step of the event rules (default: the generator's α for sgd, the pre-training lr "
                              "for adam, as `udg warmup`)")
+    parser.add_argument("--warm-lr-grid", default=None, metavar="STEP,...",
+                        help="the event rule's steps to choose from, each arm's on a validation cut of the new users "
+                             "(--warm-valid-frac); the others are the test users of the tables")
+    parser.add_argument("--warm-valid-frac", type=float, default=WarmConfig.valid_frac,
+                        help="with --warm-lr-grid: share of the new users (a fixed draw) that choose the step")
     group = parser.add_argument_group("generators (Algorithm 1)")
     group.add_argument("--meta-alpha", type=float, default=GeneratorOptions.alpha, help="inner step α")
     group.add_argument("--meta-gamma", type=float, default=GeneratorOptions.gamma,
                        help="γ: L_meta = γ L_A + (1 − γ) L_B")
     group.add_argument("--phase-a-history", action="store_true",
                        help="phase A sees the user's real behavior (default: none, as the paper)")
+    group.add_argument("--meta-grid", default=None, metavar="ALPHA:GAMMA:HISTORY,...",
+                       help="meta arm: Algorithm 1 settings (inner step α, γ, phase-A history 0/1) to choose from on "
+                            "the held-out active users (--meta-valid-frac); the chosen one is kept as fit")
     group.add_argument("--shrink-grid", default=",".join(str(x) for x in GeneratorOptions.shrink_grid),
                        help="residual arm: shrinkage weights tried, the one chosen on held-out active users")
     group.add_argument("--residual-steps", type=int, default=GeneratorOptions.residual_steps,
                        help="residual arm: Algorithm 1 steps of each fit (the fit on the other users is kept)")
     group.add_argument("--meta-valid-frac", type=float, default=GeneratorOptions.valid_frac,
-                       help="residual arm: share of the active users held out to choose the shrinkage")
+                       help="residual arm (and meta arm with --meta-grid): share of the active users held out "
+                            "to choose the setting")
     add_threads_argument(parser)
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="keep each seed's pre-trained model and generators in DIR, so further arms or warm-up "

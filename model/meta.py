@@ -260,6 +260,33 @@ def choose_shrink(model: UDG, data: PreparedData, config: MetaConfig, grid=SHRIN
     return generator, {**info, **trained}
 
 
+def candidate_name(alpha: float, gamma: float, phase_a_history: bool) -> str:
+    return f"alpha={alpha:g} gamma={gamma:g} history={'on' if phase_a_history else 'off'}"
+
+
+def choose_meta(model: UDG, data: PreparedData, config: MetaConfig, candidates, valid_frac: float = 0.2,
+                progress: bool = False) -> tuple[MetaGenerator, dict]:
+    """The Eq. 11 generator with its Algorithm 1 settings chosen on validation: for each candidate
+    (alpha, gamma, phase_a_history), a generator fit on (1 - valid_frac) of the training users and scored by
+    `meta_validation_loss` on the others, its warm step the same `config.alpha` for every candidate (so that a
+    larger alpha is not scored with a larger step). The best one is returned as fit."""
+    config = replace(config, variant="tanh", shrink=0.0)
+    fit, held = validation_users(data, valid_frac, config.seed)
+    scores, fitted = {}, {}
+    for alpha, gamma, history in candidates:
+        name = candidate_name(alpha, gamma, bool(history))
+        setting = replace(config, alpha=float(alpha), gamma=float(gamma), phase_a_history=bool(history))
+        fitted[name], trained = train_meta(model, data, setting, progress=progress, users=fit)
+        scores[name] = {**meta_validation_loss(model, fitted[name], data, held, config.alpha),
+                        "final_loss": trained["final_loss"], "config": asdict(setting)}
+    if not scores:
+        raise ValueError("no candidate settings to choose the meta generator from")
+    best = min(scores, key=lambda k: scores[k]["score"])
+    return fitted[best], {"validation": {k: {m: v[m] for m in ("cold", "warm", "score")} for k, v in scores.items()},
+                          "chosen": best, "fit_users": len(fit), "valid_users": len(held),
+                          "config": scores[best]["config"], "final_loss": scores[best]["final_loss"]}
+
+
 def fit_generator(model: UDG, data: PreparedData, config: MetaConfig | None = None,
                   progress: bool = True) -> tuple[MetaGenerator, dict]:
     """The generator `config.variant` names: Eq. 11 (`train_meta`) or the residual one, its shrinkage chosen on
