@@ -20,7 +20,12 @@ The protocol, built from one prepared data set (no change to ingestion):
   (the residual generator: the mean row plus a profile-dependent residual, its shrinkage weight chosen on
   held-out active users, `model.meta.choose_shrink`), `random` (a fresh N(0, 0.05²) row like the UDG table's
   init: the paper's "w/o Meta"), `mean` (the mean UDG row of the active users: a naive baseline that needs no
-  training).
+  training), `mwuf` (the mean row, transformed whenever scored by MWUF's meta scaling (profile) and shifting
+  (behavior history so far) networks, `model.mwuf`, trained on the active users with the model frozen and kept
+  only where they beat the identity on held-out active users).
+- `--warm-base-user` (`WarmConfig.base_user`): a new user's base user id is OOV, so every new user shares the
+  OOV row; with it, each new user gets a base id row of their own (starting at the OOV row, so the cold phase
+  is unchanged) that warm-up updates alongside their UDG row (`model.new_users`).
 
 The arms of one (model, seed) share the pre-trained model, the generator and the order of the warm-up
 minibatches, so they are compared paired by seed.
@@ -63,12 +68,14 @@ from model.report import MODEL_LABELS, RunJournal
 log = logging.getLogger(__name__)
 
 PHASES = ("cold", "a", "b", "c")
-ARMS = ("meta", "residual", "random", "mean")
+ARMS = ("meta", "residual", "random", "mean", "mwuf")
 DEFAULT_ARMS = ("meta", "random", "mean")  # the first journals' arms; `residual` is asked for by --arms
-GENERATED = ("meta", "residual")  # arms whose embedding comes from a generator, compared with the baselines
+# arms whose embedding comes from a learned network, compared with the baselines (and with the earlier ones)
+GENERATED = ("meta", "residual", "mwuf")
 ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
-              "mean": "mean known-user row"}
-ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green"}
+              "mean": "mean known-user row", "mwuf": "MWUF (mean row, scale/shift)"}
+ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green",
+              "mwuf": "tab:red"}
 BATCHES = ("a", "b", "c")
 
 
@@ -96,6 +103,8 @@ class WarmConfig:
     # each user's events in time order, one step each, the model frozen (needs update="embeddings")
     rule: str = "minibatch-adam"
     lr: float | None = None  # the event rules' step: default α of the generator (sgd), pre-training lr (adam)
+    # each new user gets their own base user-id row (from the OOV row they are served with), warmed with the UDG row
+    base_user: bool = False
 
 
 WARM_RULES = ("minibatch-adam", "event-sgd", "event-adam")
@@ -117,6 +126,8 @@ def setup_of(warm: WarmConfig) -> dict:
     if warm.rule == "minibatch-adam" and warm.lr is None:
         setup.pop("rule")
         setup.pop("lr")
+    if not warm.base_user:
+        setup.pop("base_user")
     return setup
 
 
@@ -207,18 +218,19 @@ def build_split(data: PreparedData, protocol: Protocol) -> ColdStartSplit:
 
 # --- one (model, seed): pre-train, meta-train, then every arm through the phases ---------------------------
 def initial_embeddings(arm: str, model, generator, split: ColdStartSplit, seed: int):
-    """`generator`: the arm's generator (meta and residual arms), or a dict {arm: generator}."""
+    """`generator`: the arm's generator (meta and residual arms), or a dict {arm: generator}. The mwuf arm's raw
+    rows are the mean row (its networks transform them when scored: `NewUserTable`)."""
     import torch
 
     n, dim = len(split.new_users), model.config.udg_dim
     if isinstance(generator, dict):
         generator = generator.get(arm)
     with torch.no_grad():
-        if arm in GENERATED:
+        if arm in ("meta", "residual"):
             return generator(torch.as_tensor(split.active.splits["train"].profiles[split.new_users])).clone()
         if arm == "random":
             return torch.randn(n, dim, generator=torch.Generator().manual_seed(10_000 + seed)) * 0.05
-        if arm == "mean":
+        if arm in ("mean", "mwuf"):
             from dataset.schema import OOV
 
             rows = np.unique(split.active.splits["train"].user)
@@ -237,6 +249,9 @@ def _inputs(samples: Samples, rows: np.ndarray, split: ColdStartSplit):
 
 
 def _logits(model, table, batch, index):
+    if hasattr(table, "vectors"):
+        user_vec, udg = table.vectors(model, batch, index)
+        return model.score(user_vec, udg, batch["history"], batch["item"])
     user_vec = model.unseen_user_vector(batch["profile"])  # OOV id row + profile rows, as served
     return model.score(user_vec, table(index), batch["history"], batch["item"])
 
@@ -310,6 +325,9 @@ def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config,
         optimizer = torch.optim.Adam([table.weight], lr=train_config.lr, weight_decay=decay)
     else:
         raise ValueError(f"warm update must be 'model' or 'embeddings', not {warm.update!r}")
+    extra = table.extra_rows() if hasattr(table, "extra_rows") else []
+    if extra:  # new users' own base id rows, with the base embeddings' weight decay
+        optimizer.add_param_group({"params": extra, "weight_decay": train_config.embed_weight_decay})
     generator = torch.Generator().manual_seed(1000 * seed + phase)
     for _ in range(warm.epochs):
         order = torch.randperm(len(samples), generator=generator).numpy()
@@ -322,18 +340,30 @@ def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config,
     model.eval()
 
 
-def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int) -> dict:
+def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int, nets=None) -> dict:
     """Cold start, then warm-up a, b, c on a copy of `model`: metrics on the rests after each phase, and how far
     the new users' embeddings moved (mean L2 norm of the change since the cold start). Also, under
     `served_history`, each phase's metrics with the histories the service would hold (`served_histories`), of
-    the warmed embeddings and of the initial ones (no warm-up): what a replay through the service measures."""
-    from torch import nn
+    the warmed embeddings and of the initial ones (no warm-up): what a replay through the service measures.
+    `nets`: MWUF's networks, transforming the rows whenever they are scored (the mwuf arm). With
+    `warm.base_user`, each new user's base id row starts at the OOV row and is warmed too."""
+    import torch
+
+    from dataset.schema import OOV
+    from model.new_users import new_user_table
 
     model = copy.deepcopy(model)
     for parameter in model.parameters():
         parameter.requires_grad_(warm.update == "model")
-    table = nn.Embedding.from_pretrained(init.clone(), freeze=False)
-    initial = nn.Embedding.from_pretrained(init.clone(), freeze=True)
+    base_init = None
+    if warm.base_user:
+        with torch.no_grad():
+            oov = model.base_model.user_emb.weight[OOV]
+        base_init = oov.expand(len(init), -1).clone()
+    if (nets is not None or warm.base_user) and warm.rule != "minibatch-adam":
+        raise ValueError(f"warm rule {warm.rule} updates UDG rows only: no mwuf arm or base user rows")
+    table = new_user_table(init, False, nets, base_init)
+    initial = new_user_table(init, True, nets, base_init)
     rest = split.batches["rest"]
     width = rest.histories.gather(np.arange(min(1, len(rest)))).shape[1] if len(rest) else 1
     phases = {"cold": evaluate_new_users(model, table, rest, split)}
@@ -399,9 +429,11 @@ class PretrainCache:
 
 def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: int, seed: int,
                      options: GeneratorOptions, cache: PretrainCache | None = None) -> tuple[dict, dict]:
-    """The generators the arms need: `meta` (Algorithm 1, Eq. 11) and `residual` (the mean row plus a residual,
-    shrinkage chosen on validation); -> ({arm: generator}, {arm: training info})."""
+    """The generators the arms need: `meta` (Algorithm 1, Eq. 11), `residual` (the mean row plus a residual,
+    shrinkage chosen on validation) and `mwuf` (MWUF's scale/shift networks, or None where validation keeps
+    the identity); -> ({arm: generator}, {arm: training info})."""
     from model.meta import MetaConfig, choose_shrink, train_meta
+    from model.mwuf import MwufConfig, choose_mwuf
 
     config = MetaConfig(steps=meta_steps, seed=seed, alpha=options.alpha, gamma=options.gamma,
                         phase_a_history=options.phase_a_history)
@@ -411,6 +443,10 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
         if cached is None:
             if arm == "meta":
                 cached = train_meta(model, split.active, config, progress=False)
+            elif arm == "mwuf":
+                cached = choose_mwuf(model, split.active, MwufConfig(steps=meta_steps, seed=seed, alpha=options.alpha,
+                                                                     gamma=options.gamma),
+                                     valid_frac=options.valid_frac)
             else:
                 cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
                                        grid=options.shrink_grid, valid_frac=options.valid_frac)
@@ -447,9 +483,9 @@ def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train
     rows = {}
     for arm in arms:
         result = run_arm(model, initial_embeddings(arm, model, generators, split, seed), split, train_config,
-                         warm, seed)
+                         warm, seed, nets=generators.get("mwuf") if arm == "mwuf" else None)
         row = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
-        if arm == "residual":
+        if arm in ("residual", "mwuf"):
             row["generator"] = {k: v for k, v in infos[arm].items() if k in ("validation", "chosen", "fit_users",
                                                                               "valid_users", "final_loss")}
         rows[arm] = row
@@ -662,9 +698,11 @@ def run_coldstart(args: argparse.Namespace) -> str:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update,
-                      rule=args.warm_rule, lr=args.warm_lr)
+                      rule=args.warm_rule, lr=args.warm_lr, base_user=args.warm_base_user)
     if warm.rule != "minibatch-adam" and warm.update != "embeddings":
         raise SystemExit(f"--warm-rule {warm.rule} freezes the model: use it with --warm-update embeddings")
+    if warm.rule != "minibatch-adam" and (warm.base_user or "mwuf" in arms):
+        raise SystemExit(f"--warm-rule {warm.rule} updates UDG rows only: no --warm-base-user or mwuf arm with it")
     train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -705,6 +743,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
         "the new users' UDG embeddings only"
     if warm.rule == "minibatch-adam":
         how = f"{warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
+        if warm.base_user:
+            how += " and each new user's own base user-id row (from the OOV row)"
     else:
         rule = event_rule(warm, train_config)
         how = (f"the online worker's rule ({rule.name}, step {rule.lr:g}): each user's events in time order, one "
@@ -737,7 +777,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="pnn", help="comma-separated model kinds (each with its UDG preset)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help="meta (Eq. 11 generator), residual (mean row + residual generator), random (w/o Meta), "
-                             "mean (known users)")
+                             "mean (known users), mwuf (mean row, MWUF's scale/shift networks; model/mwuf.py)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--embed-wd", type=float, default=3e-3)
@@ -750,6 +790,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-rule", choices=WARM_RULES, default="minibatch-adam",
                         help="minibatch-adam: the passes of --warm-batch-size (the paper); event-sgd / event-adam: "
                              "the online worker's rule (`udg warmup --rule`), one step per event in time order")
+    parser.add_argument("--warm-base-user", action="store_true",
+                        help="give each new user a base user-id row of their own (from the OOV row they are served "
+                             "with) and warm it with the UDG row (minibatch-adam only)")
     parser.add_argument("--warm-lr", type=float, default=None,
                         help="step of the event rules (default: the generator's α for sgd, the pre-training lr "
                              "for adam, as `udg warmup`)")

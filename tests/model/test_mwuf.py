@@ -1,0 +1,96 @@
+"""MWUF's warm-up networks for new users (model/mwuf.py) on a tiny untrained UDG model: at their start (scale 1,
+shift 0) they are the untransformed row; the shift reads the history and the scale the profile; a training
+step lowers the loss it takes; validation keeps the identity unless the networks beat it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model.meta import mean_training_row, split_halves  # noqa: E402
+from model.mwuf import MwufConfig, WarmUpNets, choose_mwuf, mwuf_loss, train_mwuf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world():
+    from model.experiment import model_config
+    from model.zoo import build_model
+    from tests.tiny import tiny_prepared
+
+    torch.set_num_threads(1)
+    data = tiny_prepared(users=60, items=30, events_per_user=10, max_history=6, cold_user_frac=0.2)
+    torch.manual_seed(0)
+    model = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16,), udg_dim=4, gate_hidden=8), data.schema)
+    model.eval()
+    with torch.no_grad():  # an untrained model's gates hardly read the UDG row: make them, so that the loss moves
+        for parameter in model.gates.parameters():
+            parameter.normal_(std=1.0)
+    return data, model
+
+
+def events(data, n=12):
+    train = data.splits["train"]
+    rows = np.arange(n)
+    return (torch.as_tensor(train.profile[rows]), torch.as_tensor(train.histories.gather(rows)),
+            torch.randn(n, 4, generator=torch.Generator().manual_seed(1)))
+
+
+def test_fresh_networks_are_the_identity_and_read_profile_and_history(world):
+    data, model = world
+    profile, history, udg = events(data)
+    nets = WarmUpNets.for_model(model)
+    assert torch.equal(nets.warm(model, udg, profile, history), udg)  # scale exactly 1, shift exactly 0
+    # once the last layers are not zero, the shift follows the history and the scale the profile
+    with torch.no_grad():
+        for layer in (nets.scale_out, nets.shift_out):
+            layer.weight.normal_(std=0.5)
+    assert (history != 0).any(dim=1).any() and not (history != 0).any(dim=1).all()
+    empty = torch.zeros_like(history)
+    assert not torch.allclose(nets.warm(model, udg, profile, history), nets.warm(model, udg, profile, empty))
+    other = profile.roll(1, dims=0)
+    assert not torch.allclose(nets.warm(model, udg, profile, empty) - nets.warm(model, udg, other, empty),
+                              torch.zeros_like(udg))
+
+
+def test_a_training_step_lowers_the_loss_of_its_batch(world):
+    data, model = world
+    train = data.splits["train"]
+    halves = split_halves(train)
+    anchor = mean_training_row(model, train)
+    config = MwufConfig(users_per_step=16, samples_per_user=4, alpha=0.5, gamma=0.3)
+    nets = WarmUpNets.for_model(model, hidden=8)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    chosen = np.arange(16)
+    loss = mwuf_loss(model, nets, anchor, train, halves, chosen, np.random.default_rng(3), config)
+    optimizer = torch.optim.SGD(nets.parameters(), lr=5.0)
+    optimizer.zero_grad()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.parameters())
+    optimizer.step()
+    after = mwuf_loss(model, nets, anchor, train, halves, chosen, np.random.default_rng(3), config)  # same events
+    assert float(after) < float(loss.detach())
+
+
+def test_training_freezes_model_and_networks_and_validation_may_keep_the_identity(world):
+    data, model = world
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nets, info = train_mwuf(model, data, MwufConfig(steps=3, hidden=8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not nets.training and not any(p.requires_grad for p in nets.parameters())
+    assert info["config"]["steps"] == 3 and info["final_loss"] > 0
+    chosen, info = choose_mwuf(model, data, MwufConfig(steps=3, hidden=8))
+    assert set(info["validation"]) == {"mwuf", "identity"}
+    scores = {k: v["score"] for k, v in info["validation"].items()}
+    assert info["chosen"] == min(scores, key=scores.get)
+    assert (chosen is None) == (info["chosen"] == "identity")
+    # fresh networks score as the identity does (the same rows), trained ones do not
+    from model.meta import validation_users
+    from model.mwuf import mwuf_validation_loss
+
+    _, held = validation_users(data, 0.2, 0)
+    fresh = mwuf_validation_loss(model, WarmUpNets.for_model(model, 8), data, held, 0.1)
+    assert fresh == pytest.approx(info["validation"]["identity"], abs=1e-6)
+    assert info["validation"]["mwuf"]["cold"] != pytest.approx(fresh["cold"], abs=1e-6)
