@@ -68,14 +68,16 @@ from model.report import MODEL_LABELS, RunJournal
 log = logging.getLogger(__name__)
 
 PHASES = ("cold", "a", "b", "c")
-ARMS = ("meta", "residual", "random", "mean", "mwuf")
+ARMS = ("meta", "residual", "random", "mean", "mwuf", "mwuf-phase")
 DEFAULT_ARMS = ("meta", "random", "mean")  # the first journals' arms; `residual` is asked for by --arms
 # arms whose embedding comes from a learned network, compared with the baselines (and with the earlier ones)
-GENERATED = ("meta", "residual", "mwuf")
+GENERATED = ("meta", "residual", "mwuf", "mwuf-phase")
+MWUF_ARMS = {"mwuf": "event", "mwuf-phase": "phase"}  # arm -> what its shift reads (model/mwuf.py)
 ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
-              "mean": "mean known-user row", "mwuf": "MWUF (mean row, scale/shift)"}
+              "mean": "mean known-user row", "mwuf": "MWUF (mean row, scale/shift)",
+              "mwuf-phase": "MWUF, shift from clicks so far"}
 ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green",
-              "mwuf": "tab:red"}
+              "mwuf": "tab:red", "mwuf-phase": "tab:brown"}
 BATCHES = ("a", "b", "c")
 
 
@@ -230,7 +232,7 @@ def initial_embeddings(arm: str, model, generator, split: ColdStartSplit, seed: 
             return generator(torch.as_tensor(split.active.splits["train"].profiles[split.new_users])).clone()
         if arm == "random":
             return torch.randn(n, dim, generator=torch.Generator().manual_seed(10_000 + seed)) * 0.05
-        if arm in ("mean", "mwuf"):
+        if arm == "mean" or arm in MWUF_ARMS:
             from dataset.schema import OOV
 
             rows = np.unique(split.active.splits["train"].user)
@@ -364,8 +366,14 @@ def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, 
         raise ValueError(f"warm rule {warm.rule} updates UDG rows only: no mwuf arm or base user rows")
     table = new_user_table(init, False, nets, base_init)
     initial = new_user_table(init, True, nets, base_init)
+    phase_shift = getattr(nets, "shift_source", None) == "phase"
+
+    def clicks_sent(names: tuple[str, ...]) -> None:  # "phase" networks' shift: the clicks of these batches
+        if phase_shift:
+            table.shift_history = initial.shift_history = torch.as_tensor(served_histories(split, names, width))
     rest = split.batches["rest"]
     width = rest.histories.gather(np.arange(min(1, len(rest)))).shape[1] if len(rest) else 1
+    clicks_sent(())
     phases = {"cold": evaluate_new_users(model, table, rest, split)}
     served = {"phases": {}, "no_warmup": {}}
 
@@ -384,14 +392,43 @@ def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, 
         rule = event_rule(warm, train_config)
         state = rule.initial_state(*init.shape)
     for i, name in enumerate(BATCHES, start=1):
+        clicks_sent(BATCHES[:i - 1])  # warm-up on a batch knows the clicks sent before it
         if warm.rule == "minibatch-adam":
             warm_up(model, table, split.batches[name], split, train_config, warm, seed, i)
         else:
             warm_up_events(model, table, state, split.batches[name], split.new_index, rule)
+        clicks_sent(BATCHES[:i])
         phases[name] = evaluate_new_users(model, table, split.batches["rest"], split)
         served_phase(name, BATCHES[:i])
         moved[name] = float((table.weight.detach() - init).norm(dim=1).mean())
     return {"phases": phases, "embedding_shift": moved, "served_history": served}
+
+
+def udg_headroom(model, split: ColdStartSplit) -> dict:
+    """What a user's own rows are worth to the pre-trained model: on the active users' test events (later than
+    everything it trained on), AUC and log loss with their own trained rows, and with the UDG row, the base id
+    row or both replaced by what a new user is served (the mean known-user UDG row, the OOV id row). The gap
+    between `own` and `mean_udg` is about the most a new user's UDG row could earn once fully warmed; from
+    `mean_udg` to `new_user`, what their own base id row could (`--warm-base-user`)."""
+    import torch
+
+    from model.metrics import all_metrics
+    from model.train import to_tensors
+
+    samples = split.active.splits["test"]
+    mean = initial_embeddings("mean", model, None, split, 0)[:1]
+    model.eval()
+    probs: dict[str, list] = {"own": [], "mean_udg": [], "oov_base": [], "new_user": []}
+    with torch.no_grad():
+        for start in range(0, len(samples), 8192):
+            batch = to_tensors(samples, np.arange(start, min(start + 8192, len(samples))))
+            own_base = model.base_model.user_vector(batch["user"], batch["profile"])
+            oov_base = model.unseen_user_vector(batch["profile"])
+            own_udg, mean_udg = model.udg_emb(batch["user"]), mean.expand(len(batch["user"]), -1)
+            for name, (user_vec, udg) in {"own": (own_base, own_udg), "mean_udg": (own_base, mean_udg),
+                                          "oov_base": (oov_base, own_udg), "new_user": (oov_base, mean_udg)}.items():
+                probs[name].append(torch.sigmoid(model.score(user_vec, udg, batch["history"], batch["item"])))
+    return {name: all_metrics(samples.label, torch.cat(p).numpy()) for name, p in probs.items()}
 
 
 class PretrainCache:
@@ -443,9 +480,9 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
         if cached is None:
             if arm == "meta":
                 cached = train_meta(model, split.active, config, progress=False)
-            elif arm == "mwuf":
+            elif arm in MWUF_ARMS:
                 cached = choose_mwuf(model, split.active, MwufConfig(steps=meta_steps, seed=seed, alpha=options.alpha,
-                                                                     gamma=options.gamma),
+                                                                     gamma=options.gamma, shift=MWUF_ARMS[arm]),
                                      valid_frac=options.valid_frac)
             else:
                 cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
@@ -479,13 +516,13 @@ def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train
                                          if cache else None)
     pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
                 "meta_final_loss": infos["meta"]["final_loss"] if "meta" in infos else None,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "headroom": udg_headroom(model, split)}
     rows = {}
     for arm in arms:
         result = run_arm(model, initial_embeddings(arm, model, generators, split, seed), split, train_config,
-                         warm, seed, nets=generators.get("mwuf") if arm == "mwuf" else None)
+                         warm, seed, nets=generators.get(arm) if arm in MWUF_ARMS else None)
         row = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
-        if arm in ("residual", "mwuf"):
+        if arm == "residual" or arm in MWUF_ARMS:
             row["generator"] = {k: v for k, v in infos[arm].items() if k in ("validation", "chosen", "fit_users",
                                                                               "valid_users", "final_loss")}
         rows[arm] = row
@@ -578,6 +615,57 @@ def summarise(rows: list[dict]) -> list[dict]:
                         "meta_paired": len(meta)}
                 out.append(line)
     return out
+
+
+def validation_lines(rows: list[dict]) -> list[str]:
+    """What validation on held-out active users chose for each mwuf row (its networks or the identity) and the
+    validation scores' gap, per model (nothing for journals without the arm)."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        for arm in MWUF_ARMS:
+            mine = sorted((r for r in rows if r["model"] == kind and r["variant"] == arm and "generator" in r),
+                          key=lambda r: r["seed"])
+            if not mine:
+                continue
+            cells = []
+            for r in mine:
+                scores = r["generator"]["validation"]
+                gain = scores["identity"]["score"] - scores["mwuf"]["score"]
+                cells.append(f"seed {r['seed']} {r['generator']['chosen']} ({gain:+.4f})")
+            lines += [f"Validation of the {ARM_LABELS[arm]} networks ({MODEL_LABELS.get(kind, kind)}+UDG; held-out "
+                      "active users' score (mean of cold and one-step log loss) of the identity minus the networks'): "
+                      + ", ".join(cells) + ".", ""]
+    return lines
+
+
+HEADROOM_LABELS = {"own": "own base id row + own UDG row (as trained)",
+                   "mean_udg": "own base id row + mean UDG row",
+                   "oov_base": "OOV base id row + own UDG row",
+                   "new_user": "OOV base id row + mean UDG row (as a new user)"}
+
+
+def headroom_table(rows: list[dict]) -> list[str]:
+    """The pre-trained models' `udg_headroom` over seeds (one per seed: every arm of a seed shares it), with the
+    paired gaps; nothing for journals written before it was measured."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        seeds = {r["seed"]: r["pretrain"]["headroom"] for r in rows
+                 if r["model"] == kind and "headroom" in r.get("pretrain", {})}
+        if not seeds:
+            continue
+        label = MODEL_LABELS.get(kind, kind)
+        lines += ["", f"#### {label}+UDG: what a user's own rows are worth, on the active users' test events "
+                      f"(mean ± std over {len(seeds)} seeds)", "",
+                  "| rows | AUC | log loss |", "|---|---|---|"]
+        for name, text in HEADROOM_LABELS.items():
+            lines.append(f"| {text} | {_val(_pm([h[name]['auc'] for h in seeds.values()]))} | "
+                         f"{_val(_pm([h[name]['log_loss'] for h in seeds.values()]))} |")
+        for text, (a, b) in (("own UDG row − mean UDG row (own base id row)", ("own", "mean_udg")),
+                             ("own base id row − OOV row (mean UDG row)", ("mean_udg", "new_user"))):
+            auc = _pm([h[a]["auc"] - h[b]["auc"] for h in seeds.values()])
+            loss = _pm([h[a]["log_loss"] - h[b]["log_loss"] for h in seeds.values()])
+            lines.append(f"| gap: {text} | {auc[0]:+.4f} ± {auc[1]:.4f} | {loss[0]:+.4f} ± {loss[1]:.4f} |")
+    return lines
 
 
 def _pct(pair) -> str:
@@ -754,7 +842,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
     if split_info:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
-    text = "\n".join(head) + tables(summary)
+    head += validation_lines(rows)
+    text = "\n".join(head) + tables(summary) + "".join("\n" + line for line in headroom_table(rows))
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
     print(text)

@@ -47,13 +47,22 @@ class MwufConfig:
     beta: float = 1e-3  # Adam learning rate of the networks
     gamma: float = 0.1
     seed: int = 0
+    # what the shift reads: "event", each scored event's own behavior history; "phase", the user's clicks sent
+    # so far (none at cold start, then those of the batches seen), one shift per user per phase
+    shift: str = "event"
+
+
+SHIFTS = ("event", "phase")
 
 
 class WarmUpNets(nn.Module):
     """Meta scaling (profile field embeddings -> [udg_dim]) and meta shifting (behavior feature -> [udg_dim])."""
 
-    def __init__(self, profile_dim: int, behavior_dim: int, udg_dim: int, hidden: int = 16):
+    def __init__(self, profile_dim: int, behavior_dim: int, udg_dim: int, hidden: int = 16, shift: str = "event"):
         super().__init__()
+        if shift not in SHIFTS:
+            raise ValueError(f"MWUF shift must read one of {SHIFTS}, not {shift!r}")
+        self.shift_source = shift
         self.scale_hidden = nn.Linear(profile_dim, hidden)
         self.scale_out = nn.Linear(hidden, udg_dim)
         self.shift_hidden = nn.Linear(behavior_dim, hidden)
@@ -63,9 +72,9 @@ class WarmUpNets(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def for_model(cls, model: UDG, hidden: int = 16) -> WarmUpNets:
+    def for_model(cls, model: UDG, hidden: int = 16, shift: str = "event") -> WarmUpNets:
         base = model.base_model
-        return cls((base.user_fields - 1) * base.config.embed_dim, base.item_dim, model.udg_dim, hidden)
+        return cls((base.user_fields - 1) * base.config.embed_dim, base.item_dim, model.udg_dim, hidden, shift)
 
     def scale(self, profile_vec: torch.Tensor) -> torch.Tensor:
         return 1 + self.scale_out(torch.relu(self.scale_hidden(profile_vec)))
@@ -86,16 +95,41 @@ class WarmUpNets(nn.Module):
 
 
 def _event_loss(model: UDG, nets: WarmUpNets | None, raw: torch.Tensor, owner: torch.Tensor, profile: torch.Tensor,
-                history: torch.Tensor, items: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                history: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
+                shift_history: torch.Tensor | None = None) -> torch.Tensor:
     """Each user's mean cross-entropy [U] of their events (`owner`: each event's user), rows `raw` [U, dim]
-    transformed per event (its own history) unless `nets` is None."""
+    transformed unless `nets` is None: the shift reads each event's history, or per user `shift_history`
+    [U, L] (the "phase" networks)."""
     event_profile = profile[owner]
-    udg = raw[owner] if nets is None else nets.warm(model, raw[owner], event_profile, history)
+    shift_input = history if shift_history is None else shift_history[owner]
+    udg = raw[owner] if nets is None else nets.warm(model, raw[owner], event_profile, shift_input)
     logits = model.score(model.unseen_user_vector(event_profile), udg, history, items)
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     totals = torch.zeros(len(raw)).index_add(0, owner, losses)
     counts = torch.zeros(len(raw)).index_add(0, owner, torch.ones_like(losses))
     return totals / counts.clamp(min=1)
+
+
+def clicks_so_far(train, halves, users: np.ndarray, width: int) -> torch.Tensor:
+    """Per user (positions of `halves`) [U, width]: the items they clicked in their earlier half D^A, most recent
+    first, PAD-filled: the "phase" shift's input for their later half (what the service holds of them then)."""
+    from dataset.schema import PAD
+
+    out = np.full((len(users), width), PAD, np.int64)
+    for row, u in enumerate(users):
+        rows = halves.a_rows[u]
+        clicked = train.item[rows][train.label[rows] > 0.5][::-1][:width]
+        out[row, :len(clicked)] = clicked
+    return torch.as_tensor(out)
+
+
+def _shift_inputs(nets, train, halves, users):
+    """The per-user shift histories of D^A (none: a cold start) and D^B (D^A's clicks) for "phase" networks;
+    (None, None) for "event" ones, whose shift reads each event's history."""
+    if nets is None or nets.shift_source == "event":
+        return None, None
+    width = train.histories.width
+    return torch.zeros((len(users), width), dtype=torch.long), clicks_so_far(train, halves, users, width)
 
 
 def mwuf_loss(model: UDG, nets: WarmUpNets, anchor: torch.Tensor, train, halves, chosen: np.ndarray,
@@ -110,11 +144,12 @@ def mwuf_loss(model: UDG, nets: WarmUpNets, anchor: torch.Tensor, train, halves,
     owner = torch.arange(len(chosen)).repeat_interleave(k)
     profile = torch.as_tensor(halves.profile[chosen])
     raw = anchor.expand(len(chosen), -1).clone().requires_grad_(True)
+    shift_a, shift_b = _shift_inputs(nets, train, halves, chosen)
     loss_a = _event_loss(model, nets, raw, owner, profile, torch.as_tensor(train.histories.gather(a_rows)),
-                         item[a_rows], label[a_rows])
+                         item[a_rows], label[a_rows], shift_a)
     grad = torch.autograd.grad(loss_a.sum(), raw, create_graph=True)[0]
     loss_b = _event_loss(model, nets, raw - config.alpha * grad, owner, profile,
-                         torch.as_tensor(train.histories.gather(b_rows)), item[b_rows], label[b_rows])
+                         torch.as_tensor(train.histories.gather(b_rows)), item[b_rows], label[b_rows], shift_b)
     return config.gamma * loss_a.mean() + (1 - config.gamma) * loss_b.mean()
 
 
@@ -132,7 +167,7 @@ def train_mwuf(model: UDG, data: PreparedData, config: MwufConfig | None = None,
         parameter.requires_grad_(False)
     train = data.splits["train"]
     anchor = mean_training_row(model, train)
-    nets = WarmUpNets.for_model(model, config.hidden)
+    nets = WarmUpNets.for_model(model, config.hidden, config.shift)
     optimizer = torch.optim.Adam(nets.parameters(), lr=config.beta)
     halves = split_halves(train)
     pool = np.arange(len(halves.users)) if users is None else np.asarray(users)
@@ -166,12 +201,14 @@ def mwuf_validation_loss(model: UDG, nets: WarmUpNets | None, data: PreparedData
     history_a = torch.as_tensor(train.histories.gather(a_rows))
     history_b = torch.as_tensor(train.histories.gather(b_rows))
     raw = mean_training_row(model, train).expand(len(users), -1).clone().requires_grad_(True)
-    loss_a = _event_loss(model, nets, raw, owner_a, profile, history_a, item[a_rows], label[a_rows])
+    shift_a, shift_b = _shift_inputs(nets, train, halves, users)
+    loss_a = _event_loss(model, nets, raw, owner_a, profile, history_a, item[a_rows], label[a_rows], shift_a)
     grad = torch.autograd.grad(loss_a.sum(), raw)[0]
 
     def pooled(rows: torch.Tensor) -> float:
         with torch.no_grad():
-            per_user = _event_loss(model, nets, rows, owner_b, profile, history_b, item[b_rows], label[b_rows])
+            per_user = _event_loss(model, nets, rows, owner_b, profile, history_b, item[b_rows], label[b_rows],
+                                   shift_b)
             counts = torch.as_tensor([len(halves.b_rows[u]) for u in users], dtype=torch.float32)
             return float((per_user * counts).sum() / counts.sum())  # pooled over events
 

@@ -17,6 +17,7 @@ class NewUserTable(nn.Embedding):
                  base_init: torch.Tensor | None = None):
         super().__init__(*init.shape, _weight=init.clone(), _freeze=freeze)
         self.nets = nets
+        self.shift_history: torch.Tensor | None = None  # [n, L] per user, for "phase" networks (set per phase)
         self.base = None if base_init is None else nn.Embedding.from_pretrained(base_init.clone(), freeze=freeze)
 
     def extra_rows(self) -> list[nn.Parameter]:
@@ -30,7 +31,11 @@ class NewUserTable(nn.Embedding):
             user_vec = torch.cat([self.base(index), user_vec[:, model.base_model.config.embed_dim:]], dim=-1)
         udg = self(index)
         if self.nets is not None:
-            udg = self.nets.warm(model, udg, batch["profile"], batch["history"])
+            phase = getattr(self.nets, "shift_source", "event") == "phase"
+            if phase and self.shift_history is None:
+                raise ValueError("phase MWUF networks need the users' clicks so far: set shift_history")
+            history = self.shift_history[index] if phase else batch["history"]
+            udg = self.nets.warm(model, udg, batch["profile"], history)
         return user_vec, udg
 
 

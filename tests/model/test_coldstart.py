@@ -240,12 +240,15 @@ def test_mwuf_arm_with_fresh_networks_is_the_mean_arm(split, pretrained, seed_ro
     init = initial_embeddings("mwuf", pretrained, None, split, 0)
     assert torch.equal(init, initial_embeddings("mean", pretrained, None, split, 0))
     plain = run_arm(pretrained, init, split, TRAIN, WARM, 0)
-    identity = run_arm(pretrained, init, split, TRAIN, WARM, 0, nets=WarmUpNets.for_model(pretrained))
-    for phase in PHASES:  # scale exactly 1 and shift exactly 0: the same rows, gradients and steps
-        assert identity["phases"][phase] == pytest.approx(plain["phases"][phase], abs=1e-6)
-    # the grid's mwuf arm ran its networks (or validation's identity) through every phase
-    assert set(seed_rows["mwuf"]["phases"]) == set(PHASES)
-    assert seed_rows["mwuf"]["generator"]["chosen"] in ("mwuf", "identity")
+    for shift in ("event", "phase"):
+        nets = WarmUpNets.for_model(pretrained, shift=shift)
+        identity = run_arm(pretrained, init, split, TRAIN, WARM, 0, nets=nets)
+        for phase in PHASES:  # scale exactly 1 and shift exactly 0: the same rows, gradients and steps
+            assert identity["phases"][phase] == pytest.approx(plain["phases"][phase], abs=1e-6)
+    # the grid's mwuf arms ran their networks (or validation's identity) through every phase
+    for arm in ("mwuf", "mwuf-phase"):
+        assert set(seed_rows[arm]["phases"]) == set(PHASES)
+        assert seed_rows[arm]["generator"]["chosen"] in ("mwuf", "identity")
 
 
 def test_warm_base_user_rows_start_at_the_oov_row_and_are_warmed(split, pretrained):

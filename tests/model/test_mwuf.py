@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model.meta import mean_training_row, split_halves  # noqa: E402
-from model.mwuf import MwufConfig, WarmUpNets, choose_mwuf, mwuf_loss, train_mwuf  # noqa: E402
+from model.mwuf import MwufConfig, WarmUpNets, choose_mwuf, clicks_so_far, mwuf_loss, train_mwuf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,14 @@ def test_fresh_networks_are_the_identity_and_read_profile_and_history(world):
                               torch.zeros_like(udg))
 
 
-def test_a_training_step_lowers_the_loss_of_its_batch(world):
+@pytest.mark.parametrize("shift", ["event", "phase"])
+def test_a_training_step_lowers_the_loss_of_its_batch(world, shift):
     data, model = world
     train = data.splits["train"]
     halves = split_halves(train)
     anchor = mean_training_row(model, train)
-    config = MwufConfig(users_per_step=16, samples_per_user=4, alpha=0.5, gamma=0.3)
-    nets = WarmUpNets.for_model(model, hidden=8)
+    config = MwufConfig(users_per_step=16, samples_per_user=4, alpha=0.5, gamma=0.3, shift=shift)
+    nets = WarmUpNets.for_model(model, hidden=8, shift=shift)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     chosen = np.arange(16)
@@ -94,3 +95,17 @@ def test_training_freezes_model_and_networks_and_validation_may_keep_the_identit
     fresh = mwuf_validation_loss(model, WarmUpNets.for_model(model, 8), data, held, 0.1)
     assert fresh == pytest.approx(info["validation"]["identity"], abs=1e-6)
     assert info["validation"]["mwuf"]["cold"] != pytest.approx(fresh["cold"], abs=1e-6)
+
+
+def test_the_phase_shift_reads_the_clicks_of_the_earlier_half_most_recent_first(world):
+    data, _ = world
+    train = data.splits["train"]
+    halves = split_halves(train)
+    users = np.arange(5)
+    got = clicks_so_far(train, halves, users, width=3).numpy()
+    for row, u in enumerate(users):
+        rows = halves.a_rows[u]  # in time order
+        clicked = [int(train.item[r]) for r in rows if train.label[r] > 0.5][::-1][:3]
+        assert got[row].tolist() == clicked + [0] * (3 - len(clicked))
+    with pytest.raises(ValueError, match="shift must read"):
+        WarmUpNets(2, 2, 2, shift="later")
