@@ -668,6 +668,37 @@ def headroom_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def served_table(rows: list[dict]) -> list[str]:
+    """For journals with an MWUF arm (its shift reads the history): each arm's AUC when every held-out event sees
+    only the clicks sent so far (`served_histories`, what the service holds), and each generated arm's paired
+    gain over the mean row and over random init there."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == kind and "served_history" in r]
+        if not any(r["variant"] in MWUF_ARMS for r in mine):
+            continue
+        by = {(r["variant"], r["seed"]): r["served_history"]["phases"] for r in mine}
+        arms = [a for a in ARMS if any(v == a for v, _ in by)]
+        label = MODEL_LABELS.get(kind, kind)
+        lines += ["", f"#### {label}+UDG: AUC with the histories the service holds (each held-out event sees only "
+                      "the clicks of the batches sent so far; mean ± std; gains paired by seed, seeds where higher)",
+                  "", "| arm | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+        for arm in arms:
+            seeds = sorted(s for a, s in by if a == arm)
+            lines.append(f"| {ARM_LABELS[arm]} | "
+                         + " | ".join(_val(_pm([by[(arm, s)][p]["auc"] for s in seeds])) for p in PHASES) + " |")
+        for arm in (a for a in arms if a in GENERATED):
+            for baseline in (b for b in ("mean", "random") if b in arms):
+                seeds = sorted(s for a, s in by if a == arm and (baseline, s) in by)
+                cells = []
+                for p in PHASES:
+                    gains = [by[(arm, s)][p]["auc"] - by[(baseline, s)][p]["auc"] for s in seeds]
+                    mean, std = _pm(gains)
+                    cells.append(f"{mean:+.4f} ± {std:.4f} ({sum(g > 0 for g in gains)}/{len(gains)})")
+                lines.append(f"| {ARM_LABELS[arm]} − {ARM_LABELS[baseline]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _pct(pair) -> str:
     return "—" if np.isnan(pair[0]) else f"{100 * pair[0]:+.2f}% ± {100 * pair[1]:.2f}"
 
@@ -843,7 +874,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
     head += validation_lines(rows)
-    text = "\n".join(head) + tables(summary) + "".join("\n" + line for line in headroom_table(rows))
+    extra = headroom_table(rows) + served_table(rows)  # both empty for the journals before them
+    text = "\n".join(head) + tables(summary) + "".join("\n" + line for line in extra)
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
     print(text)
