@@ -215,7 +215,7 @@ def stale_coldstart(root: Path = ROOT) -> list[Path]:
     the users and events needs the data, so only the tables, which end the file, are compared.)"""
     import json
 
-    from model.coldstart import summarise, tables
+    from model.coldstart import report_tables
 
     old = []
     for journal in sorted((root / "docs" / "results" / "coldstart").glob("*/runs.jsonl")):
@@ -224,7 +224,7 @@ def stale_coldstart(root: Path = ROOT) -> list[Path]:
         rows = {(e["row"]["model"], e["row"]["variant"], e["row"]["seed"]): e["row"] for e in entries
                 if e["setup"] == setup}
         report = journal.with_name("report.md")
-        if not report.exists() or not report.read_text().endswith(tables(summarise(list(rows.values()))) + "\n"):
+        if not report.exists() or not report.read_text().endswith(report_tables(list(rows.values())) + "\n"):
             old.append(report)
     return old
 

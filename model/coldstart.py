@@ -649,7 +649,7 @@ def headroom_table(rows: list[dict]) -> list[str]:
     paired gaps; nothing for journals written before it was measured."""
     lines = []
     for kind in dict.fromkeys(r["model"] for r in rows):
-        seeds = {r["seed"]: r["pretrain"]["headroom"] for r in rows
+        seeds = {r["seed"]: r["pretrain"]["headroom"] for r in sorted(rows, key=lambda r: r["seed"])
                  if r["model"] == kind and "headroom" in r.get("pretrain", {})}
         if not seeds:
             continue
@@ -697,6 +697,13 @@ def served_table(rows: list[dict]) -> list[str]:
                     cells.append(f"{mean:+.4f} ± {std:.4f} ({sum(g > 0 for g in gains)}/{len(gains)})")
                 lines.append(f"| {ARM_LABELS[arm]} − {ARM_LABELS[baseline]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def report_tables(rows: list[dict], summary: list[dict] | None = None) -> str:
+    """The tables that end a report (what `udg docs check` compares with its journal): `tables`, then the
+    headroom and served-history tables (both empty for the journals written before them)."""
+    extra = headroom_table(rows) + served_table(rows)
+    return tables(summary if summary is not None else summarise(rows)) + "".join("\n" + line for line in extra)
 
 
 def _pct(pair) -> str:
@@ -874,8 +881,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
     head += validation_lines(rows)
-    extra = headroom_table(rows) + served_table(rows)  # both empty for the journals before them
-    text = "\n".join(head) + tables(summary) + "".join("\n" + line for line in extra)
+    text = "\n".join(head) + report_tables(rows, summary)
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
     print(text)
