@@ -68,16 +68,18 @@ from model.report import MODEL_LABELS, RunJournal
 log = logging.getLogger(__name__)
 
 PHASES = ("cold", "a", "b", "c")
-ARMS = ("meta", "residual", "random", "mean", "mwuf", "mwuf-phase")
+ARMS = ("meta", "residual", "random", "mean", "mwuf", "mwuf-phase", "mwuf-shift")
 DEFAULT_ARMS = ("meta", "random", "mean")  # the first journals' arms; `residual` is asked for by --arms
 # arms whose embedding comes from a learned network, compared with the baselines (and with the earlier ones)
-GENERATED = ("meta", "residual", "mwuf", "mwuf-phase")
-MWUF_ARMS = {"mwuf": "event", "mwuf-phase": "phase"}  # arm -> what its shift reads (model/mwuf.py)
+GENERATED = ("meta", "residual", "mwuf", "mwuf-phase", "mwuf-shift")
+# arm -> what its shift reads, and whether it has a scale (model/mwuf.py)
+MWUF_ARMS = {"mwuf": ("event", True), "mwuf-phase": ("phase", True), "mwuf-shift": ("event", False)}
 ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
-              "mean": "mean known-user row", "mwuf": "MWUF (mean row, scale/shift)",
-              "mwuf-phase": "MWUF, shift from clicks so far"}
+              "mean": "mean known-user row", "mwuf": "MWUF, shift from each event's history",
+              "mwuf-phase": "MWUF, shift from the clicks sent so far",
+              "mwuf-shift": "MWUF's shift alone (event history, no scale)"}
 ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green",
-              "mwuf": "tab:red", "mwuf-phase": "tab:brown"}
+              "mwuf": "tab:red", "mwuf-phase": "tab:brown", "mwuf-shift": "tab:pink"}
 BATCHES = ("a", "b", "c")
 
 
@@ -482,7 +484,8 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
                 cached = train_meta(model, split.active, config, progress=False)
             elif arm in MWUF_ARMS:
                 cached = choose_mwuf(model, split.active, MwufConfig(steps=meta_steps, seed=seed, alpha=options.alpha,
-                                                                     gamma=options.gamma, shift=MWUF_ARMS[arm]),
+                                                                     gamma=options.gamma, shift=MWUF_ARMS[arm][0],
+                                                                     scale=MWUF_ARMS[arm][1]),
                                      valid_frac=options.valid_frac)
             else:
                 cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
@@ -632,8 +635,8 @@ def validation_lines(rows: list[dict]) -> list[str]:
                 scores = r["generator"]["validation"]
                 gain = scores["identity"]["score"] - scores["mwuf"]["score"]
                 cells.append(f"seed {r['seed']} {r['generator']['chosen']} ({gain:+.4f})")
-            lines += [f"Validation of the {ARM_LABELS[arm]} networks ({MODEL_LABELS.get(kind, kind)}+UDG; held-out "
-                      "active users' score (mean of cold and one-step log loss) of the identity minus the networks'): "
+            lines += [f"Validation of {ARM_LABELS[arm]} ({MODEL_LABELS.get(kind, kind)}+UDG; held-out active users' "
+                      "score, the mean of the cold and one-step log loss, of the identity minus the networks'): "
                       + ", ".join(cells) + ".", ""]
     return lines
 

@@ -50,6 +50,7 @@ class MwufConfig:
     # what the shift reads: "event", each scored event's own behavior history; "phase", the user's clicks sent
     # so far (none at cold start, then those of the batches seen), one shift per user per phase
     shift: str = "event"
+    scale: bool = True  # False: the shift alone (scale fixed at 1, so warm-up moves e' as fast as e)
 
 
 SHIFTS = ("event", "phase")
@@ -58,8 +59,10 @@ SHIFTS = ("event", "phase")
 class WarmUpNets(nn.Module):
     """Meta scaling (profile field embeddings -> [udg_dim]) and meta shifting (behavior feature -> [udg_dim])."""
 
-    def __init__(self, profile_dim: int, behavior_dim: int, udg_dim: int, hidden: int = 16, shift: str = "event"):
+    def __init__(self, profile_dim: int, behavior_dim: int, udg_dim: int, hidden: int = 16, shift: str = "event",
+                 scale: bool = True):
         super().__init__()
+        self.scaled = scale
         if shift not in SHIFTS:
             raise ValueError(f"MWUF shift must read one of {SHIFTS}, not {shift!r}")
         self.shift_source = shift
@@ -72,11 +75,13 @@ class WarmUpNets(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def for_model(cls, model: UDG, hidden: int = 16, shift: str = "event") -> WarmUpNets:
+    def for_model(cls, model: UDG, hidden: int = 16, shift: str = "event", scale: bool = True) -> WarmUpNets:
         base = model.base_model
-        return cls((base.user_fields - 1) * base.config.embed_dim, base.item_dim, model.udg_dim, hidden, shift)
+        return cls((base.user_fields - 1) * base.config.embed_dim, base.item_dim, model.udg_dim, hidden, shift, scale)
 
     def scale(self, profile_vec: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "scaled", True):
+            return torch.ones(len(profile_vec), self.scale_out.out_features)
         return 1 + self.scale_out(torch.relu(self.scale_hidden(profile_vec)))
 
     def shift(self, behavior: torch.Tensor) -> torch.Tensor:
@@ -167,8 +172,8 @@ def train_mwuf(model: UDG, data: PreparedData, config: MwufConfig | None = None,
         parameter.requires_grad_(False)
     train = data.splits["train"]
     anchor = mean_training_row(model, train)
-    nets = WarmUpNets.for_model(model, config.hidden, config.shift)
-    optimizer = torch.optim.Adam(nets.parameters(), lr=config.beta)
+    nets = WarmUpNets.for_model(model, config.hidden, config.shift, config.scale)
+    optimizer = torch.optim.Adam(nets.parameters(), lr=config.beta)  # unscaled: the scale's layers get no gradient
     halves = split_halves(train)
     pool = np.arange(len(halves.users)) if users is None else np.asarray(users)
     losses = []

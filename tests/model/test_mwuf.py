@@ -109,3 +109,14 @@ def test_the_phase_shift_reads_the_clicks_of_the_earlier_half_most_recent_first(
         assert got[row].tolist() == clicked + [0] * (3 - len(clicked))
     with pytest.raises(ValueError, match="shift must read"):
         WarmUpNets(2, 2, 2, shift="later")
+
+
+def test_the_shift_alone_keeps_the_scale_at_one(world):
+    data, model = world
+    profile, history, udg = events(data)
+    nets, _ = train_mwuf(model, data, MwufConfig(steps=3, hidden=8, scale=False, beta=0.05))
+    with torch.no_grad():
+        torch.testing.assert_close(nets.warm(model, udg, profile, history),
+                                   udg + nets.shift(model.base_model.behavior(history)))
+        assert torch.equal(nets.scale(torch.randn(len(udg), 24)), torch.ones_like(udg))
+        assert not torch.equal(nets.shift(model.base_model.behavior(history)), torch.zeros_like(udg))
