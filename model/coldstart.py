@@ -75,9 +75,9 @@ GENERATED = ("meta", "residual", "mwuf", "mwuf-phase", "mwuf-shift")
 # arm -> what its shift reads, and whether it has a scale (model/mwuf.py)
 MWUF_ARMS = {"mwuf": ("event", True), "mwuf-phase": ("phase", True), "mwuf-shift": ("event", False)}
 ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
-              "mean": "mean known-user row", "mwuf": "MWUF, shift from each event's history",
-              "mwuf-phase": "MWUF, shift from the clicks sent so far",
-              "mwuf-shift": "MWUF's shift alone (event history, no scale)"}
+              "mean": "mean known-user row", "mwuf": "MWUF (shift from each event's history)",
+              "mwuf-phase": "MWUF (shift from the clicks sent so far)",
+              "mwuf-shift": "MWUF's shift alone (no scale)"}
 ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green",
               "mwuf": "tab:red", "mwuf-phase": "tab:brown", "mwuf-shift": "tab:pink"}
 BATCHES = ("a", "b", "c")
