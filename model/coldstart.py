@@ -22,7 +22,8 @@ The protocol, built from one prepared data set (no change to ingestion):
   init: the paper's "w/o Meta"), `mean` (the mean UDG row of the active users: a naive baseline that needs no
   training), `mwuf` (the mean row, transformed whenever scored by MWUF's meta scaling (profile) and shifting
   (behavior history so far) networks, `model.mwuf`, trained on the active users with the model frozen and kept
-  only where they beat the identity on held-out active users).
+  only where they beat the identity on held-out active users); `mwuf-phase`, its shift reading the clicks sent
+  so far (none at cold start) instead of each event's history; `mwuf-shift`, the shift alone (scale 1).
 - `--warm-base-user` (`WarmConfig.base_user`): a new user's base user id is OOV, so every new user shares the
   OOV row; with it, each new user gets a base id row of their own (starting at the OOV row, so the cold phase
   is unchanged) that warm-up updates alongside their UDG row (`model.new_users`).
