@@ -72,7 +72,7 @@ def test_a_training_step_lowers_the_loss_of_its_batch(world, shift):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.parameters())
     optimizer.step()
     after = mwuf_loss(model, nets, anchor, train, halves, chosen, np.random.default_rng(3), config)  # same events
-    assert float(after) < float(loss.detach())
+    assert float(after.detach()) < float(loss.detach())
 
 
 def test_training_freezes_model_and_networks_and_validation_may_keep_the_identity(world):
