@@ -20,7 +20,13 @@ The protocol, built from one prepared data set (no change to ingestion):
   (the residual generator: the mean row plus a profile-dependent residual, its shrinkage weight chosen on
   held-out active users, `model.meta.choose_shrink`), `random` (a fresh N(0, 0.05²) row like the UDG table's
   init: the paper's "w/o Meta"), `mean` (the mean UDG row of the active users: a naive baseline that needs no
-  training).
+  training), `mwuf` (the mean row, transformed whenever scored by MWUF's meta scaling (profile) and shifting
+  (behavior history so far) networks, `model.mwuf`, trained on the active users with the model frozen and kept
+  only where they beat the identity on held-out active users); `mwuf-phase`, its shift reading the clicks sent
+  so far (none at cold start) instead of each event's history; `mwuf-shift`, the shift alone (scale 1).
+- `--warm-base-user` (`WarmConfig.base_user`): a new user's base user id is OOV, so every new user shares the
+  OOV row; with it, each new user gets a base id row of their own (starting at the OOV row, so the cold phase
+  is unchanged) that warm-up updates alongside their UDG row (`model.new_users`).
 
 The arms of one (model, seed) share the pre-trained model, the generator and the order of the warm-up
 minibatches, so they are compared paired by seed.
@@ -63,12 +69,18 @@ from model.report import MODEL_LABELS, RunJournal
 log = logging.getLogger(__name__)
 
 PHASES = ("cold", "a", "b", "c")
-ARMS = ("meta", "residual", "random", "mean")
+ARMS = ("meta", "residual", "random", "mean", "mwuf", "mwuf-phase", "mwuf-shift")
 DEFAULT_ARMS = ("meta", "random", "mean")  # the first journals' arms; `residual` is asked for by --arms
-GENERATED = ("meta", "residual")  # arms whose embedding comes from a generator, compared with the baselines
+# arms whose embedding comes from a learned network, compared with the baselines (and with the earlier ones)
+GENERATED = ("meta", "residual", "mwuf", "mwuf-phase", "mwuf-shift")
+# arm -> what its shift reads, and whether it has a scale (model/mwuf.py)
+MWUF_ARMS = {"mwuf": ("event", True), "mwuf-phase": ("phase", True), "mwuf-shift": ("event", False)}
 ARM_LABELS = {"meta": "Meta", "residual": "Meta (mean row + residual)", "random": "w/o Meta (random)",
-              "mean": "mean known-user row"}
-ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green"}
+              "mean": "mean known-user row", "mwuf": "MWUF (shift from each event's history)",
+              "mwuf-phase": "MWUF (shift from the clicks sent so far)",
+              "mwuf-shift": "MWUF's shift alone (no scale)"}
+ARM_COLORS = {"meta": "tab:blue", "residual": "tab:purple", "random": "tab:orange", "mean": "tab:green",
+              "mwuf": "tab:red", "mwuf-phase": "tab:brown", "mwuf-shift": "tab:pink"}
 BATCHES = ("a", "b", "c")
 
 
@@ -101,6 +113,8 @@ class WarmConfig:
     # reported test users. Empty grid: no choice, every new user is a test user.
     lr_grid: tuple[float, ...] = ()
     valid_frac: float = 0.3
+    # each new user gets their own base user-id row (from the OOV row they are served with), warmed with the UDG row
+    base_user: bool = False
 
 
 WARM_RULES = ("minibatch-adam", "event-sgd", "event-adam")
@@ -125,6 +139,8 @@ def setup_of(warm: WarmConfig) -> dict:
     if warm.rule == "minibatch-adam" and warm.lr is None:
         setup.pop("rule")
         setup.pop("lr")
+    if not warm.base_user:
+        setup.pop("base_user")
     return setup
 
 
@@ -218,18 +234,19 @@ def build_split(data: PreparedData, protocol: Protocol) -> ColdStartSplit:
 
 # --- one (model, seed): pre-train, meta-train, then every arm through the phases ---------------------------
 def initial_embeddings(arm: str, model, generator, split: ColdStartSplit, seed: int):
-    """`generator`: the arm's generator (meta and residual arms), or a dict {arm: generator}."""
+    """`generator`: the arm's generator (meta and residual arms), or a dict {arm: generator}. The mwuf arm's raw
+    rows are the mean row (its networks transform them when scored: `NewUserTable`)."""
     import torch
 
     n, dim = len(split.new_users), model.config.udg_dim
     if isinstance(generator, dict):
         generator = generator.get(arm)
     with torch.no_grad():
-        if arm in GENERATED:
+        if arm in ("meta", "residual"):
             return generator(torch.as_tensor(split.active.splits["train"].profiles[split.new_users])).clone()
         if arm == "random":
             return torch.randn(n, dim, generator=torch.Generator().manual_seed(10_000 + seed)) * 0.05
-        if arm == "mean":
+        if arm == "mean" or arm in MWUF_ARMS:
             from dataset.schema import OOV
 
             rows = np.unique(split.active.splits["train"].user)
@@ -248,6 +265,9 @@ def _inputs(samples: Samples, rows: np.ndarray, split: ColdStartSplit):
 
 
 def _logits(model, table, batch, index):
+    if hasattr(table, "vectors"):
+        user_vec, udg = table.vectors(model, batch, index)
+        return model.score(user_vec, udg, batch["history"], batch["item"])
     user_vec = model.unseen_user_vector(batch["profile"])  # OOV id row + profile rows, as served
     return model.score(user_vec, table(index), batch["history"], batch["item"])
 
@@ -321,6 +341,9 @@ def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config,
         optimizer = torch.optim.Adam([table.weight], lr=train_config.lr, weight_decay=decay)
     else:
         raise ValueError(f"warm update must be 'model' or 'embeddings', not {warm.update!r}")
+    extra = table.extra_rows() if hasattr(table, "extra_rows") else []
+    if extra:  # new users' own base id rows, with the base embeddings' weight decay
+        optimizer.add_param_group({"params": extra, "weight_decay": train_config.embed_weight_decay})
     generator = torch.Generator().manual_seed(1000 * seed + phase)
     for _ in range(warm.epochs):
         order = torch.randperm(len(samples), generator=generator).numpy()
@@ -333,20 +356,38 @@ def warm_up(model, table, samples: Samples, split: ColdStartSplit, train_config,
     model.eval()
 
 
-def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int) -> dict:
+def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, seed: int, nets=None) -> dict:
     """Cold start, then warm-up a, b, c on a copy of `model`: metrics on the rests after each phase, and how far
     the new users' embeddings moved (mean L2 norm of the change since the cold start). Also, under
     `served_history`, each phase's metrics with the histories the service would hold (`served_histories`), of
-    the warmed embeddings and of the initial ones (no warm-up): what a replay through the service measures."""
-    from torch import nn
+    the warmed embeddings and of the initial ones (no warm-up): what a replay through the service measures.
+    `nets`: MWUF's networks, transforming the rows whenever they are scored (the mwuf arm). With
+    `warm.base_user`, each new user's base id row starts at the OOV row and is warmed too."""
+    import torch
+
+    from dataset.schema import OOV
+    from model.new_users import new_user_table
 
     model = copy.deepcopy(model)
     for parameter in model.parameters():
         parameter.requires_grad_(warm.update == "model")
-    table = nn.Embedding.from_pretrained(init.clone(), freeze=False)
-    initial = nn.Embedding.from_pretrained(init.clone(), freeze=True)
+    base_init = None
+    if warm.base_user:
+        with torch.no_grad():
+            oov = model.base_model.user_emb.weight[OOV]
+        base_init = oov.expand(len(init), -1).clone()
+    if (nets is not None or warm.base_user) and warm.rule != "minibatch-adam":
+        raise ValueError(f"warm rule {warm.rule} updates UDG rows only: no mwuf arm or base user rows")
+    table = new_user_table(init, False, nets, base_init)
+    initial = new_user_table(init, True, nets, base_init)
+    phase_shift = getattr(nets, "shift_source", None) == "phase"
+
+    def clicks_sent(names: tuple[str, ...]) -> None:  # "phase" networks' shift: the clicks of these batches
+        if phase_shift:
+            table.shift_history = initial.shift_history = torch.as_tensor(served_histories(split, names, width))
     rest = split.batches["rest"]
     width = rest.histories.gather(np.arange(min(1, len(rest)))).shape[1] if len(rest) else 1
+    clicks_sent(())
     phases = {"cold": evaluate_new_users(model, table, rest, split)}
     served = {"phases": {}, "no_warmup": {}}
 
@@ -365,10 +406,12 @@ def run_arm(model, init, split: ColdStartSplit, train_config, warm: WarmConfig, 
         rule = event_rule(warm, train_config)
         state = rule.initial_state(*init.shape)
     for i, name in enumerate(BATCHES, start=1):
+        clicks_sent(BATCHES[:i - 1])  # warm-up on a batch knows the clicks sent before it
         if warm.rule == "minibatch-adam":
             warm_up(model, table, split.batches[name], split, train_config, warm, seed, i)
         else:
             warm_up_events(model, table, state, split.batches[name], split.new_index, rule)
+        clicks_sent(BATCHES[:i])
         phases[name] = evaluate_new_users(model, table, split.batches["rest"], split)
         served_phase(name, BATCHES[:i])
         moved[name] = float((table.weight.detach() - init).norm(dim=1).mean())
@@ -444,6 +487,33 @@ def chosen_step(model, init, split: ColdStartSplit, train_config, warm: WarmConf
     return float(best), scores
 
 
+def udg_headroom(model, split: ColdStartSplit) -> dict:
+    """What a user's own rows are worth to the pre-trained model: on the active users' test events (later than
+    everything it trained on), AUC and log loss with their own trained rows, and with the UDG row, the base id
+    row or both replaced by what a new user is served (the mean known-user UDG row, the OOV id row). The gap
+    between `own` and `mean_udg` is about the most a new user's UDG row could earn once fully warmed; from
+    `mean_udg` to `new_user`, what their own base id row could (`--warm-base-user`)."""
+    import torch
+
+    from model.metrics import all_metrics
+    from model.train import to_tensors
+
+    samples = split.active.splits["test"]
+    mean = initial_embeddings("mean", model, None, split, 0)[:1]
+    model.eval()
+    probs: dict[str, list] = {"own": [], "mean_udg": [], "oov_base": [], "new_user": []}
+    with torch.no_grad():
+        for start in range(0, len(samples), 8192):
+            batch = to_tensors(samples, np.arange(start, min(start + 8192, len(samples))))
+            own_base = model.base_model.user_vector(batch["user"], batch["profile"])
+            oov_base = model.unseen_user_vector(batch["profile"])
+            own_udg, mean_udg = model.udg_emb(batch["user"]), mean.expand(len(batch["user"]), -1)
+            for name, (user_vec, udg) in {"own": (own_base, own_udg), "mean_udg": (own_base, mean_udg),
+                                          "oov_base": (oov_base, own_udg), "new_user": (oov_base, mean_udg)}.items():
+                probs[name].append(torch.sigmoid(model.score(user_vec, udg, batch["history"], batch["item"])))
+    return {name: all_metrics(samples.label, torch.cat(p).numpy()) for name, p in probs.items()}
+
+
 class PretrainCache:
     """Optional on-disk cache of a seed's pre-trained model and generators (`--cache DIR`), keyed by everything
     they depend on, so that further arms or warm-up settings over the same seeds skip the pre-training. The
@@ -479,9 +549,12 @@ class PretrainCache:
 
 def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: int, seed: int,
                      options: GeneratorOptions, cache: PretrainCache | None = None) -> tuple[dict, dict]:
-    """The generators the arms need: `meta` (Algorithm 1, Eq. 11) and `residual` (the mean row plus a residual,
-    shrinkage chosen on validation); -> ({arm: generator}, {arm: training info})."""
+    """The generators the arms need: `meta` (Algorithm 1, Eq. 11; with a meta grid, its settings chosen on
+    held-out active users), `residual` (the mean row plus a residual, shrinkage chosen on validation) and `mwuf`
+    (MWUF's scale/shift networks, or None where validation keeps the identity); -> ({arm: generator}, {arm:
+    training info})."""
     from model.meta import MetaConfig, choose_meta, choose_shrink, train_meta
+    from model.mwuf import MwufConfig, choose_mwuf
 
     config = MetaConfig(steps=meta_steps, seed=seed, alpha=options.alpha, gamma=options.gamma,
                         phase_a_history=options.phase_a_history)
@@ -493,6 +566,11 @@ def train_generators(model, split: ColdStartSplit, arms: list[str], meta_steps: 
                 cached = choose_meta(model, split.active, config, options.meta_grid, valid_frac=options.valid_frac)
             elif arm == "meta":
                 cached = train_meta(model, split.active, config, progress=False)
+            elif arm in MWUF_ARMS:
+                cached = choose_mwuf(model, split.active, MwufConfig(steps=meta_steps, seed=seed, alpha=options.alpha,
+                                                                     gamma=options.gamma, shift=MWUF_ARMS[arm][0],
+                                                                     scale=MWUF_ARMS[arm][1]),
+                                     valid_frac=options.valid_frac)
             else:
                 cached = choose_shrink(model, split.active, replace(config, steps=options.residual_steps),
                                        grid=options.shrink_grid, valid_frac=options.valid_frac)
@@ -525,7 +603,7 @@ def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train
                                          if cache else None)
     pretrain = {"best_epoch": metrics["best_epoch"], "valid": metrics["valid"], "test": metrics["test"],
                 "meta_final_loss": infos["meta"]["final_loss"] if "meta" in infos else None,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "headroom": udg_headroom(model, split)}
     if train_config.udg_weight_decay is not None:  # new journals only, so the old ones regenerate as they were
         pretrain["udg_weight_decay"] = train_config.udg_weight_decay
     pretrain["udg_dependence"] = udg_dependence(model, split.active.splits["test"])
@@ -533,16 +611,18 @@ def run_seed(split: ColdStartSplit, kind: str, seed: int, arms: list[str], train
     valid, test = new_user_cut(split, warm.valid_frac) if warm.lr_grid else (None, split)
     for arm in arms:
         init = initial_embeddings(arm, model, generators, split, seed)
+        nets = generators.get(arm) if arm in MWUF_ARMS else None
         step = None
-        if warm.lr_grid:
+        if warm.lr_grid:  # event rules only, which take no mwuf arm (refused in run_coldstart)
             lr, scores = chosen_step(model, init, valid, train_config, warm, seed)
             step = {"chosen": lr, "validation": scores, "valid_users": valid.info["new_users"],
                     "test_users": test.info["new_users"]}
-        result = run_arm(model, init, test, train_config, replace(warm, lr=step["chosen"]) if step else warm, seed)
+        result = run_arm(model, init, test, train_config, replace(warm, lr=step["chosen"]) if step else warm, seed,
+                         nets=nets)
         row = {"model": kind, "variant": arm, "seed": seed, "pretrain": pretrain, **result}
         if step:
             row["warm_step"] = step
-        if arm == "residual" or (arm == "meta" and "validation" in infos[arm]):
+        if arm == "residual" or arm in MWUF_ARMS or (arm == "meta" and "validation" in infos[arm]):
             row["generator"] = {k: v for k, v in infos[arm].items() if k in ("validation", "chosen", "fit_users",
                                                                               "valid_users", "final_loss")}
         rows[arm] = row
@@ -635,6 +715,88 @@ def summarise(rows: list[dict]) -> list[dict]:
                         "meta_paired": len(meta)}
                 out.append(line)
     return out
+
+
+def validation_lines(rows: list[dict]) -> list[str]:
+    """What validation on held-out active users chose for each mwuf row (its networks or the identity) and the
+    validation scores' gap, per model (nothing for journals without the arm)."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        for arm in MWUF_ARMS:
+            mine = sorted((r for r in rows if r["model"] == kind and r["variant"] == arm and "generator" in r),
+                          key=lambda r: r["seed"])
+            if not mine:
+                continue
+            cells = []
+            for r in mine:
+                scores = r["generator"]["validation"]
+                gain = scores["identity"]["score"] - scores["mwuf"]["score"]
+                cells.append(f"seed {r['seed']} {r['generator']['chosen']} ({gain:+.4f})")
+            lines += [f"Validation of {ARM_LABELS[arm]} ({MODEL_LABELS.get(kind, kind)}+UDG; held-out active users' "
+                      "score, the mean of the cold and one-step log loss, of the identity minus the networks'): "
+                      + ", ".join(cells) + ".", ""]
+    return lines
+
+
+HEADROOM_LABELS = {"own": "own base id row + own UDG row (as trained)",
+                   "mean_udg": "own base id row + mean UDG row",
+                   "oov_base": "OOV base id row + own UDG row",
+                   "new_user": "OOV base id row + mean UDG row (as a new user)"}
+
+
+def headroom_table(rows: list[dict]) -> list[str]:
+    """The pre-trained models' `udg_headroom` over seeds (one per seed: every arm of a seed shares it), with the
+    paired gaps; nothing for journals written before it was measured."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        seeds = {r["seed"]: r["pretrain"]["headroom"] for r in sorted(rows, key=lambda r: r["seed"])
+                 if r["model"] == kind and "headroom" in r.get("pretrain", {})}
+        if not seeds:
+            continue
+        label = MODEL_LABELS.get(kind, kind)
+        lines += ["", f"#### {label}+UDG: what a user's own rows are worth, on the active users' test events "
+                      f"(mean ± std over {len(seeds)} seeds)", "",
+                  "| rows | AUC | log loss |", "|---|---|---|"]
+        for name, text in HEADROOM_LABELS.items():
+            lines.append(f"| {text} | {_val(_pm([h[name]['auc'] for h in seeds.values()]))} | "
+                         f"{_val(_pm([h[name]['log_loss'] for h in seeds.values()]))} |")
+        for text, (a, b) in (("own UDG row − mean UDG row (own base id row)", ("own", "mean_udg")),
+                             ("own base id row − OOV row (mean UDG row)", ("mean_udg", "new_user"))):
+            auc = _pm([h[a]["auc"] - h[b]["auc"] for h in seeds.values()])
+            loss = _pm([h[a]["log_loss"] - h[b]["log_loss"] for h in seeds.values()])
+            lines.append(f"| gap: {text} | {auc[0]:+.4f} ± {auc[1]:.4f} | {loss[0]:+.4f} ± {loss[1]:.4f} |")
+    return lines
+
+
+def served_table(rows: list[dict]) -> list[str]:
+    """For journals with an MWUF arm (its shift reads the history): each arm's AUC when every held-out event sees
+    only the clicks sent so far (`served_histories`, what the service holds), and each generated arm's paired
+    gain over the mean row and over random init there."""
+    lines = []
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == kind and "served_history" in r]
+        if not any(r["variant"] in MWUF_ARMS for r in mine):
+            continue
+        by = {(r["variant"], r["seed"]): r["served_history"]["phases"] for r in mine}
+        arms = [a for a in ARMS if any(v == a for v, _ in by)]
+        label = MODEL_LABELS.get(kind, kind)
+        lines += ["", f"#### {label}+UDG: AUC with the histories the service holds (each held-out event sees only "
+                      "the clicks of the batches sent so far; mean ± std; gains paired by seed, seeds where higher)",
+                  "", "| arm | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+        for arm in arms:
+            seeds = sorted(s for a, s in by if a == arm)
+            lines.append(f"| {ARM_LABELS[arm]} | "
+                         + " | ".join(_val(_pm([by[(arm, s)][p]["auc"] for s in seeds])) for p in PHASES) + " |")
+        for arm in (a for a in arms if a in GENERATED):
+            for baseline in (b for b in ("mean", "random") if b in arms):
+                seeds = sorted(s for a, s in by if a == arm and (baseline, s) in by)
+                cells = []
+                for p in PHASES:
+                    gains = [by[(arm, s)][p]["auc"] - by[(baseline, s)][p]["auc"] for s in seeds]
+                    mean, std = _pm(gains)
+                    cells.append(f"{mean:+.4f} ± {std:.4f} ({sum(g > 0 for g in gains)}/{len(gains)})")
+                lines.append(f"| {ARM_LABELS[arm]} − {ARM_LABELS[baseline]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pct(pair) -> str:
@@ -754,9 +916,13 @@ def diagnostics(rows: list[dict]) -> str:
 
 
 def report_tables(rows: list[dict], summary: list[dict] | None = None) -> str:
-    """Everything of a report after its head: `tables`, then the `diagnostics` where the rows carry them."""
+    """Everything of a report after its head (what `udg docs check` compares with its journal): `tables`, the
+    headroom and served-history tables, then the `diagnostics`; each only where the rows carry its figures, so
+    the journals written before them render as they did."""
+    text = tables(summary if summary is not None else summarise(rows))
+    text += "".join("\n" + line for line in headroom_table(rows) + served_table(rows))
     extra = diagnostics(rows)
-    return tables(summary if summary is not None else summarise(rows)) + ("\n\n" + extra if extra else "")
+    return text + ("\n\n" + extra if extra else "")
 
 
 def plot(summary: list[dict], path: Path, title: str) -> None:
@@ -842,7 +1008,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     warm = WarmConfig(batch_size=args.warm_batch_size, epochs=args.warm_epochs, update=args.warm_update,
-                      rule=args.warm_rule, lr=args.warm_lr,
+                      rule=args.warm_rule, lr=args.warm_lr, base_user=args.warm_base_user,
                       lr_grid=tuple(float(x) for x in args.warm_lr_grid.split(",") if x.strip())
                       if args.warm_lr_grid else (), valid_frac=args.warm_valid_frac)
     if warm.lr_grid and (warm.rule == "minibatch-adam" or warm.lr is not None):
@@ -852,6 +1018,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
         raise SystemExit(f"--warm-valid-frac {warm.valid_frac}: expected a share strictly between 0 and 1")
     if warm.rule != "minibatch-adam" and warm.update != "embeddings":
         raise SystemExit(f"--warm-rule {warm.rule} freezes the model: use it with --warm-update embeddings")
+    if warm.rule != "minibatch-adam" and (warm.base_user or any(a in MWUF_ARMS for a in arms)):
+        raise SystemExit(f"--warm-rule {warm.rule} updates UDG rows only: no --warm-base-user or mwuf arm with it")
     train_config = TrainConfig(epochs=args.epochs, embed_weight_decay=args.embed_wd, udg_weight_decay=args.udg_wd,
                                threads=args.threads)
     out = Path(args.out)
@@ -896,6 +1064,8 @@ def run_coldstart(args: argparse.Namespace) -> str:
         "the new users' UDG embeddings only"
     if warm.rule == "minibatch-adam":
         how = f"{warm.epochs} pass(es) per batch, minibatches of {warm.batch_size}, updating {updated}"
+        if warm.base_user:
+            how += " and each new user's own base user-id row (from the OOV row)"
     else:
         rule = event_rule(warm, train_config)
         step = (f"step chosen per arm and seed from {', '.join(f'{x:g}' for x in warm.lr_grid)} on a validation "
@@ -908,6 +1078,7 @@ def run_coldstart(args: argparse.Namespace) -> str:
     if split_info:
         head += ["Users and events: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in split_info.items()), ""]
+    head += validation_lines(rows)
     text = "\n".join(head) + report_tables(rows, summary)
     (out / "report.md").write_text(text + "\n")
     plot(summary, out / "coldstart.png", title)
@@ -931,7 +1102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="pnn", help="comma-separated model kinds (each with its UDG preset)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help="meta (Eq. 11 generator), residual (mean row + residual generator), random (w/o Meta), "
-                             "mean (known users)")
+                             "mean (known users), mwuf (mean row, MWUF's scale/shift networks; model/mwuf.py)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--embed-wd", type=float, default=3e-3)
@@ -946,6 +1117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-rule", choices=WARM_RULES, default="minibatch-adam",
                         help="minibatch-adam: the passes of --warm-batch-size (the paper); event-sgd / event-adam: "
                              "the online worker's rule (`udg warmup --rule`), one step per event in time order")
+    parser.add_argument("--warm-base-user", action="store_true",
+                        help="give each new user a base user-id row of their own (from the OOV row they are served "
+                             "with) and warm it with the UDG row (minibatch-adam only)")
     parser.add_argument("--warm-lr", type=float, default=None,
                         help="step of the event rules (default: the generator's α for sgd, the pre-training lr "
                              "for adam, as `udg warmup`)")

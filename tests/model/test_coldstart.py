@@ -220,3 +220,53 @@ def test_the_pretrain_cache_gives_the_same_rows(tmp_path, split):
     again = run_seed(split, "pnn", 0, ["residual", "mean"], TRAIN, meta_steps=5, warm=WARM, cache=cache)
     for arm in ("residual", "mean"):
         assert again[arm]["phases"] == first[arm]["phases"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(split):
+    from model.experiment import model_config, udg_preset
+    from model.train import train_model
+
+    model, _ = train_model(split.active, model_config("pnn", udg_preset("pnn")), TRAIN, progress=False)
+    return model
+
+
+def test_mwuf_arm_with_fresh_networks_is_the_mean_arm(split, pretrained, seed_rows):
+    import torch
+
+    from model.coldstart import initial_embeddings, run_arm
+    from model.mwuf import WarmUpNets
+
+    init = initial_embeddings("mwuf", pretrained, None, split, 0)
+    assert torch.equal(init, initial_embeddings("mean", pretrained, None, split, 0))
+    plain = run_arm(pretrained, init, split, TRAIN, WARM, 0)
+    for shift in ("event", "phase"):
+        nets = WarmUpNets.for_model(pretrained, shift=shift)
+        identity = run_arm(pretrained, init, split, TRAIN, WARM, 0, nets=nets)
+        for phase in PHASES:  # scale exactly 1 and shift exactly 0: the same rows, gradients and steps
+            assert identity["phases"][phase] == pytest.approx(plain["phases"][phase], abs=1e-6)
+    # the grid's mwuf arms ran their networks (or validation's identity) through every phase
+    for arm in ("mwuf", "mwuf-phase"):
+        assert set(seed_rows[arm]["phases"]) == set(PHASES)
+        assert seed_rows[arm]["generator"]["chosen"] in ("mwuf", "identity")
+
+
+def test_warm_base_user_rows_start_at_the_oov_row_and_are_warmed(split, pretrained):
+    import torch
+
+    from model.coldstart import initial_embeddings, run_arm
+    from model.new_users import NewUserTable
+
+    init = initial_embeddings("mean", pretrained, None, split, 0)
+    embeddings_only = replace(WARM, update="embeddings")
+    plain = run_arm(pretrained, init, split, TRAIN, embeddings_only, 0)
+    warmed = run_arm(pretrained, init, split, TRAIN, replace(embeddings_only, base_user=True), 0)
+    # the cold phase serves the OOV row either way; warm-up then moves the users' own rows
+    assert warmed["phases"]["cold"] == pytest.approx(plain["phases"]["cold"], abs=1e-6)
+    assert warmed["phases"]["c"]["log_loss"] != pytest.approx(plain["phases"]["c"]["log_loss"], abs=1e-6)
+    oov = pretrained.base_model.user_emb.weight[OOV].detach()
+    table = NewUserTable(init, False, base_init=oov.expand(len(init), -1).clone())
+    assert table.extra_rows() == [table.base.weight]
+    batch = {"profile": torch.as_tensor(split.batches["a"].profile[:4])}
+    user_vec, _ = table.vectors(pretrained, batch, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(user_vec, pretrained.unseen_user_vector(batch["profile"]))
