@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -198,6 +199,34 @@ def validation_users(data: PreparedData, frac: float, seed: int) -> tuple[np.nda
     return np.sort(order[held:]), np.sort(order[:held])
 
 
+class HeldOutHalves(NamedTuple):
+    """Validation users' events as Algorithm 1 splits them: D^A (`*_a`, earlier half) and D^B (`*_b`, later half)
+    of each user, with the owner (index into the users) of every event; `item`/`label` are the whole split's."""
+    halves: _UserHalves
+    a_rows: np.ndarray
+    b_rows: np.ndarray
+    owner_a: torch.Tensor
+    owner_b: torch.Tensor
+    profile: torch.Tensor
+    item: torch.Tensor
+    label: torch.Tensor
+    history_a: torch.Tensor
+    history_b: torch.Tensor
+
+
+def held_out_halves(train, users: np.ndarray) -> HeldOutHalves:
+    """The tensors every validation score of a new user's row needs (generator, residual, MWUF)."""
+    halves = split_halves(train)
+    a_rows = np.concatenate([halves.a_rows[u] for u in users])
+    b_rows = np.concatenate([halves.b_rows[u] for u in users])
+    return HeldOutHalves(
+        halves, a_rows, b_rows,
+        torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.a_rows[u]) for u in users])),
+        torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.b_rows[u]) for u in users])),
+        torch.as_tensor(halves.profile[users]), torch.as_tensor(train.item), torch.as_tensor(train.label),
+        torch.as_tensor(train.histories.gather(a_rows)), torch.as_tensor(train.histories.gather(b_rows)))
+
+
 @torch.no_grad()
 def meta_validation_loss(model: UDG, generator: MetaGenerator, data: PreparedData, users: np.ndarray,
                          alpha: float) -> dict:
@@ -205,15 +234,9 @@ def meta_validation_loss(model: UDG, generator: MetaGenerator, data: PreparedDat
     their later half (D^B, real behavior) with the generated embedding; `warm`, the same after one α step on
     their earlier half (D^A, real behavior) from it. `score` is their mean."""
     train = data.splits["train"]
-    halves = split_halves(train)
-    a_rows = np.concatenate([halves.a_rows[u] for u in users])
-    b_rows = np.concatenate([halves.b_rows[u] for u in users])
-    owner_a = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.a_rows[u]) for u in users]))
-    owner_b = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.b_rows[u]) for u in users]))
-    profile = torch.as_tensor(halves.profile[users])
-    item, label = torch.as_tensor(train.item), torch.as_tensor(train.label)
-    history_a = torch.as_tensor(train.histories.gather(a_rows))
-    history_b = torch.as_tensor(train.histories.gather(b_rows))
+    h = held_out_halves(train, users)
+    a_rows, b_rows, owner_a, owner_b = h.a_rows, h.b_rows, h.owner_a, h.owner_b
+    profile, item, label, history_a, history_b = h.profile, h.item, h.label, h.history_a, h.history_b
     generated = generator(profile)
     with torch.enable_grad():
         start = generated.clone().requires_grad_(True)

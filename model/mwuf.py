@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dataset.prepared import PreparedData
-from model.meta import mean_training_row, split_halves, validation_users
+from model.meta import held_out_halves, mean_training_row, split_halves, validation_users
 from model.udg import UDG
 
 
@@ -196,15 +196,9 @@ def mwuf_validation_loss(model: UDG, nets: WarmUpNets | None, data: PreparedData
     transformed row; `warm`, the same after one α step on their earlier half; `score`, their mean (as
     `model.meta.meta_validation_loss` scores a generator). `nets` None: the identity."""
     train = data.splits["train"]
-    halves = split_halves(train)
-    a_rows = np.concatenate([halves.a_rows[u] for u in users])
-    b_rows = np.concatenate([halves.b_rows[u] for u in users])
-    owner_a = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.a_rows[u]) for u in users]))
-    owner_b = torch.as_tensor(np.repeat(np.arange(len(users)), [len(halves.b_rows[u]) for u in users]))
-    profile = torch.as_tensor(halves.profile[users])
-    item, label = torch.as_tensor(train.item), torch.as_tensor(train.label)
-    history_a = torch.as_tensor(train.histories.gather(a_rows))
-    history_b = torch.as_tensor(train.histories.gather(b_rows))
+    h = held_out_halves(train, users)
+    halves, a_rows, b_rows, owner_a, owner_b = h.halves, h.a_rows, h.b_rows, h.owner_a, h.owner_b
+    profile, item, label, history_a, history_b = h.profile, h.item, h.label, h.history_a, h.history_b
     raw = mean_training_row(model, train).expand(len(users), -1).clone().requires_grad_(True)
     shift_a, shift_b = _shift_inputs(nets, train, halves, users)
     loss_a = _event_loss(model, nets, raw, owner_a, profile, history_a, item[a_rows], label[a_rows], shift_a)
