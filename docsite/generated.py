@@ -140,6 +140,8 @@ BENCHMARK_REPORTS = {
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-fast-path-ab.json"]),
     "docs/results/perf/report-bench-compare-fast-path.md": (
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-fast-path.json"]),
+    "docs/results/perf/report-bench-compare-quiet.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-quiet.json"]),
     "docs/results/perf/report-profile-service-fast-path.md": (
         "loadtest.profile_service", ["--report", "docs/results/perf/profile-service-fast-path.json"]),
     "docs/results/perf/report-profile-service.md": ("loadtest.profile_service",
