@@ -19,3 +19,18 @@ def tiny_prepared(**kwargs):
     from dataset.ingest import prepare
 
     return prepare(tiny_synthetic(**kwargs))
+
+
+def tiny_untrained_udg():
+    """(data, model): an untrained PNN+UDG model (seed 0) on a 60-user tiny world with 20 % cold users, for the
+    meta generator's and MWUF's piece-by-piece tests (seconds, not a training run)."""
+    import torch
+
+    from model.experiment import model_config
+    from model.zoo import build_model
+
+    torch.set_num_threads(1)
+    data = tiny_prepared(users=60, items=30, events_per_user=10, max_history=6, cold_user_frac=0.2)
+    torch.manual_seed(0)
+    model = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16,), udg_dim=4, gate_hidden=8), data.schema)
+    return data, model

@@ -19,15 +19,9 @@ from model.metrics import all_metrics  # noqa: E402
 
 @pytest.fixture(scope="module")
 def world():
-    from model.experiment import model_config
-    from model.zoo import build_model
-    from tests.tiny import tiny_prepared
+    from tests.tiny import tiny_untrained_udg
 
-    torch.set_num_threads(1)
-    data = tiny_prepared(users=60, items=30, events_per_user=10, max_history=6, cold_user_frac=0.2)
-    torch.manual_seed(0)
-    model = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16,), udg_dim=4, gate_hidden=8), data.schema)
-    return data, model
+    return tiny_untrained_udg()
 
 
 def test_the_generator_is_tanh_of_the_bias_plus_one_row_per_field(world):
