@@ -120,6 +120,8 @@ def report_files(root: Path = ROOT) -> dict[Path, str]:
 BENCHMARK_REPORTS = {
     "docs/results/perf/report-bench-model.md": ("loadtest.bench_model",
                                                 ["--report", "docs/results/perf/bench-model-quieter.json"]),
+    "docs/results/perf/report-bench-model-idle.md": ("loadtest.bench_model",
+                                                     ["--report", "docs/results/perf/bench-model-idle.json"]),
     "docs/results/perf/report-bench-model-kinds.md": ("loadtest.bench_model",
                                                       ["--report", "docs/results/perf/bench-model.json"]),
     "docs/results/perf/report-bench-model-loaded.md": ("loadtest.bench_model",
