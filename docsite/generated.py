@@ -144,6 +144,10 @@ BENCHMARK_REPORTS = {
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-fast-path.json"]),
     "docs/results/perf/report-bench-compare-quiet.md": (
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-quiet.json"]),
+    "docs/results/perf/report-bench-compare-pipelined-reads.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-pipelined-reads.json"]),
+    "docs/results/perf/report-bench-overhead.md": ("loadtest.bench_overhead",
+                                                   ["--report", "docs/results/perf/bench-overhead.json"]),
     "docs/results/perf/report-profile-service-fast-path.md": (
         "loadtest.profile_service", ["--report", "docs/results/perf/profile-service-fast-path.json"]),
     "docs/results/perf/report-profile-service.md": ("loadtest.profile_service",

@@ -40,10 +40,12 @@ class FeatureStore:
     """Async access to per-user state through `layout`. Every failure of Redis surfaces as
     `FeatureStoreUnavailable`; `observe(op, seconds)` sees the duration of every call."""
 
-    def __init__(self, redis, layout: RedisLayout | None = None, observe=None):
+    def __init__(self, redis, layout: RedisLayout | None = None, observe=None, reader=None):
         from redis.exceptions import RedisError
 
         self.redis = redis
+        # the score path's MGET: a service.redis_pipeline.PipelinedReader (one node), else redis-py's client
+        self.reader = reader or redis
         self.layout = layout or RedisLayout()
         from redis.exceptions import RedisClusterException
 
@@ -97,7 +99,7 @@ class FeatureStore:
         expected = self.expected_epoch
         cache = self.cache
         token = cache.begin() if cache is not None else None
-        state = await self._run("fetch", self.layout.fetch(self.redis, version, user_id, expected is not None))
+        state = await self._run("fetch", self.layout.fetch(self.reader, version, user_id, expected is not None))
         if token is not None:
             cache.store(version, user_id, expected is not None, state, token)
         self._check_epoch(expected, state)
@@ -167,4 +169,6 @@ class FeatureStore:
         return bool(await self._run("ping", self.redis.ping()))
 
     async def close(self) -> None:
+        if self.reader is not self.redis:
+            await self.reader.aclose()
         await self.redis.aclose()

@@ -17,6 +17,7 @@ from service.api.deps import Services
 from service.batching import MicroBatcher
 from service.control import Control
 from service.feature_store import FeatureStore, create_redis
+from service.redis_client import pipelined_reader
 from service.redis_layout import RedisLayout
 from service.registry import ModelRegistry
 from service.request_context import RequestContext
@@ -66,8 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         redis = create_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_pool_size,
                              settings.redis_ca_certs)
+        reader = (pipelined_reader(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_certs)
+                  if settings.redis_pipelined_reads else None)
         store = FeatureStore(redis, RedisLayout.from_settings(settings),
-                             observe=tracing.redis_observer(metrics.observe_redis))
+                             observe=tracing.redis_observer(metrics.observe_redis), reader=reader)
         registry = ModelRegistry(settings.model_repo, store, settings.providers, settings.ort_threads,
                                  settings.require_publish_marker, cuda_graph=settings.cuda_graph,
                                  precision=settings.scorer_precision)

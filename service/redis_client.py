@@ -122,6 +122,22 @@ def async_client(url: str, timeout_s: float, pool_size: int, ca_certs: str | Non
                         max_connections=pool_size, **_node_kwargs(target, ca_certs), **kwargs)
 
 
+_READER_OPTIONS = {"host", "port", "db", "username", "password", "path", "connection_class"}
+
+
+def pipelined_reader(url: str, timeout_s: float, ca_certs: str | None = None):
+    """The score path's MGET client (`service.redis_pipeline.PipelinedReader`) for one node, or None where
+    redis-py must keep it: a Redis Cluster (slot map), or URL options the reader does not apply (e.g.
+    `?ssl_cert_reqs=`, `?socket_keepalive=`), so that a URL means the same to both clients."""
+    from redis.connection import parse_url
+
+    if parse_redis_url(url).cluster or set(parse_url(url)) - _READER_OPTIONS:
+        return None
+    from service.redis_pipeline import PipelinedReader
+
+    return PipelinedReader(url, timeout_s, ca_certs)
+
+
 def listener(url: str, timeout_s: float, ca_certs: str | None = None, main=None, attempt: int = 0):
     """An asyncio client for Pub/Sub (no read timeout: it waits for messages). On a cluster: a plain
     connection to one node — of the nodes `main` (the service's cluster client) knows, else the seeds —

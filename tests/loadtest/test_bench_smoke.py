@@ -229,3 +229,30 @@ def test_bench_ddp_gives_the_callers_cache_folder_back(monkeypatch, tmp_path):
     monkeypatch.delenv("UDG_CACHE_DIR")
     assert bench.main(["--journal", str(tmp_path / "j.json")]) == 0
     assert "UDG_CACHE_DIR" not in os.environ
+
+
+def test_bench_overhead_measures_each_part_on_the_test_model(artifact, redis_server, published):
+    """bench_overhead's three measurements at a tiny size, and the table of a journal built from them."""
+    from loadtest.bench_compare import make_inputs, score_requests
+    from loadtest.bench_overhead import format_report, http_floor, redis_read, route_work
+    from service.redis_layout import RedisLayout
+
+    inputs = make_inputs(artifact, 20, 4)
+    alone = route_work(artifact, inputs, 40, with_model=False)
+    interleaved = route_work(artifact, inputs, 40, with_model=True)
+    assert len(alone) == len(interleaved) == 36 and min(alone) > 0 and min(interleaved) > 0
+    layout, user = RedisLayout(), inputs[0]["user_id"]
+    keys = [layout.embeddings(artifact.version, user).encode(), layout.history(user).encode()]
+    reads = redis_read(redis_server.url, keys, 60)
+    assert set(reads) == {"redis-py", "pipelined"} and all(len(v) == 3 and min(v) > 0 for v in reads.values())
+    floor = http_floor(1000, score_requests(inputs[:1])[0], 0.5, [1, 2])
+    assert set(floor) == {"1", "2"} and all(e["n"] > 0 and e["errors"] == 0 and e["cpu_ms_per_request"] > 0
+                                            for e in floor.values())
+    journal = {"candidates": 20, "cpus": 2, "route": {"alone": [100.0], "with_model": [250.0]},
+               "redis_read_us": {"redis-py": [180.0], "pipelined": [45.0]}, "answer_bytes": 1000,
+               "http_floor": floor, "load": {"before": [0.5], "after": [0.7]}}
+    table = format_report(journal)
+    assert "| the same work with the model call between requests | 250 | 2.50 |" in table
+    assert "| Redis read, client CPU: pipelined reader MGET | 45 | 0.25 |" in table
+    cpu_us = 1e3 * floor["2"]["cpu_ms_per_request"]
+    assert f"canned 1,000-byte answer, concurrency 2, server CPU | {cpu_us:.0f}" in table
