@@ -13,9 +13,10 @@ whose client follows the slot map):
   connection is closed, failing every request still waiting on it: a reply that never came would leave every
   later reply paired with the wrong request. The next request connects again (a paused or slow Redis is
   answered 503 per request until it answers again; no restart).
-- **Connection loss** (Redis killed or restarted, a proxy closing the socket): every waiting request fails
-  with redis-py's `ConnectionError`; the next request reconnects. One connection attempt at a time: requests that
-  arrive meanwhile wait for it (at most `timeout_s`).
+- **Connection loss** (Redis killed or restarted, a proxy closing the socket): every waiting request is
+  retried once on a new connection (a read is safe to repeat, and an idle connection the server closed is not
+  an outage), and fails with redis-py's `ConnectionError` if that fails too. One connection attempt at a time:
+  requests that arrive meanwhile wait for it (at most `timeout_s`).
 - **URL**: what redis-py accepts for one node (redis://, rediss:// with `ca_certs`, unix://; user, password
   and db), parsed by redis-py itself; AUTH and SELECT are sent on connect.
 - Errors are redis-py's exception classes, so `FeatureStore` answers them 503 as it does every Redis failure;
@@ -108,11 +109,19 @@ class PipelinedReader:
         return await self.execute("MGET", *keys)
 
     async def execute(self, *command):
-        """One command's reply (an error reply raises `ResponseError`), on the shared connection."""
+        """One command's reply (an error reply raises `ResponseError`), on the shared connection. A connection
+        error on a connection opened before this call is retried once on a new one, as redis-py's client does:
+        a server or proxy that closed an idle connection must not turn into a 503. A timeout is not retried."""
+        packed = hiredis.pack_command(command)
         connection = self._connection
         if connection is None or connection.closed:
-            connection = await self._connect()
-        packed = hiredis.pack_command(command)
+            return await self._send(await self._connect(), packed)
+        try:
+            return await self._send(connection, packed)
+        except RedisConnectionError:
+            return await self._send(await self._connect(), packed)
+
+    async def _send(self, connection: _Connection, packed: bytes):
         loop = asyncio.get_running_loop()
         future = connection.send(packed, loop)
         timer = loop.call_later(self.timeout_s, self._timed_out, connection, future)

@@ -119,6 +119,20 @@ def test_redis_killed_then_restarted_on_the_same_port_recovers_without_a_new_cli
     assert run(main()) == [b"2"]
 
 
+def test_an_idle_connection_the_server_closed_is_not_an_error(server):
+    client = redis.Redis.from_url(server.url)
+    client.set("a", b"1")
+
+    async def main():
+        reader = PipelinedReader(server.url, timeout_s=1.0)
+        assert await reader.mget("a") == [b"1"]
+        killed = client.client_kill_filter(_type="normal", skipme=True)  # as Redis's idle `timeout` does
+        assert killed >= 1
+        return await reader.mget("a")  # whether or not the close was seen first: retried on a new connection
+
+    assert run(main()) == [b"1"]
+
+
 def test_a_paused_redis_times_out_every_waiting_request_then_recovers_in_step(server):
     redis.Redis.from_url(server.url).mset({f"k{i}": str(i).encode() for i in range(20)})
 
