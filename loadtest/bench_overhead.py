@@ -8,8 +8,8 @@
    call (`Artifact.score`) between consecutive requests, as in a worker. The ratio is what the model's pass
    over its weights and activations does to the rest of the request's cache footprint.
 2. **The Redis read**: CPU of the client per MGET (the score path's three keys), redis-py's asyncio client
-   against the pipelined reader (`service/redis_pipeline.py`), one request at a time on a private
-   redis-server.
+   against the pipelined reader (`service/redis_pipeline.py`), one request at a time, on a private
+   redis-server and on a private local Redis Cluster (3 primaries, 3 replicas).
 3. **The HTTP floor**: uvicorn (httptools, uvloop, one worker) answering a canned body of the service's answer
    size, driven by bench compare's load generator: the CPU per request of the server process, which is the
    part of a request no application code can remove.
@@ -85,11 +85,11 @@ def route_work(artifact, inputs: list[dict], requests: int, with_model: bool) ->
 
 
 def redis_read(url: str, keys: list[bytes], calls: int) -> dict:
-    """Client CPU µs per MGET of `keys`: redis-py's asyncio client, then the pipelined reader."""
-    import redis.asyncio as aredis
+    """Client CPU µs per MGET of `keys`: the service's redis-py asyncio client, then its pipelined reader (both
+    made by `service.redis_client` for `url`: one node, or a Redis Cluster)."""
     import uvloop
 
-    from service.redis_pipeline import PipelinedReader
+    from service.redis_client import async_client, pipelined_reader
 
     async def measure(client) -> float:
         for _ in range(calls // 10):
@@ -100,18 +100,38 @@ def redis_read(url: str, keys: list[bytes], calls: int) -> dict:
         return 1e6 * (time.process_time() - start) / calls
 
     async def main() -> dict:
-        pool = aredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=1.0, socket_timeout=1.0)
-        client = aredis.Redis(connection_pool=pool)
-        reader = PipelinedReader(url, timeout_s=1.0)
+        client = async_client(url, 1.0, 64)
+        reader = pipelined_reader(url, 1.0, main_client=client)
+        await client.ping()  # a cluster client learns the slot map
         out = {"redis-py": [], "pipelined": []}
         for _ in range(3):  # alternated, so that a change in background load hits both
             out["redis-py"].append(await measure(client))
             out["pipelined"].append(await measure(reader))
-        await client.aclose()
+        if getattr(reader, "handed_over", 0):
+            raise RuntimeError(f"{reader.handed_over} reads left the pipelined path: the figure would mix both")
         await reader.aclose()
+        await client.aclose()
         return out
 
     return uvloop.run(main())
+
+
+def cluster_read(single_url: str, keys: list[bytes], calls: int) -> dict:
+    """`redis_read` on a local Redis Cluster (3 primaries, 3 replicas) holding the same keys' values."""
+    from service.local_redis import LocalCluster, redis_server_binary
+    from service.redis_client import sync_client
+
+    cluster = LocalCluster(redis_server_binary()).start()
+    try:
+        values = sync_client(single_url).mget(*keys)
+        target = sync_client(cluster.url)
+        for key, value in zip(keys, values, strict=True):
+            if value is not None:
+                target.set(key, value)
+        target.close()
+        return redis_read(cluster.url, keys, calls)
+    finally:
+        cluster.cleanup()
 
 
 def http_floor(answer_bytes: int, request: bytes, seconds: float, levels: list[int]) -> dict:
@@ -187,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         keys = [layout.embeddings(version_dir.name, user).encode(), layout.history(user).encode(),
                 layout.profile(user).encode()]
         results["redis_read_us"] = redis_read(redis.url, keys, args.redis_calls)
+        results["cluster_read_us"] = cluster_read(redis.url, keys, args.redis_calls)
     finally:
         redis.cleanup()
     request = bench_compare.score_requests(inputs[:1])[0]
@@ -214,6 +235,12 @@ def format_report(results: dict) -> str:
              f"| Redis read, client CPU: redis-py asyncio MGET | {redis['redis-py']:.0f} | 1.00 |",
              f"| Redis read, client CPU: pipelined reader MGET | {redis['pipelined']:.0f} | "
              f"{redis['pipelined'] / redis['redis-py']:.2f} |"]
+    if "cluster_read_us" in results:  # journals from before the cluster reader have no such line
+        cluster = {k: float(np.median(v)) for k, v in results["cluster_read_us"].items()}
+        lines += ["| Redis Cluster read, client CPU: redis-py cluster client MGET | "
+                  f"{cluster['redis-py']:.0f} | 1.00 |",
+                  "| Redis Cluster read, client CPU: pipelined reader MGET (slot owner) | "
+                  f"{cluster['pipelined']:.0f} | {cluster['pipelined'] / cluster['redis-py']:.2f} |"]
     for c, entry in results["http_floor"].items():
         lines.append(f"| HTTP floor: uvicorn, canned {results['answer_bytes']:,}-byte answer, concurrency {c}, "
                      f"server CPU | {1e3 * entry['cpu_ms_per_request']:.0f} | |")

@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         redis = create_redis(settings.redis_url, settings.redis_timeout_s, settings.redis_pool_size,
                              settings.redis_ca_certs)
-        reader = (pipelined_reader(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_certs)
+        reader = (pipelined_reader(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_certs, redis)
                   if settings.redis_pipelined_reads else None)
         store = FeatureStore(redis, RedisLayout.from_settings(settings),
                              observe=tracing.redis_observer(metrics.observe_redis), reader=reader)

@@ -125,17 +125,25 @@ def async_client(url: str, timeout_s: float, pool_size: int, ca_certs: str | Non
 _READER_OPTIONS = {"host", "port", "db", "username", "password", "path", "connection_class"}
 
 
-def pipelined_reader(url: str, timeout_s: float, ca_certs: str | None = None):
-    """The score path's MGET client (`service.redis_pipeline.PipelinedReader`) for one node, or None where
-    redis-py must keep it: a Redis Cluster (slot map), or URL options the reader does not apply (e.g.
-    `?ssl_cert_reqs=`, `?socket_keepalive=`), so that a URL means the same to both clients."""
+def pipelined_reader(url: str, timeout_s: float, ca_certs: str | None = None, main_client=None):
+    """The score path's MGET client (`service.redis_pipeline`): for one node a `PipelinedReader`; on a Redis
+    Cluster a `ClusterPipelinedReader` over `main_client` (the service's cluster client, whose slot map it
+    reads and to which it hands failures). None where redis-py must keep the read: a cluster without
+    `main_client`, or URL options the reader does not apply (e.g. `?ssl_cert_reqs=`, `?socket_keepalive=`),
+    so that a URL means the same to both clients."""
     from redis.connection import parse_url
 
-    if parse_redis_url(url).cluster or set(parse_url(url)) - _READER_OPTIONS:
-        return None
-    from service.redis_pipeline import PipelinedReader
+    from service import redis_pipeline
 
-    return PipelinedReader(url, timeout_s, ca_certs)
+    target = parse_redis_url(url)
+    if target.cluster:
+        if main_client is None or not is_cluster(main_client):
+            return None
+        return redis_pipeline.ClusterPipelinedReader(main_client, timeout_s, ca_certs, target.username,
+                                                     target.password, target.tls)
+    if set(parse_url(url)) - _READER_OPTIONS:
+        return None
+    return redis_pipeline.PipelinedReader(url, timeout_s, ca_certs)
 
 
 def listener(url: str, timeout_s: float, ca_certs: str | None = None, main=None, attempt: int = 0):

@@ -5,8 +5,8 @@ encoder, the connection pool's checkout and release, the retry wrapper, the stre
 writing a pre-packed command on a protocol and reading the reply with hiredis (docs/performance.md, "The
 score path's Redis read"). Every other command (writes, admin, Pub/Sub, scans) stays on redis-py.
 
-How it behaves (`UDG_REDIS_PIPELINED_READS`, on by default for one node; a Redis Cluster keeps redis-py,
-whose client follows the slot map):
+How it behaves (`UDG_REDIS_PIPELINED_READS`, on by default; on a Redis Cluster, `ClusterPipelinedReader` below
+keeps one such connection per primary and hands any failure to redis-py's cluster client):
 - **Pipelining**: concurrent requests write their MGETs on the same connection; Redis answers a connection's
   commands in order, so the replies are handed to the waiting requests first in, first out.
 - **Timeout**: a request whose reply has not come within `timeout_s` fails with redis-py's `TimeoutError`, and the
@@ -28,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from urllib.parse import quote
 
 import hiredis
 from redis.connection import parse_url
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -183,3 +185,58 @@ class PipelinedReader:
         if self._connection is not None:
             self._connection.fail(RedisConnectionError(f"Redis {_CLOSED} (worker shutting down)"))
             self._connection = None
+
+
+class ClusterPipelinedReader:
+    """The pipelined MGET on a Redis Cluster: one `PipelinedReader` per primary, chosen by the keys' hash slot
+    from the slot map that redis-py's cluster client keeps current. The score path's keys share one slot
+    (`service.redis_layout`), so the MGET goes to one node, as with redis-py.
+
+    Any failure of the lean path (a MOVED or ASK reply after a slot moved, CLUSTERDOWN, a node that refuses,
+    resets or does not answer within `timeout_s`) hands that request to redis-py's cluster client, whose
+    redirect, topology refresh and retry rules then apply as they did before this reader existed; its answer,
+    or its error (a 503), is the request's. Before the client has learned the slot map, every read is its."""
+
+    def __init__(self, cluster, timeout_s: float, ca_certs: str | None = None, username: str | None = None,
+                 password: str | None = None, tls: bool = False):
+        self.cluster = cluster
+        self.timeout_s = timeout_s
+        self.ca_certs = ca_certs
+        scheme = "rediss" if tls else "redis"
+        auth = ""
+        if password:
+            auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        self._url = f"{scheme}://{auth}{{host}}:{{port}}/0"
+        self._readers: dict[tuple[str, int], PipelinedReader] = {}
+        self.handed_over = 0  # reads answered by redis-py's client after the lean path failed (tests read it)
+
+    def _node_for(self, key):
+        """The primary that owns `key`'s slot in redis-py's map, or None (no map yet, the slot uncovered now)."""
+        try:
+            return self.cluster.nodes_manager.get_node_from_slot(key_slot(key.encode() if isinstance(key, str)
+                                                                          else key))
+        except Exception:  # redis-py's client then decides, with its own rules
+            return None
+
+    def _reader_at(self, node) -> PipelinedReader:
+        address = (node.host, int(node.port))
+        reader = self._readers.get(address)
+        if reader is None:
+            host = f"[{node.host}]" if ":" in node.host else node.host
+            reader = self._readers[address] = PipelinedReader(self._url.format(host=host, port=node.port),
+                                                              self.timeout_s, self.ca_certs)
+        return reader
+
+    async def mget(self, *keys) -> list:
+        node = self._node_for(keys[0])
+        if node is not None:
+            try:
+                return await self._reader_at(node).mget(*keys)
+            except RedisError:
+                self.handed_over += 1
+        return await self.cluster.mget(*keys)
+
+    async def aclose(self) -> None:
+        for reader in self._readers.values():
+            await reader.aclose()
+        self._readers.clear()

@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     redis_ca_certs: str | None = None  # CA bundle for rediss:// with a private CA
     redis_timeout_s: float = Field(0.25, gt=0, le=30)  # per Redis call (connect, read, write); then 503
     redis_pool_size: int = Field(64, ge=1, le=10_000)
-    # The score path's MGET on one pipelined connection per worker, parsed by hiredis (service/redis_pipeline.py):
-    # ~130 µs less CPU per request than redis-py's client (docs/performance.md); one node only (a Redis Cluster
-    # keeps redis-py); false: every command on redis-py
+    # The score path's MGET on one pipelined connection per worker (per primary on a Redis Cluster), parsed by
+    # hiredis (service/redis_pipeline.py): less CPU per request than redis-py's client (docs/performance.md);
+    # false: every command on redis-py
     redis_pipelined_reads: bool = True
     key_prefix: str = Field("udg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     # Hot users' state served from the worker, invalidated by Redis client-side caching (BCAST tracking on one

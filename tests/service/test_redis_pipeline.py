@@ -15,7 +15,7 @@ from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
 from service.local_redis import RedisServer, free_port
 from service.redis_client import pipelined_reader
-from service.redis_pipeline import PipelinedReader
+from service.redis_pipeline import ClusterPipelinedReader, PipelinedReader
 from tests.conftest import REDIS_BINARY
 
 
@@ -170,3 +170,40 @@ def test_the_factory_keeps_redis_py_where_the_reader_would_change_the_meaning():
     assert pipelined_reader("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", 0.25) is None
     assert pipelined_reader("rediss://cache.example:6380/0?ssl_cert_reqs=none", 0.25) is None
     assert pipelined_reader("redis://127.0.0.1:6379/0?socket_keepalive=true", 0.25) is None
+
+
+def test_on_a_cluster_each_read_goes_to_its_slot_owner_and_a_redirect_goes_to_redis_py(redis_cluster):
+    """The cluster reader against the real local cluster: every read on the lean path (one reader per primary
+    that owns a read slot, replies equal to redis-py's), and a read sent to the wrong primary (a MOVED reply)
+    answered by redis-py's cluster client instead."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from service.redis_client import async_client, sync_client
+
+    sync = sync_client(redis_cluster.url)
+    values = {f"{{u{i}}}:e": f"v{i}".encode() for i in range(60)}
+    for key, value in values.items():
+        sync.set(key, value)
+
+    async def main():
+        cluster = async_client(redis_cluster.url, 2.0, 8)
+        reader = pipelined_reader(redis_cluster.url, 2.0, None, main_client=cluster)
+        assert isinstance(reader, ClusterPipelinedReader) and isinstance(cluster, RedisCluster)
+        await cluster.ping()  # the client learns the slot map
+        lean = await asyncio.gather(*(reader.mget(key, "{" + key[1:key.index("}")] + "}:absent") for key in values))
+        lean_nodes = len(reader._readers)
+        handed = reader.handed_over
+        # the reader's map says another primary owns the slot: that node answers MOVED, redis-py's client
+        # (whose map is right) answers instead
+        owner = reader._node_for("{u1}:e")
+        other = next(n for n in cluster.nodes_manager.get_nodes_by_server_type("primary") if n.name != owner.name)
+        reader._node_for = lambda key: other
+        moved = await reader.mget("{u1}:e")
+        await reader.aclose()
+        await cluster.aclose()
+        return lean, lean_nodes, handed, moved, reader.handed_over
+
+    lean, lean_nodes, handed, moved, handed_after = run(main())
+    assert lean == [[value, None] for value in values.values()]
+    assert handed == 0 and lean_nodes == 3  # 60 users' slots spread over the 3 primaries
+    assert moved == [values["{u1}:e"]] and handed_after == 1
