@@ -55,9 +55,13 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         if self.closed:
             raise RedisConnectionError(f"Redis {_CLOSED}")
+        try:
+            self.transport.write(packed)
+        except RuntimeError as error:  # uvloop: the transport closed before connection_lost was delivered
+            self.fail(RedisConnectionError(f"Redis {_CLOSED}: {error}"))
+            raise RedisConnectionError(f"Redis {_CLOSED}: {error}") from None
         future = loop.create_future()
-        self.waiting.append(future)
-        self.transport.write(packed)
+        self.waiting.append(future)  # after the write: no reply can arrive in between (one thread)
         return future
 
     def data_received(self, data: bytes) -> None:

@@ -154,6 +154,28 @@ def test_a_paused_redis_times_out_every_waiting_request_then_recovers_in_step(se
     assert after == [[str(i).encode()] for i in range(10, 20)]
 
 
+def test_a_write_on_a_transport_closed_under_it_is_a_connection_error_not_a_bug():
+    """uvloop raises RuntimeError on a write to a closed transport; before connection_lost is delivered that can
+    happen, and it must be the Redis outage it is (a 503, retried once), never a 500."""
+    from service.redis_pipeline import _Connection
+
+    class ClosedTransport:
+        def write(self, data):
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        def abort(self):
+            pass
+
+    async def main():
+        connection = _Connection()
+        connection.connection_made(ClosedTransport())
+        with pytest.raises(ConnectionError):
+            connection.send(b"*1\r\n$4\r\nPING\r\n", asyncio.get_running_loop())
+        return connection.closed, len(connection.waiting)
+
+    assert run(main()) == (True, 0)
+
+
 def test_a_refused_connect_is_a_redis_connection_error():
     async def main():
         refused = PipelinedReader(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
