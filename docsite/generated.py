@@ -146,6 +146,8 @@ BENCHMARK_REPORTS = {
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-quiet.json"]),
     "docs/results/perf/report-bench-compare-pipelined-reads.md": (
         "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-pipelined-reads.json"]),
+    "docs/results/perf/report-bench-compare-pipelined-cache.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-pipelined-cache.json"]),
     "docs/results/perf/report-bench-overhead.md": ("loadtest.bench_overhead",
                                                    ["--report", "docs/results/perf/bench-overhead.json"]),
     "docs/results/perf/report-profile-service-fast-path.md": (
