@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dataset.schema import OOV, PAD, FeatureSchema
-from model.layers import MLP, masked_mean
+from model.layers import MLP, padded_mean
 
 
 @dataclass
@@ -93,10 +93,13 @@ class BaseCTR(nn.Module):
                                  torch.as_tensor(schema.item_table[spec.name], dtype=torch.long), persistent=True)
         for table in (self.user_emb, self.item_emb, *self.item_field_embs, *self.profile_embs):
             nn.init.normal_(table.weight, std=0.05)
+        # Row PAD of every item table is zero, and stays zero: `padding_idx` gives it no gradient, and loading
+        # weights checks it. PAD tokens therefore add nothing to a sum, and pooling needs no mask multiply
+        # (one fewer pass over every candidate's and click's rows, in training and in the serving graph).
         with torch.no_grad():
-            self.item_emb.weight[PAD].zero_()
-            for table in self.item_field_embs:
+            for table in self.padded_tables().values():
                 table.weight[PAD].zero_()
+        self.register_load_state_dict_post_hook(_check_padding_rows)
 
     # --- the embedding layer (Eq. 1) ---------------------------------------------------------------------
     @property
@@ -124,6 +127,16 @@ class BaseCTR(nn.Module):
     def embedding_tables(self) -> list[nn.Embedding]:
         return [self.user_emb, self.item_emb, *self.item_field_embs, *self.profile_embs]
 
+    def padded_tables(self) -> dict[str, nn.Embedding]:
+        """The item tables, whose row PAD must be zero, by parameter name."""
+        tables = {"item_emb": self.item_emb}
+        tables.update({f"item_field_embs.{i}": table for i, table in enumerate(self.item_field_embs)})
+        return tables
+
+    def nonzero_padding_rows(self) -> list[str]:
+        """Names of the item tables whose row PAD is not zero (none in a valid model)."""
+        return [name for name, table in self.padded_tables().items() if bool(table.weight[PAD].any())]
+
     def user_vector(self, user: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         """Base user embedding: user id row and profile rows, concatenated -> [B, user_fields * d]."""
         if self.training and self.config.user_id_dropout > 0:
@@ -146,9 +159,9 @@ class BaseCTR(nn.Module):
         """Item field `index` of items whose token indices are `tokens` [..., width] -> mean row [..., d]."""
         d = self.config.embed_dim
         width = tokens.shape[-1]
-        if width == 1:  # a single-valued field: the mean of one row is that row (0 for PAD), no reduction
-            return self.item_field_embs[index](tokens[..., 0]) * (tokens[..., :1] != PAD).to(torch.float32)
-        pooled = masked_mean(self.item_field_embs[index](tokens).reshape(-1, width, d),
+        if width == 1:  # a single-valued field: the mean of one row is that row (PAD's row is 0), no reduction
+            return self.item_field_embs[index](tokens[..., 0])
+        pooled = padded_mean(self.item_field_embs[index](tokens).reshape(-1, width, d),
                              (tokens != PAD).reshape(-1, width))
         return pooled.reshape(*tokens.shape[:-1], d)
 
@@ -175,7 +188,7 @@ class BaseCTR(nn.Module):
     def behavior(self, history: torch.Tensor) -> torch.Tensor:
         """Behavior feature: masked mean of the clicked items' fields -> [B, item_dim]."""
         fields, mask = self.history_fields(history)
-        return masked_mean(fields.flatten(-2), mask)
+        return padded_mean(fields.flatten(-2), mask)
 
     # --- what subclasses provide ------------------------------------------------------------------------
     def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
@@ -227,3 +240,11 @@ def ctr_forward(model: nn.Module, base: BaseCTR, batch: dict[str, torch.Tensor])
     if aux is not None:
         out["aux_loss"] = aux
     return out
+
+
+def _check_padding_rows(model: BaseCTR, incompatible_keys) -> None:
+    """Loaded weights keep the model's invariant: row PAD of every item table is zero."""
+    bad = model.nonzero_padding_rows()
+    if bad:
+        raise RuntimeError(f"row {PAD} (padding) of {', '.join(bad)} is not zero; padding must embed to zero "
+                           f"(training keeps it so)")

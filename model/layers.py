@@ -13,10 +13,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum(dim=1).clamp(min=1.0)
 
 
+def padded_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean` for `values` that are already zero where `mask` is 0 (rows of PAD, which embeds to zero):
+    the same result without the multiply."""
+    return values.sum(dim=1) / mask.to(values.dtype).sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 def broadcast_cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate 2-D tensors on the last dim, broadcasting a batch of 1 (one user) to the batch of N."""
+    """Concatenate 2-D tensors on the last dim, broadcasting a batch of 1 (one user) to the batch of N.
+
+    A part that already has the batch is not expanded: an exported graph would copy it once more. (Serving
+    graphs are traced with N >= 2 candidates, so which parts are the user's is never ambiguous.)"""
     batch = max(p.shape[0] for p in parts)
-    return torch.cat([p.expand(batch, -1) for p in parts], dim=-1)
+    return torch.cat([p if p.shape[0] == batch else p.expand(batch, -1) for p in parts], dim=-1)
 
 
 class MLP(nn.Module):

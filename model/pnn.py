@@ -65,4 +65,4 @@ class PNN(BaseCTR):
         if self.candidate_pair_order is not None:
             products = products[:, self.candidate_pair_order]
         user_products = (user_fields[self.uu_rows] * user_fields[self.uu_cols]).sum(-1).unsqueeze(0)
-        return broadcast_cat([candidate.flatten(1), user_side, products, user_products])
+        return broadcast_cat([candidate.reshape(-1, self.item_dim), user_side, products, user_products])

@@ -80,7 +80,7 @@ class UDG(nn.Module):
                     items: Items) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(candidate part [N, c], user part [1 or N, u]) of the gate input."""
         if self.config.gate_input == "paper":
-            candidate = self.base.item_fields(items).flatten(-2)
+            candidate = self.base.item_fields(items).reshape(-1, self.base.item_dim)
             behavior = self.base.behavior(history)
             if self.config.gate_detach:
                 candidate, behavior = candidate.detach(), behavior.detach()

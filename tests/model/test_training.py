@@ -83,6 +83,19 @@ def test_checkpoint_round_trip(tmp_path, data, trained):
         torch.testing.assert_close(loaded.meta_generator()(profile), generator(profile))
 
 
+def test_training_keeps_padding_rows_zero_and_loading_checks_them(tmp_path, data, trained):
+    """Pooling relies on row PAD of the item tables being zero: training leaves it so (padding_idx gives it
+    no gradient, weight decay keeps a zero at zero), and weights where it is not are refused."""
+    model, metrics = trained
+    assert model.base_model.nonzero_padding_rows() == []
+    checkpoint = Checkpoint.from_training(model, model.config, TrainConfig(), data, metrics)
+    name = "base.item_field_embs.0.weight"
+    checkpoint.state_dict = {**checkpoint.state_dict, name: checkpoint.state_dict[name].clone()}
+    checkpoint.state_dict[name][0, 0] = 0.5
+    with pytest.raises(CheckpointError, match=r"row 0 \(padding\) of item_field_embs.0 is not zero"):
+        checkpoint.build_model()
+
+
 def test_checkpoint_load_refuses_other_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         Checkpoint.load(tmp_path / "missing.pt")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataset.schema import PAD
 from model.base import Items
 from model.experiment import model_config
 from model.train import seed_everything, to_tensors
@@ -48,6 +49,8 @@ def spread_gates(model) -> None:
     with torch.no_grad():
         for table in model.embedding_tables():
             table.weight.normal_(0.0, 0.5, generator=generator)
+        for table in model.base.padded_tables().values():  # the model's invariant: padding embeds to zero
+            table.weight[PAD].zero_()
         for layer in model.base.mlp.hidden:
             layer.weight.normal_(0.0, 0.5, generator=generator)
         for gate in model.gates:
@@ -138,6 +141,27 @@ def test_masked_mean_is_the_mean_of_the_unmasked_rows_and_zero_for_an_empty_hist
         if len(kept):
             expected[row] = kept.mean(0)
     np.testing.assert_allclose(numpy_of(masked_mean(values, mask)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_padded_mean_equals_the_masked_mean_where_padding_rows_are_zero():
+    from model.layers import masked_mean, padded_mean
+
+    generator = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0]])
+    values = torch.randn(4, 4, 3, generator=generator) * mask.unsqueeze(-1)
+    torch.testing.assert_close(padded_mean(values, mask), masked_mean(values, mask), rtol=0, atol=0)
+
+
+def test_behavior_ignores_padding_positions(warm_data):
+    """A history padded with PAD has the behavior feature of its clicks alone: the mean of their rows."""
+    torch.manual_seed(0)
+    base = build_model(model_config("pnn", "udg", embed_dim=8, hidden=(16,), udg_dim=4, gate_hidden=8),
+                       warm_data.schema).base
+    clicks = torch.tensor([3, 5, 7])
+    padded = torch.cat([clicks, torch.full((3,), PAD)])[None]
+    rows = base.item_fields(clicks).flatten(-2)  # [3, item_dim]
+    torch.testing.assert_close(base.behavior(padded), rows.mean(0, keepdim=True))
+    assert not base.behavior(torch.full((1, 4), PAD)).any()  # an empty history: zeros
 
 
 def test_mlp_dropout_acts_in_training_only():
