@@ -7,7 +7,7 @@ copy is stale.
 - A page section between `<!-- generated: include FILE table=N [rows=A,B] -->` and `<!-- end generated -->`
   is the N-th markdown table of FILE (a generated report), optionally only the rows whose first cell is one
   of A, B; with `line=PREFIX` instead of `table=N`, the first line of FILE that starts with PREFIX (a run's
-  machine and load line, quoted beside its table).
+  machine and load line, quoted beside its table), with `lines=PREFIX` every such line (a run's target lines).
 - Each committed benchmark journal in `BENCHMARK_REPORTS` has a report-*.md beside it: what the benchmark's
   own reprint option prints from that journal (no run), so a page includes its tables instead of a paste.
 - docs/api.md is rendered from the service's OpenAPI document.
@@ -58,7 +58,7 @@ def render_directive(directive: str, root: Path = ROOT, files: dict[Path, str] |
         raise DocsError(f"expected 'include FILE table=N [rows=A,B]', got {directive!r}")
     path = root / words[1]
     options = dict(word.split("=", 1) for word in words[2:])
-    unknown = set(options) - {"table", "rows", "line"}
+    unknown = set(options) - {"table", "rows", "line", "lines"}
     if unknown:
         raise DocsError(f"{directive!r}: unknown option(s) {sorted(unknown)}")
     text = (files or {}).get(path)
@@ -66,13 +66,15 @@ def render_directive(directive: str, root: Path = ROOT, files: dict[Path, str] |
         if not path.exists():
             raise DocsError(f"{directive!r}: {words[1]} does not exist")
         text = path.read_text()
-    if "line" in options:
-        if {"table", "rows"} & set(options):
-            raise DocsError(f"{directive!r}: line= includes one line, not a table")
-        found = [line for line in text.splitlines() if line.startswith(options["line"])]
+    for key in ("line", "lines"):
+        if key not in options:
+            continue
+        if ({"table", "rows", "line", "lines"} - {key}) & set(options):
+            raise DocsError(f"{directive!r}: {key}= includes lines, not a table")
+        found = [line for line in text.splitlines() if line.startswith(options[key])]
         if not found:
-            raise DocsError(f"{directive!r}: no line of {words[1]} starts with {options['line']!r}")
-        return found[0] + "\n"
+            raise DocsError(f"{directive!r}: no line of {words[1]} starts with {options[key]!r}")
+        return "\n".join(found if key == "lines" else found[:1]) + "\n"
     tables = markdown_tables(text)
     index = int(options.get("table", "1"))
     if not 1 <= index <= len(tables):
@@ -124,6 +126,12 @@ BENCHMARK_REPORTS = {
                                                      ["--report", "docs/results/perf/bench-model-idle.json"]),
     "docs/results/perf/report-bench-model-kinds.md": ("loadtest.bench_model",
                                                       ["--report", "docs/results/perf/bench-model.json"]),
+    "docs/results/perf/report-bench-model-padding.md": ("loadtest.bench_model",
+                                                        ["--report", "docs/results/perf/bench-model-padding.json"]),
+    "docs/results/perf/report-bench-model-served.md": ("loadtest.bench_model",
+                                                       ["--report", "docs/results/perf/bench-model-served.json"]),
+    "docs/results/perf/report-bench-model-kinds-idle.md": (
+        "loadtest.bench_model", ["--report", "docs/results/perf/bench-model-kinds-idle.json"]),
     "docs/results/perf/report-bench-model-loaded.md": ("loadtest.bench_model",
                                                        ["--report", "docs/results/perf/bench-model-loaded.json"]),
     "docs/results/perf/report-bench-model-session-options.md": (

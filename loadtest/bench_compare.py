@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest.bench_model import cpu_model
+
 NAIVE_KEY = "naive:{user_id}:{feature}"  # loadtest/naive_app.py reads these: one JSON string per user and feature
 TARGETS = {"service_vs_naive_rps": 2.0, "service_vs_ceiling_rps": 0.75, "service_p99_vs_floor_p99": 3.0,
            "cpu_vs_model": 1.3, "p50_above_floor_ms": 0.5}
@@ -347,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
     artifact = open_artifact(version_dir, providers=["CPUExecutionProvider"], threads=args.ort_threads)
     inputs = make_inputs(artifact, args.candidates, args.bodies)
     results: dict = {"candidates": args.candidates, "version": str(version_dir), "cpus": os.cpu_count(),
+                     "cpu": cpu_model(),
                      "ort_threads": args.ort_threads, "duration_s": args.duration, "rounds": args.rounds,
                      "cells": {}, "ceiling": {}}
     block = args.duration / args.rounds
@@ -465,7 +468,9 @@ def _users_for(version_dir: Path, inputs: list[dict]) -> dict:
 
 def format_table(results: dict) -> str:
     floor = results["floor"]
-    lines = [f"N = {results['candidates']} candidates; {results['cpus']} CPUs shared by client, servers and Redis; "
+    cpu = f" ({results['cpu']})" if results.get("cpu") else ""
+    lines = [f"N = {results['candidates']} candidates; {results['cpus']} CPUs{cpu} shared by client, servers and "
+             f"Redis; "
              f"onnxruntime {results['ort_threads']} thread(s) per worker; {results['duration_s']:.0f} s per cell; "
              f"1-min load average {results['load']['before'][0]:.2f} before, {results['load']['after'][0]:.2f} after.",
              f"(a) in-process onnxruntime floor: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms, "

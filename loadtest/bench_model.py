@@ -65,17 +65,25 @@ def time_calls(fn, n_calls: int, budget_s: float = 3.0) -> list[float]:
     return times
 
 
-def sgemm_gflops(threads: int, size: int = 1024, repeats: int = 10) -> dict[str, float]:
-    """torch.mm size^3: {"best": GFLOP/s of the fastest of `repeats`, "median": of their median}. On a loaded
-    machine the median is the one to compare a graph's median with."""
+SGEMM_SIZE = 1024
+
+
+def sgemm_times(threads: int, repeats: int = 10) -> list[float]:
+    """Seconds per torch.mm of SGEMM_SIZE^3 on `threads` threads, `repeats` runs after warm-up."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(SGEMM_SIZE, SGEMM_SIZE), torch.randn(SGEMM_SIZE, SGEMM_SIZE)
     for _ in range(3):
         torch.mm(a, b)
-    times = [_timed(lambda: torch.mm(a, b)) for _ in range(repeats)]
-    return {"best": 2 * size ** 3 / min(times) / 1e9, "median": 2 * size ** 3 / statistics.median(times) / 1e9}
+    return [_timed(lambda: torch.mm(a, b)) for _ in range(repeats)]
+
+
+def sgemm_gflops(times: list[float]) -> dict[str, float]:
+    """{"best": GFLOP/s of the fastest run, "median": of their median, "runs"}. On a loaded machine the median
+    is the one to compare a graph's median with."""
+    flop = 2 * SGEMM_SIZE ** 3
+    return {"best": flop / min(times) / 1e9, "median": flop / statistics.median(times) / 1e9, "runs": len(times)}
 
 
 def _timed(fn) -> float:
@@ -295,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session-options", action="store_true",
                         help="with --kinds: also time the serving graph under each onnxruntime session-option "
                              "variant (spinning off, lower optimisation levels, parallel execution)")
+    parser.add_argument("--graph", action="append", default=[], metavar="NAME=FILE",
+                        help="also time this ONNX graph (the serving graph's inputs; e.g. exported by an earlier "
+                             "commit) as variant ort-NAME, in the same rounds (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the single model's graphs in this many rounds of alternating order (default 1)")
     parser.add_argument("--json", default=None, help="write the journal (every figure of the tables) here")
     parser.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     args = parser.parse_args(argv)
@@ -307,12 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         kinds = parse_kinds(args.kinds) if args.kinds else []
     except ValueError as error:
         parser.error(str(error))
+    graphs = {}
+    for text in args.graph:
+        name, _, file = text.partition("=")
+        if not name or not file or not Path(file).is_file():
+            parser.error(f"--graph {text!r}: expected NAME=FILE with an existing ONNX file")
+        graphs[name] = file
     thread_counts = [int(t) for t in args.threads.split(",")]
     repeats = 30 if args.quick else args.repeats
     summary: dict = {"machine": machine_state()}
     if args.checkpoint or not kinds:
         sizes = [int(s) for s in (args.sizes or DEFAULT_SIZES).split(",")]
-        summary.update(bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick))
+        summary.update(bench_single(args.checkpoint, sizes, thread_counts, repeats, args.quick, graphs,
+                                    args.rounds))
     if kinds:
         sizes = [int(s) for s in (args.sizes or KIND_SIZES).split(",")]
         summary["kinds"] = bench_kinds(kinds, sizes, thread_counts, repeats, kinds_from=args.kinds_from,
@@ -325,17 +345,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def machine_state() -> dict:
-    """CPU count and the 1-minute load average (the machine may be shared)."""
+    """CPU count, the CPU's model and the 1-minute load average (the machine may be shared)."""
     import os
 
-    return {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+    return {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension, from /proc/cpuinfo ("" where unreadable): the
+    sessions' machines differ, and absolute times compare only on the same CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return ", ".join(part for part in (name, vector) if part)
 
 
 def report(summary: dict) -> None:
     """Every table of a run, from its journal (what --json writes)."""
     before, after = summary.get("machine"), summary.get("machine_after")
     if before and after:
-        print(f"machine: {before['cpus']} CPUs, 1-min load average {before['load_1min']} before, "
+        cpu = f" ({before['cpu']})" if before.get("cpu") else ""
+        print(f"machine: {before['cpus']} CPUs{cpu}, 1-min load average {before['load_1min']} before, "
               f"{after['load_1min']} after")
     if summary.get("rows"):
         print_tables(summary)
@@ -348,8 +382,10 @@ def report(summary: dict) -> None:
 
 
 def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[int], repeats: int,
-                 quick: bool) -> dict:
-    """Sections 1-3 for one model (CHECKPOINT or the default tiny UDG-PNN); returns the journal's part."""
+                 quick: bool, graphs: dict[str, str] | None = None, rounds: int = 1) -> dict:
+    """Sections 1-3 for one model (CHECKPOINT or the default tiny UDG-PNN); returns the journal's part.
+    `graphs` ({name: ONNX file} with the serving graph's inputs, e.g. one exported by an earlier commit) are
+    timed as variants beside the serving graph, in `rounds` alternating rounds."""
     import onnxruntime as ort
     import torch
 
@@ -372,7 +408,7 @@ def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[i
     flops_naive, _ = flops_per_candidate(scorer_graph(model, schema, per_candidate=True).module, requests.torch_args)
 
     blob = export_scorer(model, schema)
-    blobs = {"ort": blob}
+    blobs = {"ort": blob, **{f"ort-{name}": Path(file).read_bytes() for name, file in (graphs or {}).items()}}
     if not quick:
         blobs["ort-plain"] = export_graph_bytes(model, schema, plain=True)
         blobs["ort-per-cand"] = export_scorer(model, schema, per_candidate=True)
@@ -384,12 +420,14 @@ def bench_single(checkpoint: str | None, sizes: list[int], thread_counts: list[i
                      "variants": []}
     inputs = {n: requests.torch_args(n) for n in sizes}
     for threads in thread_counts:
-        results["sgemm_gflops"][str(threads)] = sgemm_gflops(threads)
+        sgemm = sgemm_times(threads)  # before and after the rows: the baseline spans the rows' time
         torch.set_num_threads(threads)
         sessions = {name: ort_session(b, threads) for name, b in blobs.items()}
         for n in sizes:
-            row = {"threads": threads, "n": n, **time_engines(requests, sessions, inputs[n], calls_for(n, repeats))}
+            row = {"threads": threads, "n": n,
+                   **time_engines(requests, sessions, inputs[n], calls_for(n, repeats), rounds=rounds)}
             results["rows"].append(summarise_row(row))
+        results["sgemm_gflops"][str(threads)] = sgemm_gflops(sgemm + sgemm_times(threads))
     torch.set_num_threads(max(thread_counts))
     if valid is not None and not quick and len(valid):
         for name, variant in blobs.items():
@@ -421,7 +459,7 @@ def bench_kinds(kinds: list[str], sizes: list[int], thread_counts: list[int], re
 
     data = prepare(data_spec) if data_spec is not None else tiny_data()
     rows = []
-    sgemm = {threads: sgemm_gflops(threads)["median"] for threads in thread_counts}
+    sgemm = {threads: sgemm_gflops(sgemm_times(threads))["median"] for threads in thread_counts}
     for kind in kinds:
         torch.set_num_threads(max(thread_counts))
         start = time.perf_counter()
@@ -474,7 +512,11 @@ def print_tables(results: dict) -> None:
     print(f"\nFLOPs per candidate (matmul-like ops of model.score): {flops / 1e3:.1f} k "
           f"({results['flops_per_candidate_per_candidate_graph'] / 1e3:.1f} k with the user side per candidate); "
           f"per request once: {results['flops_per_request'] / 1e3:.1f} k")
-    print("sgemm baseline (torch.mm 1024x1024x1024, 10 runs): " +
+    runs = {g.get("runs", 10) for g in sgemm.values()}
+    runs_text = f"{runs.pop()} runs" if len(runs) == 1 else "runs"
+    if "runs" in next(iter(sgemm.values()), {}):
+        runs_text += ", half before and half after the rows"
+    print(f"sgemm baseline (torch.mm 1024x1024x1024, {runs_text}): " +
           ", ".join(f"{t} thread{'s' if int(t) > 1 else ''}: {g['median']:.1f} GFLOP/s median, {g['best']:.1f} best"
                     for t, g in sgemm.items()))
     print("\n| threads | N | PyTorch median µs | p99 µs | ORT median µs | p99 µs | ORT cand/s | ORT/torch | "
@@ -508,6 +550,26 @@ def print_tables(results: dict) -> None:
             share = gflops / sgemm["1"]["median"]
             print(f"  1 thr N={row['n']}: {gflops:.1f} GFLOP/s = {100 * share:.0f}% of the 1-thread sgemm median "
                   f"(target >= 60%) {'OK' if share >= 0.6 else 'MISSED'}")
+    int8_delta = auc_delta(results.get("variants", []), "ort-int8")
+    for row in rows:
+        if row["threads"] == 1 and row["n"] >= 500 and "ort-int8" in row:
+            # The issue admits the int8 graph where validation AUC moves <= 0.0005: its rate counts the fp32
+            # graph's FLOPs, so it reads as "how fast the same scoring runs".
+            gflops = flops * row["n"] / (row["ort-int8"]["median_ms"] / 1e3) / 1e9
+            share = gflops / sgemm["1"]["median"]
+            auc_text = "AUC not measured" if int8_delta is None else f"AUC {int8_delta:+.5f} vs fp32"
+            met = share >= 0.6 and int8_delta is not None and abs(int8_delta) <= INT8_AUC_TOLERANCE
+            print(f"  1 thr N={row['n']}, int8 graph: {gflops:.1f} GFLOP/s fp32-equivalent = {100 * share:.0f}% "
+                  f"({auc_text}; target >= 60% with |AUC move| <= {INT8_AUC_TOLERANCE}) {'OK' if met else 'MISSED'}")
+
+
+INT8_AUC_TOLERANCE = 0.0005  # how far the int8 graph's validation AUC may move from the fp32 graph's
+
+
+def auc_delta(variants: list[dict], name: str) -> float | None:
+    """Validation AUC of graph `name` minus the fp32 serving graph's; None where either was not measured."""
+    aucs = {v["name"]: v["auc"] for v in variants}
+    return aucs[name] - aucs["ort"] if name in aucs and "ort" in aucs else None
 
 
 def print_kind_table(rows: list[dict]) -> None:

@@ -61,11 +61,16 @@ def test_include_sections_take_a_reports_table(tmp_path):
                                            "| model | x |\n|---|---:|\n| DIN | 2 |\n<!-- end generated -->\nafter\n")
     assert "| b |" in render_page(page.replace("table=1 rows=DIN", "table=2"), tmp_path)
     for bad, message in (("table=3", "has 2 table"), ("table=1 rows=DIEN", "no row"), ("tabel=1", "unknown"),
-                         ('line="load average"', "no line"), ("line=text table=1", "not a table")):
+                         ('line="load average"', "no line"), ("line=text table=1", "not a table"),
+                         ("lines=| table=1", "not a table"), ("lines=zz", "no line")):
         with pytest.raises(DocsError, match=message):
             render_page(page.replace("table=1 rows=DIN", bad), tmp_path, where="page.md")
     # a run's machine line beside its table: the first line with the prefix, quoted whole
     assert render_page(page.replace("table=1 rows=DIN", "line=te"), tmp_path).split("\n")[2] == "text"
+    # a run's target lines: every line with the prefix, in order
+    assert render_page(page.replace("table=1 rows=DIN", "lines=|"), tmp_path).split("\n")[2:11] == [
+        "| model | x |", "|---|---:|", "| PNN | 1 |", "| DIN | 2 |", "| a |", "|---|", "| b |",
+        "<!-- end generated -->", "after"]
 
 
 def test_the_site_builds_strict_and_offline(tmp_path):

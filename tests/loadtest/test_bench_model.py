@@ -79,3 +79,37 @@ def test_session_options_table_times_every_variant_against_the_default(monkeypat
     assert all(row[engine]["calls"] >= 60 for engine in ["ort", *(f"ort[{name}]" for name in variants)])
     assert bench_model.main(["--report", str(out)]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")] == lines
+
+
+def test_single_model_times_a_given_graph_beside_the_serving_graph(monkeypatch, capsys, tmp_path):
+    """`--graph NAME=FILE` (e.g. the serving graph an earlier commit exported) is timed as variant ort-NAME in
+    the same alternating rounds; the sgemm baseline is measured before and after the rows."""
+    import torch
+
+    from export.onnx_export import export_scorer
+
+    torch.set_num_threads(1)
+    tiny_data_spec = bench_model.tiny_data_spec
+    smaller = {"users": 200, "items": 60, "events_per_user": 12}
+    monkeypatch.setattr(bench_model, "tiny_data_spec", lambda **params: tiny_data_spec(**{**smaller, **params})
+                        .with_overrides(**{"behavior.max_length": 8}))
+    data = bench_model.tiny_data()
+    model, checkpoint = bench_model.train_tiny("pnn", data, epochs=1)
+    checkpoint_file = checkpoint.save(tmp_path / "pnn.pt")
+    graph = tmp_path / "earlier.onnx"
+    graph.write_bytes(export_scorer(model, data.schema))
+    out = tmp_path / "bench.json"
+    assert bench_model.main([str(checkpoint_file), "--sizes", "5", "--threads", "1", "--repeats", "40", "--quick",
+                             "--rounds", "2", "--graph", f"earlier={graph}", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| threads | N | ORT serving graph | ort-earlier |" in printed
+    assert "sgemm baseline (torch.mm 1024x1024x1024, 20 runs, half before and half after the rows)" in printed
+    summary = json.loads(out.read_text())
+    [row] = summary["rows"]
+    assert row["ort"]["calls"] >= 40 and row["ort-earlier"]["calls"] >= 40  # two rounds of >= 20 calls
+    assert summary["sgemm_gflops"]["1"]["runs"] == 20
+    assert bench_model.main(["--report", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-8:] == printed.splitlines()[-8:]
+
+    with pytest.raises(SystemExit):
+        bench_model.main([str(checkpoint_file), "--graph", "missing"])
