@@ -136,6 +136,8 @@ BENCHMARK_REPORTS = {
                                                        ["--report", "docs/results/perf/bench-model-loaded.json"]),
     "docs/results/perf/report-bench-model-session-options.md": (
         "loadtest.bench_model", ["--report", "docs/results/perf/bench-model-session-options.json"]),
+    "docs/results/perf/report-bench-compare-int8.md": ("loadtest.bench_compare",
+                                                       ["--report", "docs/results/perf/bench-compare-int8.json"]),
     "docs/results/perf/report-bench-compare.md": ("loadtest.bench_compare",
                                                   ["--report", "docs/results/perf/bench-compare.json"]),
     "docs/results/perf/report-bench-compare-before.md": ("loadtest.bench_compare",
@@ -167,6 +169,8 @@ BENCHMARK_REPORTS = {
     "docs/results/perf/report-bench-batching.md": ("loadtest.bench_batching",
                                                    ["--report", "docs/results/perf/bench-batching.json"]),
     "docs/results/cluster/report-bench.md": ("loadtest.bench_publish", ["--table", "docs/results/cluster/bench.json"]),
+    "docs/results/cluster/report-failover.md": ("loadtest.failover_report",
+                                                ["--report", "docs/results/cluster/failover.json"]),
     "docs/results/ddp/report-bench.md": ("loadtest.bench_ddp", ["--from-journal", "docs/results/ddp/bench.json"]),
     # a module name, or a script's path from the repository root
     "docs/results/ingest/report-bench.md": ("loadtest.bench_ingest", ["--render", "docs/results/ingest/bench.json"]),
