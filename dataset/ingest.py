@@ -144,7 +144,41 @@ def _ids(file: Path, table, name: str) -> np.ndarray:
     if pc.any(missing).as_py():
         nulls = np.asarray(pc.fill_null(missing, True).to_numpy(zero_copy_only=False))
         raise bad_data(file, name, int(np.flatnonzero(nulls)[0]) + 1, "missing id (null or empty)")
+    _refuse_nul(file, name, column)
     return column
+
+
+NUL_PROBLEM = ("holds a NUL character (\\x00), which ids and tokens may not: it would be lost, and the value "
+               "merged with the same text without it")
+
+
+def _refuse_nul(file: Path, name: str, column) -> None:
+    """A DataError at the first row of a string `column` (plain, dictionary-encoded or lists of strings) whose
+    text holds a NUL character. numpy's str arrays drop trailing NULs, so "a\\x00" would silently become "a"."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    start = 0
+    for chunk in _chunks(column):
+        kind = chunk.type
+        if pa.types.is_dictionary(kind) and _is_text(kind.value_type):
+            bad_values = pc.match_substring(chunk.dictionary, "\x00")
+            bad = pc.take(bad_values, chunk.indices) if pc.any(bad_values).as_py() else None
+        elif _is_text(kind):
+            bad = pc.match_substring(chunk, "\x00")
+        elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_text(kind.value_type):
+            flat = pc.match_substring(pc.list_flatten(chunk), "\x00")
+            if pc.any(flat).as_py():
+                parents = np.asarray(pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False))
+                row = int(parents[np.flatnonzero(np.asarray(pc.fill_null(flat, False)))[0]])
+                raise bad_data(file, name, start + row + 1, NUL_PROBLEM)
+            bad = None
+        else:
+            bad = None
+        if bad is not None and pc.any(bad).as_py():
+            row = int(np.flatnonzero(np.asarray(pc.fill_null(bad, False).to_numpy(zero_copy_only=False)))[0])
+            raise bad_data(file, name, start + row + 1, NUL_PROBLEM)
+        start += len(chunk)
 
 
 def _timestamps(file: Path, table, name: str, fmt: str | None) -> np.ndarray:
@@ -488,6 +522,7 @@ def field_tokens(file, spec: FieldSpec, column) -> TokenRows:
         return TokenRows(tokens[present], np.concatenate([[0], np.cumsum(present)]).astype(np.int64))
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    _refuse_nul(file, name, column)
     if spec.kind == "multi":
         if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
             value_type = column.type.value_type

@@ -138,6 +138,25 @@ def test_missing_id(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("value", ["a\x00", "\x00b", "x\x00y"], ids=["trailing", "leading", "inside"])
+def test_an_id_with_a_nul_character_is_refused_not_merged(tmp_path, fmt, value):
+    """numpy's str arrays drop a trailing NUL: "a\\x00" would become user "a". It is refused, row named."""
+    file, spec = bad_events(tmp_path, fmt, user_id=["a", "a", value, "b"])
+    error = prepare_error(spec)
+    assert_names(error, file, "user_id", 3)
+    assert "NUL" in str(error)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_token_with_a_nul_character_is_refused(tmp_path, fmt):
+    file, spec = bad_events(tmp_path, fmt, "", genre=["g", "g\x00", "h", "h"])
+    spec.write_text(spec.read_text() + '\n[[item_fields]]\nname = "genre"\nsource = "events"\n')
+    error = prepare_error(spec)
+    assert_names(error, file, "genre", 2)
+    assert "NUL" in str(error)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_file(tmp_path, fmt):
     file = tmp_path / f"events.{fmt}"
     if fmt == "parquet":
