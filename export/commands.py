@@ -46,6 +46,10 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         argv.append("--session-options")
     if args.quick:
         argv.append("--quick")
+    for graph in args.graph:
+        argv += ["--graph", graph]
+    if args.rounds != 1:
+        argv += ["--rounds", str(args.rounds)]
     if args.json:
         argv += ["--json", args.json]
     if args.report:
@@ -84,6 +88,10 @@ def register(subparsers) -> None:
     model.add_argument("--threads", default="1,2")
     model.add_argument("--repeats", type=int, default=200)
     model.add_argument("--quick", action="store_true", help="fewer repeats, skip the variants")
+    model.add_argument("--graph", action="append", default=[], metavar="NAME=FILE",
+                       help="also time this ONNX graph (the serving graph's inputs) as variant ort-NAME (repeatable)")
+    model.add_argument("--rounds", type=int, default=1,
+                       help="time the single model's graphs in this many rounds of alternating order")
     model.add_argument("--json", default=None, help="also write the results here (the journal)")
     model.add_argument("--report", default=None, help="print the tables of a journal written by --json; no run")
     model.set_defaults(handler=cmd_bench_model)
