@@ -7,22 +7,34 @@ install.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_artifact
+    from export.quantize import Int8Refused
     from model.commands import set_threads
     from repository import read_manifest
 
     set_threads(args)
-    path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force, int8=args.int8)
+    try:
+        path = export_artifact(Path(args.checkpoint), args.version, Path(args.out), overwrite=args.force,
+                               int8=args.int8, int8_auc_tolerance=args.int8_auc_tolerance)
+    except Int8Refused as error:
+        print(f"udg export: {error}", file=sys.stderr)
+        return 2
     manifest = read_manifest(path)
     print(f"version {manifest['version']}: {path}")
     for name, info in manifest["files"].items():
         print(f"  {name:14s} {info['bytes']:>12,d} bytes  sha256 {info['sha256'][:16]}…")
     print(f"  parity vs PyTorch (max abs diff): scorer {manifest['export_parity']['scorer_max_abs_diff']:.2e}, "
           f"meta {manifest['export_parity']['meta_max_abs_diff']:.2e}")
+    check = manifest["graphs"].get("scorer_int8", {}).get("validation")
+    if check:
+        print(f"  int8 scorer: validation AUC {check['auc_fp32']:.5f} -> {check['auc_int8']:.5f} "
+              f"({check['auc_delta']:+.5f}, tolerance {check['tolerance']}) on {check['events']:,} events"
+              if check["events"] else f"  int8 scorer: validation AUC not measured ({check['reason']})")
     if args.check:
         from export.runtime import open_artifact
 
@@ -57,7 +69,15 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return bench_main(argv)
 
 
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: an AUC move between 0 and 1")
+    return value
+
+
 def register(subparsers) -> None:
+    from export.quantize import INT8_AUC_TOLERANCE
     from model.commands import add_threads_argument
 
     export = subparsers.add_parser("export", help="checkpoint -> MODEL_REPO/VERSION/ (ONNX graphs + manifest)")
@@ -68,6 +88,9 @@ def register(subparsers) -> None:
     add_threads_argument(export)
     export.add_argument("--int8", action="store_true",
                         help="also write scorer.int8.onnx (int8 weight matmuls; served with UDG_SCORER_PRECISION=int8)")
+    export.add_argument("--int8-auc-tolerance", type=_tolerance, default=INT8_AUC_TOLERANCE, metavar="DELTA",
+                        help="with --int8: refuse the int8 scorer if it moves validation AUC by more (default "
+                             f"{INT8_AUC_TOLERANCE})")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="reopen the written version with export.runtime (default: on)")
     export.set_defaults(handler=cmd_export)

@@ -49,6 +49,7 @@ from torch import nn
 
 from dataset.prepared import KnownUsers
 from dataset.schema import OOV, PAD, FeatureSchema
+from export.quantize import INT8_AUC_TOLERANCE, Int8Refused
 from model.checkpoint import Checkpoint
 from model.serving import ServingGraph, ServingModules, candidate_input, scorer_graph, serving_modules
 from repository import (
@@ -287,15 +288,22 @@ def build_manifest(version: str, checkpoint: Checkpoint, modules: ServingModules
     }
 
 
-def export_artifact(checkpoint: Path, version: str, repo: Path, overwrite: bool = False, int8: bool = False) -> Path:
+def export_artifact(checkpoint: Path, version: str, repo: Path, overwrite: bool = False, int8: bool = False,
+                    int8_auc_tolerance: float = INT8_AUC_TOLERANCE) -> Path:
     """Checkpoint file -> MODEL_REPO/<version>/ (scorer.onnx, scorer_multi.onnx, meta.onnx, users.npz, items.npz,
     manifest.json; scorer.int8.onnx too with `int8`)."""
-    return export_model(Checkpoint.load(Path(checkpoint)), version, repo, overwrite, int8=int8)
+    return export_model(Checkpoint.load(Path(checkpoint)), version, repo, overwrite, int8=int8,
+                        int8_auc_tolerance=int8_auc_tolerance)
 
 
 def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bool = False,
-                 model: nn.Module | None = None, int8: bool = False) -> Path:
-    """Like `export_artifact` from an in-memory checkpoint (and, optionally, its already built model)."""
+                 model: nn.Module | None = None, int8: bool = False,
+                 int8_auc_tolerance: float = INT8_AUC_TOLERANCE, valid=None) -> Path:
+    """Like `export_artifact` from an in-memory checkpoint (and, optionally, its already built model). With
+    `int8`, the int8 scorer is scored against the fp32 one on validation events (`valid`, or prepared from the
+    checkpoint's spec) and refused (`Int8Refused`, nothing written) if its AUC moves by more than
+    `int8_auc_tolerance`; where no validation events can be had it is written with a warning, and the
+    manifest says it was not measured."""
     model = (model or checkpoint.build_model()).eval()
     repo = Path(repo)
     schema = checkpoint.schema
@@ -319,13 +327,22 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
             dataclasses.replace(checkpoint, state_dict=weights, known_users=None, item_catalogue={}).save(
                 tmp / WARMUP_FILE)
         scorer_diff = check_parity(tmp / SCORER_FILE, golden, "scorer", modules.scorer)
-        int8_diff = None
+        int8_diff = int8_check = None
         if int8:  # same I/O as scorer.onnx; its golden bound is INT8_ATOL (quantisation error), not parity
-            from export.quantize import int8_scorer
+            from export.quantize import int8_scorer, int8_validation
 
             (tmp / INT8_SCORER_FILE).write_bytes(int8_scorer((tmp / SCORER_FILE).read_bytes(), tmp))
             files += (INT8_SCORER_FILE,)
             int8_diff = check_parity(tmp / INT8_SCORER_FILE, golden, "scorer", modules.scorer, limit=INT8_ATOL)
+            int8_check = {**int8_validation(tmp / SCORER_FILE, tmp / INT8_SCORER_FILE, model, checkpoint, valid),
+                          "tolerance": int8_auc_tolerance}
+            if not int8_check["events"]:
+                log.warning("int8 scorer written unmeasured: %s", int8_check["reason"])
+            elif abs(int8_check["auc_delta"]) > int8_auc_tolerance:
+                raise Int8Refused(f"the int8 scorer moves validation AUC by {int8_check['auc_delta']:+.5f} "
+                                  f"({int8_check['auc_fp32']:.5f} -> {int8_check['auc_int8']:.5f} on "
+                                  f"{int8_check['events']:,} events), more than {int8_auc_tolerance}: not "
+                                  f"exported; export without --int8 or allow more with --int8-auc-tolerance")
         meta_diff = check_parity(tmp / META_FILE, golden, "meta", modules.meta)
         multi_diff = (check_parity(tmp / MULTI_SCORER_FILE, golden, "scorer_multi", modules.multi_scorer)
                       if modules.multi_scorer is not None else None)
@@ -334,7 +351,8 @@ def export_model(checkpoint: Checkpoint, version: str, repo: Path, overwrite: bo
         manifest["export_parity"] = {"scorer_max_abs_diff": scorer_diff, "meta_max_abs_diff": meta_diff,
                                      "scorer_multi_max_abs_diff": multi_diff, "scorer_int8_max_abs_diff": int8_diff}
         if int8:
-            manifest["graphs"]["scorer_int8"] = {**modules.scorer.io_json(INT8_SCORER_FILE), "atol": INT8_ATOL}
+            manifest["graphs"]["scorer_int8"] = {**modules.scorer.io_json(INT8_SCORER_FILE), "atol": INT8_ATOL,
+                                                 "validation": int8_check}
         manifest["files"] = describe_files(tmp, files + ((WARMUP_FILE,) if model.udg_dim else ()))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
     log.info("exported %s (%s%s) to %s", version, manifest["model"]["kind"], "+UDG" if manifest["model"]["udg"]

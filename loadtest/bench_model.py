@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.quantize import INT8_AUC_TOLERANCE, validation_auc
+
 log = logging.getLogger("bench_model")
 
 DEFAULT_SIZES = "1,100,500,1000,5000"
@@ -253,29 +255,6 @@ def time_engines(requests: Requests, sessions: dict, targs: tuple, calls: int,
                                budget_s=3.0 / rounds)
             out.setdefault(name, []).extend(times)
     return out
-
-
-def validation_auc(run_row, model, valid, udg: bool, tables: dict) -> float:
-    """AUC of a graph on the validation split, one call per event (each event has its own history)."""
-    import torch
-
-    from model.metrics import auc
-
-    with torch.inference_mode():
-        user_vec, udg_vec = model.user_state(torch.as_tensor(valid.user), torch.as_tensor(valid.profile))
-    user_vec = user_vec.numpy()
-    udg_vec = udg_vec.numpy() if udg_vec is not None else None
-    fields = {f"candidate_{name}": table for name, table in tables.items()}
-    history = valid.history
-    scores = np.empty(len(valid), np.float32)
-    for i in range(len(valid)):
-        feeds = {"user_vec": user_vec[i:i + 1], "history": history[i:i + 1],
-                 "candidates": valid.item[i:i + 1],
-                 **{name: table[valid.item[i:i + 1]] for name, table in fields.items()}}
-        if udg:
-            feeds["udg_vec"] = udg_vec[i:i + 1]
-        scores[i] = run_row(feeds)[0]
-    return auc(valid.label, scores)
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -561,9 +540,6 @@ def print_tables(results: dict) -> None:
             met = share >= 0.6 and int8_delta is not None and abs(int8_delta) <= INT8_AUC_TOLERANCE
             print(f"  1 thr N={row['n']}, int8 graph: {gflops:.1f} GFLOP/s fp32-equivalent = {100 * share:.0f}% "
                   f"({auc_text}; target >= 60% with |AUC move| <= {INT8_AUC_TOLERANCE}) {'OK' if met else 'MISSED'}")
-
-
-INT8_AUC_TOLERANCE = 0.0005  # how far the int8 graph's validation AUC may move from the fp32 graph's
 
 
 def auc_delta(variants: list[dict], name: str) -> float | None:

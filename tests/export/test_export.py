@@ -6,6 +6,7 @@ tests/repository/test_repository.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from dataset.schema import OOV, PAD
 from export.onnx_export import export_model
+from export.quantize import INT8_AUC_EVENTS, INT8_AUC_TOLERANCE
 from export.runtime import ArtifactError, open_artifact
 from model.base import Items
 from model.checkpoint import Checkpoint, MetaState
@@ -203,9 +205,15 @@ def test_int8_scorer_is_optional_close_to_fp32_and_opened_on_request(zoo, tmp_pa
     """`--int8` adds scorer.int8.onnx (checksummed, its own golden bound); precision="int8" scores with it,
     close to the fp32 graph; a version without one is refused for int8, and fp32 stays the default."""
     model, checkpoint, fp32_path, fp32 = zoo.get("pnn", True)
-    path = export_model(checkpoint, "int8", tmp_path, model=model, int8=True)
+    # A tiny 1-epoch model's scores spread little, so int8 reorders a few of its 200 validation events: the
+    # default tolerance refuses it (the next test), a looser one admits it.
+    path = export_model(checkpoint, "int8", tmp_path, model=model, int8=True, int8_auc_tolerance=0.05)
     manifest = json.loads((path / "manifest.json").read_text())
     assert "scorer.int8.onnx" in manifest["files"] and manifest["graphs"]["scorer_int8"]["atol"] > ATOL
+    check = manifest["graphs"]["scorer_int8"]["validation"]  # both graphs scored on the validation events
+    assert check["events"] == min(INT8_AUC_EVENTS, len(zoo.data.splits["valid"])) > 0
+    assert 0.5 < check["auc_fp32"] < 1 and check["auc_delta"] == check["auc_int8"] - check["auc_fp32"]
+    assert abs(check["auc_delta"]) <= check["tolerance"] == 0.05
     assert 0 < manifest["export_parity"]["scorer_int8_max_abs_diff"] <= manifest["graphs"]["scorer_int8"]["atol"]
     int8 = open_artifact(path, threads=1, precision="int8")
     users, row, user_vec, udg_vec = known_user(int8, True)
@@ -218,6 +226,27 @@ def test_int8_scorer_is_optional_close_to_fp32_and_opened_on_request(zoo, tmp_pa
     with pytest.raises(ArtifactError, match="no int8 scorer"):
         open_artifact(fp32_path, threads=1, precision="int8")
     assert "scorer.int8.onnx" not in json.loads((fp32_path / "manifest.json").read_text())["files"]
+
+
+def test_an_int8_scorer_that_moves_auc_too_far_is_refused_and_nothing_is_written(zoo, tmp_path, monkeypatch):
+    from export import quantize
+
+    model, checkpoint, _, _ = zoo.get("pnn", True)
+    with pytest.raises(quantize.Int8Refused, match=r"moves validation AUC by [-+]0\.\d{5} .*more than 0.0005"):
+        export_model(checkpoint, "tiny", tmp_path, model=model, int8=True)  # the tiny model above, measured
+    assert not (tmp_path / "tiny").exists()
+    moved = {"events": 100, "auc_fp32": 0.70, "auc_int8": 0.69, "auc_delta": -0.01}
+    monkeypatch.setattr(quantize, "int8_validation", lambda *args, **kwargs: moved)
+    with pytest.raises(quantize.Int8Refused, match=r"moves validation AUC by -0.01000 .*more than 0.0005"):
+        export_model(checkpoint, "refused", tmp_path, model=model, int8=True)
+    assert not (tmp_path / "refused").exists()
+    # a looser tolerance admits it; unmeasurable data writes it with a warning and says so in the manifest
+    path = export_model(checkpoint, "loose", tmp_path, model=model, int8=True, int8_auc_tolerance=0.02)
+    assert json.loads((path / "manifest.json").read_text())["graphs"]["scorer_int8"]["validation"]["tolerance"] == 0.02
+    monkeypatch.setattr(quantize, "int8_validation", lambda *args, **kwargs: {"events": 0, "reason": "no data"})
+    path = export_model(checkpoint, "unmeasured", tmp_path, model=model, int8=True)
+    assert json.loads((path / "manifest.json").read_text())["graphs"]["scorer_int8"]["validation"] == {
+        "events": 0, "reason": "no data", "tolerance": INT8_AUC_TOLERANCE}
 
 
 def test_per_kind_session_options_are_applied_to_the_scorer_sessions(zoo, monkeypatch):
@@ -616,3 +645,18 @@ def test_a_version_without_known_users_exports_and_serves_cold(tmp_path):
     artifact = open_artifact(export_model(checkpoint, "nobody", tmp_path, model=model),
                              providers=["CPUExecutionProvider"])
     assert len(artifact.load_users()["user_ids"]) == 0 and artifact.manifest["meta"]["udg_source"] == "mean_known_users"
+
+
+def test_udg_export_int8_prints_the_auc_move_and_refuses_past_the_tolerance(zoo, tmp_path, capsys):
+    from udg_cli import main
+
+    _, checkpoint, _, _ = zoo.get("pnn", True)
+    path = checkpoint.save(tmp_path / "checkpoint.pt")
+    args = ["export", str(path), "--out", str(tmp_path / "repo"), "--int8", "--no-check", "--threads", "1"]
+    assert main([*args, "--version", "strict"]) == 2
+    assert "udg export: the int8 scorer moves validation AUC by" in capsys.readouterr().err
+    assert main([*args, "--version", "loose", "--int8-auc-tolerance", "0.05"]) == 0
+    assert re.search(r"int8 scorer: validation AUC 0\.\d{5} -> 0\.\d{5} \([-+]0\.\d{5}, tolerance 0\.05\) on [\d,]+ "
+                     r"events", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main([*args, "--version", "bad", "--int8-auc-tolerance", "-1"])
