@@ -17,7 +17,7 @@ LINK = re.compile(r"(?<!\!)\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.M)
 PLACEHOLDERS = ("...", "…")
-INLINE_COMMAND = re.compile(r"`(udg [^`\n]+)`")
+INLINE_COMMAND = re.compile(r"`(udg (?:[^`\n]|\n(?!\s*\n))+)`")  # inline code may wrap, within a paragraph
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 
 
@@ -85,7 +85,7 @@ def quoted_commands(pages: list[Path]) -> list[tuple[Path, list[str]]]:
     for page in pages:
         text = page.read_text()
         lines = [line for block in FENCE.findall(text) for line in block.replace("\\\n", " ").splitlines()]
-        lines += INLINE_COMMAND.findall(FENCE.sub("", text))
+        lines += [" ".join(span.split()) for span in INLINE_COMMAND.findall(FENCE.sub("", text))]
         for line in lines:
             try:
                 words = _words(line)

@@ -41,14 +41,16 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
                     "```bash\nREDIS_URL=x udg serve --model-repo m  # a comment\nudg train --epoch 3 && udg nope\n"
                     "udg gc --dry-run; udg report --experiments 'shop/*' --summary-only\n"
                     "udg make-version --repo r -- --anything\n```\n\n"
-                    "Inline: `udg models ...`, `udg report --model pnn`.\n")
+                    "Inline: `udg models ...`, `udg report --model pnn`, and one that wraps: `udg bench model CK\n"
+                    "--rounds 3 --warp 2`.\n\nA new paragraph: `udg\n\nnot a command`.\n")
     links = broken_links([page], tmp_path)
     assert [p.split(": ", 1)[1] for p in links] == ["missing.md (no such file)",
                                                     "#nope (no heading with this anchor on GitHub and the site alike)",
                                                     "x.png (no such file)"]
     commands = bad_commands([page], build_parser(), tmp_path)
-    assert len(commands) == 3
+    assert len(commands) == 4
     assert "udg report --model pnn (no option --model of 'udg report')" in commands[2]
+    assert "udg bench model CK --rounds 3 --warp 2 (no option --warp of 'udg bench model')" in commands[3]
     assert "udg train --epoch 3 (no option --epoch of 'udg train')" in commands[0]
     assert "(no subcommand 'nope' of 'udg ')" in commands[1]
 
