@@ -166,6 +166,10 @@ BENCHMARK_REPORTS = {
                                                     ["--report", "docs/results/perf/profile-service.json"]),
     "docs/results/perf/report-profile-service-cache.md": ("loadtest.profile_service",
                                                           ["--report", "docs/results/perf/profile-service-cache.json"]),
+    "docs/results/perf/report-bench-batching-gathered.md": (
+        "loadtest.bench_batching", ["--report", "docs/results/perf/bench-batching-gathered.json"]),
+    "docs/results/perf/report-bench-batching-users-once.md": (
+        "loadtest.bench_batching", ["--report", "docs/results/perf/bench-batching-users-once.json"]),
     "docs/results/perf/report-bench-batching.md": ("loadtest.bench_batching",
                                                    ["--report", "docs/results/perf/bench-batching.json"]),
     "docs/results/cluster/report-bench.md": ("loadtest.bench_publish", ["--table", "docs/results/cluster/bench.json"]),

@@ -54,7 +54,9 @@ def measure(artifact, requests: list[tuple], blocks: int, per_block: int) -> dic
 
 
 def report(journal: dict) -> None:
-    print(f"model {journal['version']}, {journal['threads']} onnxruntime thread(s); machine: {journal['cpus']} CPUs, "
+    cpu = f" ({journal['cpu']})" if journal.get("cpu") else ""
+    print(f"model {journal['version']}, {journal['threads']} onnxruntime thread(s); machine: {journal['cpus']} "
+          f"CPUs{cpu}, "
           f"1-min load average {journal['load_before']} before, {journal['load_after']} after")
     print("\n| N | users per call | one call per user ms | one multi-user call ms | speed-up | cand/s single | "
           "cand/s batched |")
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model_dir} has no multi-user graph (export it again)")
     users = artifact.load_users()
     rng = np.random.default_rng(0)
-    journal = {"version": artifact.version, "threads": args.threads, "cpus": os.cpu_count(),
+    from loadtest.bench_model import cpu_model
+
+    journal = {"version": artifact.version, "threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(),
                "load_before": round(os.getloadavg()[0], 2), "rows": []}
     for n in [int(x) for x in args.sizes.split(",")]:
         for count in [int(x) for x in args.users.split(",")]:

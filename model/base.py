@@ -200,6 +200,14 @@ class BaseCTR(nn.Module):
         model whose middle layer has cheaper one-user algebra overrides it (same values)."""
         return self.mlp_input(user_vec, history, items)
 
+    def mlp_input_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                        candidate_user: torch.Tensor) -> torch.Tensor:
+        """`mlp_input` for U users (user side [U, ...]) and N candidates, candidate i scored for user row
+        `candidate_user[i]`, as the multi-user serving graph computes it. This default gathers each candidate's
+        user rows first (the user side then runs per candidate); a model with cheaper algebra overrides it."""
+        return self.mlp_input(user_vec.index_select(0, candidate_user), history.index_select(0, candidate_user),
+                              items)
+
     def side_logit(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """A logit added to the MLP's (FM or wide part); None for models without one."""
         return None
@@ -208,6 +216,12 @@ class BaseCTR(nn.Module):
                             items: Items) -> torch.Tensor | None:
         """`side_logit` for one user and N candidates, as serving graphs compute it (same values)."""
         return self.side_logit(user_vec, history, items)
+
+    def side_logit_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                         candidate_user: torch.Tensor) -> torch.Tensor | None:
+        """`side_logit` for U users and N tagged candidates (see `mlp_input_users`)."""
+        return self.side_logit(user_vec.index_select(0, candidate_user), history.index_select(0, candidate_user),
+                               items)
 
     def auxiliary_loss(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor | None:
         """Extra training loss (DIEN's interest-extractor loss); None for most models."""

@@ -57,12 +57,31 @@ class PNN(BaseCTR):
         candidate = self.item_fields(items)  # [N, n_c, d]
         user_side = torch.cat([user_vec, self.behavior(history)], dim=-1)  # [1, n_u * d]
         user_fields = user_side.reshape(-1, d)  # [n_u, d]
+        products = self._candidate_products(candidate, torch.matmul(candidate, user_fields.t()))
+        user_products = (user_fields[self.uu_rows] * user_fields[self.uu_cols]).sum(-1).unsqueeze(0)
+        return broadcast_cat([candidate.reshape(-1, self.item_dim), user_side, products, user_products])
+
+    def mlp_input_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                        candidate_user: torch.Tensor) -> torch.Tensor:
+        """`mlp_input` for U users and N tagged candidates: each user's behavior pooling and user x user products
+        once per user, gathered to their candidates; the candidate x user products as a batched matmul against
+        each candidate's user fields (same values, same layout)."""
+        d = self.config.embed_dim
+        candidate = self.item_fields(items)  # [N, n_c, d]
+        user_side = torch.cat([user_vec, self.behavior(history)], dim=-1)  # [U, n_u * d]
+        user_fields = user_side.reshape(user_side.shape[0], -1, d)  # [U, n_u, d]
+        user_products = (user_fields[:, self.uu_rows] * user_fields[:, self.uu_cols]).sum(-1)  # [U, n_uu]
+        mine = user_fields.index_select(0, candidate_user)  # [N, n_u, d]
+        products = self._candidate_products(candidate, torch.matmul(candidate, mine.transpose(1, 2)))
+        return torch.cat([candidate.reshape(-1, self.item_dim), user_side.index_select(0, candidate_user), products,
+                          user_products.index_select(0, candidate_user)], dim=-1)
+
+    def _candidate_products(self, candidate: torch.Tensor, with_user: torch.Tensor) -> torch.Tensor:
+        """The candidate-dependent inner products in triu order: candidate x candidate, then `with_user`
+        ([N, n_c, n_u], candidate x user) -> [N, pairs]."""
         parts = []
         if len(self.cc_rows):
             parts.append((candidate[:, self.cc_rows] * candidate[:, self.cc_cols]).sum(-1))
-        parts.append(torch.matmul(candidate, user_fields.t()).flatten(1))  # [N, n_c * n_u]
+        parts.append(with_user.flatten(1))  # [N, n_c * n_u]
         products = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        if self.candidate_pair_order is not None:
-            products = products[:, self.candidate_pair_order]
-        user_products = (user_fields[self.uu_rows] * user_fields[self.uu_cols]).sum(-1).unsqueeze(0)
-        return broadcast_cat([candidate.reshape(-1, self.item_dim), user_side, products, user_products])
+        return products if self.candidate_pair_order is None else products[:, self.candidate_pair_order]

@@ -82,8 +82,12 @@ class StackedGates(nn.Module):
         self.thirds = nn.ModuleList(gate.third for gate in gates)
         self.scales = [gate.scale for gate in gates]
 
-    def forward(self, candidate: torch.Tensor | None, user: torch.Tensor) -> list[torch.Tensor]:
-        user_part = torch.addmm(self.user_bias, user, self.user_weight_t)  # [1, sum(hidden)], once per call
+    def forward(self, candidate: torch.Tensor | None, user: torch.Tensor,
+                candidate_user: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`user` is [1, u] (one user), or [U, u] with `candidate_user` [N] naming each candidate's row."""
+        user_part = torch.addmm(self.user_bias, user, self.user_weight_t)  # [1 or U, sum(hidden)], once per user
+        if candidate_user is not None:
+            user_part = user_part.index_select(0, candidate_user)  # [N, sum(hidden)]
         if self.candidate_weight_t is None:
             first = torch.relu(user_part)
         else:  # one Gemm with the user part as its bias (+ Relu: onnxruntime fuses it into the Gemm)
@@ -143,21 +147,34 @@ class ScorerModule(nn.Module):
 
 class MultiUserScorerModule(nn.Module):
     """(user_vec [U], [udg_vec [U]], history [U, L], candidate_user [N], candidates [N], *fields) -> [N]: each
-    candidate scored against the user rows it is tagged with (gathered in the graph, then `model.score`)."""
+    candidate scored against the user rows it is tagged with.
+
+    The user side runs once per user where the model allows: the base model's `mlp_input_users` (PNN: each
+    user's behavior pooling and user x user products once, gathered to their candidates; the other kinds
+    gather the user rows per candidate first) and the gates' first layers as one GEMM over the U users
+    (`StackedGates`), gathered. Same values as one call per user (tests/export/test_export.py)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.udg = model.udg_dim > 0
+        self.stacked_gates = StackedGates(model) if self.udg else None
 
     def forward(self, *inputs):
         if self.udg:
             user_vec, udg_vec, history, candidate_user, candidates, *fields = inputs
-            udg_vec = udg_vec.index_select(0, candidate_user)
         else:
             (user_vec, history, candidate_user, candidates, *fields), udg_vec = inputs, None
-        user_vec, history = user_vec.index_select(0, candidate_user), history.index_select(0, candidate_user)
-        return torch.sigmoid(self.model.score(user_vec, udg_vec, history, Items(candidates, list(fields))))
+        items = Items(candidates, list(fields))
+        base = self.model.base_model
+        h0 = base.mlp_input_users(user_vec, history, items, candidate_user)
+        if self.udg:
+            gates = self.stacked_gates(*self.model.gate_inputs(user_vec, udg_vec, history, items), candidate_user)
+            logit = base.mlp(h0, gates)
+        else:
+            logit = base.mlp(h0)
+        side = base.side_logit_users(user_vec, history, items, candidate_user)
+        return torch.sigmoid(logit if side is None else logit + side)
 
 
 class MetaModule(nn.Module):

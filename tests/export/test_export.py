@@ -660,3 +660,36 @@ def test_udg_export_int8_prints_the_auc_move_and_refuses_past_the_tolerance(zoo,
                      r"events", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         main([*args, "--version", "bad", "--int8-auc-tolerance", "-1"])
+
+
+@pytest.mark.parametrize("gate_input", ["paper", "official"])
+@pytest.mark.parametrize("kind", ["pnn", "deepfm"])
+def test_the_multi_user_module_equals_one_user_modules_in_torch(parity_data, kind, gate_input):
+    """The multi-user serving form (user side once per user, gathered) against the one-user form per user, in
+    PyTorch, with random weights: both gate inputs, users with full, partial and empty histories."""
+    from model.experiment import model_config
+    from model.serving import MultiUserScorerModule, ScorerModule
+    from model.zoo import build_model
+
+    torch.manual_seed(3)
+    model = build_model(model_config(kind, "udg", embed_dim=8, hidden=(32, 16), udg_dim=8, gate_hidden=16,
+                                     gate_input=gate_input), parity_data.schema).eval()
+    train = parity_data.splits["train"]
+    rows = np.argsort(-(train.history != PAD).sum(1))[:3]
+    user, profile = torch.as_tensor(train.user[rows]), torch.as_tensor(train.profile[rows])
+    history = torch.as_tensor(train.history[rows]).clone()
+    history[1, 2:] = PAD
+    history[2, :] = PAD
+    with torch.no_grad():
+        user_vec, udg_vec = model.user_state(user, profile)
+        udg_vec = udg_vec + torch.randn_like(udg_vec)  # rows that differ, so that a wrong gather shows
+        candidate_user = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+        candidates = torch.arange(2, 2 + len(candidate_user))
+        fields = model.base_model.lookup_items(candidates).fields
+        batched = MultiUserScorerModule(model)(user_vec, udg_vec, history, candidate_user, candidates, *fields)
+        one = ScorerModule(model)
+        for row in range(3):
+            mine = candidate_user == row
+            alone = one(user_vec[row:row + 1], udg_vec[row:row + 1], history[row:row + 1], candidates[mine],
+                        *[f[mine] for f in fields])
+            torch.testing.assert_close(batched[mine], alone, rtol=1e-5, atol=1e-6)
