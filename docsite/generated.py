@@ -136,6 +136,10 @@ BENCHMARK_REPORTS = {
                                                        ["--report", "docs/results/perf/bench-model-loaded.json"]),
     "docs/results/perf/report-bench-model-session-options.md": (
         "loadtest.bench_model", ["--report", "docs/results/perf/bench-model-session-options.json"]),
+    "docs/results/perf/report-bench-compare-batching-n100.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-batching-n100.json"]),
+    "docs/results/perf/report-bench-compare-batching-n500.md": (
+        "loadtest.bench_compare", ["--report", "docs/results/perf/bench-compare-batching-n500.json"]),
     "docs/results/perf/report-bench-compare-int8.md": ("loadtest.bench_compare",
                                                        ["--report", "docs/results/perf/bench-compare-int8.json"]),
     "docs/results/perf/report-bench-compare.md": ("loadtest.bench_compare",

@@ -3,7 +3,9 @@
 Opt-in (`UDG_BATCH_WAIT_MS`, off by default). A request's model call joins the open batch of its version; the
 batch runs (the multi-user graph, `Artifact.score_many`) when its first request has waited `max_wait_s`, or
 at once when it holds `max_candidates` candidates. So no request waits more than `max_wait_s` for others
-before its batch runs (the bounded wait), and a lone request costs that wait plus one call. A version
+before its batch runs (the bounded wait), and a lone request costs that wait plus one call. A bound of 0 runs
+the batch at the event loop's next turn: it holds the requests that reach their model call before then, and
+nobody waits (on a CPU, the setting that pays at about 100 candidates per request, docs/performance.md). A version
 without the multi-user graph (exported before it) is scored one request per call, as without batching.
 
 The call runs on the event loop, as the unbatched call does: requests that arrive meanwhile queue in the

@@ -58,6 +58,28 @@ def test_a_lone_request_waits_the_bound_and_no_longer(artifact, users):
     assert batcher.calls == 1
 
 
+def test_a_zero_bound_batches_requests_that_are_ready_together_and_makes_nobody_wait(artifact, users):
+    """UDG_BATCH_WAIT_MS=0 (the setting to try on a CPU): requests that reach their model call together share
+    one call, which runs at the event loop's next turn; a later request starts a batch of its own; a lone request
+    waits for no other."""
+    batcher = MicroBatcher(max_wait_s=0.0)
+    requests = requests_of(artifact, users, 5)
+    artifact.score(*requests[0])  # warm
+
+    async def run():
+        together = await asyncio.gather(*(batcher.score(artifact, *r) for r in requests[:3]))
+        later = await asyncio.gather(*(batcher.score(artifact, *r) for r in requests[3:]))
+        started = time.perf_counter()
+        await batcher.score(artifact, *requests[0])
+        return [*together, *later], time.perf_counter() - started
+
+    batched, lone_s = asyncio.run(run())
+    assert batcher.calls == 3 and batcher.batched_requests == 6
+    assert lone_s < 0.25  # one small call, no bound to wait out (generous: the machine may be loaded)
+    for request, got in zip(requests, batched, strict=True):
+        np.testing.assert_allclose(got, artifact.score(*request), atol=1e-6, rtol=0)
+
+
 def test_later_arrivals_wait_less_and_a_full_batch_runs_at_once(artifact, users):
     requests = requests_of(artifact, users, 4, n=10)
     batcher = MicroBatcher(max_wait_s=0.08)
