@@ -11,6 +11,7 @@ SDK's batch processor thread. An incoming W3C `traceparent` header makes the req
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 ENABLED = False  # read on the request path: tracing configured in this process
@@ -85,16 +86,24 @@ def _header_getter():
     return AsgiHeaders()
 
 
+@contextlib.contextmanager
 def server_span(scope: dict, request_id: str):
-    """A context manager: the request's SERVER span (current while the app runs), child of `traceparent`."""
+    """The request's SERVER span (current while the app runs), child of `traceparent`. Its start and end are
+    read from the clock its stage and Redis spans are (perf_counter, `epoch_ns`): the SDK's default, the wall
+    clock, can be stepped against it, and a child would then fall outside its parent."""
     from opentelemetry.trace import SpanKind
 
     getter = _STATE.get("getter") or _STATE.setdefault("getter", _header_getter())
     parent = _STATE["propagator"].extract(scope.get("headers", ()), getter=getter)
     method, path = scope.get("method", "GET"), scope.get("path", "")
-    return _STATE["tracer"].start_as_current_span(
-        f"{method} {path}", context=parent, kind=SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path, "udg.request_id": request_id})
+    with _STATE["tracer"].start_as_current_span(
+            f"{method} {path}", context=parent, kind=SpanKind.SERVER, start_time=epoch_ns(time.perf_counter()),
+            end_on_exit=False,
+            attributes={"http.request.method": method, "url.path": path, "udg.request_id": request_id}) as span:
+        try:
+            yield span
+        finally:
+            span.end(end_time=epoch_ns(time.perf_counter()))
 
 
 def set_status(span, status: int) -> None:

@@ -57,6 +57,26 @@ def test_score_request_spans_in_memory(memory_spans, make_client, published, use
     assert "cold_start" not in {s.name for s in spans if s.parent and s.parent.span_id == first.context.span_id}
 
 
+def test_spans_keep_their_order_when_the_wall_clock_is_stepped(memory_spans, make_client, published, users,
+                                                               artifact, monkeypatch):
+    """Every span of a request reads one clock: with the wall clock (the SDK's default) stepped back 5 ms, the
+    stage and Redis spans still lie inside their request's span (they did not: a CI run caught it)."""
+    import time
+
+    import opentelemetry.sdk.trace as sdk_trace
+
+    monkeypatch.setattr(sdk_trace, "time_ns", lambda: time.time_ns() - 5_000_000)
+    client = make_client()
+    items = list(artifact.schema.items.tokens[2:12])
+    assert client.post("/v1/score", json={"user_id": str(users["user_ids"][0]), "candidates": items}).status_code == 200
+    spans = memory_spans.get_finished_spans()
+    [server] = [s for s in spans if s.name == "POST /v1/score"]
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+    assert children
+    for child in children:
+        assert server.start_time <= child.start_time <= child.end_time <= server.end_time, child.name
+
+
 class Collector(http.server.ThreadingHTTPServer):
     """An OTLP/HTTP trace receiver: decodes each ExportTraceServiceRequest into (name, attributes) spans."""
 
