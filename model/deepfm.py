@@ -63,6 +63,30 @@ class DeepFM(BaseCTR):
     def mlp_input(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         return broadcast_cat([self.candidate_fields(items), self.user_side_fields(user_vec, history)])
 
+    def mlp_input_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                        candidate_user: torch.Tensor) -> torch.Tensor:
+        """`mlp_input` for U users: each user's side (behavior pooling included) once, gathered."""
+        user_side = self.user_side_fields(user_vec, history).index_select(0, candidate_user)
+        return torch.cat([self.candidate_fields(items), user_side], dim=-1)
+
+    def side_logit_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                         candidate_user: torch.Tensor) -> torch.Tensor:
+        """`side_logit` for U users: each user's first-order terms and FM sums once, gathered to their
+        candidates (same values)."""
+        d = self.config.embed_dim
+        user_side = self.user_side_fields(user_vec, history)
+        user_side = user_side.reshape(user_side.shape[0], -1, d)  # [U, n_u, d]
+        user_total = user_side.sum(1).index_select(0, candidate_user)  # [N, d]
+        user_squares = user_side.square().sum(1).index_select(0, candidate_user)
+        behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
+        user_first = (self.user_weight(user_vec).squeeze(-1) + behavior).index_select(0, candidate_user)  # [N]
+        candidate = self.item_fields(items)  # [N, 1 + fields, d]
+        total = candidate.sum(1) + user_total
+        squares = candidate.square().sum(1) + user_squares
+        second = 0.5 * (total.square() - squares).sum(-1)
+        first = self.item_weight(items.ids).squeeze(-1) + field_first_order(self.field_weights, items) + user_first
+        return first + second
+
     def first_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """Sum of first-order weights -> [N] (user-side terms [1 or N] broadcast)."""
         fields = field_first_order(self.field_weights, items)

@@ -63,6 +63,14 @@ class WideDeep(BaseCTR):
         candidate = self.item_fields(items).flatten(-2)
         return broadcast_cat([candidate, user_vec, self.behavior(history)])
 
+    def mlp_input_users(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items,
+                        candidate_user: torch.Tensor) -> torch.Tensor:
+        """`mlp_input` for U users: each user's vector and behavior pooling once, gathered. (The wide part's
+        crosses pair each candidate with its user's clicks, so `side_logit_users` keeps the gathering default.)"""
+        candidate = self.item_fields(items).flatten(-2)
+        user_side = torch.cat([user_vec, self.behavior(history)], dim=-1).index_select(0, candidate_user)
+        return torch.cat([candidate, user_side], dim=-1)
+
     def clicked_value_share(self, position: int, history: torch.Tensor) -> torch.Tensor:
         """Per user, the share of clicked items holding each value of crossed field `position` -> [B, V]."""
         table = self.item_field_tables()[self.crossed[position]]
