@@ -120,8 +120,9 @@ def int8_validation(fp32_file: Path, int8_file: Path, model, checkpoint, valid=N
             return {"events": 0, "reason": f"the validation data could not be prepared ({error})"}
     if not len(valid):
         return {"events": 0, "reason": "the validation split is empty"}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    from export.runtime import session_options
+
+    options = session_options(1)
     aucs = {}
     for name, file in (("fp32", fp32_file), ("int8", int8_file)):
         session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])

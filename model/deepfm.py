@@ -78,8 +78,7 @@ class DeepFM(BaseCTR):
         user_side = user_side.reshape(user_side.shape[0], -1, d)  # [U, n_u, d]
         user_total = user_side.sum(1).index_select(0, candidate_user)  # [N, d]
         user_squares = user_side.square().sum(1).index_select(0, candidate_user)
-        behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
-        user_first = (self.user_weight(user_vec).squeeze(-1) + behavior).index_select(0, candidate_user)  # [N]
+        user_first = self.user_first_order(user_vec, history).index_select(0, candidate_user)  # [N]
         candidate = self.item_fields(items)  # [N, 1 + fields, d]
         total = candidate.sum(1) + user_total
         squares = candidate.square().sum(1) + user_squares
@@ -87,12 +86,15 @@ class DeepFM(BaseCTR):
         first = self.item_weight(items.ids).squeeze(-1) + field_first_order(self.field_weights, items) + user_first
         return first + second
 
+    def user_first_order(self, user_vec: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """The user side's first-order terms (user read-out + mean clicked-item weight) -> [B]."""
+        behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
+        return self.user_weight(user_vec).squeeze(-1) + behavior
+
     def first_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """Sum of first-order weights -> [N] (user-side terms [1 or N] broadcast)."""
         fields = field_first_order(self.field_weights, items)
-        behavior = masked_mean(self.behavior_weight(history), history != PAD).squeeze(-1)
-        user = self.user_weight(user_vec).squeeze(-1)
-        return self.item_weight(items.ids).squeeze(-1) + fields + (user + behavior)
+        return self.item_weight(items.ids).squeeze(-1) + fields + self.user_first_order(user_vec, history)
 
     def second_order(self, user_vec: torch.Tensor, history: torch.Tensor, items: Items) -> torch.Tensor:
         """0.5 * ((sum of fields)^2 - sum of squared fields), summed over d -> [N].
